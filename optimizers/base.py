@@ -1,0 +1,265 @@
+"""The protocol every sharpness-aware optimizer implements, and the mechanics they share.
+
+A sharpness-aware step is: gradient g at w; perturb w to w + e(g); gradient g_s at
+w + e; restore w exactly; let the base optimizer descend with g_s. A variant says
+how e is computed (:meth:`SharpnessAwareOptimizer.perturbation`) and, where it
+needs to, how the descent gradient is formed (:meth:`adjust_gradient`) or how a
+whole step runs (:meth:`step`).
+
+Two ways to drive it, with the same arithmetic:
+
+- ``loss = opt.step(closure)``: the optimizer calls the closure once per pass it
+  needs (see :mod:`optimizers.closure`);
+- the two-phase form for custom loops::
+
+      loss_fn(model(x), y).backward()
+      if opt.perturbs_this_step:
+          opt.perturb()
+          loss_fn(model(x), y).backward()
+      opt.descend()
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .closure import accepts_requests
+
+BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adamw": torch.optim.AdamW,
+    "adam": torch.optim.Adam,
+}
+
+
+def resolve_base_optimizer(base: str | type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    if isinstance(base, type) and issubclass(base, torch.optim.Optimizer):
+        return base
+    if isinstance(base, str) and base.lower() in BASE_OPTIMIZERS:
+        return BASE_OPTIMIZERS[base.lower()]
+    raise ValueError(
+        f"unknown base optimizer {base!r}; choose one of: {', '.join(BASE_OPTIMIZERS)} "
+        "(or pass a torch.optim.Optimizer class)"
+    )
+
+
+def split_params_and_model(params, model: nn.Module | None) -> tuple[Any, nn.Module | None]:
+    """Accept a module in place of its parameters; named parameters keep their names."""
+    if isinstance(params, nn.Module):
+        return list(params.named_parameters()), model or params
+    return params, model
+
+
+def global_norm(tensors: list[Tensor]) -> Tensor:
+    """L2 norm over a list of tensors, as a 0-dim tensor (no host synchronisation)."""
+    if not tensors:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+
+
+def set_running_stats(modules: Iterable[_BatchNorm], enabled: bool) -> None:
+    """Stop (or resume) BatchNorm running-statistic updates.
+
+    With ``track_running_stats`` False a BatchNorm layer in train mode normalises by
+    the batch statistics and touches none of its buffers, ``num_batches_tracked``
+    included (zeroing ``momentum`` would still count the batch).
+    """
+    for module in modules:
+        module.track_running_stats = enabled
+
+
+class SharpnessAwareOptimizer(torch.optim.Optimizer):
+    """Base of the SAM family: wraps a base optimizer and shares its ``param_groups``.
+
+    ``params``: parameters, parameter groups, named parameters, or the model itself
+    (which also lets the optimizer freeze BatchNorm statistics during the second
+    pass; pass ``model=`` to get that with explicit parameter groups).
+    ``base_optimizer``: "sgd", "adamw", "adam" or a ``torch.optim.Optimizer`` class;
+    remaining keyword arguments go to it (lr, momentum, weight_decay, ...).
+    Keyword arguments named in :attr:`hyperparameters` are per-group settings of the
+    variant (e.g. ``rho``; param groups may override them).
+    """
+
+    #: The variant's per-group hyperparameters and their defaults.
+    hyperparameters: ClassVar[dict[str, Any]] = {"rho": 0.05}
+    #: BatchNorm running statistics come from the first pass only.
+    freezes_batchnorm: ClassVar[bool] = True
+    #: Variants with an update rule of their own (bSAM) set this to False.
+    uses_base_optimizer: ClassVar[bool] = True
+
+    def __init__(self, params, base_optimizer="sgd", *, model: nn.Module | None = None, **kwargs):
+        params, model = split_params_and_model(params, model)
+        own = {name: kwargs.pop(name) for name in list(kwargs) if name in self.hyperparameters}
+        super().__init__(params, {**self.hyperparameters, **own})
+        self.base_optimizer: torch.optim.Optimizer | None = None
+        if self.uses_base_optimizer:
+            base_cls = resolve_base_optimizer(base_optimizer)
+            try:
+                self.base_optimizer = base_cls(self.param_groups, **kwargs)
+            except TypeError as err:
+                raise ValueError(f"{base_cls.__name__}: {err}") from None
+            self.param_groups = self.base_optimizer.param_groups
+            self.defaults.update(self.base_optimizer.defaults)
+        elif kwargs:
+            raise ValueError(
+                f"{type(self).__name__} has its own update rule and takes no {', '.join(sorted(kwargs))}; "
+                f"its settings are: {', '.join(self.hyperparameters)}"
+            )
+        self._batchnorms = [
+            m for m in (model.modules() if model is not None else ()) if isinstance(m, _BatchNorm) and m.track_running_stats
+        ]
+        self._backup: dict[Tensor, Tensor] = {}
+        self._perturbed: list[Tensor] = []
+        self._generator: torch.Generator | None = None
+        self._warned: set[str] = set()
+
+    # -- configuration -------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self.validate(self.param_groups[-1])
+
+    def validate(self, group: dict[str, Any]) -> None:
+        """Raise a one-line ValueError for an invalid hyperparameter of ``group``."""
+        if group["rho"] < 0:
+            raise ValueError(f"rho must be >= 0, got {group['rho']}")
+
+    @staticmethod
+    def require(condition: bool, message: str) -> None:
+        if not condition:
+            raise ValueError(message)
+
+    # -- shared mechanics ----------------------------------------------------------------------
+
+    def params_with_grad(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        """(group, parameters that have a gradient) for every group."""
+        return [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
+
+    @staticmethod
+    def grads(params: list[Tensor]) -> list[Tensor]:
+        return [p.grad for p in params]
+
+    def save_weights(self, params: list[Tensor]) -> None:
+        """Keep an exact copy of ``params`` for :meth:`restore` (buffers are reused across steps)."""
+        backups = [self._backup[p] if p in self._backup else None for p in params]
+        for i, (p, b) in enumerate(zip(params, backups)):
+            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                backups[i] = self._backup[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        if params:
+            torch._foreach_copy_(backups, params)
+        self._perturbed = params
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the saved weights back, bit for bit, and resume BatchNorm statistics."""
+        if self._perturbed:
+            torch._foreach_copy_(self._perturbed, [self._backup[p] for p in self._perturbed])
+        self._perturbed = []
+        set_running_stats(self._batchnorms, True)
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The optimizer's own random stream (seeded from torch's global one), saved in its state."""
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,)).item()))
+        return self._generator
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    # -- the variant's part --------------------------------------------------------------------
+
+    def perturbation(self, groups: list[tuple[dict[str, Any], list[Tensor]]]) -> list[list[Tensor]]:
+        """e for each group's parameters, from the gradients in ``.grad``.
+
+        May return the gradient tensors themselves, scaled in place: the first-pass
+        gradient is not needed once w + e is reached.
+        """
+        raise NotImplementedError
+
+    def adjust_gradient(self) -> None:
+        """Form the descent gradient in ``.grad`` from g_s (and whatever the variant kept)."""
+
+    @property
+    def perturbs_this_step(self) -> bool:
+        """Whether this step takes the second pass (LookSAM skips it on most steps)."""
+        return True
+
+    # -- the protocol --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def perturb(self, zero_grad: bool = True) -> None:
+        """Move w to w + e using the gradient in ``.grad``; freeze BatchNorm statistics."""
+        groups = self.params_with_grad()
+        self.save_weights([p for _, params in groups for p in params])
+        for (_, params), e in zip(groups, self.perturbation(groups)):
+            if params:
+                torch._foreach_add_(params, e)
+        if self.freezes_batchnorm:
+            set_running_stats(self._batchnorms, False)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def descend(self, zero_grad: bool = True) -> None:
+        """Restore w and take the base optimizer's step with the descent gradient."""
+        self.restore()
+        self.adjust_gradient()
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def evaluate(self, closure: Callable, phase: str, **request) -> Tensor:
+        """Call ``closure`` for one pass; only closures that accept requests get keywords."""
+        if accepts_requests(closure):
+            return closure(phase=phase, **request)
+        if request:
+            raise TypeError(
+                f"{type(self).__name__} needs a closure that accepts {', '.join(request)}= "
+                "(see optimizers.BatchClosure)"
+            )
+        with torch.enable_grad():
+            return closure()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[..., Tensor] | None = None) -> Tensor:
+        """One full step; ``closure`` zeroes the grads, runs forward and backward, returns the loss."""
+        if closure is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step needs a closure (or use perturb() and descend() around your backward passes)"
+            )
+        loss = self.evaluate(closure, "ascent")
+        if self.perturbs_this_step:
+            self.perturb()
+            self.evaluate(closure, "descent")
+        self.descend()
+        return loss
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        if self.base_optimizer is not None:
+            state_dict["base_state"] = self.base_optimizer.state_dict()["state"]
+        if self._generator is not None:
+            state_dict["generator"] = self._generator.get_state()
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        base_state = state_dict.pop("base_state", {})
+        generator = state_dict.pop("generator", None)
+        super().load_state_dict(state_dict)
+        if self.base_optimizer is not None:
+            self.base_optimizer.load_state_dict({"state": base_state, "param_groups": state_dict["param_groups"]})
+            self.param_groups = self.base_optimizer.param_groups
+        if generator is not None:
+            self.generator.set_state(generator)

@@ -1,0 +1,106 @@
+"""The closure contract between a training loop and the sharpness-aware optimizers.
+
+A plain closure, ``closure()``, zeroes the gradients, runs forward and backward on the
+whole batch and returns the loss: that is all most variants need, and what
+``torch.optim`` optimizers take too.
+
+Some variants need more than "the whole batch, mean loss": ESAM selects the samples
+whose loss rises most under the perturbation, bSAM splits the batch into m
+sub-batches. They ask a closure for it with keywords, and only a closure that
+declares ``accepts_requests = True`` is asked:
+
+    closure(subset=None, per_sample=False, backward=True, phase="ascent")
+
+- ``subset``: a ``slice`` or an index tensor selecting part of the batch;
+- ``per_sample``: return the per-sample losses (the backward still uses their mean);
+- ``backward``: False evaluates under ``no_grad`` and leaves the gradients alone;
+- ``phase``: ``"ascent"`` for a pass whose gradient defines a perturbation,
+  ``"descent"`` for a pass whose gradient the update uses, ``"select"`` for a
+  gradient-free evaluation. Distributed loops use it to decide where gradients are
+  all-reduced (see ``bench.train``); single-process closures may ignore it.
+
+:class:`BatchClosure` implements the contract for the usual (model, loss, batch) case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+PHASES = ("ascent", "descent", "select")
+
+
+class BatchClosure:
+    """Closure over one batch that can evaluate parts of it.
+
+    ``loss_fn(outputs, targets)`` must return per-sample losses (e.g.
+    ``nn.CrossEntropyLoss(reduction="none")``). ``backward`` replaces
+    ``loss.backward()`` (e.g. ``accelerator.backward``).
+
+    The closure counts its work: ``passes`` forward-backward calls and
+    ``sample_passes`` (forward-backward calls weighted by the fraction of the batch
+    they used), and keeps the outputs and mean loss of its first full pass.
+    """
+
+    accepts_requests = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        inputs: Tensor,
+        targets: Tensor,
+        backward: Callable[[Tensor], None] | None = None,
+    ):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.inputs = inputs
+        self.targets = targets
+        self._backward = backward or Tensor.backward
+        self.passes = 0
+        self.sample_passes = 0.0
+        self.outputs: Tensor | None = None
+        self.loss: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.targets)
+
+    def context(self, phase: str):
+        """Context a pass of ``phase`` runs in; loops override it (autocast, no_sync)."""
+        return contextlib.nullcontext()
+
+    def __call__(
+        self,
+        subset: slice | Tensor | None = None,
+        *,
+        per_sample: bool = False,
+        backward: bool = True,
+        phase: str = "ascent",
+    ) -> Tensor:
+        inputs, targets = self.inputs, self.targets
+        if subset is not None:
+            inputs, targets = inputs[subset], targets[subset]
+        if not backward:
+            with torch.no_grad(), self.context("select"):
+                losses = self.loss_fn(self.model(inputs), targets)
+            return losses.detach() if per_sample else losses.mean().detach()
+
+        self.model.zero_grad(set_to_none=True)
+        with torch.enable_grad(), self.context(phase):
+            outputs = self.model(inputs)
+            losses = self.loss_fn(outputs, targets)
+            loss = losses.mean()
+            self._backward(loss)
+        self.passes += 1
+        self.sample_passes += len(targets) / self.batch_size
+        if self.outputs is None and subset is None:
+            self.outputs, self.loss = outputs.detach(), loss.detach()
+        return losses.detach() if per_sample else loss.detach()
+
+
+def accepts_requests(closure: Callable) -> bool:
+    return bool(getattr(closure, "accepts_requests", False))

@@ -1,0 +1,50 @@
+"""Small float64 problems shared by the optimizer tests."""
+
+import torch
+from torch import nn
+
+
+def tiny_mlp(seed: int = 0, batchnorm: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    layers = [nn.Linear(6, 8)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(8))
+    layers += [nn.Tanh(), nn.Linear(8, 3)]
+    return nn.Sequential(*layers).double()
+
+
+def batches(n: int, batch_size: int = 16, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(batch_size, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (batch_size,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def two_groups(model: nn.Module, rho=(0.05, 0.1), **extra):
+    """First layer and the rest, with different rho and weight decay."""
+    first, *rest = list(model.children())
+    other = [p for m in rest for p in m.parameters()]
+    return [
+        {"params": list(first.parameters()), "rho": rho[0], "weight_decay": 5e-4, **extra},
+        {"params": other, "rho": rho[1], "weight_decay": 1e-3, **extra},
+    ]
+
+
+def plain_closure(model, x, y, opt=None):
+    def closure():
+        model.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss.detach()
+
+    return closure
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-6):
+    err = ((a - b).norm() / b.norm()).item()
+    assert err < rtol, f"relative error {err:.2e} >= {rtol:.0e}"
