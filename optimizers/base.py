@@ -63,6 +63,13 @@ def global_norm(tensors: list[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
 
 
+def global_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """Inner product of two lists of tensors, as a 0-dim tensor."""
+    if not a:
+        return torch.zeros(())
+    return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()
+
+
 def set_running_stats(modules: Iterable[_BatchNorm], enabled: bool) -> None:
     """Stop (or resume) BatchNorm running-statistic updates.
 
@@ -79,7 +86,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     ``params``: parameters, parameter groups, named parameters, or the model itself
     (which also lets the optimizer freeze BatchNorm statistics during the second
-    pass; pass ``model=`` to get that with explicit parameter groups).
+    pass; pass ``model=`` to get that with explicit parameter groups). ``seed`` seeds
+    the optimizer's own random stream (ESAM's tensor dropping, bSAM's noise).
     ``base_optimizer``: "sgd", "adamw", "adam" or a ``torch.optim.Optimizer`` class;
     remaining keyword arguments go to it (lr, momentum, weight_decay, ...).
     Keyword arguments named in :attr:`hyperparameters` are per-group settings of the
@@ -93,7 +101,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     #: Variants with an update rule of their own (bSAM) set this to False.
     uses_base_optimizer: ClassVar[bool] = True
 
-    def __init__(self, params, base_optimizer="sgd", *, model: nn.Module | None = None, **kwargs):
+    def __init__(
+        self, params, base_optimizer="sgd", *, model: nn.Module | None = None, seed: int | None = None, **kwargs
+    ):
         params, model = split_params_and_model(params, model)
         own = {name: kwargs.pop(name) for name in list(kwargs) if name in self.hyperparameters}
         super().__init__(params, {**self.hyperparameters, **own})
@@ -116,7 +126,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         ]
         self._backup: dict[Tensor, Tensor] = {}
         self._perturbed: list[Tensor] = []
-        self._generator: torch.Generator | None = None
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
         self._warned: set[str] = set()
 
     # -- configuration -------------------------------------------------------------------------
@@ -163,12 +174,16 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._perturbed = []
         set_running_stats(self._batchnorms, True)
 
-    @property
-    def generator(self) -> torch.Generator:
-        """The optimizer's own random stream (seeded from torch's global one), saved in its state."""
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,)).item()))
-        return self._generator
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """The optimizer's own random stream on ``device``, saved in its state.
+
+        Seeded with ``seed`` when given, else from torch's global generator.
+        """
+        device = torch.device(device)
+        if device not in self._generators:
+            seed = self._seed if self._seed is not None else int(torch.randint(2**62, (1,)).item())
+            self._generators[device] = torch.Generator(device).manual_seed(seed)
+        return self._generators[device]
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -245,21 +260,27 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     # -- state ---------------------------------------------------------------------------------
 
+    def extra_state_bytes(self) -> int:
+        """Bytes this variant keeps between steps beyond the base optimizer (state and weight backup)."""
+        tensors = [t for state in self.state.values() if isinstance(state, dict) for t in state.values()]
+        tensors += list(self._backup.values())
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
         if self.base_optimizer is not None:
             state_dict["base_state"] = self.base_optimizer.state_dict()["state"]
-        if self._generator is not None:
-            state_dict["generator"] = self._generator.get_state()
+        if self._generators:
+            state_dict["generators"] = {str(d): g.get_state() for d, g in self._generators.items()}
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         base_state = state_dict.pop("base_state", {})
-        generator = state_dict.pop("generator", None)
+        generators = state_dict.pop("generators", {})
         super().load_state_dict(state_dict)
         if self.base_optimizer is not None:
             self.base_optimizer.load_state_dict({"state": base_state, "param_groups": state_dict["param_groups"]})
             self.param_groups = self.base_optimizer.param_groups
-        if generator is not None:
-            self.generator.set_state(generator)
+        for device, state in generators.items():
+            self.generator(device).set_state(state)

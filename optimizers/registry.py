@@ -8,6 +8,12 @@ import torch
 
 from .asam import ASAM
 from .base import BASE_OPTIMIZERS, SharpnessAwareOptimizer, split_params_and_model
+from .bsam import BayesianSAM
+from .esam import ESAM
+from .fisher_sam import FisherSAM
+from .friendly_sam import FriendlySAM
+from .gsam import GSAM
+from .looksam import LookLayerSAM, LookSAM
 from .sam import SAM
 
 #: canonical name -> (class, preset keyword arguments)
@@ -68,3 +74,10 @@ for _name, _cls in BASE_OPTIMIZERS.items():
 register("sam", SAM)
 register("adaptive_sam", SAM, adaptive=True, rho=2.0)
 register("asam", ASAM)
+register("esam", ESAM)
+register("gsam", GSAM)
+register("fisher_sam", FisherSAM)
+register("bsam", BayesianSAM, aliases=("bayesian_sam",))
+register("friendly_sam", FriendlySAM)
+register("looksam", LookSAM)
+register("look_layer_sam", LookLayerSAM)

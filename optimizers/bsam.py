@@ -1,0 +1,132 @@
+"""Bayesian SAM, bSAM (Moellenhoff & Khan, ICLR'23), as in the authors' JAX code.
+
+An Adam-like natural-gradient method for a Gaussian posterior N(w, 1 / (N s)); it
+does not wrap a base optimizer. Each step splits the batch into m sub-batches
+(``msharpness``) and, for each sub-batch j:
+    noisy point   w + n / sqrt(N s),  n ~ N(0, I)       -> gradient g_j
+    perturbed     w + rho * g_j / s  (from the mean w)  -> gradient g_e,j
+    gs_j = sqrt(s) * |g_j|
+then, with wd = prior_precision / N and N = num_data * augmentation_factor:
+    gm <- b1 gm + (1 - b1) (mean_j g_e,j + wd w)
+    w  <- w - lr gm / s
+    s  <- b2 s + (1 - b2) (mean_j gs_j + damping + wd)
+BatchNorm statistics are updated in every pass, as in the official code. State:
+gm and s (2x parameters). Noise comes from the optimizer's own generator, drawn
+parameter by parameter in param-group order, one draw per sub-batch.
+Sub-batches need a closure that accepts requests (:class:`optimizers.BatchClosure`).
+"""
+
+import math
+
+import torch
+
+from .base import SharpnessAwareOptimizer
+
+
+class BayesianSAM(SharpnessAwareOptimizer):
+    hyperparameters = {
+        "lr": 0.5,
+        "betas": (0.9, 0.999),
+        "rho": 0.01,
+        "prior_precision": 40.0,
+        "damping": 0.1,
+        "s_init": 1.0,
+        "num_data": 50_000,
+        "augmentation_factor": 4,
+    }
+    uses_base_optimizer = False
+    freezes_batchnorm = False
+
+    def __init__(self, params, base_optimizer="sgd", *, msharpness: int = 8, **kwargs):
+        if base_optimizer not in ("sgd", None):
+            raise ValueError(f"BayesianSAM has its own update rule; base optimizer {base_optimizer!r} does not apply")
+        if not isinstance(msharpness, int) or msharpness < 1:
+            raise ValueError(f"msharpness must be an integer >= 1, got {msharpness!r}")
+        super().__init__(params, None, **kwargs)
+        self.msharpness = msharpness
+
+    def validate(self, group):
+        super().validate(group)
+        self.require(group["lr"] >= 0, f"lr must be >= 0, got {group['lr']}")
+        self.require(all(0 <= b < 1 for b in group["betas"]), f"betas must be in [0, 1), got {group['betas']}")
+        for name in ("prior_precision", "damping"):
+            self.require(group[name] >= 0, f"{name} must be >= 0, got {group[name]}")
+        for name in ("s_init", "num_data", "augmentation_factor"):
+            self.require(group[name] > 0, f"{name} must be > 0, got {group[name]}")
+
+    def perturb(self, zero_grad: bool = True):
+        raise NotImplementedError("BayesianSAM samples noise before its first pass: use step(closure)")
+
+    descend = perturb
+
+    @property
+    def perturbs_this_step(self) -> bool:
+        raise NotImplementedError("BayesianSAM samples noise before its first pass: use step(closure)")
+
+    def _state(self, group, p):
+        state = self.state[p]
+        if not state:
+            state["gm"] = torch.zeros_like(p)
+            state["s"] = torch.full_like(p, group["s_init"])
+        return state
+
+    @staticmethod
+    def n_eff(group) -> float:
+        return group["num_data"] * group["augmentation_factor"]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is None:
+            raise RuntimeError("BayesianSAM.step needs a closure")
+        m = self.msharpness
+        if m > 1 and not getattr(closure, "accepts_requests", False):
+            self.warn_once("m", f"BayesianSAM: a plain closure cannot split the batch; using m=1 instead of {m}")
+            m = 1
+        if m > 1 and closure.batch_size < m:
+            raise ValueError(f"BayesianSAM: batch of {closure.batch_size} cannot be split into msharpness={m} sub-batches")
+        groups = [(group, [p for p in group["params"] if p.requires_grad]) for group in self.param_groups]
+        params = [p for _, ps in groups for p in ps]
+        self.save_weights(params)
+        w = [self._backup[p] for p in params]
+        g_e_sum = [torch.zeros_like(p) for p in params]
+        gs_sum = [torch.zeros_like(p) for p in params]
+        losses = []
+        chunks = [None] if m == 1 else self._chunks(closure.batch_size, m)
+        for chunk in chunks:
+            request = {} if chunk is None else {"subset": chunk}
+            self._to_noisy_point(groups)
+            losses.append(self.evaluate(closure, "ascent", **request))
+            i = 0
+            for group, ps in groups:
+                for p in ps:
+                    s = self.state[p]["s"]
+                    g = p.grad if p.grad is not None else torch.zeros_like(p)
+                    gs_sum[i].addcmul_(s.sqrt(), g.abs())
+                    p.copy_(w[i]).addcdiv_(g, s, value=group["rho"])  # perturbed from the mean
+                    i += 1
+            self.evaluate(closure, "descent", **request)
+            torch._foreach_add_(g_e_sum, [p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+        self.restore()
+        i = 0
+        for group, ps in groups:
+            b1, b2 = group["betas"]
+            wd = group["prior_precision"] / self.n_eff(group)
+            for p in ps:
+                gm, s = self.state[p]["gm"], self.state[p]["s"]
+                gm.mul_(b1).add_(g_e_sum[i].div_(len(chunks)).add_(p, alpha=wd), alpha=1 - b1)
+                p.addcdiv_(gm, s, value=-group["lr"])
+                s.mul_(b2).add_(gs_sum[i].div_(len(chunks)).add_(group["damping"] + wd), alpha=1 - b2)
+                i += 1
+        self.zero_grad()
+        return torch.stack(losses).mean()
+
+    def _to_noisy_point(self, groups):
+        for group, ps in groups:
+            for p in ps:
+                s = self._state(group, p)["s"]
+                p.normal_(generator=self.generator(p.device)).div_((self.n_eff(group) * s).sqrt()).add_(self._backup[p])
+
+    @staticmethod
+    def _chunks(batch_size: int, m: int) -> list[slice]:
+        bounds = [round(j * batch_size / m) for j in range(m + 1)]
+        return [slice(a, b) for a, b in zip(bounds, bounds[1:])]

@@ -1,0 +1,84 @@
+"""ESAM (Du et al., ICLR'22), as in the authors' code.
+
+Stochastic weight perturbation (SWP): after each step every parameter tensor is kept
+for the next ascent pass with probability beta; the others get ``requires_grad=False``
+there, so autograd never computes their gradients, and the perturbation of the kept
+ones is scaled up by 1/beta: e = rho * g / (||g|| + 1e-7) / beta. Every tensor takes
+part in the descent pass. The first step keeps every tensor (so does a draw that would
+keep none).
+
+Sharpness-sensitive data selection (SDS): with e applied, per-sample losses are
+evaluated without gradients (train mode, BatchNorm statistics untouched); the second
+forward-backward runs on the gamma fraction of the batch whose loss rose most. SDS
+needs a closure that accepts requests (:class:`optimizers.BatchClosure`); in the
+two-phase form (perturb/descend) only SWP applies.
+"""
+
+import torch
+
+from .base import SharpnessAwareOptimizer, global_norm
+
+EPS = 1e-7
+
+
+class ESAM(SharpnessAwareOptimizer):
+    hyperparameters = {"rho": 0.05, "beta": 0.6}
+
+    def __init__(self, params, base_optimizer="sgd", *, gamma: float = 0.5, **kwargs):
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        super().__init__(params, base_optimizer, **kwargs)
+        self.gamma = gamma
+
+    def validate(self, group):
+        super().validate(group)
+        self.require(0 < group["beta"] <= 1, f"beta must be in (0, 1], got {group['beta']}")
+
+    def perturbation(self, groups):
+        grads = [self.grads(params) for _, params in groups]
+        norm = global_norm([g for gs in grads for g in gs])
+        for (group, params), g in zip(groups, grads):
+            if g:
+                torch._foreach_mul_(g, group["rho"] / (norm + EPS) / group["beta"])
+        return grads
+
+    @torch.no_grad()
+    def perturb(self, zero_grad: bool = True) -> None:
+        super().perturb(zero_grad)
+        for group in self.param_groups:  # the descent pass reaches every tensor
+            for p in group["params"]:
+                p.requires_grad_(True)
+
+    @torch.no_grad()
+    def descend(self, zero_grad: bool = True) -> None:
+        super().descend(zero_grad)
+        self.drop_tensors()
+
+    def drop_tensors(self) -> None:
+        """Draw which tensors the next ascent pass differentiates (each kept with probability beta)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        beta = torch.tensor([group["beta"] for group in self.param_groups for _ in group["params"]])
+        keep = torch.rand(len(params), generator=self.generator()) < beta
+        if not keep.any():  # a backward pass needs something to differentiate
+            keep[:] = True
+        for p, kept in zip(params, keep.tolist()):
+            p.requires_grad_(kept)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is None:
+            return super().step(closure)
+        select = self.gamma < 1
+        if select and not getattr(closure, "accepts_requests", False):
+            self.warn_once("sds", "ESAM: a plain closure cannot evaluate sample subsets; data selection is off (gamma=1)")
+            select = False
+        if not select:
+            return super().step(closure)
+        loss_before = self.evaluate(closure, "ascent", per_sample=True)
+        self.perturb()
+        loss_after = self.evaluate(closure, "select", per_sample=True, backward=False)
+        k = max(1, int(len(loss_after) * self.gamma))
+        subset = torch.topk(loss_after - loss_before, k, sorted=False).indices
+        self.evaluate(closure, "descent", subset=subset)
+        self.descend()
+        return loss_before.mean()
