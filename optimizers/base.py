@@ -251,10 +251,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 f"{type(self).__name__}.step needs a closure (or use perturb() and descend() around your backward passes)"
             )
+        if not self.perturbs_this_step:  # the one pass of this step is the descent pass
+            loss = self.evaluate(closure, "descent")
+            self.descend()
+            return loss
         loss = self.evaluate(closure, "ascent")
-        if self.perturbs_this_step:
-            self.perturb()
-            self.evaluate(closure, "descent")
+        self.perturb()
+        self.evaluate(closure, "descent")
         self.descend()
         return loss
 

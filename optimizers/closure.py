@@ -9,14 +9,15 @@ whose loss rises most under the perturbation, bSAM splits the batch into m
 sub-batches. They ask a closure for it with keywords, and only a closure that
 declares ``accepts_requests = True`` is asked:
 
-    closure(subset=None, per_sample=False, backward=True, phase="ascent")
+    closure(subset=None, per_sample=False, backward=True, phase="descent")
 
 - ``subset``: a ``slice`` or an index tensor selecting part of the batch;
 - ``per_sample``: return the per-sample losses (the backward still uses their mean);
 - ``backward``: False evaluates under ``no_grad`` and leaves the gradients alone;
 - ``phase``: ``"ascent"`` for a pass whose gradient defines a perturbation,
   ``"descent"`` for a pass whose gradient the update uses, ``"select"`` for a
-  gradient-free evaluation. Distributed loops use it to decide where gradients are
+  gradient-free evaluation. A plain call is a descent pass (what a torch optimizer
+  asks for). Distributed loops use the phase to decide where gradients are
   all-reduced (see ``bench.train``); single-process closures may ignore it.
 
 :class:`BatchClosure` implements the contract for the usual (model, loss, batch) case.
@@ -79,7 +80,7 @@ class BatchClosure:
         *,
         per_sample: bool = False,
         backward: bool = True,
-        phase: str = "ascent",
+        phase: str = "descent",
     ) -> Tensor:
         inputs, targets = self.inputs, self.targets
         if subset is not None:

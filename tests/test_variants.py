@@ -175,7 +175,7 @@ class SpyClosure(BatchClosure):
         super().__init__(*args)
         self.log = []
 
-    def __call__(self, subset=None, *, per_sample=False, backward=True, phase="ascent"):
+    def __call__(self, subset=None, *, per_sample=False, backward=True, phase="descent"):
         out = super().__call__(subset, per_sample=per_sample, backward=backward, phase=phase)
         size = self.batch_size if subset is None else len(self.targets[subset])
         got_grad = [p.grad is not None for p in self.model.parameters()]
