@@ -46,7 +46,7 @@ def available_architectures() -> list[str]:
     return sorted(_MODELS)
 
 
-def _resolve(name: str) -> tuple[type[nn.Module], dict]:
+def resolve(name: str) -> tuple[type[nn.Module], dict]:
     key = name.lower()
     if key in _MODELS:
         return _MODELS[key]
@@ -61,7 +61,7 @@ def _resolve(name: str) -> tuple[type[nn.Module], dict]:
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
     """Build the architecture registered as ``name`` (case-insensitive)."""
-    cls, fixed = _resolve(name)
+    cls, fixed = resolve(name)
     accepted = [p for p in inspect.signature(cls).parameters if p not in fixed]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:

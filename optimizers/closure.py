@@ -43,7 +43,7 @@ class BatchClosure:
 
     The closure counts its work: ``passes`` forward-backward calls and
     ``sample_passes`` (forward-backward calls weighted by the fraction of the batch
-    they used), and keeps the outputs and mean loss of its first full pass.
+    they used), and keeps the outputs and mean loss of its first pass (see :meth:`observe`).
     """
 
     accepts_requests = True
@@ -98,9 +98,13 @@ class BatchClosure:
             self._backward(loss)
         self.passes += 1
         self.sample_passes += len(targets) / self.batch_size
-        if self.outputs is None and subset is None:
-            self.outputs, self.loss = outputs.detach(), loss.detach()
+        self.observe(outputs.detach(), targets, losses.detach(), phase)
         return losses.detach() if per_sample else loss.detach()
+
+    def observe(self, outputs: Tensor, targets: Tensor, losses: Tensor, phase: str) -> None:
+        """Called after every backward pass; keeps the outputs and loss of the first one."""
+        if self.passes == 1:
+            self.outputs, self.loss = outputs, losses.mean()
 
 
 def accepts_requests(closure: Callable) -> bool:

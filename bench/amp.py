@@ -1,0 +1,58 @@
+"""Dynamic loss scaling for fp16 across the passes of a sharpness-aware step.
+
+Every pass of a step uses the same scale; the gradients are unscaled right after
+each backward, so every variant sees true gradients (Fisher SAM, F-SAM and bSAM
+depend on their magnitude). A non-finite gradient in any pass raises
+:class:`NonFiniteGradient`; the loop then restores the weights, halves the scale and
+skips the step. The scale grows after ``growth_interval`` clean steps.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+
+class NonFiniteGradient(RuntimeError):
+    pass
+
+
+class LossScaler:
+    def __init__(self, init_scale: float = 2.0**16, growth_interval: int = 2000, backoff: float = 0.5, growth: float = 2.0):
+        self.scale, self.growth_interval, self.backoff, self.growth = init_scale, growth_interval, backoff, growth
+        self.clean_steps = 0
+
+    def backward(self, loss: Tensor, params: list[Tensor]) -> None:
+        (loss.float() * self.scale).backward()
+        self.unscale_(params)
+
+    def unscale_(self, params: list[Tensor]) -> None:
+        by_device: dict[tuple, list[Tensor]] = defaultdict(list)
+        for p in params:
+            if p.grad is not None:
+                by_device[(p.grad.device, p.grad.dtype)].append(p.grad)
+        found = False
+        for (device, _), grads in by_device.items():
+            found_inf = torch.zeros((), device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.full((), 1.0 / self.scale, device=device))
+            found = found or bool(found_inf.item())
+        if found:
+            raise NonFiniteGradient(f"non-finite gradient at loss scale {self.scale:g}")
+
+    def update(self, skipped: bool) -> None:
+        if skipped:
+            self.scale *= self.backoff
+            self.clean_steps = 0
+            return
+        self.clean_steps += 1
+        if self.clean_steps >= self.growth_interval:
+            self.scale *= self.growth
+            self.clean_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "clean_steps": self.clean_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.clean_steps = state["scale"], state["clean_steps"]

@@ -1,0 +1,212 @@
+"""Command line: ``python launch.py`` (or ``sam-bench``).
+
+    python launch.py                         the default suite (digits, every optimizer, 3 seeds)
+    python launch.py suite [--name NAME]     a named suite
+    python launch.py [run flags]             one run (the seed project's flags work verbatim)
+    python launch.py table [RUN_DIRS...]     aggregate finished runs into a results table
+    python launch.py perf                    time one training step of every optimizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .config import ConfigError, RunConfig
+
+#: For each variant, the seed project's flags it uses and the hyperparameter each sets.
+VARIANT_FLAGS: dict[str, dict[str, str]] = {
+    "sam": {"rho": "rho"},
+    "adaptive_sam": {"rho": "rho"},
+    "asam": {"rho": "rho", "eta": "eta"},
+    "esam": {"rho": "rho", "beta": "beta", "gamma": "gamma"},
+    "gsam": {"rho": "rho", "rho_max": "rho", "rho_min": "rho_min", "gsam_alpha": "alpha", "adaptive": "adaptive"},
+    "fisher_sam": {"rho": "rho", "eta": "eta"},
+    "bsam": {"rho": "rho", "msharpness": "msharpness", "gamma": "damping", "delta": "prior_precision"},
+    "friendly_sam": {"rho": "rho", "sigma": "sigma", "lmbda": "lmbda", "adaptive": "adaptive"},
+    "looksam": {"rho": "rho", "k": "k", "alpha": "alpha"},
+    "look_layer_sam": {"rho": "rho", "k": "k", "alpha": "alpha"},
+}
+ALL_VARIANT_FLAGS = sorted({flag for flags in VARIANT_FLAGS.values() for flag in flags} | {"adaptive"})
+
+
+class UsageError(Exception):
+    """Reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="launch.py", description="Train one model with SGD/AdamW or a SAM variant.")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--data_dir", default=None, help="where cifar10/cifar100/tinyimagenet files are (or go)")
+    p.add_argument("--arch_type", "--arch", dest="arch", default="smallcnn")
+    p.add_argument("--optimizer", default="sgd", help="base optimizer: sgd, adamw or adam")
+    p.add_argument("--sam_type", default=None, help="SAM variant (case-insensitive); omit for the plain base optimizer")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight_decay", type=float, default=5e-4)
+    p.add_argument("--nesterov", action="store_true")
+    p.add_argument("--schedule", default="cosine", help="cosine, step (x0.2 at 30/60/80%%) or constant")
+    p.add_argument("--warmup_epochs", type=float, default=0.0)
+    p.add_argument("--label_smoothing", type=float, default=0.0)
+    p.add_argument("--cutout", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed_precision", default="no", help="no, bf16 or fp16")
+    p.add_argument("--sam_sync", default="local", help="local (per-replica perturbation) or global")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--output_dir", default="runs")
+    p.add_argument("--run_name", default=None)
+    variant = p.add_argument_group("variant hyperparameters (unset: the variant's paper default)")
+    variant.add_argument("--rho", type=float)
+    variant.add_argument("--adaptive", action="store_true", default=None)
+    variant.add_argument("--eta", type=float)
+    variant.add_argument("--beta", type=float)
+    variant.add_argument("--gamma", type=float, help="ESAM: data fraction; bSAM: damping")
+    variant.add_argument("--msharpness", type=int)
+    variant.add_argument("--delta", type=float, help="bSAM: prior precision")
+    variant.add_argument("--sigma", type=float)
+    variant.add_argument("--lmbda", type=float)
+    variant.add_argument("--k", type=int)
+    variant.add_argument("--alpha", type=float)
+    variant.add_argument("--gsam_alpha", type=float)
+    variant.add_argument("--rho_max", type=float)
+    variant.add_argument("--rho_min", type=float)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, list[str]]:
+    """Map the flags onto a RunConfig; notes report flags that do not apply and renamed semantics."""
+    from optimizers.registry import canonical_name
+
+    notes: list[str] = []
+    given = {flag: getattr(args, flag) for flag in ALL_VARIANT_FLAGS if getattr(args, flag) is not None}
+    sam_type = args.sam_type
+    if sam_type is None or sam_type.lower() in ("none", "sgd", "adamw", "adam"):
+        name = args.optimizer
+    else:
+        try:
+            name = canonical_name(sam_type)
+        except ValueError:
+            variants = ", ".join(VARIANT_FLAGS)
+            raise ConfigError(f"unknown --sam_type {sam_type!r}; choose one of: {variants} (case-insensitive)") from None
+    if name == "sam" and given.get("adaptive"):
+        name = "adaptive_sam"
+        given.pop("adaptive")
+        notes.append("--sam_type SAM --adaptive runs adaptive_sam (davda54-style, T_w = |w|); --sam_type ASAM is the official ASAM")
+    used = VARIANT_FLAGS.get(name, {})
+    hyperparameters: dict[str, Any] = {}
+    for flag, value in given.items():
+        if flag in used:
+            hyperparameters[used[flag]] = value
+        else:
+            notes.append(f"--{flag} is not used by {name}; ignored")
+    if name == "fisher_sam" and "rho" in given:
+        notes.append("fisher_sam: --rho sets the paper's gamma (the radius of the Fisher ellipsoid)")
+    if name == "bsam":
+        if args.optimizer.lower() != "sgd":
+            notes.append(f"--optimizer {args.optimizer} is not used by bsam (it has its own update rule)")
+        if args.weight_decay:
+            notes.append("--weight_decay is not used by bsam: its weight decay is prior_precision (--delta) / N")
+        if given.get("delta") == 10:
+            notes.append("bsam: --delta 10 is the paper's printed prior precision; the authors' code uses 40")
+    config = RunConfig(
+        dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, optimizer=name, base_optimizer=args.optimizer,
+        hyperparameters=hyperparameters, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov, schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, cutout=args.cutout, seed=args.seed,
+        mixed_precision=args.mixed_precision, sam_sync=args.sam_sync, cpu=args.cpu, max_steps=args.max_steps,
+        output_dir=args.output_dir, run_name=args.run_name,
+    )
+    return config.validate(), notes
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
+    )
+
+
+def cmd_run(argv: list[str]) -> int:
+    from rich.console import Console
+
+    from .train import train
+
+    config, notes = config_from_args(run_parser().parse_args(argv))
+    console = Console(stderr=True)
+    for note in notes:
+        console.print(f"note: {note}")
+    with _progress() as progress:
+        result = train(config, progress=progress)
+    s = result.summary
+    console.print(
+        f"{result.run_dir}: test acc {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f}), "
+        f"{s['steps']} steps{' (stopped early at --max_steps)' if s['stopped_early'] else ''}, {s['wall_time_s']:.1f}s"
+    )
+    return 0
+
+
+def cmd_suite(argv: list[str]) -> int:
+    from .suite import SUITES, run_suite
+
+    p = _Parser(prog="launch.py suite", description="Run a named suite and write its table under results/.")
+    p.add_argument("--name", default="digits", help=f"one of: {', '.join(SUITES)}")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--optimizers", nargs="+", default=None)
+    p.add_argument("--output_dir", default=None)
+    p.add_argument("--results_dir", default="results")
+    args = p.parse_args(argv)
+    run_suite(args.name, seeds=args.seeds, optimizers=args.optimizers, output_dir=args.output_dir, results_dir=args.results_dir)
+    return 0
+
+
+def cmd_table(argv: list[str]) -> int:
+    from .results import print_table, write_comparison
+
+    p = _Parser(prog="launch.py table", description="Aggregate run directories into a comparison table.")
+    p.add_argument("runs", nargs="*", default=["runs"], help="run directories, or folders holding them")
+    p.add_argument("--out", default="results/table", help="path prefix for the .csv and .md files")
+    args = p.parse_args(argv)
+    table = write_comparison(args.runs, args.out)
+    print_table(table, title=f"{args.out}.md")
+    return 0
+
+
+def cmd_perf(argv: list[str]) -> int:
+    from .perf import main as perf_main
+
+    return perf_main(argv)
+
+
+COMMANDS = {"suite": cmd_suite, "table": cmd_table, "perf": cmd_perf}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DataError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if not argv:
+            return cmd_suite([])
+        if argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
+        return cmd_run(argv)
+    except (ConfigError, DataError, UsageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Typed run configuration, validated at the boundary."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEDULES = ("cosine", "step", "constant")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+SAM_SYNC = ("local", "global")
+
+
+class ConfigError(ValueError):
+    """A bad value from the user: one line naming it and the valid choices."""
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run depends on. ``hyperparameters`` are the variant's own
+    (rho, eta, beta, ...); anything not given takes the variant's paper default."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    arch: str = "smallcnn"
+    optimizer: str = "sgd"
+    base_optimizer: str = "sgd"
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    step_milestones: tuple[float, ...] = (0.3, 0.6, 0.8)
+    step_factor: float = 0.2
+    label_smoothing: float = 0.0
+    cutout: bool = False
+    seed: int = 0
+    mixed_precision: str = "no"
+    sam_sync: str = "local"
+    cpu: bool = False
+    max_steps: int | None = None
+    output_dir: str = "runs"
+    run_name: str | None = None
+
+    def validate(self) -> RunConfig:
+        from architectures.registry import resolve as resolve_architecture
+        from optimizers import available_optimizers
+        from optimizers.registry import canonical_name
+
+        from .data import DataError, available_datasets, canonical_name as dataset_name
+
+        def need(ok: bool, message: str):
+            if not ok:
+                raise ConfigError(message)
+
+        try:
+            self.optimizer = canonical_name(self.optimizer)
+        except ValueError:
+            raise ConfigError(
+                f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(available_optimizers())}"
+            ) from None
+        need(
+            self.base_optimizer.lower() in ("sgd", "adamw", "adam"),
+            f"unknown base optimizer {self.base_optimizer!r}; choose one of: sgd, adamw, adam",
+        )
+        self.base_optimizer = self.base_optimizer.lower()
+        try:
+            self.dataset = dataset_name(self.dataset)
+        except DataError:
+            raise ConfigError(
+                f"unknown dataset {self.dataset!r}; choose one of: {', '.join(available_datasets())}"
+            ) from None
+        need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        need(0 <= self.warmup_epochs < self.epochs, f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
+        need(all(0 < m < 1 for m in self.step_milestones), f"step_milestones must be fractions in (0, 1), got {self.step_milestones}")
+        need(0 < self.step_factor <= 1, f"step_factor must be in (0, 1], got {self.step_factor}")
+        need(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(
+            self.mixed_precision in MIXED_PRECISION,
+            f"unknown mixed_precision {self.mixed_precision!r}; choose one of: {', '.join(MIXED_PRECISION)}",
+        )
+        need(self.sam_sync in SAM_SYNC, f"unknown sam_sync {self.sam_sync!r}; choose one of: {', '.join(SAM_SYNC)}")
+        need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        try:
+            resolve_architecture(self.arch)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.step_milestones = tuple(self.step_milestones)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        return cls(**values)
+
+    def run_id(self) -> str:
+        """Deterministic name from the settings that change the result."""
+        identity = {k: v for k, v in self.to_dict().items() if k not in ("output_dir", "run_name", "data_dir")}
+        digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        return f"{self.dataset}_{self.arch}_{self.optimizer}_s{self.seed}_{digest}"
