@@ -89,8 +89,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, list[str]]:
     notes: list[str] = []
     given = {flag: getattr(args, flag) for flag in ALL_VARIANT_FLAGS if getattr(args, flag) is not None}
     sam_type = args.sam_type
+    if args.optimizer.lower() not in ("sgd", "adamw", "adam"):
+        raise ConfigError(f"unknown base optimizer {args.optimizer!r}; choose one of: sgd, adamw, adam")
     if sam_type is None or sam_type.lower() in ("none", "sgd", "adamw", "adam"):
-        name = args.optimizer
+        name = args.optimizer.lower()
     else:
         try:
             name = canonical_name(sam_type)

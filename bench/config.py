@@ -97,7 +97,34 @@ class RunConfig:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.step_milestones = tuple(self.step_milestones)
+        self._check_optimizer_settings()
         return self
+
+    def optimizer_settings(self, num_data: int) -> dict[str, Any]:
+        """Keyword arguments for ``create_optimizer``: the base optimizer's, then the variant's."""
+        from optimizers.bsam import BayesianSAM
+        from optimizers.registry import optimizer_class
+
+        if issubclass(optimizer_class(self.optimizer), BayesianSAM):
+            return {"lr": self.lr, "num_data": num_data, **self.hyperparameters}
+        base = self.optimizer if self.optimizer in ("sgd", "adam", "adamw") else self.base_optimizer
+        if base == "sgd":
+            settings = dict(lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov)
+        else:
+            settings = dict(lr=self.lr, weight_decay=self.weight_decay)
+        return {**settings, **self.hyperparameters}
+
+    def _check_optimizer_settings(self) -> None:
+        """Build the optimizer on a stand-in parameter, so a bad hyperparameter fails before any work."""
+        import torch
+
+        from optimizers import create_optimizer
+
+        try:
+            create_optimizer(self.optimizer, [torch.zeros(1, requires_grad=True)], base=self.base_optimizer,
+                             **self.optimizer_settings(num_data=1))
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{self.optimizer}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -26,8 +26,6 @@ from torch import nn
 
 from architectures import create_model
 from optimizers import BatchClosure, SharpnessAwareOptimizer, create_optimizer
-from optimizers.bsam import BayesianSAM
-from optimizers.registry import optimizer_class
 
 from .amp import LossScaler, NonFiniteGradient
 from .augment import augment, default_augmentation, normalize
@@ -91,19 +89,6 @@ def _lr_lambda(config: RunConfig, steps_per_epoch: int):
     return factor
 
 
-def optimizer_settings(config: RunConfig, num_data: int) -> dict[str, Any]:
-    """Keyword arguments for ``create_optimizer``: the base optimizer's, then the variant's."""
-    cls = optimizer_class(config.optimizer)
-    if issubclass(cls, BayesianSAM):
-        return {"lr": config.lr, "num_data": num_data, **config.hyperparameters}
-    base = config.optimizer if config.optimizer in ("sgd", "adam", "adamw") else config.base_optimizer
-    if base == "sgd":
-        settings = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov)
-    else:
-        settings = dict(lr=config.lr, weight_decay=config.weight_decay)
-    return {**settings, **config.hyperparameters}
-
-
 def _versions() -> dict[str, str]:
     import accelerate
 
@@ -155,7 +140,7 @@ def train(config: RunConfig, progress=None) -> RunResult:
     model = create_model(config.arch, num_classes=train_set.num_classes, in_channels=train_set.images.shape[1])
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = create_optimizer(
-        config.optimizer, model, base=config.base_optimizer, **optimizer_settings(config, len(train_set))
+        config.optimizer, model, base=config.base_optimizer, **config.optimizer_settings(len(train_set))
     )
     model = accelerator.prepare(model)
 

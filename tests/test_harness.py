@@ -1,0 +1,151 @@
+"""The harness end to end: launch.py, the seed project's command lines, run files, tables, bad input."""
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.cli import config_from_args, main, run_parser
+from bench.io import read_json, read_jsonl
+from optimizers import available_optimizers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The seed project's README commands, verbatim.
+SEED_COMMANDS = {
+    "sam": "--dataset cifar10 --arch_type wideresnet28 --optimizer sgd --epochs 200 --batch_size 128 --lr 0.05 "
+    "--weight_decay 5e-4 --warmup_epochs 5 --sam_type SAM --rho 0.05 --seed 1234",
+    "sam_pyramidnet": "--dataset cifar100 --arch_type pyramidnet --optimizer sgd --epochs 200 --batch_size 128 --lr 0.05 "
+    "--weight_decay 5e-4 --warmup_epochs 5 --sam_type SAM --rho 0.05 --seed 1234",
+    "asam": "--dataset cifar10 --arch_type wideresnet28 --optimizer sgd --epochs 200 --batch_size 128 --lr 0.05 "
+    "--weight_decay 5e-4 --warmup_epochs 5 --sam_type SAM --adaptive --rho 0.05 --seed 1234",
+    "esam": "--dataset cifar10 --arch_type wideresnet28 --optimizer sgd --epochs 200 --batch_size 128 --lr 0.05 "
+    "--weight_decay 5e-4 --warmup_epochs 5 --sam_type ESAM --rho 0.05 --beta 0.5 --gamma 0.5 --seed 1234",
+    "fisher": "--dataset cifar10 --arch_type wideresnet28 --optimizer sgd --epochs 200 --batch_size 128 --lr 0.05 "
+    "--weight_decay 5e-4 --warmup_epochs 5 --sam_type FisherSAM --rho 0.05 --eta 0.2 --seed 1234",
+    "bsam": "--dataset cifar10 --arch_type resnet18 --optimizer sgd --epochs 180 --batch_size 200 --lr 0.5 "
+    "--weight_decay 0 --sam_type BayesianSAM --msharpness 8 --gamma 0.1 --rho 0.01 --delta 10 --seed 1234",
+    "bsam_c100": "--dataset cifar100 --arch_type resnet34 --optimizer sgd --epochs 180 --batch_size 200 --lr 0.5 "
+    "--weight_decay 0 --sam_type BayesianSAM --msharpness 8 --gamma 0.1 --rho 0.01 --delta 10 --seed 1234",
+    "friendly": "--dataset cifar10 --arch_type wideresnet28 --optimizer sgd --epochs 200 --batch_size 128 --lr 0.05 "
+    "--weight_decay 5e-4 --sam_type FriendlySAM --rho 0.05 --sigma 1.0 --lmbda 0.9 --seed 1234",
+    "looksam": "--dataset cifar10 --arch_type wideresnet28 --optimizer sgd --epochs 200 --batch_size 128 --lr 0.05 "
+    "--weight_decay 5e-4 --sam_type LookSAM --rho 0.05 --k 5 --alpha 1.0 --seed 1234",
+}
+
+EXPECTED = {
+    "sam": ("sam", {"rho": 0.05}),
+    "sam_pyramidnet": ("sam", {"rho": 0.05}),
+    "asam": ("adaptive_sam", {"rho": 0.05}),
+    "esam": ("esam", {"rho": 0.05, "beta": 0.5, "gamma": 0.5}),
+    "fisher": ("fisher_sam", {"rho": 0.05, "eta": 0.2}),
+    "bsam": ("bsam", {"rho": 0.01, "msharpness": 8, "damping": 0.1, "prior_precision": 10.0}),
+    "bsam_c100": ("bsam", {"rho": 0.01, "msharpness": 8, "damping": 0.1, "prior_precision": 10.0}),
+    "friendly": ("friendly_sam", {"rho": 0.05, "sigma": 1.0, "lmbda": 0.9}),
+    "looksam": ("looksam", {"rho": 0.05, "k": 5, "alpha": 1.0}),
+}
+
+
+@pytest.mark.parametrize("key", sorted(SEED_COMMANDS))
+def test_seed_commands_map_onto_variants(key):
+    config, notes = config_from_args(run_parser().parse_args(shlex.split(SEED_COMMANDS[key])))
+    name, hyperparameters = EXPECTED[key]
+    assert config.optimizer == name and config.hyperparameters == hyperparameters
+    assert config.epochs in (180, 200) and config.seed == 1234
+    if key == "asam":
+        assert any("adaptive_sam" in n for n in notes)
+
+
+def test_a_flag_the_variant_does_not_use_is_reported(capsys, tmp_path):
+    _, notes = config_from_args(run_parser().parse_args(["--sam_type", "SAM", "--eta", "0.2", "--k", "3"]))
+    assert "--eta is not used by sam; ignored" in notes and "--k is not used by sam; ignored" in notes
+
+
+def test_seed_sam_command_runs_on_a_cifar_fixture(cifar10_dir, tmp_path):
+    """The seed's SAM command with --max_steps 2 --data_dir appended; a small model keeps CI fast
+    (the verbatim WRN-28-10 run is the same code path at 36.5M parameters)."""
+    argv = shlex.split(SEED_COMMANDS["sam"]) + [
+        "--max_steps", "2", "--data_dir", str(cifar10_dir), "--output_dir", str(tmp_path), "--arch_type", "resnet8",
+    ]
+    assert main(argv) == 0
+    (run,) = list(tmp_path.iterdir())
+    summary = read_json(run / "summary.json")
+    assert summary["steps"] == 2 and summary["stopped_early"] and summary["passes_per_step"] == 2
+    config = read_json(run / "config.json")
+    assert config["lr"] == 0.05 and config["warmup_epochs"] == 5 and config["hyperparameters"] == {"rho": 0.05}
+    assert "torch" in config["versions"]
+
+
+def test_launch_py_writes_run_files_and_a_table(tmp_path):
+    runs = tmp_path / "runs"
+    for sam_type in ("none", "SAM"):
+        cmd = [sys.executable, "launch.py", "--sam_type", sam_type, "--epochs", "2", "--batch_size", "64",
+               "--output_dir", str(runs), "--cpu"]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    run_dirs = sorted(runs.iterdir())
+    assert len(run_dirs) == 2
+    for run in run_dirs:
+        rows = read_jsonl(run / "metrics.jsonl")
+        assert [r["epoch"] for r in rows] == [1, 2]
+        assert {"train_loss", "test_acc", "lr", "rho", "epoch_time_s", "images_per_s", "passes_per_step"} <= set(rows[0])
+        summary = read_json(run / "summary.json")
+        assert summary["final_test_acc"] > 0.5 and summary["num_params"] > 0
+    done = subprocess.run([sys.executable, "launch.py", "table", str(runs), "--out", str(tmp_path / "table")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    csv = (tmp_path / "table.csv").read_text()
+    assert "sgd" in csv and "sam" in csv
+    assert "| digits | smallcnn | sam | 1 |" in (tmp_path / "table.md").read_text()
+
+
+def test_max_steps_stops_the_run_and_says_so(tmp_path):
+    assert main(["--sam_type", "ESAM", "--epochs", "3", "--max_steps", "5", "--output_dir", str(tmp_path), "--cpu"]) == 0
+    (run,) = list(tmp_path.iterdir())
+    summary = read_json(run / "summary.json")
+    assert summary["steps"] == 5 and summary["stopped_early"] and summary["epochs_completed"] == 1
+
+
+@pytest.mark.parametrize("name", [n for n in available_optimizers() if n not in ("adam", "adamw")])
+def test_every_optimizer_lowers_the_training_loss_on_digits(name, tmp_path):
+    argv = ["--sam_type", name, "--epochs", "4", "--batch_size", "64", "--lr", "0.05", "--output_dir", str(tmp_path), "--cpu"]
+    if name == "bsam":
+        argv += ["--lr", "0.5", "--warmup_epochs", "1"]
+    assert main(argv) == 0
+    (run,) = list(tmp_path.iterdir())
+    losses = [r["train_loss"] for r in read_jsonl(run / "metrics.jsonl")]
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sam_type", "nope"], "unknown --sam_type 'nope'; choose one of: sam"),
+        (["--sam_type", "SAM", "--rho", "-1"], "rho must be >= 0"),
+        (["--sam_type", "LookSAM", "--k", "0"], "k must be an integer >= 1"),
+        (["--sam_type", "ESAM", "--gamma", "0"], "gamma must be in (0, 1]"),
+        (["--dataset", "mnist"], "unknown dataset 'mnist'; choose one of: cifar10"),
+        (["--arch_type", "resnet19"], "unknown architecture 'resnet19'; choose one of:"),
+        (["--optimizer", "lion"], "unknown base optimizer 'lion'; choose one of: sgd"),
+        (["--mixed_precision", "fp8"], "unknown mixed_precision 'fp8'; choose one of: no, bf16, fp16"),
+        (["--epochs", "x"], "invalid int value"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys, tmp_path):
+    assert main(argv + ["--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and err.startswith("error: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_dataset_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    import bench.data
+
+    monkeypatch.setattr(bench.data, "_torchvision_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    assert main(["--dataset", "cifar10", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "CIFAR-10 not found" in err and str(tmp_path) in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
