@@ -1,0 +1,195 @@
+"""``python launch.py perf``: the cost of one training step of every optimizer, relative to SGD.
+
+All optimizers train copies of the same model on the same synthetic batches in one
+process, in interleaved rounds (so drift in machine load hits them alike); each
+round times ``steps`` consecutive steps (a multiple of LookSAM's k) and the median
+round is reported. pytorch-optimizer's SAM, GSAM and FriendlySAM, when installed,
+are timed on the same model as external references.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from architectures import create_model
+from optimizers import BatchClosure, SharpnessAwareOptimizer, available_optimizers, create_optimizer
+
+from .io import write_text
+
+SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+ce = nn.CrossEntropyLoss(reduction="none")
+
+
+class Contender:
+    """One optimizer under test: how to build it and how to take a step with it."""
+
+    def __init__(self, name: str, build: Callable, step: Callable, source: str = "this project"):
+        self.name, self.build, self.step, self.source = name, build, step, source
+
+
+def _ours(name: str) -> Contender:
+    def build(model):
+        return create_optimizer(name, model, **({} if name == "bsam" else SGD))
+
+    def step(opt, model, x, y):
+        closure = BatchClosure(model, ce, x, y)
+        opt.step(closure)
+        return closure.passes
+
+    return Contender(name, build, step)
+
+
+def _external() -> list[Contender]:
+    try:
+        import pytorch_optimizer as po
+    except ImportError:
+        return []
+    source = f"pytorch-optimizer {po.__version__}" if hasattr(po, "__version__") else "pytorch-optimizer"
+
+    def plain_closure(model, x, y):
+        def closure():
+            model.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        return closure
+
+    def two_pass(opt, model, x, y):
+        closure = plain_closure(model, x, y)
+        closure()
+        opt.step(closure)
+        return 2
+
+    def build_gsam(model):
+        base = torch.optim.SGD(model.parameters(), **SGD)
+        sched = torch.optim.lr_scheduler.LambdaLR(base, lambda _: 1.0)
+        rho = po.ProportionScheduler(sched, max_lr=SGD["lr"], min_lr=0.0, max_value=0.05, min_value=0.05)
+        return po.GSAM(model.parameters(), base, model, rho, alpha=0.4)
+
+    def gsam_step(opt, model, x, y):
+        opt.set_closure(nn.functional.cross_entropy, x, y)
+        opt.step()
+        return 2
+
+    return [
+        Contender("SAM", lambda m: po.SAM(m.parameters(), torch.optim.SGD, rho=0.05, **SGD), two_pass, source),
+        Contender("GSAM", build_gsam, gsam_step, source),
+        Contender("FriendlySAM", lambda m: po.FriendlySAM(m.parameters(), torch.optim.SGD, rho=0.05, **SGD), two_pass, source),
+    ]
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def measure(arch: str, batch_size: int, steps: int, rounds: int, warmup: int, image_size: int, device: str,
+            names: list[str] | None = None, external: bool = True) -> list[dict]:
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    template = create_model(arch, num_classes=10, in_channels=3).to(dev)
+    names = names or [n for n in available_optimizers() if n not in ("adam", "adamw")]
+    contenders = [_ours(n) for n in names] + (_external() if external else [])
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(batch_size, 3, image_size, image_size, generator=g).to(dev), torch.randint(0, 10, (batch_size,), generator=g).to(dev))
+        for _ in range(steps)
+    ]
+    runs = []
+    for c in contenders:
+        model = copy.deepcopy(template).train()
+        runs.append((c, model, c.build(model), []))
+    for c, model, opt, _ in runs:
+        for i in range(warmup):
+            c.step(opt, model, *batches[i % steps])
+    timings: dict[str, list[float]] = {c.name + c.source: [] for c, *_ in runs}
+    passes: dict[str, float] = {}
+    for _ in range(rounds):
+        for c, model, opt, _ in runs:
+            _sync(dev)
+            start = time.perf_counter()
+            total_passes = sum(c.step(opt, model, x, y) for x, y in batches)
+            _sync(dev)
+            timings[c.name + c.source].append((time.perf_counter() - start) / steps)
+            passes[c.name + c.source] = total_passes / steps
+    baseline = statistics.median(timings["sgd" + "this project"])
+    param_bytes = _param_bytes(template)
+    rows = []
+    for c, model, opt, _ in runs:
+        seconds = statistics.median(timings[c.name + c.source])
+        extra = opt.extra_state_bytes() / param_bytes if isinstance(opt, SharpnessAwareOptimizer) else 0.0
+        rows.append(
+            {"optimizer": c.name, "implementation": c.source, "step_ms": seconds * 1e3, "ratio_to_sgd": seconds / baseline,
+             "passes_per_step": passes[c.name + c.source], "extra_memory_x_params": extra if c.source == "this project" else None}
+        )
+    return rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def to_markdown(rows: list[dict], settings: dict, command: str) -> str:
+    lines = [
+        "# Step cost of every optimizer, relative to SGD",
+        "",
+        f"Generated by `{command}`.",
+        "",
+        f"Model {settings['arch']} ({settings['params']:,} parameters), batch {settings['batch_size']} of "
+        f"{settings['image_size']}x{settings['image_size']} images, fp32, {settings['device']} "
+        f"({settings['machine']}, {settings['threads']} threads), torch {torch.__version__}. "
+        f"Median over {settings['rounds']} interleaved rounds of {settings['steps']} steps each, after {settings['warmup']} warm-up steps.",
+        "",
+        "Extra memory: what the optimizer keeps between steps beyond the base optimizer's state "
+        "(weight backup, variant state), in multiples of the parameter bytes.",
+        "",
+        "| optimizer | implementation | step (ms) | x SGD | fwd-bwd passes / step | extra memory (x params) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        extra = "" if r["extra_memory_x_params"] is None else f"{r['extra_memory_x_params']:.2f}"
+        lines.append(
+            f"| {r['optimizer']} | {r['implementation']} | {r['step_ms']:.1f} | {r['ratio_to_sgd']:.2f} | {r['passes_per_step']:.2f} | {extra} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import _Parser
+
+    p = _Parser(prog="launch.py perf", description="Time one training step of SGD and every variant.")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--image_size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10, help="steps per timed round (a multiple of LookSAM's k=5)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--optimizers", nargs="+", default=None)
+    p.add_argument("--no_external", action="store_true", help="skip pytorch-optimizer's implementations")
+    p.add_argument("--out", default="results/perf.md")
+    args = p.parse_args(argv)
+    names = args.optimizers
+    if names and "sgd" not in names:
+        names = ["sgd", *names]
+    rows = measure(args.arch, args.batch_size, args.steps, args.rounds, args.warmup, args.image_size, args.device,
+                   names, external=not args.no_external)
+    settings = dict(vars(args), params=sum(p.numel() for p in create_model(args.arch).parameters()),
+                    machine=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    command = "python launch.py perf" + "".join(
+        f" --{k} {v}" for k, v in vars(args).items() if v != p.get_default(k) and k not in ("optimizers", "no_external")
+    )
+    text = to_markdown(rows, settings, command)
+    write_text(Path(args.out), text)
+    print(text)
+    return 0
