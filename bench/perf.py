@@ -1,9 +1,10 @@
 """``python launch.py perf``: the cost of one training step of every optimizer, relative to SGD.
 
 All optimizers train copies of the same model on the same synthetic batches in one
-process, in interleaved rounds (so drift in machine load hits them alike); each
-round times ``steps`` consecutive steps (a multiple of LookSAM's k) and the median
-round is reported. pytorch-optimizer's SAM, GSAM and FriendlySAM, when installed,
+process, in rounds (each in a shuffled order, so drift in machine load hits them
+alike); each round times ``steps`` consecutive steps (a multiple of LookSAM's k) of
+every optimizer. Reported: the median step time, and the median over rounds of the
+ratio to SGD's time in the same round. pytorch-optimizer's SAM, GSAM and FriendlySAM, when installed,
 are timed on the same model as external references.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -112,23 +114,29 @@ def measure(arch: str, batch_size: int, steps: int, rounds: int, warmup: int, im
         for i in range(warmup):
             c.step(opt, model, *batches[i % steps])
     timings: dict[str, list[float]] = {c.name + c.source: [] for c, *_ in runs}
+    ratios: dict[str, list[float]] = {c.name + c.source: [] for c, *_ in runs}
     passes: dict[str, float] = {}
+    order = random.Random(0)
     for _ in range(rounds):
-        for c, model, opt, _ in runs:
+        this_round = {}
+        for c, model, opt, _ in order.sample(runs, len(runs)):
             _sync(dev)
             start = time.perf_counter()
             total_passes = sum(c.step(opt, model, x, y) for x, y in batches)
             _sync(dev)
-            timings[c.name + c.source].append((time.perf_counter() - start) / steps)
+            this_round[c.name + c.source] = (time.perf_counter() - start) / steps
             passes[c.name + c.source] = total_passes / steps
-    baseline = statistics.median(timings["sgd" + "this project"])
+        for key, seconds in this_round.items():
+            timings[key].append(seconds)
+            ratios[key].append(seconds / this_round["sgd" + "this project"])
     param_bytes = _param_bytes(template)
     rows = []
     for c, model, opt, _ in runs:
         seconds = statistics.median(timings[c.name + c.source])
+        ratio = statistics.median(ratios[c.name + c.source])
         extra = opt.extra_state_bytes() / param_bytes if isinstance(opt, SharpnessAwareOptimizer) else 0.0
         rows.append(
-            {"optimizer": c.name, "implementation": c.source, "step_ms": seconds * 1e3, "ratio_to_sgd": seconds / baseline,
+            {"optimizer": c.name, "implementation": c.source, "step_ms": seconds * 1e3, "ratio_to_sgd": ratio,
              "passes_per_step": passes[c.name + c.source], "extra_memory_x_params": extra if c.source == "this project" else None}
         )
     return rows
@@ -148,7 +156,8 @@ def to_markdown(rows: list[dict], settings: dict, command: str) -> str:
         f"Model {settings['arch']} ({settings['params']:,} parameters), batch {settings['batch_size']} of "
         f"{settings['image_size']}x{settings['image_size']} images, fp32, {settings['device']} "
         f"({settings['machine']}, {settings['threads']} threads), torch {torch.__version__}. "
-        f"Median over {settings['rounds']} interleaved rounds of {settings['steps']} steps each, after {settings['warmup']} warm-up steps.",
+        f"{settings['rounds']} rounds of {settings['steps']} steps per optimizer, in shuffled order, after {settings['warmup']} warm-up steps: "
+        "median step time, and median over rounds of the ratio to SGD in the same round.",
         "",
         "Extra memory: what the optimizer keeps between steps beyond the base optimizer's state "
         "(weight backup, variant state), in multiples of the parameter bytes.",
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="steps per timed round (a multiple of LookSAM's k=5)")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--optimizers", nargs="+", default=None)

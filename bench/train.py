@@ -29,7 +29,7 @@ from optimizers import BatchClosure, SharpnessAwareOptimizer, create_optimizer
 
 from .amp import LossScaler, NonFiniteGradient
 from .augment import augment, default_augmentation, normalize
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import ImageDataset, load_dataset_splits
 from .io import write_json, write_jsonl
 
@@ -136,7 +136,8 @@ def train(config: RunConfig, progress=None) -> RunResult:
     device = accelerator.device
     run_dir = Path(config.output_dir) / (config.run_name or config.run_id())
 
-    train_set, test_set = load_dataset_splits(config.dataset, config.data_dir)
+    with accelerator.main_process_first():  # decode and cache once, then every process reads the cache
+        train_set, test_set = load_dataset_splits(config.dataset, config.data_dir)
     model = create_model(config.arch, num_classes=train_set.num_classes, in_channels=train_set.images.shape[1])
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = create_optimizer(
@@ -145,6 +146,9 @@ def train(config: RunConfig, progress=None) -> RunResult:
     model = accelerator.prepare(model)
 
     world, rank = accelerator.num_processes, accelerator.process_index
+    sync_ascent = config.sam_sync == "global" or not getattr(optimizer, "ascent_may_be_local", True)
+    if world > 1 and sync_ascent and config.optimizer == "esam":
+        raise ConfigError("esam needs --sam_sync local under data parallelism: its ascent pass leaves tensors out")
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the {world} processes")
     local_batch = config.batch_size // world
@@ -181,7 +185,7 @@ def train(config: RunConfig, progress=None) -> RunResult:
             x = normalize(augment(train_images[idx], aug, aug_generator), train_set.mean, train_set.std)
             closure = TrainClosure(
                 model, loss_fn, x, train_labels[idx], accelerator=accelerator,
-                sync_ascent=config.sam_sync == "global", scaler=scaler,
+                sync_ascent=sync_ascent, scaler=scaler,
             )
             step_skipped = False
             try:

@@ -100,6 +100,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     freezes_batchnorm: ClassVar[bool] = True
     #: Variants with an update rule of their own (bSAM) set this to False.
     uses_base_optimizer: ClassVar[bool] = True
+    #: Whether the ascent gradient may stay on its replica under data parallelism
+    #: (m-sharpness) without the replicas' weights drifting apart. False where that
+    #: gradient reaches the update itself (GSAM's g_v, LookSAM's g_v, bSAM's precision).
+    ascent_may_be_local: ClassVar[bool] = True
 
     def __init__(
         self, params, base_optimizer="sgd", *, model: nn.Module | None = None, seed: int | None = None, **kwargs

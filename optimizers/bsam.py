@@ -36,6 +36,7 @@ class BayesianSAM(SharpnessAwareOptimizer):
     }
     uses_base_optimizer = False
     freezes_batchnorm = False
+    ascent_may_be_local = False
 
     def __init__(self, params, base_optimizer="sgd", *, msharpness: int = 8, **kwargs):
         if base_optimizer not in ("sgd", None):

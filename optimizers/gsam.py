@@ -19,6 +19,7 @@ EPS = 1e-12
 
 
 class GSAM(SharpnessAwareOptimizer):
+    ascent_may_be_local = False
     hyperparameters = {"rho": 0.05, "rho_min": None, "alpha": 0.4, "adaptive": False, "lr_max": None, "lr_min": 0.0}
 
     def validate(self, group):

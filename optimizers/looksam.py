@@ -19,6 +19,7 @@ EPS = 1e-12
 
 
 class LookSAM(SharpnessAwareOptimizer):
+    ascent_may_be_local = False
     hyperparameters = {"rho": 0.1, "alpha": 0.7}
 
     def __init__(self, params, base_optimizer="sgd", *, k: int = 5, **kwargs):
