@@ -6,6 +6,7 @@
 """
 from .registry import available_architectures, create_model, register, register_pattern
 from .cifar_resnet import CifarResNet
+from .mlp import MLP
 from .pyramidnet import PyramidNet
 from .resnet import ResNet
 from .smallcnn import SmallCNN
@@ -13,5 +14,5 @@ from .wideresnet import WideResNet
 
 __all__ = [
     "available_architectures", "create_model", "register", "register_pattern",
-    "CifarResNet", "PyramidNet", "ResNet", "SmallCNN", "WideResNet",
+    "CifarResNet", "MLP", "PyramidNet", "ResNet", "SmallCNN", "WideResNet",
 ]

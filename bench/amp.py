@@ -1,10 +1,13 @@
 """Dynamic loss scaling for fp16 across the passes of a sharpness-aware step.
 
 Every pass of a step uses the same scale; the gradients are unscaled right after
-each backward, so every variant sees true gradients (Fisher SAM, F-SAM and bSAM
-depend on their magnitude). A non-finite gradient in any pass raises
-:class:`NonFiniteGradient`; the loop then restores the weights, halves the scale and
-skips the step. The scale grows after ``growth_interval`` clean steps.
+each backward (the loop calls :meth:`LossScaler.unscale_`), so every variant sees
+true gradients (Fisher SAM, F-SAM and bSAM depend on their magnitude). A non-finite
+gradient in any pass makes the loop raise :class:`NonFiniteGradient`, restore the
+weights, skip the step and call ``update(skipped=True)``, which halves the scale.
+The scale doubles after ``growth_interval`` clean steps. ``torch.amp.GradScaler``
+does not fit: it allows one unscale per optimizer between updates, and a SAM step
+needs one per pass.
 """
 
 from __future__ import annotations
@@ -24,22 +27,21 @@ class LossScaler:
         self.scale, self.growth_interval, self.backoff, self.growth = init_scale, growth_interval, backoff, growth
         self.clean_steps = 0
 
-    def backward(self, loss: Tensor, params: list[Tensor]) -> None:
+    def backward(self, loss: Tensor) -> None:
         (loss.float() * self.scale).backward()
-        self.unscale_(params)
 
-    def unscale_(self, params: list[Tensor]) -> None:
+    def unscale_(self, params: list[Tensor]) -> Tensor:
+        """Divide the gradients by the scale in place; returns a 0-dim flag, nonzero if any was not finite."""
         by_device: dict[tuple, list[Tensor]] = defaultdict(list)
         for p in params:
             if p.grad is not None:
                 by_device[(p.grad.device, p.grad.dtype)].append(p.grad)
-        found = False
+        found = torch.zeros(())
         for (device, _), grads in by_device.items():
             found_inf = torch.zeros((), device=device)
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.full((), 1.0 / self.scale, device=device))
-            found = found or bool(found_inf.item())
-        if found:
-            raise NonFiniteGradient(f"non-finite gradient at loss scale {self.scale:g}")
+            found = found + found_inf.cpu() if device.type != "cpu" else found + found_inf
+        return found
 
     def update(self, skipped: bool) -> None:
         if skipped:

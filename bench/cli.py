@@ -62,6 +62,12 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--sam_sync", default="local", help="local (per-replica perturbation) or global")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--grad_accum_steps", type=int, default=1, help="micro-batches per pass (batch_size is the whole batch)")
+    p.add_argument("--max_consecutive_skips", type=int, default=20, help="stop after this many non-finite steps in a row")
+    p.add_argument("--save_every_steps", type=int, default=0, help="checkpoint every N steps (0: off)")
+    p.add_argument("--save_every_epochs", type=int, default=1, help="checkpoint every N epochs (0: off); always at the end")
+    p.add_argument("--keep_checkpoints", type=int, default=2)
+    p.add_argument("--resume", default=None, help="'auto' (this config's run directory, if it has a checkpoint) or a run directory")
     p.add_argument("--output_dir", default="runs")
     p.add_argument("--run_name", default=None)
     variant = p.add_argument_group("variant hyperparameters (unset: the variant's paper default)")
@@ -125,7 +131,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, list[str]]:
         momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov, schedule=args.schedule,
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, cutout=args.cutout, seed=args.seed,
         mixed_precision=args.mixed_precision, sam_sync=args.sam_sync, cpu=args.cpu, max_steps=args.max_steps,
-        output_dir=args.output_dir, run_name=args.run_name,
+        grad_accum_steps=args.grad_accum_steps, max_consecutive_skips=args.max_consecutive_skips,
+        save_every_steps=args.save_every_steps, save_every_epochs=args.save_every_epochs,
+        keep_checkpoints=args.keep_checkpoints, output_dir=args.output_dir, run_name=args.run_name,
     )
     return config.validate(), notes
 
@@ -138,17 +146,36 @@ def _progress():
     )
 
 
+def resume_config(path: str) -> RunConfig:
+    """The settings of the run in directory ``path`` (its config.json)."""
+    from pathlib import Path
+
+    from .io import read_json
+
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"--resume {path}: no config.json there (expected a run directory, or 'auto')")
+    saved = read_json(config_file)
+    config = RunConfig.from_dict(saved, ignore=("run_id", "world_size", "device", "versions"))
+    config.output_dir, config.run_name = str(Path(path).parent), Path(path).name
+    return config.validate()
+
+
 def cmd_run(argv: list[str]) -> int:
     from rich.console import Console
 
     from .train import train
 
-    config, notes = config_from_args(run_parser().parse_args(argv))
+    args = run_parser().parse_args(argv)
     console = Console(stderr=True)
+    if args.resume not in (None, "auto"):
+        config, notes = resume_config(args.resume), [f"settings come from {args.resume}/config.json"]
+    else:
+        config, notes = config_from_args(args)
     for note in notes:
         console.print(f"note: {note}")
     with _progress() as progress:
-        result = train(config, progress=progress)
+        result = train(config, progress=progress, resume=args.resume is not None)
     s = result.summary
     console.print(
         f"{result.run_dir}: test acc {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f}), "
@@ -194,6 +221,7 @@ COMMANDS = {"suite": cmd_suite, "table": cmd_table, "perf": cmd_perf}
 
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
+    from .train import CheckpointError, TrainingStopped
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -202,9 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
         return cmd_run(argv)
-    except (ConfigError, DataError, UsageError) as err:
+    except (ConfigError, DataError, UsageError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -13,6 +13,21 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 SAM_SYNC = ("local", "global")
 
 
+#: Settings that do not change a run's result (left out of its id).
+OPERATIONAL = ("output_dir", "run_name", "data_dir", "save_every_steps", "save_every_epochs", "keep_checkpoints", "cpu")
+
+
+def _writable(path: str) -> bool:
+    """Whether ``path`` exists as a writable directory or could be created as one."""
+    import os
+    from pathlib import Path
+
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
+
+
 class ConfigError(ValueError):
     """A bad value from the user: one line naming it and the valid choices."""
 
@@ -44,7 +59,12 @@ class RunConfig:
     mixed_precision: str = "no"
     sam_sync: str = "local"
     cpu: bool = False
+    grad_accum_steps: int = 1
     max_steps: int | None = None
+    max_consecutive_skips: int = 20
+    save_every_steps: int = 0
+    save_every_epochs: int = 1
+    keep_checkpoints: int = 2
     output_dir: str = "runs"
     run_name: str | None = None
 
@@ -92,6 +112,12 @@ class RunConfig:
         )
         need(self.sam_sync in SAM_SYNC, f"unknown sam_sync {self.sam_sync!r}; choose one of: {', '.join(SAM_SYNC)}")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        need(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        need(self.max_consecutive_skips >= 1, f"max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
+        need(self.save_every_steps >= 0, f"save_every_steps must be >= 0 (0: off), got {self.save_every_steps}")
+        need(self.save_every_epochs >= 0, f"save_every_epochs must be >= 0 (0: off), got {self.save_every_epochs}")
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        need(_writable(self.output_dir), f"output_dir {self.output_dir!r} is not writable")
         try:
             resolve_architecture(self.arch)
         except ValueError as err:
@@ -130,15 +156,18 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+    def from_dict(cls, values: dict[str, Any], ignore: tuple[str, ...] = ()) -> RunConfig:
         names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k not in ignore}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        if "step_milestones" in values:
+            values["step_milestones"] = tuple(values["step_milestones"])
         return cls(**values)
 
     def run_id(self) -> str:
         """Deterministic name from the settings that change the result."""
-        identity = {k: v for k, v in self.to_dict().items() if k not in ("output_dir", "run_name", "data_dir")}
+        identity = {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL}
         digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
         return f"{self.dataset}_{self.arch}_{self.optimizer}_s{self.seed}_{digest}"

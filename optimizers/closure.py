@@ -39,7 +39,8 @@ class BatchClosure:
 
     ``loss_fn(outputs, targets)`` must return per-sample losses (e.g.
     ``nn.CrossEntropyLoss(reduction="none")``). ``backward`` replaces
-    ``loss.backward()`` (e.g. ``accelerator.backward``).
+    ``loss.backward()`` (e.g. ``accelerator.backward``). With ``accumulation_steps`` A
+    every pass runs as A micro-batches whose gradients add up to the full-batch mean.
 
     The closure counts its work: ``passes`` forward-backward calls and
     ``sample_passes`` (forward-backward calls weighted by the fraction of the batch
@@ -55,11 +56,15 @@ class BatchClosure:
         inputs: Tensor,
         targets: Tensor,
         backward: Callable[[Tensor], None] | None = None,
+        accumulation_steps: int = 1,
     ):
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
         self.model = model
         self.loss_fn = loss_fn
         self.inputs = inputs
         self.targets = targets
+        self.accumulation_steps = accumulation_steps
         self._backward = backward or Tensor.backward
         self.passes = 0
         self.sample_passes = 0.0
@@ -70,9 +75,12 @@ class BatchClosure:
     def batch_size(self) -> int:
         return len(self.targets)
 
-    def context(self, phase: str):
-        """Context a pass of ``phase`` runs in; loops override it (autocast, no_sync)."""
+    def context(self, phase: str, last_micro_batch: bool = True):
+        """Context a pass of ``phase`` runs in; loops override it (autocast, DDP no_sync)."""
         return contextlib.nullcontext()
+
+    def after_backward(self, loss: Tensor, phase: str) -> None:
+        """Called after each pass's backward with its mean loss; loops override it (finiteness checks)."""
 
     def __call__(
         self,
@@ -85,21 +93,31 @@ class BatchClosure:
         inputs, targets = self.inputs, self.targets
         if subset is not None:
             inputs, targets = inputs[subset], targets[subset]
+        # Gradient accumulation: the pass's gradient is the mean over the whole (sub)batch,
+        # built from micro-batches whose losses are weighted by their share of it.
+        micro = list(zip(inputs.tensor_split(self.accumulation_steps), targets.tensor_split(self.accumulation_steps)))
+        micro = [(x, y) for x, y in micro if len(y)]
         if not backward:
             with torch.no_grad(), self.context("select"):
-                losses = self.loss_fn(self.model(inputs), targets)
+                losses = torch.cat([self.loss_fn(self.model(x), y) for x, y in micro])
             return losses.detach() if per_sample else losses.mean().detach()
 
         self.model.zero_grad(set_to_none=True)
-        with torch.enable_grad(), self.context(phase):
-            outputs = self.model(inputs)
-            losses = self.loss_fn(outputs, targets)
-            loss = losses.mean()
-            self._backward(loss)
+        outputs, losses = [], []
+        for i, (x, y) in enumerate(micro):
+            with torch.enable_grad(), self.context(phase, last_micro_batch=i == len(micro) - 1):
+                out = self.model(x)
+                micro_losses = self.loss_fn(out, y)
+                self._backward(micro_losses.sum() / len(targets))
+            outputs.append(out.detach())
+            losses.append(micro_losses.detach())
+        outputs, losses = torch.cat(outputs), torch.cat(losses)
+        loss = losses.mean()
+        self.after_backward(loss, phase)
         self.passes += 1
         self.sample_passes += len(targets) / self.batch_size
-        self.observe(outputs.detach(), targets, losses.detach(), phase)
-        return losses.detach() if per_sample else loss.detach()
+        self.observe(outputs, targets, losses, phase)
+        return losses if per_sample else loss
 
     def observe(self, outputs: Tensor, targets: Tensor, losses: Tensor, phase: str) -> None:
         """Called after every backward pass; keeps the outputs and loss of the first one."""

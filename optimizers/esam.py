@@ -61,8 +61,18 @@ class ESAM(SharpnessAwareOptimizer):
         keep = torch.rand(len(params), generator=self.generator()) < beta
         if not keep.any():  # a backward pass needs something to differentiate
             keep[:] = True
-        for p, kept in zip(params, keep.tolist()):
+        self.state["kept"] = keep  # saved with the optimizer, so a resumed run drops the same tensors
+        self._apply_kept()
+
+    def _apply_kept(self) -> None:
+        params = [p for group in self.param_groups for p in group["params"]]
+        for p, kept in zip(params, self.state["kept"].tolist()):
             p.requires_grad_(kept)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        if "kept" in self.state:
+            self._apply_kept()
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -5,7 +5,7 @@ import torch.nn as nn
 from architectures import available_architectures, create_model
 
 EXPLICIT_NAMES = [
-    "pyramidnet", "pyramidnet110_270", "pyramidnet272_200",
+    "mlp", "pyramidnet", "pyramidnet110_270", "pyramidnet272_200",
     "resnet101", "resnet110", "resnet14", "resnet152", "resnet18", "resnet20", "resnet32",
     "resnet34", "resnet44", "resnet50", "resnet56", "resnet8",
     "smallcnn", "wideresnet28", "wideresnet34", "wrn16_8", "wrn28_10", "wrn34_10",
