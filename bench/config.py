@@ -18,14 +18,21 @@ OPERATIONAL = ("output_dir", "run_name", "data_dir", "save_every_steps", "save_e
 
 
 def _writable(path: str) -> bool:
-    """Whether ``path`` exists as a writable directory or could be created as one."""
-    import os
+    """Whether ``path`` is a writable directory or could be created as one (tried, not guessed:
+    permission bits say little to root or on read-only mounts)."""
+    import tempfile
     from pathlib import Path
 
     p = Path(path).absolute()
     while not p.exists():
         p = p.parent
-    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
+    if not p.is_dir():
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=p):
+            return True
+    except OSError:
+        return False
 
 
 class ConfigError(ValueError):
