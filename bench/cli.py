@@ -174,8 +174,12 @@ def cmd_run(argv: list[str]) -> int:
         config, notes = config_from_args(args)
     for note in notes:
         console.print(f"note: {note}")
+    from accelerate import PartialState
+
     with _progress() as progress:
         result = train(config, progress=progress, resume=args.resume is not None)
+    if not PartialState().is_main_process:
+        return 0
     s = result.summary
     console.print(
         f"{result.run_dir}: test acc {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f}), "

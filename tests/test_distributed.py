@@ -1,0 +1,105 @@
+"""Data parallelism on CPU with gloo: two real processes through `accelerate launch`."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from architectures import create_model
+from bench.config import RunConfig
+from bench.data import load_dataset_splits
+from bench.augment import default_augmentation
+from bench.io import read_json, read_jsonl
+from bench.train import epoch_order, global_batch, train
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = ["--arch_type", "mlp", "--epochs", "1", "--max_steps", "3", "--batch_size", "64", "--schedule", "constant",
+         "--lr", "0.1", "--momentum", "0.9", "--weight_decay", "5e-4"]
+
+
+def launch_two(args, out: Path) -> Path:
+    """Two processes, as `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` starts them."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", "29517", "launch.py", *args, "--output_dir", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = list(out.iterdir())
+    assert read_json(run / "config.json")["world_size"] == 2  # really two processes
+    return run
+
+
+def one_process(args, out: Path) -> Path:
+    from bench.cli import main
+
+    assert main([*args, "--cpu", "--output_dir", str(out)]) == 0
+    (run,) = list(out.iterdir())
+    return run
+
+
+def weights(run: Path) -> dict:
+    return load_file(run / "model.safetensors")
+
+
+def assert_close(a: dict, b: dict, rtol=1e-6):
+    for k in a:
+        err = ((a[k] - b[k]).norm() / b[k].norm()).item()
+        assert err < rtol, f"{k}: relative error {err:.1e}"
+
+
+@pytest.mark.parametrize("name, sync", [("sam", "global"), ("looksam", "local"), ("gsam", "local")])
+def test_two_processes_equal_one_process_with_the_whole_batch(name, sync, tmp_path):
+    """Global sync (and the variants that always sync) give 2 x B the weights of 1 x 2B."""
+    args = [*FLAGS, "--sam_type", name, "--sam_sync", sync]
+    two, one = launch_two(args, tmp_path / "two"), one_process(args, tmp_path / "one")
+    assert_close(weights(two), weights(one))
+    assert read_json(two / "summary.json").keys() == read_json(one / "summary.json").keys()
+    assert read_jsonl(two / "metrics.jsonl")[0].keys() == read_jsonl(one / "metrics.jsonl")[0].keys()
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_local_sync_averages_per_replica_sam_gradients(tmp_path):
+    """--sam_sync local: each replica perturbs with its own gradient; the step uses the average of
+    the replicas' SAM gradients. Reference: that computation in one process."""
+    rho = 0.05
+    run = launch_two([*FLAGS, "--sam_type", "SAM", "--rho", str(rho), "--sam_sync", "local"], tmp_path / "two")
+
+    config = RunConfig(arch="mlp", optimizer="sam", batch_size=64, schedule="constant", seed=0)
+    train_set, _ = load_dataset_splits("digits")
+    torch.manual_seed(0)  # what accelerate's set_seed does before the model is built
+    model = create_model("mlp", num_classes=10, in_channels=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    order = epoch_order(config, len(train_set), 0)
+    generator = torch.Generator().manual_seed(0)
+    aug = default_augmentation("digits")
+
+    def grad(x, y):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for i in range(3):
+        x, y = global_batch(train_set, train_set.images, train_set.labels, order, i, 64, aug, generator)
+        sam_grads = []
+        for shard in (slice(0, 32), slice(32, 64)):
+            g = grad(x[shard], y[shard])
+            norm = torch.sqrt(sum((t**2).sum() for t in g))
+            w = [p.detach().clone() for p in model.parameters()]
+            with torch.no_grad():
+                for p, gi in zip(model.parameters(), g):
+                    p.add_(rho * gi / (norm + 1e-12))
+            sam_grads.append(grad(x[shard], y[shard]))
+            with torch.no_grad():
+                for p, wi in zip(model.parameters(), w):
+                    p.copy_(wi)
+        for p, a, b in zip(model.parameters(), *sam_grads):
+            p.grad = (a + b) / 2
+        opt.step()
+
+    reference = {k: v.detach() for k, v in model.state_dict().items()}
+    assert_close(weights(run), reference)
