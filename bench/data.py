@@ -31,6 +31,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -731,3 +732,24 @@ def _load_tinyimagenet(info: DatasetInfo, root: str, download: bool, cache_dir: 
     if not sources:  # in-memory dataset: nothing to key a cache on
         return build()
     return _cached(info, cache_dir, sources, build, extra="hub")
+
+
+def training_subset(data: ImageDataset, size: int) -> ImageDataset:
+    """A fixed stratified-by-chance subset of ``size`` images (seed 0, the same for every run),
+    for CPU-scale benchmarks on large datasets."""
+    if not 0 < size <= len(data):
+        raise DataError(f"train_subset must be in [1, {len(data)}] for {data.name}, got {size}")
+    keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:size].sort().values
+    return dataclasses.replace(data, images=data.images[keep].contiguous(), labels=data.labels[keep].contiguous())
+
+
+def with_label_noise(data: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, torch.Tensor]:
+    """Symmetric label noise: ``fraction`` of the labels, chosen with ``seed``, replaced by a
+    different class drawn uniformly. Returns the noisy dataset and the indices changed."""
+    g = torch.Generator().manual_seed(seed)
+    n = round(fraction * len(data))
+    changed = torch.randperm(len(data), generator=g)[:n].sort().values
+    shift = torch.randint(1, data.num_classes, (n,), generator=g)
+    labels = data.labels.clone()
+    labels[changed] = (labels[changed] + shift) % data.num_classes
+    return dataclasses.replace(data, labels=labels), changed

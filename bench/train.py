@@ -37,7 +37,7 @@ from optimizers import BatchClosure, SharpnessAwareOptimizer, create_optimizer
 from .amp import LossScaler, NonFiniteGradient
 from .augment import augment, default_augmentation, normalize
 from .config import ConfigError, RunConfig
-from .data import ImageDataset, load_dataset_splits
+from .data import ImageDataset, load_dataset_splits, training_subset, with_label_noise
 from .io import write_json, write_jsonl
 
 EVAL_BATCH = 1024
@@ -159,22 +159,36 @@ def _rho(optimizer) -> float | None:
     return float(value) if value is not None else None
 
 
+ECE_BINS = 15
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageDataset, images: torch.Tensor, labels: torch.Tensor, accelerator) -> tuple[float, float]:
-    """Test loss and accuracy; each process takes every world_size-th batch, sums are reduced."""
+def evaluate(model: nn.Module, data: ImageDataset, images: torch.Tensor, labels: torch.Tensor, accelerator) -> dict[str, float]:
+    """Test loss, accuracy and expected calibration error (15 equal-width confidence bins).
+    Each process takes every world_size-th batch; the sums are reduced."""
     model.eval()
-    loss_sum = torch.zeros((), device=images.device)
-    correct = torch.zeros((), device=images.device)
+    device = images.device
+    loss_sum = torch.zeros((), device=device)
+    bins = torch.zeros(3, ECE_BINS, device=device)  # count, confidence sum, correct sum per bin
     starts = range(accelerator.process_index * EVAL_BATCH, len(labels), accelerator.num_processes * EVAL_BATCH)
     for start in starts:
         x = normalize(images[start : start + EVAL_BATCH], data.mean, data.std)
         y = labels[start : start + EVAL_BATCH]
         outputs = model(x).float()
         loss_sum += nn.functional.cross_entropy(outputs, y, reduction="sum")
-        correct += (outputs.argmax(-1) == y).sum()
-    totals = accelerator.reduce(torch.stack([loss_sum, correct]), reduction="sum")
+        confidence, predicted = outputs.softmax(-1).max(-1)
+        index = (confidence * ECE_BINS).long().clamp_(max=ECE_BINS - 1)
+        for row, values in enumerate((torch.ones_like(confidence), confidence, (predicted == y).float())):
+            bins[row].index_add_(0, index, values)
+    totals = accelerator.reduce(torch.cat([loss_sum.reshape(1), bins.reshape(-1)]), reduction="sum")
+    count, confidence, correct = totals[1:].reshape(3, ECE_BINS)
     model.train()
-    return (totals[0] / len(labels)).item(), (totals[1] / len(labels)).item()
+    n = len(labels)
+    return {
+        "test_loss": (totals[0] / n).item(),
+        "test_acc": (correct.sum() / n).item(),
+        "test_ece": ((correct - confidence).abs().sum() / n).item(),
+    }
 
 
 def epoch_order(config: RunConfig, num_train: int, epoch: int) -> torch.Tensor:
@@ -278,6 +292,11 @@ def train(config: RunConfig, progress=None, resume: bool = False) -> RunResult:
 
     with accelerator.main_process_first():  # decode and cache once, then every process reads the cache
         train_set, test_set = load_dataset_splits(config.dataset, config.data_dir)
+    if config.train_subset:
+        train_set = training_subset(train_set, config.train_subset)
+    noisy = None
+    if config.label_noise:
+        train_set, noisy = with_label_noise(train_set, config.label_noise, config.seed)
     model = create_model(config.arch, num_classes=train_set.num_classes, in_channels=train_set.images.shape[1])
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = create_optimizer(config.optimizer, model, base=config.base_optimizer, **config.optimizer_settings(len(train_set)))
@@ -311,7 +330,7 @@ def train(config: RunConfig, progress=None, resume: bool = False) -> RunResult:
         if scaler is not None and state.loss_scale:
             scaler.load_state_dict(state.loss_scale)
     elif accelerator.is_main_process:
-        for stale in ("checkpoints", "metrics.jsonl", "summary.json", "model.safetensors"):
+        for stale in ("checkpoints", "metrics.jsonl", "summary.json", "model.safetensors", "label_noise.json", "sharpness.json"):
             path = run_dir / stale
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     if accelerator.is_main_process:
@@ -319,6 +338,9 @@ def train(config: RunConfig, progress=None, resume: bool = False) -> RunResult:
             run_dir / "config.json",
             {**config.to_dict(), "run_id": config.run_id(), "world_size": world, "device": str(device), "versions": _versions()},
         )
+        if noisy is not None:
+            write_json(run_dir / "label_noise.json", {"fraction": config.label_noise, "seed": config.seed,
+                                                      "changed": noisy.tolist()})
 
     def checkpoint():
         state.augmentation_rng = aug_generator.get_state()
@@ -375,15 +397,14 @@ def train(config: RunConfig, progress=None, resume: bool = False) -> RunResult:
         sums["time"] += time.perf_counter() - lap
         epoch_steps = state.step_in_epoch
         seen = accelerator.reduce(torch.tensor([correct.item(), loss_sum.item(), float(sums["seen"])], device=device), reduction="sum")
-        test_loss, test_acc = evaluate(model, test_set, test_images, test_labels, accelerator)
+        test = evaluate(model, test_set, test_images, test_labels, accelerator)
         state.rows.append(
             {
                 "epoch": epoch + 1,
                 "step": state.step,
                 "train_loss": (seen[1] / seen[2].clamp_min(1)).item(),
                 "train_acc": (seen[0] / seen[2].clamp_min(1)).item(),
-                "test_loss": test_loss,
-                "test_acc": test_acc,
+                **test,
                 "lr": optimizer.param_groups[0]["lr"],
                 "rho": _rho(optimizer),
                 "epoch_time_s": sums["time"],
@@ -415,6 +436,7 @@ def train(config: RunConfig, progress=None, resume: bool = False) -> RunResult:
         "seed": config.seed,
         "final_test_acc": rows[-1]["test_acc"],
         "final_test_loss": rows[-1]["test_loss"],
+        "final_test_ece": rows[-1]["test_ece"],
         "best_test_acc": best["test_acc"],
         "best_epoch": best["epoch"],
         "final_train_loss": rows[-1]["train_loss"],
