@@ -1,16 +1,22 @@
 """Command line: ``python launch.py`` (or ``sam-bench``).
 
-    python launch.py                         the default suite (digits, every optimizer, 3 seeds)
-    python launch.py suite [--name NAME]     a named suite
+    python launch.py                         the default suite: ``sweep digits``
+    python launch.py --suite NAME            the same as ``sweep NAME``
+    python launch.py sweep RECIPE [--set k=v] every run of a recipe (resumable), then its tables and plots
+    python launch.py --recipe RECIPE [--set k=v]   one run of a recipe
     python launch.py [run flags]             one run (the seed project's flags work verbatim)
     python launch.py table [RUN_DIRS...]     aggregate finished runs into a results table
+    python launch.py reproduction            reported against measured, for every recipe
+    python launch.py sharpness RUN_DIRS...   measure the sharpness of finished runs
     python launch.py perf                    time one training step of every optimizer
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig
@@ -68,6 +74,12 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_every_epochs", type=int, default=1, help="checkpoint every N epochs (0: off); always at the end")
     p.add_argument("--keep_checkpoints", type=int, default=2)
     p.add_argument("--resume", default=None, help="'auto' (this config's run directory, if it has a checkpoint) or a run directory")
+    p.add_argument("--train_subset", type=int, default=None, help="train on a fixed subset of this many images")
+    p.add_argument("--label_noise", type=float, default=0.0, help="fraction of training labels replaced at random")
+    p.add_argument("--sharpness", action="store_true", help="measure the final model's sharpness (sharpness.json)")
+    p.add_argument("--recipe", default=None, help="a recipe name or .toml path (see bench/recipes/); change it with --set")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE", help="override a recipe field")
+    p.add_argument("--suite", default=None, help="run a recipe's whole grid (like `sweep NAME`)")
     p.add_argument("--output_dir", default="runs")
     p.add_argument("--run_name", default=None)
     variant = p.add_argument_group("variant hyperparameters (unset: the variant's paper default)")
@@ -134,6 +146,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, list[str]]:
         grad_accum_steps=args.grad_accum_steps, max_consecutive_skips=args.max_consecutive_skips,
         save_every_steps=args.save_every_steps, save_every_epochs=args.save_every_epochs,
         keep_checkpoints=args.keep_checkpoints, output_dir=args.output_dir, run_name=args.run_name,
+        train_subset=args.train_subset, label_noise=args.label_noise, sharpness=args.sharpness,
     )
     return config.validate(), notes
 
@@ -166,10 +179,15 @@ def cmd_run(argv: list[str]) -> int:
 
     from .train import train
 
-    args = run_parser().parse_args(argv)
+    parser = run_parser()
+    args = parser.parse_args(argv)
+    if args.suite:
+        return cmd_sweep([args.suite, *[f"--set={s}" for s in args.sets]])
     console = Console(stderr=True)
     if args.resume not in (None, "auto"):
         config, notes = resume_config(args.resume), [f"settings come from {args.resume}/config.json"]
+    elif args.recipe:
+        config, notes = recipe_config(parser, args), []
     else:
         config, notes = config_from_args(args)
     for note in notes:
@@ -188,17 +206,101 @@ def cmd_run(argv: list[str]) -> int:
     return 0
 
 
-def cmd_suite(argv: list[str]) -> int:
-    from .suite import SUITES, run_suite
+RECIPE_FLAGS = {"recipe", "sets", "output_dir", "data_dir", "resume", "cpu", "save_every_steps", "save_every_epochs",
+                "keep_checkpoints"}
 
-    p = _Parser(prog="launch.py suite", description="Run a named suite and write its table under results/.")
-    p.add_argument("--name", default="digits", help=f"one of: {', '.join(SUITES)}")
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
-    p.add_argument("--optimizers", nargs="+", default=None)
-    p.add_argument("--output_dir", default=None)
+
+def recipe_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunConfig:
+    """The one run a recipe (with --set overrides) describes."""
+    from .recipes import load_recipe
+
+    stray = [f"--{k}" for k, v in vars(args).items() if k not in RECIPE_FLAGS and v != parser.get_default(k)]
+    if stray:
+        raise ConfigError(f"with --recipe, change settings with --set field=value (got {', '.join(stray)})")
+    recipe = load_recipe(args.recipe)
+    configs = recipe.runs(args.sets)
+    if len(configs) != 1:
+        raise ConfigError(
+            f"recipe {recipe.name} describes {len(configs)} runs; pick one with --set (grid: {', '.join(recipe.grid)}) "
+            f"or run them all with `launch.py sweep {recipe.name}`"
+        )
+    given = {k: v for k, v in vars(args).items() if k in RECIPE_FLAGS - {"recipe", "sets", "resume"} and v != parser.get_default(k)}
+    return dataclasses.replace(configs[0], **given).validate()
+
+
+def cmd_sweep(argv: list[str]) -> int:
+    import shlex as _shlex
+
+    from .recipes import load_recipe
+    from .sweep import commands, run_sweep
+
+    p = _Parser(prog="launch.py sweep", description="Run every configuration of a recipe, then write its tables.")
+    p.add_argument("recipe", help="recipe name or .toml path")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument("--output_dir", default=None, help="default: runs/<recipe>")
+    p.add_argument("--data_dir", default=None)
     p.add_argument("--results_dir", default="results")
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--print_commands", action="store_true", help="print one command per pending run instead of running")
     args = p.parse_args(argv)
-    run_suite(args.name, seeds=args.seeds, optimizers=args.optimizers, output_dir=args.output_dir, results_dir=args.results_dir)
+    recipe = load_recipe(args.recipe)
+    extra = [f"{k}={v}" for k, v in (("data_dir", args.data_dir), ("cpu", "true" if args.cpu else None)) if v]
+    configs = recipe.runs([*args.sets, *extra], output_dir=args.output_dir or f"runs/{recipe.name}")
+    if args.print_commands:
+        print("\n".join(commands(recipe, args.sets, configs)))
+        return 0
+    with _progress() as progress:
+        run_dirs = run_sweep(recipe, configs, progress)
+    command = "python launch.py" if argv == ["digits"] else "python launch.py sweep " + _shlex.join(argv)
+    write_sweep_results(recipe, run_dirs, Path(args.results_dir), command)
+    return 0
+
+
+def write_sweep_results(recipe, run_dirs, results_dir: Path, command: str) -> None:
+    from .plots import write_plots
+    from .results import frame_to_markdown, load_runs, print_table, reproduction_table, write_comparison
+    from .io import write_text
+
+    preamble = f"# {recipe.name}\n\n{recipe.description.strip()}\n\nGenerated by `{command}` from the run files.\n\n"
+    table = write_comparison(run_dirs, results_dir / recipe.name, preamble)
+    plots = write_plots(run_dirs, results_dir / recipe.name)
+    if recipe.reported:
+        reproduction = reproduction_table([recipe], load_runs(run_dirs))
+        write_text(results_dir / f"{recipe.name}_reproduction.md", preamble + frame_to_markdown(reproduction))
+    print_table(table, title=str(results_dir / f"{recipe.name}.md"))
+    for plot in plots:
+        print(f"wrote {plot}")
+
+
+def cmd_reproduction(argv: list[str]) -> int:
+    from .io import write_text
+    from .recipes import available_recipes, load_recipe
+    from .results import find_runs, frame_to_markdown, load_runs, reproduction_table
+
+    p = _Parser(prog="launch.py reproduction", description="Reported against measured for every recipe with a reported number.")
+    p.add_argument("runs", nargs="*", default=["runs"])
+    p.add_argument("--out", default="results/reproduction.md")
+    args = p.parse_args(argv)
+    recipes = [r for r in map(load_recipe, available_recipes()) if r.reported]
+    runs = load_runs(args.runs) if find_runs(args.runs) else None
+    table = reproduction_table(recipes, runs)
+    write_text(args.out, "# Reproduction\n\nGenerated by `python launch.py reproduction "
+               + " ".join(args.runs) + "` from the recipes in bench/recipes and the run files.\n"
+               "Status: within (|difference| <= max(reported spread, measured std)), below, above, or not run "
+               "(full-scale recipes; the command runs them).\n\n" + frame_to_markdown(table))
+    print(frame_to_markdown(table))
+    return 0
+
+
+def cmd_sharpness(argv: list[str]) -> int:
+    from .results import find_runs
+    from .train import measure_run_sharpness
+
+    p = _Parser(prog="launch.py sharpness", description="Measure the sharpness of finished runs (writes sharpness.json).")
+    p.add_argument("runs", nargs="+")
+    args = p.parse_args(argv)
+    for run in find_runs(args.runs):
+        print(run, measure_run_sharpness(run))
     return 0
 
 
@@ -220,7 +322,8 @@ def cmd_perf(argv: list[str]) -> int:
     return perf_main(argv)
 
 
-COMMANDS = {"suite": cmd_suite, "table": cmd_table, "perf": cmd_perf}
+COMMANDS = {"sweep": cmd_sweep, "table": cmd_table, "reproduction": cmd_reproduction, "sharpness": cmd_sharpness,
+            "perf": cmd_perf}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if not argv:
-            return cmd_suite([])
+            return cmd_sweep(["digits"])
         if argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
         return cmd_run(argv)

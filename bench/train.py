@@ -215,6 +215,44 @@ def take_step(optimizer, closure) -> bool:
         return True
 
 
+# -- sharpness ---------------------------------------------------------------------------------
+
+SHARPNESS_SAMPLES = 1024
+#: One radius for every optimizer, so the SAM sharpness of their models is comparable.
+SHARPNESS_RHO = 0.05
+
+
+def final_sharpness(model: nn.Module, train_set: ImageDataset, device) -> dict[str, float]:
+    """Sharpness of the trained model on a fixed subset of its (possibly noisy) training set, unaugmented."""
+    from .sharpness import measure_sharpness
+
+    keep = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:SHARPNESS_SAMPLES]
+    x = normalize(train_set.images[keep].to(device), train_set.mean, train_set.std)
+    y = train_set.labels[keep].to(device)
+    batches = [(x[i : i + 256], y[i : i + 256]) for i in range(0, len(y), 256)]
+    result = measure_sharpness(model, nn.functional.cross_entropy, batches, rho=SHARPNESS_RHO, seed=0)
+    return {**result, "samples": len(y), "rho": SHARPNESS_RHO}
+
+
+def measure_run_sharpness(run: Path) -> dict[str, float]:
+    """Sharpness of a finished run's exported model; writes sharpness.json next to it."""
+    from safetensors.torch import load_file
+
+    from .io import read_json
+
+    config = RunConfig.from_dict(read_json(run / "config.json"), ignore=("run_id", "world_size", "device", "versions"))
+    train_set, _ = load_dataset_splits(config.dataset, config.data_dir)
+    if config.train_subset:
+        train_set = training_subset(train_set, config.train_subset)
+    if config.label_noise:
+        train_set, _ = with_label_noise(train_set, config.label_noise, config.seed)
+    model = create_model(config.arch, num_classes=train_set.num_classes, in_channels=train_set.images.shape[1])
+    model.load_state_dict(load_file(run / "model.safetensors"))
+    result = final_sharpness(model, train_set, torch.device("cpu"))
+    write_json(run / "sharpness.json", result)
+    return result
+
+
 # -- checkpoints -------------------------------------------------------------------------------
 
 COMPLETE = "complete.json"
@@ -455,6 +493,9 @@ def train(config: RunConfig, progress=None, resume: bool = False) -> RunResult:
     }
     if accelerator.is_main_process:
         _export_model(accelerator, model, run_dir / "model.safetensors")
+        if config.sharpness:
+            write_json(run_dir / "sharpness.json",
+                       final_sharpness(accelerator.unwrap_model(model, keep_fp32_wrapper=False), train_set, device))
         write_json(run_dir / "summary.json", summary)
     if task is not None:
         progress.remove_task(task)

@@ -1,0 +1,132 @@
+"""Recipes: TOML files that pin every setting of a benchmark row (or a grid of them) and,
+where a paper reports one, the number to reproduce with its source.
+
+    name = "sam_wrn28_10_cifar10"
+    description = "..."
+    [config]                 # RunConfig fields shared by every run
+    dataset = "cifar10"
+    [grid]                   # fields with lists: the runs are their Cartesian product
+    optimizer = ["sgd", "sam"]
+    seed = [0, 1, 2]
+    [optimizers.sam]         # settings for one optimizer only (RunConfig fields or its hyperparameters)
+    rho = 0.05
+    [reported.sam]           # what the paper reports for that optimizer
+    accuracy = 97.3          # test accuracy in %
+    metric = "last"          # "last" epoch or "best" epoch
+    spread = 0.1             # reported std, if any
+    source = "Foret et al. 2021, Table 1"
+
+``--set key=value`` overrides any field (``rho=0.1`` sets a hyperparameter; a list
+value such as ``seed=[0,1]`` becomes a grid axis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+@dataclass(frozen=True)
+class Reported:
+    accuracy: float
+    metric: str
+    source: str
+    spread: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Recipe:
+    name: str
+    path: Path
+    description: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reported: dict[str, Reported] = field(default_factory=dict)
+
+    def runs(self, sets: list[str] = (), output_dir: str | None = None) -> list[RunConfig]:
+        """Every run of the recipe, with ``key=value`` overrides applied."""
+        grid, forced = dict(self.grid), {}
+        for key, value in map(parse_assignment, sets):
+            if isinstance(value, list):
+                grid[key] = value
+            else:
+                grid.pop(key, None)
+                forced[key] = value
+        keys = list(grid)
+        configs = []
+        for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
+            settings = {**self.config, **dict(zip(keys, values)), **forced}
+            optimizer = settings.get("optimizer", "sgd")
+            settings.update(self.optimizers.get(optimizer, {}))
+            settings.update(forced)  # the command line has the last word
+            if output_dir is not None:
+                settings["output_dir"] = output_dir
+            configs.append(_to_config(settings, self.name))
+        return configs
+
+
+def _to_config(settings: dict[str, Any], where: str) -> RunConfig:
+    fields = {k: v for k, v in settings.items() if k in FIELDS}
+    hyperparameters = {**fields.pop("hyperparameters", {}), **{k: v for k, v in settings.items() if k not in FIELDS}}
+    if "step_milestones" in fields:
+        fields["step_milestones"] = tuple(fields["step_milestones"])
+    try:
+        return RunConfig(**fields, hyperparameters=hyperparameters).validate()
+    except TypeError as err:
+        raise ConfigError(f"recipe {where}: {err}") from None
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``key=value`` with a TOML value (numbers, booleans, lists, strings; bare words are strings)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = RECIPE_DIR / f"{name_or_path.replace('-', '_')}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown recipe {name_or_path!r}; choose one of: {', '.join(available_recipes())} (or a .toml path)")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"recipe {path}: {err}") from None
+    unknown = set(data) - {"name", "description", "config", "grid", "optimizers", "reported"}
+    if unknown:
+        raise ConfigError(f"recipe {path}: unknown section(s) {', '.join(sorted(unknown))}")
+    reported = {}
+    for optimizer, row in data.get("reported", {}).items():
+        if row.get("metric") not in ("last", "best"):
+            raise ConfigError(f"recipe {path}: reported.{optimizer}.metric must be 'last' or 'best'")
+        reported[optimizer] = Reported(**row)
+    return Recipe(
+        name=data.get("name", path.stem), path=path, description=data.get("description", ""),
+        config=data.get("config", {}), grid=data.get("grid", {}), optimizers=data.get("optimizers", {}), reported=reported,
+    )

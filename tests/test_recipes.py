@@ -1,0 +1,167 @@
+"""Recipes, sweeps (resumable, never duplicating a run), reproduction tables, label noise, ECE."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from bench.cli import main
+from bench.config import ConfigError
+from bench.data import ImageDataset, with_label_noise
+from bench.io import read_json
+from bench.recipes import available_recipes, load_recipe, parse_assignment
+from bench.results import load_runs, reproduction_table
+from bench.train import KILL_AT_STEP
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = """
+name = "tiny"
+description = "a tiny grid"
+[config]
+dataset = "digits"
+arch = "mlp"
+epochs = 2
+batch_size = 64
+lr = 0.05
+save_every_steps = 5
+cpu = true
+[grid]
+optimizer = ["sgd", "sam"]
+seed = [0, 1]
+[optimizers.sam]
+rho = 0.1
+[reported.sam]
+accuracy = 50.0
+metric = "last"
+spread = 100.0
+source = "a test"
+[reported.sgd]
+accuracy = 99.9
+metric = "best"
+source = "a test"
+"""
+
+
+@pytest.mark.parametrize("name", available_recipes())
+def test_every_recipe_expands_into_valid_runs(name):
+    recipe = load_recipe(name)
+    runs = recipe.runs()
+    assert runs and len({r.run_id() for r in runs}) == len(runs)
+    for optimizer in recipe.reported:
+        assert any(r.optimizer == optimizer for r in runs)
+
+
+def test_set_overrides_fields_hyperparameters_and_grid_axes():
+    recipe = load_recipe("digits")
+    (run,) = recipe.runs(["optimizer=sam", "seed=4", "rho=0.2", "epochs=3"])
+    assert (run.optimizer, run.seed, run.hyperparameters, run.epochs) == ("sam", 4, {"rho": 0.2}, 3)
+    assert len(recipe.runs(["seed=[0,1]", "optimizer=['sgd','sam','gsam']"])) == 6
+    assert parse_assignment("dataset=cifar10") == ("dataset", "cifar10")
+    with pytest.raises(ConfigError, match="rho must be >= 0"):
+        recipe.runs(["optimizer=sam", "seed=0", "rho=-1"])
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        load_recipe("nope")
+
+
+def test_bsam_keeps_its_own_step_size_in_the_suites():
+    (run,) = load_recipe("digits").runs(["optimizer=bsam", "seed=0"])
+    assert run.lr == 0.5
+
+
+def tiny_recipe(tmp_path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+def table_without_timing(path: Path) -> pd.DataFrame:
+    table = pd.read_csv(path)
+    return table.drop(columns=[c for c in table.columns if "time" in c or "images/s" in c])
+
+
+def test_a_sweep_skips_finished_runs_and_an_interrupted_one_gives_the_same_table(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(["sweep", str(recipe), "--output_dir", str(whole / "runs"), "--results_dir", str(whole)]) == 0
+    summaries = sorted((whole / "runs").glob("*/summary.json"))
+    assert len(summaries) == 4
+    stamps = [p.stat().st_mtime_ns for p in summaries]
+    assert main(["sweep", str(recipe), "--output_dir", str(whole / "runs"), "--results_dir", str(whole)]) == 0
+    assert [p.stat().st_mtime_ns for p in summaries] == stamps  # nothing ran twice
+    assert (whole / "tiny.md").is_file() and (whole / "tiny.tex").is_file() and (whole / "tiny_reproduction.md").is_file()
+    assert list(whole.glob("tiny*_acc_epoch*.png"))
+
+    # the same sweep, killed mid-run (SIGKILL in its second run, mid-epoch), then resumed
+    cmd = [sys.executable, "launch.py", "sweep", str(recipe), "--output_dir", str(parts / "runs"), "--results_dir", str(parts)]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, KILL_AT_STEP: "30"}, capture_output=True, timeout=300)
+    assert done.returncode != 0
+    assert len(list((parts / "runs").glob("*/summary.json"))) < 4
+    capsys.readouterr()
+    assert main(cmd[2:]) == 0
+    assert len(list((parts / "runs").glob("*/summary.json"))) == 4
+    pd.testing.assert_frame_equal(table_without_timing(whole / "tiny.csv"), table_without_timing(parts / "tiny.csv"))
+
+
+def test_print_commands_lists_pending_runs(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path)
+    assert main(["sweep", str(recipe), "--output_dir", str(tmp_path / "runs"), "--print_commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("accelerate launch launch.py --recipe") for line in lines)
+    assert "--set optimizer=sam --set seed=1" in lines[-1] and "--resume auto" in lines[-1]
+    # each command runs exactly its configuration
+    argv = lines[-1].split()[3:]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["sweep", str(recipe), "--output_dir", str(tmp_path / "runs"), "--print_commands"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+
+
+def test_reproduction_table_statuses(tmp_path):
+    recipe_path = tiny_recipe(tmp_path)
+    recipe = load_recipe(str(recipe_path))
+    not_run = reproduction_table([recipe], None)
+    assert set(not_run.status) == {"not run"} and "python launch.py sweep" in not_run.command[0]
+    assert main(["sweep", str(recipe_path), "--output_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path)]) == 0
+    table = reproduction_table([recipe], load_runs([tmp_path / "runs"])).set_index("optimizer")
+    assert table.loc["sam", "status"] == "within" and table.loc["sam", "n"] == 2
+    assert table.loc["sgd", "status"] == "below"
+
+
+def test_label_noise_is_symmetric_seeded_and_recorded(tmp_path):
+    data = ImageDataset(torch.zeros(1000, 1, 2, 2, dtype=torch.uint8), torch.arange(1000) % 10, 10, (0.5,), (0.5,), "x")
+    noisy, changed = with_label_noise(data, 0.4, seed=3)
+    assert len(changed) == 400
+    assert (noisy.labels[changed] != data.labels[changed]).all()
+    unchanged = torch.ones(1000, dtype=torch.bool)
+    unchanged[changed] = False
+    assert torch.equal(noisy.labels[unchanged], data.labels[unchanged])
+    assert torch.equal(with_label_noise(data, 0.4, seed=3)[1], changed)
+    assert not torch.equal(with_label_noise(data, 0.4, seed=4)[1], changed)
+    assert main(["--arch_type", "mlp", "--epochs", "1", "--max_steps", "2", "--label_noise", "0.4", "--cpu",
+                 "--output_dir", str(tmp_path)]) == 0
+    (run,) = list(tmp_path.iterdir())
+    assert len(read_json(run / "label_noise.json")["changed"]) == round(0.4 * 1437)
+
+
+def test_expected_calibration_error_by_hand():
+    from accelerate import Accelerator
+
+    from bench.train import evaluate
+
+    # two classes; logits give confidence 0.9 on 10 samples (8 right) and 0.6 on 10 samples (3 right)
+    logit = lambda p: torch.log(torch.tensor([p, 1 - p]))  # noqa: E731
+    outputs = torch.stack([logit(0.9)] * 10 + [logit(0.6)] * 10)
+    labels = torch.tensor([0] * 8 + [1] * 2 + [0] * 3 + [1] * 7)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return outputs[: len(x)]
+
+    data = ImageDataset(torch.zeros(20, 1, 1, 1, dtype=torch.uint8), labels, 2, (0.0,), (1.0,), "x")
+    result = evaluate(Fixed(), data, data.images, labels, Accelerator(cpu=True))
+    assert result["test_acc"] == pytest.approx(11 / 20)
+    assert result["test_ece"] == pytest.approx((10 * abs(0.8 - 0.9) + 10 * abs(0.3 - 0.6)) / 20, abs=1e-6)
