@@ -32,14 +32,18 @@ class Augmentation:
     crop_padding: pad every side with ``crop_padding`` zero pixels, then take a
         random crop of the original size (0 disables).
     flip: random horizontal flip with probability 1/2.
-    cutout: side of a square set to zero, its centre drawn uniformly over the
+    cutout: side of a square blanked out, its centre drawn uniformly over the
         image and the square clipped at the borders (DeVries & Taylor, 2017);
         0 disables.
+    cutout_fill: per-channel uint8 value of the blanked square; the dataset's mean
+        pixel makes it zero after normalisation, as in the original (which masks
+        normalised images). Empty: 0.
     """
 
     crop_padding: int = 4
     flip: bool = True
     cutout: int = 0
+    cutout_fill: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if int(self.crop_padding) != self.crop_padding or self.crop_padding < 0:
@@ -67,6 +71,7 @@ def default_augmentation(dataset_name: str, cutout: bool = False) -> Augmentatio
         crop_padding=base.crop_padding,
         flip=base.flip,
         cutout=info.cutout_size if cutout else 0,
+        cutout_fill=tuple(round(255 * m) for m in info.mean),
     )
 
 
@@ -134,7 +139,11 @@ def augment(images_uint8: Tensor, aug: Augmentation, generator: torch.Generator)
         in_rows = (ys >= y0) & (ys < y0 + s)  # [B, H]
         in_cols = (xs >= x0) & (xs < x0 + s)  # [B, W]
         mask = in_rows[:, None, :, None] & in_cols[:, None, None, :]  # [B, 1, H, W]
-        out.masked_fill_(mask, 0)
+        if aug.cutout_fill:
+            fill = torch.tensor(aug.cutout_fill, dtype=out.dtype, device=device).view(1, C, 1, 1)
+            out = torch.where(mask, fill, out)
+        else:
+            out.masked_fill_(mask, 0)
     return out
 
 

@@ -490,13 +490,27 @@ def _nonzero_batch(b=16, c=3, h=32, w=32, seed=0, device="cpu"):
 
 
 def test_default_augmentation():
-    assert default_augmentation("cifar10") == Augmentation(crop_padding=4, flip=True, cutout=0)
-    assert default_augmentation("CIFAR-100", cutout=True) == Augmentation(4, True, 16)
-    assert default_augmentation("tiny-imagenet") == Augmentation(8, True, 0)
+    shape = lambda a: (a.crop_padding, a.flip, a.cutout)  # noqa: E731
+    assert shape(default_augmentation("cifar10")) == (4, True, 0)
+    assert shape(default_augmentation("CIFAR-100", cutout=True)) == (4, True, 16)
+    assert shape(default_augmentation("tiny-imagenet")) == (8, True, 0)
     assert default_augmentation("tinyimagenet", cutout=True).cutout == 32
-    assert default_augmentation("digits") == Augmentation(crop_padding=1, flip=False, cutout=0)
-    assert default_augmentation("digits", cutout=True) == Augmentation(1, False, 4)
-    assert DATASET_INFO["cifar10"].augmentation == default_augmentation("cifar10")
+    assert shape(default_augmentation("digits")) == (1, False, 0)
+    assert shape(default_augmentation("digits", cutout=True)) == (1, False, 4)
+    assert shape(DATASET_INFO["cifar10"].augmentation) == shape(default_augmentation("cifar10"))
+
+
+def test_cutout_is_zero_after_normalisation():
+    """The blanked square holds the mean pixel, i.e. zero in normalised space, as in DeVries & Taylor."""
+    aug = default_augmentation("cifar10", cutout=True)
+    x = _nonzero_batch()
+    out = normalize(augment(x, Augmentation(0, False, 16, aug.cutout_fill), _gen("cpu", 0)), DATASET_INFO["cifar10"].mean,
+                    DATASET_INFO["cifar10"].std)
+    changed = (augment(x, Augmentation(0, False, 16, aug.cutout_fill), _gen("cpu", 0)) != x).any(1)
+    assert changed.any() and out.permute(1, 0, 2, 3)[:, changed].abs().max() < 0.01
+
+
+def test_bad_augmentation_settings():
     with pytest.raises(DataError):
         default_augmentation("imagenet")
     with pytest.raises(ValueError):
