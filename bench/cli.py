@@ -298,9 +298,13 @@ def cmd_sharpness(argv: list[str]) -> int:
 
     p = _Parser(prog="launch.py sharpness", description="Measure the sharpness of finished runs (writes sharpness.json).")
     p.add_argument("runs", nargs="+")
+    p.add_argument("--samples", type=int, default=None, help="training images to measure on (default: the run's sharpness_samples)")
+    p.add_argument("--missing_only", action="store_true", help="skip runs that already have sharpness.json")
     args = p.parse_args(argv)
     for run in find_runs(args.runs):
-        print(run, measure_run_sharpness(run))
+        if args.missing_only and (run / "sharpness.json").is_file():
+            continue
+        print(run, measure_run_sharpness(run, args.samples))
     return 0
 
 

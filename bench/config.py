@@ -16,6 +16,7 @@ SAM_SYNC = ("local", "global")
 #: Settings that do not change a run's result (left out of its id).
 OPERATIONAL = (
     "output_dir", "run_name", "data_dir", "save_every_steps", "save_every_epochs", "keep_checkpoints", "cpu", "sharpness",
+    "sharpness_samples",
 )
 
 
@@ -67,6 +68,7 @@ class RunConfig:
     train_subset: int | None = None
     label_noise: float = 0.0
     sharpness: bool = False
+    sharpness_samples: int = 1024
     seed: int = 0
     mixed_precision: str = "no"
     sam_sync: str = "local"
@@ -126,6 +128,7 @@ class RunConfig:
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         need(0 <= self.label_noise < 1, f"label_noise must be in [0, 1), got {self.label_noise}")
         need(self.train_subset is None or self.train_subset >= 1, f"train_subset must be >= 1, got {self.train_subset}")
+        need(self.sharpness_samples >= 1, f"sharpness_samples must be >= 1, got {self.sharpness_samples}")
         need(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         need(self.max_consecutive_skips >= 1, f"max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
         need(self.save_every_steps >= 0, f"save_every_steps must be >= 0 (0: off), got {self.save_every_steps}")

@@ -1,51 +1,86 @@
 """Sharpness of a trained model, measured on a fixed set of batches.
 
-L(w) is the mean loss over the union of the batches, with the model in eval mode
-(BatchNorm uses its running statistics), so L is a deterministic function of w.
+L(w) is the mean loss over the union of the batches (each batch's mean loss weighted
+by its size), with the model in eval mode (BatchNorm uses its running statistics,
+dropout is off), so L is a deterministic function of the parameters w that require
+grad. Every quantity is accumulated batch by batch, so memory stays at one batch's
+graph (a double-backward graph for the Hessian-vector products).
 
 - ``hessian_max_eigenvalue``: power iteration on Hessian-vector products (double
-  backward) from a seeded random start; the Rayleigh quotient of the last vector.
-  Power iteration converges to the eigenvalue largest in magnitude, which for a
-  trained network is the top (positive) one.
-- ``hessian_trace``: Hutchinson's estimate, the mean of v^T H v over Rademacher v.
+  backward) from a seeded Gaussian start; the Rayleigh quotient v^T H v of the last
+  normalised vector. Power iteration converges to the eigenvalue largest in
+  *magnitude*; for a trained network that is the top (positive) one, but near a
+  saddle it may be a negative eigenvalue. NaN when ``power_iterations`` is 0.
+- ``hessian_trace``: Hutchinson's estimate, the mean of v^T H v over Rademacher v
+  (unbiased; exact for a diagonal Hessian). NaN when ``hutchinson_samples`` is 0.
 - ``sam_sharpness``: max_{||e|| <= rho} L(w + e) - L(w), approximated by one
-  normalised gradient-ascent step e = rho g / ||g||.
+  normalised gradient-ascent step e = rho g / ||g|| (0 where g = 0).
+- ``loss``: L(w).
+
+Random vectors come from a CPU ``torch.Generator`` seeded by ``seed`` (first the
+power-iteration start, then the Rademacher vectors), so the result does not depend
+on the device or on the global RNG, which is left untouched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+LossFn = Callable[[Tensor, Tensor], Tensor]
 
-def _weighted_batches(batches):
-    total = sum(len(y) for _, y in batches)
-    return [(x, y, len(y) / total) for x, y in batches]
+
+def _weighted(batches: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor, float]]:
+    sizes = [y.shape[0] for _, y in batches]
+    total = sum(sizes)
+    if total == 0:
+        raise ValueError("measure_sharpness needs at least one non-empty batch")
+    return [(x, y, n / total) for (x, y), n in zip(batches, sizes) if n > 0]
+
+
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    return sum((x * y).sum() for x, y in zip(a, b))
+
+
+def _loss_and_grad(model, loss_fn, batches, params) -> tuple[Tensor, list[Tensor]]:
+    """L(w) and grad L(w), one batch's graph at a time."""
+    loss: Tensor | float = 0.0
+    grad = [torch.zeros_like(p) for p in params]
+    for x, y, weight in batches:
+        batch_loss = loss_fn(model(x), y)
+        for acc, g in zip(grad, torch.autograd.grad(batch_loss, params, allow_unused=True)):
+            if g is not None:
+                acc.add_(g, alpha=weight)
+        loss = loss + weight * batch_loss.detach()
+    return loss, grad
 
 
 def _loss(model, loss_fn, batches) -> Tensor:
-    return sum(w * loss_fn(model(x), y) for x, y, w in batches)
+    with torch.no_grad():
+        return sum(weight * loss_fn(model(x), y) for x, y, weight in batches)
 
 
-def _hvp(model, loss_fn, batches, params, v: list[Tensor]) -> list[Tensor]:
+def _hvp(model, loss_fn, batches, params, v: Sequence[Tensor]) -> list[Tensor]:
+    """H v for the Hessian of L: per batch, the gradient of <grad loss_b, v>, weighted."""
     out = [torch.zeros_like(p) for p in params]
-    for x, y, w in batches:  # one graph per batch keeps memory at one batch's
-        grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
-        hv = torch.autograd.grad(grads, params, grad_outputs=v)
-        for o, h in zip(out, hv):
-            o.add_(h, alpha=w)
+    for x, y, weight in batches:
+        grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True, allow_unused=True)
+        # A gradient that is None or constant in w contributes nothing to H v.
+        terms = [(g * vi).sum() for g, vi in zip(grads, v) if g is not None and g.requires_grad]
+        if not terms:
+            continue
+        hv = torch.autograd.grad(sum(terms), params, allow_unused=True)
+        for acc, h in zip(out, hv):
+            if h is not None:
+                acc.add_(h, alpha=weight)
     return out
-
-
-def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b))
 
 
 def measure_sharpness(
     model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    loss_fn: LossFn,
     batches: list[tuple[Tensor, Tensor]],
     *,
     rho: float = 0.05,
@@ -53,50 +88,70 @@ def measure_sharpness(
     hutchinson_samples: int = 10,
     seed: int = 0,
 ) -> dict[str, float]:
-    """``loss_fn(outputs, targets)`` returns a batch's mean loss. The weights and the
-    train/eval mode are restored afterwards, bit for bit."""
-    was_training = model.training
-    model.eval()
+    """Returns {"hessian_max_eigenvalue", "hessian_trace", "sam_sharpness", "loss"}.
+
+    ``loss_fn(outputs, targets)`` returns a batch's mean loss. The model is measured in
+    eval mode; its train/eval mode and its weights are restored afterwards, bit for bit
+    (``.grad`` fields are never touched).
+    """
+    weighted = _weighted(batches)
     params = [p for p in model.parameters() if p.requires_grad]
-    saved = [p.detach().clone() for p in params]
-    weighted = _weighted_batches(batches)
+    if not params:
+        raise ValueError("measure_sharpness: the model has no parameter that requires grad")
     generator = torch.Generator().manual_seed(seed)
 
-    def draw(kind: str) -> list[Tensor]:
-        if kind == "normal":
-            return [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
+    def gaussian() -> list[Tensor]:
+        return [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
+
+    def rademacher() -> list[Tensor]:
         return [(torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p.device, p.dtype) for p in params]
 
+    nan = float("nan")
+    was_training = model.training
+    saved = [p.detach().clone() for p in params]
+    model.eval()
     try:
         with torch.enable_grad():
-            loss = _loss(model, loss_fn, weighted)
-            g = torch.autograd.grad(loss, params)
+            loss, grad = _loss_and_grad(model, loss_fn, weighted, params)
 
-            v = draw("normal")
-            eigenvalue = torch.zeros(())
-            for _ in range(power_iterations):
-                norm = _dot(v, v).sqrt()
-                v = [t / norm for t in v]
-                hv = _hvp(model, loss_fn, weighted, params, v)
-                eigenvalue = _dot(v, hv)
-                v = [t.detach() for t in hv]
+            eigenvalue: Tensor | float = nan
+            if power_iterations > 0:
+                v = gaussian()
+                for _ in range(power_iterations):
+                    norm = _dot(v, v).sqrt()
+                    # H v = 0 (H = 0 for a random start) leaves v = 0 and the quotient 0, not NaN.
+                    inverse = torch.where(norm > 0, 1 / norm, torch.zeros_like(norm))
+                    v = [t * inverse.to(t.device, t.dtype) for t in v]
+                    hv = _hvp(model, loss_fn, weighted, params, v)
+                    eigenvalue = _dot(v, hv)  # Rayleigh quotient of the normalised v
+                    v = hv
 
-            traces = [_dot(z, _hvp(model, loss_fn, weighted, params, z)) for z in (draw("rademacher") for _ in range(hutchinson_samples))]
-            trace = torch.stack(traces).mean() if traces else torch.tensor(float("nan"))
+            trace: Tensor | float = nan
+            if hutchinson_samples > 0:
+                total = 0.0
+                for _ in range(hutchinson_samples):
+                    z = rademacher()
+                    total = total + _dot(z, _hvp(model, loss_fn, weighted, params, z))
+                trace = total / hutchinson_samples
 
         with torch.no_grad():
-            g_norm = _dot(g, g).sqrt()
-            for p, gi in zip(params, g):
-                p.add_(gi, alpha=rho / (g_norm.item() + 1e-12))
-            perturbed = _loss(model, loss_fn, weighted)
+            grad_norm = _dot(grad, grad).sqrt()
+            scale = torch.where(grad_norm > 0, rho / grad_norm, torch.zeros_like(grad_norm))
+            for p, g in zip(params, grad):
+                p.add_(g * scale.to(g.device, g.dtype))
+        perturbed = _loss(model, loss_fn, weighted)
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
         model.train(was_training)
+
+    def value(t: Tensor | float) -> float:
+        return float(t.item()) if isinstance(t, Tensor) else float(t)
+
     return {
-        "loss": loss.item(),
-        "hessian_max_eigenvalue": eigenvalue.item(),
-        "hessian_trace": trace.item(),
-        "sam_sharpness": (perturbed - loss).item(),
+        "hessian_max_eigenvalue": value(eigenvalue),
+        "hessian_trace": value(trace),
+        "sam_sharpness": value(perturbed - loss),
+        "loss": value(loss),
     }

@@ -217,16 +217,15 @@ def take_step(optimizer, closure) -> bool:
 
 # -- sharpness ---------------------------------------------------------------------------------
 
-SHARPNESS_SAMPLES = 1024
 #: One radius for every optimizer, so the SAM sharpness of their models is comparable.
 SHARPNESS_RHO = 0.05
 
 
-def final_sharpness(model: nn.Module, train_set: ImageDataset, device) -> dict[str, float]:
+def final_sharpness(model: nn.Module, train_set: ImageDataset, device, samples: int = 1024) -> dict[str, float]:
     """Sharpness of the trained model on a fixed subset of its (possibly noisy) training set, unaugmented."""
     from .sharpness import measure_sharpness
 
-    keep = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:SHARPNESS_SAMPLES]
+    keep = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:samples]
     x = normalize(train_set.images[keep].to(device), train_set.mean, train_set.std)
     y = train_set.labels[keep].to(device)
     batches = [(x[i : i + 256], y[i : i + 256]) for i in range(0, len(y), 256)]
@@ -234,7 +233,7 @@ def final_sharpness(model: nn.Module, train_set: ImageDataset, device) -> dict[s
     return {**result, "samples": len(y), "rho": SHARPNESS_RHO}
 
 
-def measure_run_sharpness(run: Path) -> dict[str, float]:
+def measure_run_sharpness(run: Path, samples: int | None = None) -> dict[str, float]:
     """Sharpness of a finished run's exported model; writes sharpness.json next to it."""
     from safetensors.torch import load_file
 
@@ -248,7 +247,7 @@ def measure_run_sharpness(run: Path) -> dict[str, float]:
         train_set, _ = with_label_noise(train_set, config.label_noise, config.seed)
     model = create_model(config.arch, num_classes=train_set.num_classes, in_channels=train_set.images.shape[1])
     model.load_state_dict(load_file(run / "model.safetensors"))
-    result = final_sharpness(model, train_set, torch.device("cpu"))
+    result = final_sharpness(model, train_set, torch.device("cpu"), samples or config.sharpness_samples)
     write_json(run / "sharpness.json", result)
     return result
 
@@ -495,7 +494,8 @@ def train(config: RunConfig, progress=None, resume: bool = False) -> RunResult:
         _export_model(accelerator, model, run_dir / "model.safetensors")
         if config.sharpness:
             write_json(run_dir / "sharpness.json",
-                       final_sharpness(accelerator.unwrap_model(model, keep_fp32_wrapper=False), train_set, device))
+                       final_sharpness(accelerator.unwrap_model(model, keep_fp32_wrapper=False), train_set, device,
+                                       config.sharpness_samples))
         write_json(run_dir / "summary.json", summary)
     if task is not None:
         progress.remove_task(task)
