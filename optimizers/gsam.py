@@ -13,12 +13,13 @@ given, and rho_min = rho (a constant radius) unless given.
 
 import torch
 
-from .base import SharpnessAwareOptimizer, global_dot, global_norm
+from .base import global_dot, global_norm
+from .sam import SAM
 
 EPS = 1e-12
 
 
-class GSAM(SharpnessAwareOptimizer):
+class GSAM(SAM):
     ascent_may_be_local = False
     hyperparameters = {"rho": 0.05, "rho_min": None, "alpha": 0.4, "adaptive": False, "lr_max": None, "lr_min": 0.0}
 
@@ -38,22 +39,15 @@ class GSAM(SharpnessAwareOptimizer):
             return rho_max
         return rho_min + (rho_max - rho_min) * (group["lr"] - lr_min) / (lr_max - lr_min)
 
+    def radius(self, group) -> float:
+        group["rho_t"] = self.rho_t(group)
+        return group["rho_t"]
+
     def perturbation(self, groups):
-        self._g = [[p.grad.clone() for p in params] for _, params in groups]
-        grads = [self.grads(params) for _, params in groups]
-        weighted = [
-            torch._foreach_mul(g, torch._foreach_abs(params)) if group["adaptive"] else g
-            for (group, params), g in zip(groups, grads)
-        ]
-        norm = global_norm([t for ts in weighted for t in ts])
-        for (group, params), g in zip(groups, grads):
-            group["rho_t"] = self.rho_t(group)
-            if group["adaptive"]:
-                torch._foreach_mul_(g, torch._foreach_mul(params, params))
-            torch._foreach_mul_(g, group["rho_t"] / (norm + EPS))
+        self._g = [[p.grad.clone() for p in params] for _, params in groups]  # g, for g_v after the second pass
         self._groups = [group for group, _ in groups]
         self._params = [params for _, params in groups]
-        return grads
+        return super().perturbation(groups)
 
     def adjust_gradient(self):
         g_all = [t for ts in self._g for t in ts]

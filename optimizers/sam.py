@@ -25,5 +25,9 @@ class SAM(SharpnessAwareOptimizer):
         for (group, params), g in zip(groups, grads):
             if group["adaptive"]:
                 torch._foreach_mul_(g, torch._foreach_mul(params, params))
-            torch._foreach_mul_(g, group["rho"] / (norm + EPS))
+            torch._foreach_mul_(g, self.radius(group) / (norm + EPS))
         return grads
+
+    def radius(self, group) -> float:
+        """The perturbation radius for this step (GSAM's follows the learning rate)."""
+        return group["rho"]
