@@ -74,6 +74,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_every_epochs", type=int, default=1, help="checkpoint every N epochs (0: off); always at the end")
     p.add_argument("--keep_checkpoints", type=int, default=2)
     p.add_argument("--resume", default=None, help="'auto' (this config's run directory, if it has a checkpoint) or a run directory")
+    p.add_argument("--log_with", default=None, help="an Accelerate tracker: tensorboard, wandb, mlflow, ...")
     p.add_argument("--train_subset", type=int, default=None, help="train on a fixed subset of this many images")
     p.add_argument("--label_noise", type=float, default=0.0, help="fraction of training labels replaced at random")
     p.add_argument("--sharpness", action="store_true", help="measure the final model's sharpness (sharpness.json)")
@@ -146,7 +147,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, list[str]]:
         grad_accum_steps=args.grad_accum_steps, max_consecutive_skips=args.max_consecutive_skips,
         save_every_steps=args.save_every_steps, save_every_epochs=args.save_every_epochs,
         keep_checkpoints=args.keep_checkpoints, output_dir=args.output_dir, run_name=args.run_name,
-        train_subset=args.train_subset, label_noise=args.label_noise, sharpness=args.sharpness,
+        train_subset=args.train_subset, log_with=args.log_with, label_noise=args.label_noise, sharpness=args.sharpness,
     )
     return config.validate(), notes
 
@@ -207,7 +208,7 @@ def cmd_run(argv: list[str]) -> int:
 
 
 RECIPE_FLAGS = {"recipe", "sets", "output_dir", "data_dir", "resume", "cpu", "save_every_steps", "save_every_epochs",
-                "keep_checkpoints"}
+                "keep_checkpoints", "log_with"}
 
 
 def recipe_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunConfig:

@@ -16,8 +16,9 @@ SAM_SYNC = ("local", "global")
 #: Settings that do not change a run's result (left out of its id).
 OPERATIONAL = (
     "output_dir", "run_name", "data_dir", "save_every_steps", "save_every_epochs", "keep_checkpoints", "cpu", "sharpness",
-    "sharpness_samples",
+    "sharpness_samples", "log_with",
 )
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
 
 
 def _writable(path: str) -> bool:
@@ -79,6 +80,7 @@ class RunConfig:
     save_every_steps: int = 0
     save_every_epochs: int = 1
     keep_checkpoints: int = 2
+    log_with: str | None = None
     output_dir: str = "runs"
     run_name: str | None = None
 
@@ -128,6 +130,13 @@ class RunConfig:
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         need(0 <= self.label_noise < 1, f"label_noise must be in [0, 1), got {self.label_noise}")
         need(self.train_subset is None or self.train_subset >= 1, f"train_subset must be >= 1, got {self.train_subset}")
+        need(self.log_with is None or self.log_with in TRACKERS,
+             f"unknown log_with {self.log_with!r}; choose one of: {', '.join(TRACKERS)}")
+        if self.log_with:
+            import importlib.util
+
+            need(importlib.util.find_spec(self.log_with) is not None,
+                 f"log_with {self.log_with} needs the {self.log_with} package: pip install {self.log_with}")
         need(self.sharpness_samples >= 1, f"sharpness_samples must be >= 1, got {self.sharpness_samples}")
         need(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         need(self.max_consecutive_skips >= 1, f"max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")

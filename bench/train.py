@@ -41,6 +41,8 @@ from .data import ImageDataset, load_dataset_splits, training_subset, with_label
 from .io import write_json, write_jsonl
 
 EVAL_BATCH = 1024
+#: Tracker project name; TensorBoard writes under RUN_DIR/sam-bench/.
+TRACKER_PROJECT = "sam-bench"
 #: Test hook: the process kills itself (SIGKILL) after this global step.
 KILL_AT_STEP = "SAM_BENCH_KILL_AT_STEP"
 
@@ -316,7 +318,9 @@ def train(config: RunConfig, progress=None, resume: bool = False) -> RunResult:
 
     config.validate()
     AcceleratorState._reset_state()  # runs in one process may differ in mixed precision
-    accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision)
+    run_dir = Path(config.output_dir) / (config.run_name or config.run_id())
+    accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision, log_with=config.log_with,
+                              project_dir=str(run_dir) if config.log_with else None)
     device = accelerator.device
     if config.mixed_precision == "fp16" and device.type != "cuda":
         raise ConfigError("mixed_precision fp16 needs a CUDA GPU (Accelerate applies no fp16 autocast on CPU); use bf16 on CPU")
@@ -325,7 +329,6 @@ def train(config: RunConfig, progress=None, resume: bool = False) -> RunResult:
     set_seed(config.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    run_dir = Path(config.output_dir) / (config.run_name or config.run_id())
 
     with accelerator.main_process_first():  # decode and cache once, then every process reads the cache
         train_set, test_set = load_dataset_splits(config.dataset, config.data_dir)
@@ -367,7 +370,8 @@ def train(config: RunConfig, progress=None, resume: bool = False) -> RunResult:
         if scaler is not None and state.loss_scale:
             scaler.load_state_dict(state.loss_scale)
     elif accelerator.is_main_process:
-        for stale in ("checkpoints", "metrics.jsonl", "summary.json", "model.safetensors", "label_noise.json", "sharpness.json"):
+        for stale in ("checkpoints", "metrics.jsonl", "summary.json", "model.safetensors", "label_noise.json", "sharpness.json",
+                      TRACKER_PROJECT):
             path = run_dir / stale
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     if accelerator.is_main_process:
@@ -378,6 +382,10 @@ def train(config: RunConfig, progress=None, resume: bool = False) -> RunResult:
         if noisy is not None:
             write_json(run_dir / "label_noise.json", {"fraction": config.label_noise, "seed": config.seed,
                                                       "changed": noisy.tolist()})
+
+    if config.log_with:
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
+        accelerator.init_trackers(TRACKER_PROJECT, config={**flat, **{f"hp_{k}": v for k, v in config.hyperparameters.items()}})
 
     def checkpoint():
         state.augmentation_rng = aug_generator.get_state()
@@ -454,6 +462,8 @@ def train(config: RunConfig, progress=None, resume: bool = False) -> RunResult:
         state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, {}
         if accelerator.is_main_process:
             write_jsonl(run_dir / "metrics.jsonl", state.rows)
+        if config.log_with:
+            accelerator.log({k: v for k, v in state.rows[-1].items() if v is not None}, step=state.step)
         at_interval = (config.save_every_epochs and state.epoch % config.save_every_epochs == 0) or (
             config.save_every_steps and state.step % config.save_every_steps == 0
         )
@@ -497,6 +507,8 @@ def train(config: RunConfig, progress=None, resume: bool = False) -> RunResult:
                        final_sharpness(accelerator.unwrap_model(model, keep_fp32_wrapper=False), train_set, device,
                                        config.sharpness_samples))
         write_json(run_dir / "summary.json", summary)
+    if config.log_with:
+        accelerator.end_training()
     if task is not None:
         progress.remove_task(task)
     if diverged:
