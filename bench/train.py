@@ -179,7 +179,7 @@ def evaluate(model: nn.Module, data: ImageDataset, images: torch.Tensor, labels:
         outputs = model(x).float()
         loss_sum += nn.functional.cross_entropy(outputs, y, reduction="sum")
         confidence, predicted = outputs.softmax(-1).max(-1)
-        index = (confidence * ECE_BINS).long().clamp_(max=ECE_BINS - 1)
+        index = (confidence.nan_to_num(0.0) * ECE_BINS).long().clamp_(0, ECE_BINS - 1)
         for row, values in enumerate((torch.ones_like(confidence), confidence, (predicted == y).float())):
             bins[row].index_add_(0, index, values)
     totals = accelerator.reduce(torch.cat([loss_sum.reshape(1), bins.reshape(-1)]), reduction="sum")
