@@ -6,13 +6,8 @@ post-activation basic blocks each.  Where the shape changes the shortcut is a
 little above the published option-A (zero-padding) figures, e.g. ResNet-20
 has 272,474 parameters instead of 269,722 (both "0.27M").
 """
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
-from .common import init_weights
 from .registry import register
-from .resnet import BasicBlock
+from .resnet import BasicBlock, StagedResNet
 
 
 @register("resnet110", depth=110)
@@ -22,7 +17,7 @@ from .resnet import BasicBlock
 @register("resnet20", depth=20)
 @register("resnet14", depth=14)
 @register("resnet8", depth=8)
-class CifarResNet(nn.Module):
+class CifarResNet(StagedResNet):
     def __init__(self, depth: int = 20, width: int = 1, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
@@ -30,17 +25,4 @@ class CifarResNet(nn.Module):
         if width < 1:
             raise ValueError(f"CIFAR ResNet width must be a positive integer, got {width}")
         n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, 16 * width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16 * width)
-        layers, in_planes = [], 16 * width
-        for planes, stride in zip([16 * width, 32 * width, 64 * width], [1, 2, 2]):
-            for s in [stride] + [1] * (n - 1):
-                layers.append(BasicBlock(in_planes, planes, s))
-                in_planes = planes
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(in_planes, num_classes)
-        init_weights(self)
-
-    def forward(self, x):
-        out = self.layers(F.relu(self.bn1(self.conv1(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+        self.build(in_channels, 16 * width, BasicBlock, [16 * width, 32 * width, 64 * width], [n] * 3, [1, 2, 2], num_classes)

@@ -70,21 +70,15 @@ _CONFIGS = {
 }
 
 
-@register("resnet152", depth=152)
-@register("resnet101", depth=101)
-@register("resnet50", depth=50)
-@register("resnet34", depth=34)
-@register("resnet18", depth=18)
-class ResNet(nn.Module):
-    def __init__(self, depth: int = 18, num_classes: int = 10, in_channels: int = 3):
-        super().__init__()
-        if depth not in _CONFIGS:
-            raise ValueError(f"ResNet depth must be one of {sorted(_CONFIGS)}, got {depth}")
-        block, num_blocks = _CONFIGS[depth]
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        layers, in_planes = [], 64
-        for planes, blocks, stride in zip([64, 128, 256, 512], num_blocks, [1, 2, 2, 2]):
+class StagedResNet(nn.Module):
+    """3x3 stem (no max-pool), stages of residual blocks, global average pool, linear head:
+    the shape shared by the CIFAR ResNets here."""
+
+    def build(self, in_channels: int, stem: int, block, widths, num_blocks, strides, num_classes: int) -> None:
+        self.conv1 = nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        layers, in_planes = [], stem
+        for planes, blocks, stride in zip(widths, num_blocks, strides):
             for s in [stride] + [1] * (blocks - 1):
                 layers.append(block(in_planes, planes, s))
                 in_planes = planes * block.expansion
@@ -95,3 +89,17 @@ class ResNet(nn.Module):
     def forward(self, x):
         out = self.layers(F.relu(self.bn1(self.conv1(x))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+@register("resnet152", depth=152)
+@register("resnet101", depth=101)
+@register("resnet50", depth=50)
+@register("resnet34", depth=34)
+@register("resnet18", depth=18)
+class ResNet(StagedResNet):
+    def __init__(self, depth: int = 18, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        if depth not in _CONFIGS:
+            raise ValueError(f"ResNet depth must be one of {sorted(_CONFIGS)}, got {depth}")
+        block, num_blocks = _CONFIGS[depth]
+        self.build(in_channels, 64, block, [64, 128, 256, 512], num_blocks, [1, 2, 2, 2], num_classes)
