@@ -4,10 +4,10 @@
 >>> model = create_model("wrn28_10", dropout=0.3)       # wrn{depth}_{widen_factor}
 >>> model = create_model("pyramidnet164_48")            # pyramidnet{depth}_{alpha}
 """
-from .registry import available_architectures, create_model, register, register_pattern
 from .cifar_resnet import CifarResNet
 from .mlp import MLP
 from .pyramidnet import PyramidNet
+from .registry import available_architectures, create_model, register, register_pattern
 from .resnet import ResNet
 from .smallcnn import SmallCNN
 from .wideresnet import WideResNet

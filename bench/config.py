@@ -89,7 +89,8 @@ class RunConfig:
         from optimizers import available_optimizers
         from optimizers.registry import canonical_name
 
-        from .data import DataError, available_datasets, canonical_name as dataset_name
+        from .data import DataError, available_datasets
+        from .data import canonical_name as dataset_name
 
         def need(ok: bool, message: str):
             if not ok:

@@ -20,6 +20,7 @@ modification times of the source files.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import io
@@ -31,7 +32,6 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 

@@ -10,7 +10,6 @@ are timed on the same model as external references.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import platform
 import random
@@ -131,7 +130,7 @@ def measure(arch: str, batch_size: int, steps: int, rounds: int, warmup: int, im
             ratios[key].append(seconds / this_round["sgd" + "this project"])
     param_bytes = _param_bytes(template)
     rows = []
-    for c, model, opt, _ in runs:
+    for c, _model, opt, _ in runs:
         seconds = statistics.median(timings[c.name + c.source])
         ratio = statistics.median(ratios[c.name + c.source])
         extra = opt.extra_state_bytes() / param_bytes if isinstance(opt, SharpnessAwareOptimizer) else 0.0

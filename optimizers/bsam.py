@@ -16,7 +16,6 @@ parameter by parameter in param-group order, one draw per sub-batch.
 Sub-batches need a closure that accepts requests (:class:`optimizers.BatchClosure`).
 """
 
-import math
 
 import torch
 

@@ -37,7 +37,7 @@ class ESAM(SharpnessAwareOptimizer):
     def perturbation(self, groups):
         grads = [self.grads(params) for _, params in groups]
         norm = global_norm([g for gs in grads for g in gs])
-        for (group, params), g in zip(groups, grads):
+        for (group, _), g in zip(groups, grads):
             if g:
                 torch._foreach_mul_(g, group["rho"] / (norm + EPS) / group["beta"])
         return grads

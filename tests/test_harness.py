@@ -1,6 +1,5 @@
 """The harness end to end: launch.py, the seed project's command lines, run files, tables, bad input."""
 
-import json
 import shlex
 import subprocess
 import sys

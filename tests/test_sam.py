@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers import assert_close, batches, flat, plain_closure, tiny_mlp, two_groups
 from torch import nn
 
 from optimizers import create_optimizer
-from helpers import assert_close, batches, flat, plain_closure, tiny_mlp, two_groups
 
 pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
 

@@ -3,11 +3,11 @@ reference steps derived from the formulas; compute accounting; BatchNorm; memory
 
 import pytest
 import torch
+from helpers import assert_close, batches, flat, plain_closure, tiny_mlp, two_groups
+from reference import SGDRef, dot, loss_and_grads, norm, per_sample_losses
 from torch import nn
 
-from helpers import assert_close, batches, flat, plain_closure, tiny_mlp, two_groups
 from optimizers import BatchClosure, available_optimizers, create_optimizer
-from reference import SGDRef, dot, loss_and_grads, norm, per_sample_losses
 
 pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
 ce = nn.CrossEntropyLoss(reduction="none")
@@ -190,7 +190,7 @@ def test_looksam_calls_the_closure_once_between_sam_steps():
     for x, y in batches(5):
         closure = plain_closure(model, x, y)
 
-        def counted():
+        def counted(closure=closure):
             nonlocal calls
             calls += 1
             return closure()
