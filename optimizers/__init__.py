@@ -6,14 +6,17 @@
 
 from .base import BASE_OPTIMIZERS, SharpnessAwareOptimizer
 from .closure import BatchClosure
-from .registry import available_optimizers, create_optimizer, optimizer_class, register
+from .registry import available_optimizers, create_optimizer, optimizer_class, register, variants_markdown
+from .settings import Setting
 
 __all__ = [
     "BASE_OPTIMIZERS",
     "BatchClosure",
+    "Setting",
     "SharpnessAwareOptimizer",
     "available_optimizers",
     "create_optimizer",
     "optimizer_class",
     "register",
+    "variants_markdown",
 ]

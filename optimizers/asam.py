@@ -8,16 +8,21 @@ e = rho * T_w^2 * g / ||T_w * g||.
 import torch
 
 from .base import SharpnessAwareOptimizer, global_norm
+from .settings import Setting
 
 EPS = 1e-16
 
 
 class ASAM(SharpnessAwareOptimizer):
-    hyperparameters = {"rho": 0.5, "eta": 0.01}
-
-    def validate(self, group):
-        super().validate(group)
-        self.require(group["eta"] >= 0, f"eta must be >= 0, got {group['eta']}")
+    settings = (
+        Setting("rho", 0.5, range="[0, inf)", source="Kwon et al. 2021, CIFAR-10", help="perturbation radius"),
+        Setting(
+            "eta", 0.01, range="[0, inf)", source="official class default; its CIFAR example passes 0.0",
+            help="added to |w| in T_w, so that zero weights are perturbed too",
+        ),
+    )
+    paper = "Kwon et al., ICML'21"
+    rule = "T_w = |w| + eta on `*weight*` tensors, 1 on biases; e = rho T_w² g / ||T_w g||"
 
     def _is_weight(self, group, params):
         """Names decide, as in the official code; without names, tensors of rank > 1 count as weights."""

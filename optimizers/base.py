@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .closure import accepts_requests
+from .settings import Setting
 
 BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -90,27 +91,54 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     the optimizer's own random stream (ESAM's tensor dropping, bSAM's noise).
     ``base_optimizer``: "sgd", "adamw", "adam" or a ``torch.optim.Optimizer`` class;
     remaining keyword arguments go to it (lr, momentum, weight_decay, ...).
-    Keyword arguments named in :attr:`hyperparameters` are per-group settings of the
-    variant (e.g. ``rho``; param groups may override them).
+    Keyword arguments named in :attr:`settings` are the variant's: per-group ones
+    (e.g. ``rho``) are defaults that param groups may override, the others (LookSAM's
+    ``k``) become attributes of the optimizer.
+
+    A variant describes itself in class attributes, from which the harness builds its
+    flags and the README its table: :attr:`settings`, :attr:`paper`, :attr:`rule`,
+    :attr:`passes`, :attr:`extra_memory`, :attr:`memory_note` and the capabilities below.
     """
 
-    #: The variant's per-group hyperparameters and their defaults.
-    hyperparameters: ClassVar[dict[str, Any]] = {"rho": 0.05}
+    #: Every setting the variant takes (see :class:`optimizers.settings.Setting`).
+    settings: ClassVar[tuple[Setting, ...]] = (
+        Setting("rho", 0.05, range="[0, inf)", source="Foret et al. 2021, CIFAR-10", help="perturbation radius"),
+    )
+    #: The paper, as "Authors, Venue'YY".
+    paper: ClassVar[str] = ""
+    #: The update rule in one line (the file's docstring has the whole of it).
+    rule: ClassVar[str] = ""
+    #: Forward-backward passes per step.
+    passes: ClassVar[str] = "2"
+    #: Tensors the size of the parameters kept between steps beyond the base optimizer's state.
+    extra_memory: ClassVar[int] = 1
+    #: What that memory holds.
+    memory_note: ClassVar[str] = "weight backup"
     #: BatchNorm running statistics come from the first pass only.
     freezes_batchnorm: ClassVar[bool] = True
     #: Variants with an update rule of their own (bSAM) set this to False.
     uses_base_optimizer: ClassVar[bool] = True
-    #: Whether the ascent gradient may stay on its replica under data parallelism
-    #: (m-sharpness) without the replicas' weights drifting apart. False where that
-    #: gradient reaches the update itself (GSAM's g_v, LookSAM's g_v, bSAM's precision).
-    ascent_may_be_local: ClassVar[bool] = True
+    #: How a data-parallel loop must treat the ascent (first-pass) gradient:
+    #:
+    #: - ``"any"``: it only defines the perturbation, so the loop may keep it per replica
+    #:   (the paper's m-sharpness) or all-reduce it; the replicas' weights stay equal
+    #:   either way, because the descent gradient is all-reduced (SAM, ASAM, Fisher SAM, F-SAM);
+    #: - ``"global"``: it reaches the update itself (GSAM's and LookSAM's g_v, bSAM's
+    #:   precision), so it must be all-reduced or the replicas drift apart;
+    #: - ``"local"``: it must NOT be all-reduced: ESAM's ascent backward leaves tensors
+    #:   out, and replicas that left out different tensors would wait on each other.
+    ascent_sync: ClassVar[str] = "any"
 
     def __init__(
         self, params, base_optimizer="sgd", *, model: nn.Module | None = None, seed: int | None = None, **kwargs
     ):
         params, model = split_params_and_model(params, model)
-        own = {name: kwargs.pop(name) for name in list(kwargs) if name in self.hyperparameters}
-        super().__init__(params, {**self.hyperparameters, **own})
+        for setting in self.settings:
+            if not setting.per_group:
+                setattr(self, setting.name, setting.check(kwargs.pop(setting.name, setting.default)))
+        defaults = self.group_defaults()
+        own = {name: kwargs.pop(name) for name in list(kwargs) if name in defaults}
+        super().__init__(params, {**defaults, **own})
         self.base_optimizer: torch.optim.Optimizer | None = None
         if self.uses_base_optimizer:
             base_cls = resolve_base_optimizer(base_optimizer)
@@ -123,7 +151,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         elif kwargs:
             raise ValueError(
                 f"{type(self).__name__} has its own update rule and takes no {', '.join(sorted(kwargs))}; "
-                f"its settings are: {', '.join(self.hyperparameters)}"
+                f"its settings are: {', '.join(s.name for s in self.settings)}"
             )
         self._batchnorms = [
             m for m in (model.modules() if model is not None else ()) if isinstance(m, _BatchNorm) and m.track_running_stats
@@ -134,16 +162,48 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._generators: dict[torch.device, torch.Generator] = {}
         self._warned: set[str] = set()
 
+    # -- self-description ----------------------------------------------------------------------
+
+    @classmethod
+    def setting(cls, name: str) -> Setting:
+        """The declaration of setting ``name`` (KeyError if the variant has none)."""
+        for setting in cls.settings:
+            if setting.name == name:
+                return setting
+        raise KeyError(f"{cls.__name__} has no setting {name!r}; its settings are: {', '.join(s.name for s in cls.settings)}")
+
+    @classmethod
+    def group_defaults(cls) -> dict[str, Any]:
+        """Per-group settings and their defaults (what every param group carries)."""
+        return {s.name: s.default for s in cls.settings if s.per_group}
+
+    @property
+    def ascent_may_be_local(self) -> bool:
+        """Deprecated spelling of ``ascent_sync != "global"`` (kept for older harness code)."""
+        return self.ascent_sync != "global"
+
+    def logged_values(self) -> dict[str, float]:
+        """Values worth logging once per epoch (the first group's radius)."""
+        rho = self.param_groups[0].get("rho") if self.param_groups else None
+        return {} if rho is None else {"rho": float(rho)}
+
     # -- configuration -------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, checking each per-group setting (one-line ValueError naming it), then :meth:`validate`."""
         super().add_param_group(param_group)
-        self.validate(self.param_groups[-1])
+        group = self.param_groups[-1]
+        try:
+            for setting in self.settings:
+                if setting.per_group:
+                    group[setting.name] = setting.check(group[setting.name])
+            self.validate(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def validate(self, group: dict[str, Any]) -> None:
-        """Raise a one-line ValueError for an invalid hyperparameter of ``group``."""
-        if group["rho"] < 0:
-            raise ValueError(f"rho must be >= 0, got {group['rho']}")
+        """Cross-field checks of ``group`` (each setting alone is checked by its declaration)."""
 
     @staticmethod
     def require(condition: bool, message: str) -> None:

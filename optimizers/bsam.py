@@ -20,39 +20,45 @@ Sub-batches need a closure that accepts requests (:class:`optimizers.BatchClosur
 import torch
 
 from .base import SharpnessAwareOptimizer
+from .settings import Setting
+
+CODE = "authors' code"
 
 
 class BayesianSAM(SharpnessAwareOptimizer):
-    hyperparameters = {
-        "lr": 0.5,
-        "betas": (0.9, 0.999),
-        "rho": 0.01,
-        "prior_precision": 40.0,
-        "damping": 0.1,
-        "s_init": 1.0,
-        "num_data": 50_000,
-        "augmentation_factor": 4,
-    }
+    """Parameters that get no gradient in any pass of a step are left exactly as they were
+    (noise and perturbation are undone, no prior term); frozen ones are never touched."""
+
+    settings = (
+        Setting("lr", 0.5, range="[0, inf)", flag=None, source=CODE, help="learning rate (the harness's --lr)"),
+        Setting("betas", (0.9, 0.999), kind=tuple, range="[0, 1)", flag=None, source=CODE,
+                help="decay of the momentum gm and of the precision s"),
+        Setting("rho", 0.01, range="[0, inf)", source=CODE, help="perturbation radius"),
+        Setting("prior_precision", 40.0, range="[0, inf)", flag="delta",
+                source="authors' code; the paper prints 10, a typo per the authors",
+                help="precision of the Gaussian prior (weight decay prior_precision / N)"),
+        Setting("damping", 0.1, range="[0, inf)", flag="gamma", source=CODE, help="added to the precision update"),
+        Setting("s_init", 1.0, range="(0, inf)", flag=None, source=CODE, help="initial precision"),
+        Setting("num_data", 50_000, kind=int, range="[1, inf)", flag=None, filled_by="num_train",
+                source="CIFAR-10; the harness passes the training-set size", help="training-set size"),
+        Setting("augmentation_factor", 4, range="(0, inf)", flag=None, source=CODE,
+                help="N = num_data x augmentation_factor"),
+        Setting("msharpness", 8, kind=int, range="[1, inf)", per_group=False, source=CODE,
+                help="sub-batches per step (m)"),
+    )
+    paper = "Möllenhoff & Khan, ICLR'23"
+    rule = "Adam-like natural-gradient update with noise sampling, perturbation from the mean, m sub-batches"
+    passes = "2 (on m sub-batches)"
+    extra_memory = 3
+    memory_note = "backup, gm, s"
     uses_base_optimizer = False
     freezes_batchnorm = False
-    ascent_may_be_local = False
+    ascent_sync = "global"
 
-    def __init__(self, params, base_optimizer="sgd", *, msharpness: int = 8, **kwargs):
+    def __init__(self, params, base_optimizer="sgd", **kwargs):
         if base_optimizer not in ("sgd", None):
             raise ValueError(f"BayesianSAM has its own update rule; base optimizer {base_optimizer!r} does not apply")
-        if not isinstance(msharpness, int) or msharpness < 1:
-            raise ValueError(f"msharpness must be an integer >= 1, got {msharpness!r}")
         super().__init__(params, None, **kwargs)
-        self.msharpness = msharpness
-
-    def validate(self, group):
-        super().validate(group)
-        self.require(group["lr"] >= 0, f"lr must be >= 0, got {group['lr']}")
-        self.require(all(0 <= b < 1 for b in group["betas"]), f"betas must be in [0, 1), got {group['betas']}")
-        for name in ("prior_precision", "damping"):
-            self.require(group[name] >= 0, f"{name} must be >= 0, got {group[name]}")
-        for name in ("s_init", "num_data", "augmentation_factor"):
-            self.require(group[name] > 0, f"{name} must be > 0, got {group[name]}")
 
     def perturb(self, zero_grad: bool = True):
         raise NotImplementedError("BayesianSAM samples noise before its first pass: use step(closure)")
@@ -90,6 +96,7 @@ class BayesianSAM(SharpnessAwareOptimizer):
         w = [self._backup[p] for p in params]
         g_e_sum = [torch.zeros_like(p) for p in params]
         gs_sum = [torch.zeros_like(p) for p in params]
+        seen = [False] * len(params)  # got a gradient in some pass of this step
         losses = []
         chunks = [None] if m == 1 else self._chunks(closure.batch_size, m)
         for chunk in chunks:
@@ -100,23 +107,30 @@ class BayesianSAM(SharpnessAwareOptimizer):
             for group, ps in groups:
                 for p in ps:
                     s = self.state[p]["s"]
+                    seen[i] |= p.grad is not None
                     g = p.grad if p.grad is not None else torch.zeros_like(p)
                     gs_sum[i].addcmul_(s.sqrt(), g.abs())
                     p.copy_(w[i]).addcdiv_(g, s, value=group["rho"])  # perturbed from the mean
                     i += 1
             self.evaluate(closure, "descent", **request)
-            torch._foreach_add_(g_e_sum, [p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+            got = [i for i, p in enumerate(params) if p.grad is not None]
+            if got:
+                torch._foreach_add_([g_e_sum[i] for i in got], [params[i].grad for i in got])
+            for i in got:
+                seen[i] = True
         self.restore()
-        i = 0
+        i = -1
         for group, ps in groups:
             b1, b2 = group["betas"]
             wd = group["prior_precision"] / self.n_eff(group)
             for p in ps:
+                i += 1
+                if not seen[i]:  # no gradient anywhere: no update, not even the prior's pull
+                    continue
                 gm, s = self.state[p]["gm"], self.state[p]["s"]
                 gm.mul_(b1).add_(g_e_sum[i].div_(len(chunks)).add_(p, alpha=wd), alpha=1 - b1)
                 p.addcdiv_(gm, s, value=-group["lr"])
                 s.mul_(b2).add_(gs_sum[i].div_(len(chunks)).add_(group["damping"] + wd), alpha=1 - b2)
-                i += 1
         self.zero_grad()
         return torch.stack(losses).mean()
 

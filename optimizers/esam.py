@@ -15,24 +15,40 @@ two-phase form (perturb/descend) only SWP applies.
 """
 
 import torch
+from torch import Tensor
 
 from .base import SharpnessAwareOptimizer, global_norm
+from .settings import Setting
 
 EPS = 1e-7
 
 
 class ESAM(SharpnessAwareOptimizer):
-    hyperparameters = {"rho": 0.05, "beta": 0.6}
+    """Only parameters that were trainable (``requires_grad``) when their group was added
+    are ever dropped and re-enabled: a parameter the user froze stays frozen and untouched."""
 
-    def __init__(self, params, base_optimizer="sgd", *, gamma: float = 0.5, **kwargs):
-        if not 0 < gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    settings = (
+        Setting("rho", 0.05, range="[0, inf)", source="official ResNet-18 script", help="perturbation radius"),
+        Setting("beta", 0.6, range="(0, 1]", source="official ResNet-18 script",
+                help="probability that a tensor takes part in the ascent backward (SWP)"),
+        Setting("gamma", 0.5, range="(0, 1]", per_group=False, source="official ResNet-18 script",
+                help="fraction of the batch the second pass runs on (SDS)"),
+    )
+    paper = "Du et al., ICLR'22"
+    rule = (
+        "SWP: tensors dropped from the ascent backward w.p. 1 - beta, e scaled 1/beta; "
+        "SDS: second pass on the gamma fraction whose loss rose most"
+    )
+    passes = "1 + 1 no-grad fwd + gamma"
+    ascent_sync = "local"
+
+    def __init__(self, params, base_optimizer="sgd", **kwargs):
+        self._trainable: dict[Tensor, None] = {}  # filled by add_param_group, in order
         super().__init__(params, base_optimizer, **kwargs)
-        self.gamma = gamma
 
-    def validate(self, group):
-        super().validate(group)
-        self.require(0 < group["beta"] <= 1, f"beta must be in (0, 1], got {group['beta']}")
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        self._trainable.update((p, None) for p in self.param_groups[-1]["params"] if p.requires_grad)
 
     def perturbation(self, groups):
         grads = [self.grads(params) for _, params in groups]
@@ -45,9 +61,8 @@ class ESAM(SharpnessAwareOptimizer):
     @torch.no_grad()
     def perturb(self, zero_grad: bool = True) -> None:
         super().perturb(zero_grad)
-        for group in self.param_groups:  # the descent pass reaches every tensor
-            for p in group["params"]:
-                p.requires_grad_(True)
+        for p in self._trainable:  # the descent pass reaches every trainable tensor
+            p.requires_grad_(True)
 
     @torch.no_grad()
     def descend(self, zero_grad: bool = True) -> None:
@@ -55,20 +70,24 @@ class ESAM(SharpnessAwareOptimizer):
         self.drop_tensors()
 
     def drop_tensors(self) -> None:
-        """Draw which tensors the next ascent pass differentiates (each kept with probability beta)."""
+        """Draw which tensors the next ascent pass differentiates (each kept with probability beta).
+
+        One draw per parameter, frozen ones included, so the stream does not depend on
+        what is frozen; only trainable ones are dropped.
+        """
         params = [p for group in self.param_groups for p in group["params"]]
         beta = torch.tensor([group["beta"] for group in self.param_groups for _ in group["params"]])
         keep = torch.rand(len(params), generator=self.generator()) < beta
-        if not keep.any():  # a backward pass needs something to differentiate
-            keep[:] = True
+        if not any(kept for p, kept in zip(params, keep.tolist()) if p in self._trainable):
+            keep[:] = True  # a backward pass needs something to differentiate
         self.state["kept"] = keep  # saved with the optimizer, so a resumed run drops the same tensors
         self._apply_kept()
 
     def _apply_kept(self) -> None:
         params = [p for group in self.param_groups for p in group["params"]]
         for p, kept in zip(params, self.state["kept"].tolist()):
-            p.requires_grad_(kept)
-
+            if p in self._trainable:
+                p.requires_grad_(kept)
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
         if "kept" in self.state:

@@ -9,21 +9,29 @@ f = 1 + eta * g^2 from the batch gradient:
 import torch
 
 from .base import SharpnessAwareOptimizer, global_dot
+from .settings import Setting
 
 EPS = 1e-12
 
 
 class FisherSAM(SharpnessAwareOptimizer):
-    hyperparameters = {"rho": 0.1, "eta": 1.0}
-
-    def validate(self, group):
-        super().validate(group)
-        self.require(group["eta"] >= 0, f"eta must be >= 0, got {group['eta']}")
+    settings = (
+        Setting("rho", 0.1, range="[0, inf)", symbol="gamma", source="paper's CIFAR setting; no public code",
+                help="radius of the Fisher ellipsoid (the paper's gamma)"),
+        Setting("eta", 1.0, range="[0, inf)", source="paper's CIFAR setting; no public code",
+                help="weight of g^2 in the Fisher estimate f = 1 + eta g^2"),
+    )
+    paper = "Kim et al., ICML'22"
+    rule = "f = 1 + eta g²; e = rho f⁻¹g / sqrt(gᵀf⁻¹g) (rho is the paper's gamma)"
 
     def perturbation(self, groups):
         grads, directions = [], []
         for group, params in groups:
             g = self.grads(params)
+            if not g:
+                grads.append(g)
+                directions.append([])
+                continue
             f = torch._foreach_mul(g, g)
             torch._foreach_mul_(f, group["eta"])
             torch._foreach_add_(f, 1.0)

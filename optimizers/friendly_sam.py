@@ -9,15 +9,22 @@ then plain SAM with d: e = rho * d / ||d||. m is per-parameter state (1x paramet
 import torch
 
 from .sam import SAM
+from .settings import Setting
 
 
 class FriendlySAM(SAM):
-    hyperparameters = {"rho": 0.2, "sigma": 1.0, "lmbda": 0.6, "adaptive": False}
-
-    def validate(self, group):
-        super().validate(group)
-        self.require(group["sigma"] >= 0, f"sigma must be >= 0, got {group['sigma']}")
-        self.require(0 <= group["lmbda"] < 1, f"lmbda must be in [0, 1), got {group['lmbda']}")
+    settings = (
+        Setting("rho", 0.2, range="[0, inf)", source="official run script", help="perturbation radius"),
+        Setting("sigma", 1.0, range="[0, inf)", source="official run script",
+                help="how much of the gradient's moving average is removed before perturbing"),
+        Setting("lmbda", 0.6, range="[0, 1)", source="official run script; train.py's default is 0.95",
+                help="decay of the gradient's moving average m"),
+        Setting("adaptive", False, kind=bool, help="davda54-style w-weighted perturbation"),
+    )
+    paper = "Li et al., CVPR'24"
+    rule = "d = g - sigma m, m <- lmbda m + (1 - lmbda) g; SAM with d"
+    extra_memory = 2
+    memory_note = "weight backup, m"
 
     def perturbation(self, groups):
         for group, params in groups:

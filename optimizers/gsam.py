@@ -15,19 +15,32 @@ import torch
 
 from .base import global_dot, global_norm
 from .sam import SAM
+from .settings import Setting
 
 EPS = 1e-12
 
 
 class GSAM(SAM):
-    ascent_may_be_local = False
-    hyperparameters = {"rho": 0.05, "rho_min": None, "alpha": 0.4, "adaptive": False, "lr_max": None, "lr_min": 0.0}
+    settings = (
+        Setting("rho", 0.05, range="[0, inf)", aliases=("rho_max",), source="SAM's CIFAR-10 radius",
+                help="radius at the group's initial lr (rho_max)"),
+        Setting("rho_min", None, range="[0, inf)", optional=True, source="rho (a constant radius)",
+                help="radius at lr_min (<= rho)"),
+        Setting("alpha", 0.4, range="[0, 1]", flag="gsam_alpha", source="official PyTorch CIFAR example",
+                help="weight of the removed component g_v"),
+        Setting("adaptive", False, kind=bool, help="davda54-style w-weighted perturbation"),
+        Setting("lr_max", None, range="(0, inf)", optional=True, flag=None, source="the group's initial lr",
+                help="lr at which the radius is rho"),
+        Setting("lr_min", 0.0, range="[0, inf)", flag=None, help="lr at which the radius is rho_min"),
+    )
+    paper = "Zhuang et al., ICLR'22"
+    rule = "descent g_s - alpha g_v, g_v = part of g orthogonal to g_s; rho_t follows the lr from rho to rho_min"
+    ascent_sync = "global"
 
     def validate(self, group):
         super().validate(group)
         rho_min = group["rho"] if group["rho_min"] is None else group["rho_min"]
-        self.require(0 <= rho_min <= group["rho"], f"rho_min must be in [0, rho={group['rho']}], got {rho_min}")
-        self.require(0 <= group["alpha"] <= 1, f"alpha must be in [0, 1], got {group['alpha']}")
+        self.require(rho_min <= group["rho"], f"rho_min must be in [0, rho={group['rho']}], got {rho_min}")
 
     @staticmethod
     def rho_t(group) -> float:
@@ -40,16 +53,24 @@ class GSAM(SAM):
         return rho_min + (rho_max - rho_min) * (group["lr"] - lr_min) / (lr_max - lr_min)
 
     def radius(self, group) -> float:
-        group["rho_t"] = self.rho_t(group)
         return group["rho_t"]
 
+    def logged_values(self) -> dict[str, float]:
+        """The radius of the first group at the current learning rate (rho_t)."""
+        return {"rho": float(self.rho_t(self.param_groups[0]))} if self.param_groups else {}
+
     def perturbation(self, groups):
+        for group, _ in groups:  # every group, so the logged radius is current even for a group without gradients
+            group["rho_t"] = self.rho_t(group)
         self._g = [[p.grad.clone() for p in params] for _, params in groups]  # g, for g_v after the second pass
         self._groups = [group for group, _ in groups]
         self._params = [params for _, params in groups]
         return super().perturbation(groups)
 
     def adjust_gradient(self):
+        # a parameter without a second-pass gradient has no descent gradient to adjust
+        pairs = [[(p, g) for p, g in zip(ps, gs) if p.grad is not None] for ps, gs in zip(self._params, self._g)]
+        self._params, self._g = [[p for p, _ in ps] for ps in pairs], [[g for _, g in ps] for ps in pairs]
         g_all = [t for ts in self._g for t in ts]
         g_s_all = [p.grad for ps in self._params for p in ps]
         norm_g, norm_s = global_norm(g_all), global_norm(g_s_all)

@@ -1,4 +1,4 @@
-"""One registry, one factory: optimizers by name."""
+"""One registry, one factory: optimizers by name; and the README's variant table, generated."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from .fisher_sam import FisherSAM
 from .friendly_sam import FriendlySAM
 from .gsam import GSAM
 from .looksam import LookLayerSAM, LookSAM
-from .sam import SAM
+from .sam import SAM, AdaptiveSAM
+from .settings import Setting
 
-#: canonical name -> (class, preset keyword arguments)
-_REGISTRY: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {}
+#: canonical name -> class, in registration order
+_REGISTRY: dict[str, type[torch.optim.Optimizer]] = {}
 _ALIASES: dict[str, str] = {}
 
 
@@ -25,8 +26,8 @@ def _key(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "")
 
 
-def register(name: str, cls: type[torch.optim.Optimizer], aliases: tuple[str, ...] = (), **preset: Any) -> None:
-    _REGISTRY[name] = (cls, preset)
+def register(name: str, cls: type[torch.optim.Optimizer], aliases: tuple[str, ...] = ()) -> None:
+    _REGISTRY[name] = cls
     for alias in (name, *aliases):
         _ALIASES[_key(alias)] = name
 
@@ -43,7 +44,7 @@ def available_optimizers() -> list[str]:
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    return _REGISTRY[canonical_name(name)][0]
+    return _REGISTRY[canonical_name(name)]
 
 
 def is_sharpness_aware(name: str) -> bool:
@@ -58,8 +59,7 @@ def create_optimizer(name: str, params, base="sgd", **kwargs: Any) -> torch.opti
     ``params`` may be the model itself. Keyword arguments are the variant's
     hyperparameters (rho, ...) and the base optimizer's (lr, momentum, ...).
     """
-    cls, preset = _REGISTRY[canonical_name(name)]
-    kwargs = {**preset, **kwargs}
+    cls = _REGISTRY[canonical_name(name)]
     if not issubclass(cls, SharpnessAwareOptimizer):
         params, _ = split_params_and_model(params, None)
         try:
@@ -69,10 +69,44 @@ def create_optimizer(name: str, params, base="sgd", **kwargs: Any) -> torch.opti
     return cls(params, base, **kwargs)
 
 
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _defaults(settings: tuple[Setting, ...]) -> str:
+    """``rho 0.5, eta 0.01 (source)``: consecutive settings with one source share it."""
+    parts: list[str] = []
+    for i, setting in enumerate(settings):
+        if setting.default is None:  # derived: the source says from what
+            parts.append(f"{setting.name} = {setting.source or 'derived'}")
+            continue
+        text = f"{setting.name} {setting.default}"
+        last_of_source = i + 1 == len(settings) or settings[i + 1].source != setting.source
+        if setting.source and last_of_source:
+            text += f" ({setting.source})"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def variants_markdown() -> str:
+    """The README's table of variants, from each class's declarations."""
+    lines = [
+        "| name | paper | update rule (see the file's docstring) | defaults (source) | extra memory | passes |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, cls in _REGISTRY.items():
+        if not issubclass(cls, SharpnessAwareOptimizer):
+            continue
+        memory = f"{cls.extra_memory} ({cls.memory_note})" if cls.memory_note else str(cls.extra_memory)
+        cells = [f"`{name}`", cls.paper, cls.rule, _defaults(cls.settings), memory, cls.passes]
+        lines.append("| " + " | ".join(_escape(cell) for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 for _name, _cls in BASE_OPTIMIZERS.items():
     register(_name, _cls)
 register("sam", SAM)
-register("adaptive_sam", SAM, adaptive=True, rho=2.0)
+register("adaptive_sam", AdaptiveSAM)
 register("asam", ASAM)
 register("esam", ESAM)
 register("gsam", GSAM)

@@ -85,7 +85,8 @@ class Setting:
         if kind is float and not math.isfinite(value):
             raise ValueError(f"{where}{self.name} must be a finite number{self._range_text()}, got {value!r}")
         if self.range is not None and not self._in_range(value):
-            raise ValueError(f"{where}{self.name} must be in {self.range}, got {value!r}")
+            kind_text = "an integer " if kind is int else ""
+            raise ValueError(f"{where}{self.name} must be {kind_text}{self.range_text()}, got {value!r}")
         return float(value) if kind is float else value
 
     def _in_range(self, value: float) -> bool:
@@ -96,7 +97,15 @@ class Setting:
         return above and below
 
     def _range_text(self) -> str:
-        return f" in {self.range}" if self.range else ""
+        return f" {self.range_text()}" if self.range else ""
+
+    def range_text(self) -> str:
+        """The range in words: ">= 0", "> 0", "in (0, 1]"."""
+        left, low, high, _ = _RANGE.match(self.range).groups()
+        if high == "inf":
+            low_text = low if float(low) != int(float(low)) else str(int(float(low)))
+            return f"{'>=' if left == '[' else '>'} {low_text}"
+        return f"in {self.range}"
 
     def describe(self) -> str:
         """``rho 0.05 (paper, CIFAR-10)`` for tables and help."""

@@ -1,7 +1,15 @@
 """Small float64 problems shared by the optimizer tests."""
 
+import importlib.util
+
+import pytest
 import torch
 from torch import nn
+
+#: Tests that compare against pytorch_optimizer (the oracle) skip without it; the others run.
+requires_oracle = pytest.mark.skipif(
+    importlib.util.find_spec("pytorch_optimizer") is None, reason="needs pytorch_optimizer (the oracle): pip install -e .[test]"
+)
 
 
 def tiny_mlp(seed: int = 0, batchnorm: bool = False) -> nn.Module:

@@ -2,19 +2,20 @@
 
 import pytest
 import torch
-from helpers import assert_close, batches, flat, plain_closure, tiny_mlp, two_groups
+from helpers import assert_close, batches, flat, plain_closure, requires_oracle, tiny_mlp, two_groups
 from torch import nn
 
 from optimizers import create_optimizer
-
-pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
 
 STEPS = 6
 SGD = dict(lr=0.1, momentum=0.9)
 
 
+@requires_oracle
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_sam_matches_pytorch_optimizer(adaptive):
+    import pytorch_optimizer
+
     rho = (0.5, 1.0) if adaptive else (0.05, 0.1)
     ours_model, ref_model = tiny_mlp(), tiny_mlp()
     ours = create_optimizer("adaptive_sam" if adaptive else "sam", two_groups(ours_model, rho), **SGD)
