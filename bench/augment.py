@@ -11,6 +11,9 @@ Random numbers are drawn in a fixed order, and only for the enabled parts:
 1. crop offsets (rows, then columns), each ``B`` integers in ``[0, 2p]``;
 2. flip decisions, ``B`` uniform floats (flip where ``< 0.5``);
 3. cutout centres (rows, then columns), ``B`` integers in ``[0, H)`` / ``[0, W)``.
+
+Imports run one way: this module uses ``bench.data`` (for the per-dataset
+defaults of :func:`default_augmentation`); ``bench.data`` never imports it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from bench.data import DatasetInfo, get_dataset_info
 
 __all__ = ["Augmentation", "default_augmentation", "augment", "normalize"]
 
@@ -56,20 +61,17 @@ class Augmentation:
         return self.crop_padding == 0 and not self.flip and self.cutout == 0
 
 
-def default_augmentation(dataset_name: str, cutout: bool = False) -> Augmentation:
-    """The standard augmentation for a dataset (see ``bench.data.DATASET_INFO``).
+def default_augmentation(dataset: str | DatasetInfo, cutout: bool = False) -> Augmentation:
+    """The standard augmentation for a dataset (a name or a ``bench.data.DatasetInfo``).
 
     cifar10/cifar100: pad 4 + flip (+ cutout 16); tinyimagenet: pad 8 + flip
     (+ cutout 32); digits: pad 1, no flip (digits are not mirror-symmetric)
-    (+ cutout 4).
+    (+ cutout 4). The cutout square is filled with the dataset's mean pixel.
     """
-    from bench.data import get_dataset_info  # lazy: bench.data imports this module
-
-    info = get_dataset_info(dataset_name)
-    base = info.augmentation
+    info = dataset if isinstance(dataset, DatasetInfo) else get_dataset_info(dataset)
     return Augmentation(
-        crop_padding=base.crop_padding,
-        flip=base.flip,
+        crop_padding=info.crop_padding,
+        flip=info.flip,
         cutout=info.cutout_size if cutout else 0,
         cutout_fill=tuple(round(255 * m) for m in info.mean),
     )
@@ -90,20 +92,38 @@ def augment(images_uint8: Tensor, aug: Augmentation, generator: torch.Generator)
     """Randomly crop / flip / cut out a uint8 batch ``[B, C, H, W]``.
 
     Returns a new uint8 tensor of the same shape on the same device; the input
-    is never modified.
+    is never modified. Random numbers are drawn in the order of the module
+    docstring: crop offsets, flips, cutout centres.
     """
     x = images_uint8
+    _check_batch(x)
+    if aug.is_identity:
+        return x.clone()
+    _check_generator(generator, x.device)
+    rows, cols = _crop_flip_coordinates(x.shape, aug, generator, x.device)
+    out = _gather(x, rows, cols, int(aug.crop_padding)) if cols is not None else x.clone()
+    if int(aug.cutout) > 0:
+        out = _cutout(out, aug, generator)
+    return out
+
+
+def _check_batch(x: Tensor) -> None:
     if x.dim() != 4:
         raise ValueError(f"augment expects a [B, C, H, W] batch, got shape {tuple(x.shape)}")
     if x.dtype != torch.uint8:
         raise ValueError(f"augment expects uint8 images, got {x.dtype}")
-    if aug.is_identity:
-        return x.clone()
-    device = x.device
-    _check_generator(generator, device)
-    B, C, H, W = x.shape
-    p = int(aug.crop_padding)
 
+
+def _crop_flip_coordinates(
+    shape: torch.Size, aug: Augmentation, generator: torch.Generator, device: torch.device
+) -> tuple[Tensor | None, Tensor | None]:
+    """Rows ``[B, H]`` and columns ``[B, W]`` to read from the zero-padded image.
+
+    Draws the crop offsets (rows, then columns) and then the flips. ``rows`` is
+    None without a crop; ``cols`` is None without crop and flip (nothing moves).
+    """
+    B, _, H, W = shape
+    p = int(aug.crop_padding)
     rows = cols = None
     if p > 0:
         oy = torch.randint(0, 2 * p + 1, (B,), generator=generator, device=device)
@@ -116,35 +136,42 @@ def augment(images_uint8: Tensor, aug: Augmentation, generator: torch.Generator)
             cols = torch.arange(W, device=device).expand(B, W)
         # flipping the crop = reading its columns backwards
         cols = torch.where(flip[:, None], cols.flip(1), cols)
+    return rows, cols
 
-    if cols is not None:
-        # one gather for crop and flip together, over the flattened (padded) image
-        src = F.pad(x, (p, p, p, p)) if p > 0 else x
-        Hs, Ws = H + 2 * p, W + 2 * p
-        if rows is None:
-            rows = torch.arange(H, device=device).expand(B, H)
-        index = (rows[:, :, None] * Ws + cols[:, None, :]).view(B, 1, H * W).expand(B, C, H * W)
-        out = src.reshape(B, C, Hs * Ws).gather(2, index).view(B, C, H, W)
-    else:
-        out = x.clone()
 
+def _gather(x: Tensor, rows: Tensor | None, cols: Tensor, p: int) -> Tensor:
+    """One gather for crop and flip together, over the flattened image padded by ``p``."""
+    B, C, H, W = x.shape
+    device = x.device
+    src = F.pad(x, (p, p, p, p)) if p > 0 else x
+    Hs, Ws = H + 2 * p, W + 2 * p
+    if rows is None:
+        rows = torch.arange(H, device=device).expand(B, H)
+    index = (rows[:, :, None] * Ws + cols[:, None, :]).view(B, 1, H * W).expand(B, C, H * W)
+    return src.reshape(B, C, Hs * Ws).gather(2, index).view(B, C, H, W)
+
+
+def _cutout(out: Tensor, aug: Augmentation, generator: torch.Generator) -> Tensor:
+    """Blank an ``aug.cutout`` square per image; draws the centres (rows, then columns).
+
+    ``out`` is a fresh tensor owned by :func:`augment`: it may be modified in place.
+    """
+    B, C, H, W = out.shape
+    device = out.device
     s = int(aug.cutout)
-    if s > 0:
-        cy = torch.randint(0, H, (B,), generator=generator, device=device)
-        cx = torch.randint(0, W, (B,), generator=generator, device=device)
-        y0 = (cy - s // 2)[:, None]
-        x0 = (cx - s // 2)[:, None]
-        ys = torch.arange(H, device=device)[None, :]
-        xs = torch.arange(W, device=device)[None, :]
-        in_rows = (ys >= y0) & (ys < y0 + s)  # [B, H]
-        in_cols = (xs >= x0) & (xs < x0 + s)  # [B, W]
-        mask = in_rows[:, None, :, None] & in_cols[:, None, None, :]  # [B, 1, H, W]
-        if aug.cutout_fill:
-            fill = torch.tensor(aug.cutout_fill, dtype=out.dtype, device=device).view(1, C, 1, 1)
-            out = torch.where(mask, fill, out)
-        else:
-            out.masked_fill_(mask, 0)
-    return out
+    cy = torch.randint(0, H, (B,), generator=generator, device=device)
+    cx = torch.randint(0, W, (B,), generator=generator, device=device)
+    y0 = (cy - s // 2)[:, None]
+    x0 = (cx - s // 2)[:, None]
+    ys = torch.arange(H, device=device)[None, :]
+    xs = torch.arange(W, device=device)[None, :]
+    in_rows = (ys >= y0) & (ys < y0 + s)  # [B, H]
+    in_cols = (xs >= x0) & (xs < x0 + s)  # [B, W]
+    mask = in_rows[:, None, :, None] & in_cols[:, None, None, :]  # [B, 1, H, W]
+    if aug.cutout_fill:
+        fill = torch.tensor(aug.cutout_fill, dtype=out.dtype, device=device).view(1, C, 1, 1)
+        return torch.where(mask, fill, out)
+    return out.masked_fill_(mask, 0)
 
 
 def normalize(

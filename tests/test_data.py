@@ -1,4 +1,4 @@
-"""Tests for bench.data (dataset loading) and bench.augment (batch augmentation).
+"""Tests for bench.data (dataset loading, training-set preparation) and bench.augment (batch augmentation).
 
 Every fixture is written into tmp_path in the genuine on-disk formats; nothing
 here needs the network or any shared data.
@@ -6,9 +6,11 @@ here needs the network or any shared data.
 
 from __future__ import annotations
 
+import ast
 import os
 import pickle
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +19,17 @@ from PIL import Image as PILImage
 
 import bench.data as bd
 from bench.augment import Augmentation, augment, default_augmentation, normalize
-from bench.data import DATASET_INFO, DataError, ImageDataset, available_datasets, load_dataset_splits
+from bench.data import (
+    DATASET_INFO,
+    DataError,
+    ImageDataset,
+    PreparedData,
+    available_datasets,
+    load_dataset_splits,
+    prepare_train_set,
+    training_subset,
+    with_label_noise,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -361,7 +373,7 @@ def test_missing_cifar_without_download(tmp_path):
     assert "\n" not in msg
     assert str(tmp_path) in msg and os.path.join(str(tmp_path), "cifar10") in msg
     assert "cifar-10-batches-py" in msg and "huggingface-cli download uoft-cs/cifar10" in msg
-    assert "download is off" in msg
+    assert "download is off" in msg and f"{tmp_path} is empty" in msg
     assert ei.value.__cause__ is None and ei.value.__suppress_context__ in (False, True)
 
 
@@ -376,8 +388,8 @@ def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(DataError) as ei:
         load_dataset_splits("cifar100", data_dir=str(tmp_path), download=True, cache_dir=str(tmp_path / "c"))
     msg = str(ei.value)
-    assert calls == [("cifar100", str(tmp_path))]
-    assert "\n" not in msg and "failed" in msg and "name resolution" in msg
+    assert calls == [("cifar100", str(tmp_path))]  # an existing empty data_dir is downloaded into
+    assert "\n" not in msg and "failed" in msg and "name resolution" in msg and f"{tmp_path} is empty" in msg
     assert str(tmp_path) in msg and "uoft-cs/cifar100" in msg
 
 
@@ -406,6 +418,172 @@ def test_missing_tinyimagenet(tmp_path, monkeypatch):
     assert "\n" not in msg and str(tmp_path) in msg and "zh-plus/tiny-imagenet" in msg and "cannot reach" in msg
     with pytest.raises(DataError, match="download is off"):
         load_dataset_splits("tinyimagenet", data_dir=str(tmp_path), download=False, cache_dir=str(tmp_path / "c"))
+
+
+# --------------------------------------------------------------------------- what is found where
+
+
+@pytest.fixture
+def downloads(monkeypatch):
+    """Records every download attempt (torchvision and Hub) and fails it."""
+    calls = []
+
+    def tv(name, root):
+        calls.append(("torchvision", name, root))
+        raise urllib.error.URLError("offline")
+
+    def hub(repo_id):
+        calls.append(("hub", repo_id))
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(bd, "_torchvision_download", tv)
+    monkeypatch.setattr(bd, "_hf_download", hub)
+    return calls
+
+
+def _load_error(name, data_dir, download=True, cache_dir=None) -> str:
+    with pytest.raises(DataError) as ei:
+        load_dataset_splits(name, data_dir=data_dir, download=download, cache_dir=cache_dir)
+    msg = str(ei.value)
+    assert "\n" not in msg and ei.value.__cause__ is None
+    return msg
+
+
+@pytest.mark.parametrize("name", ["cifar10", "tinyimagenet"])
+@pytest.mark.parametrize("download", [True, False])
+def test_missing_data_dir_creates_and_downloads_nothing(tmp_path, downloads, name, download):
+    missing = tmp_path / "typo" / "data"
+    msg = _load_error(name, str(missing), download, cache_dir=str(tmp_path / "c"))
+    assert msg.startswith(f"data_dir {missing} does not exist") and "nothing was created" in msg
+    assert ("torchvision" in msg) if name == "cifar10" else ("zh-plus/tiny-imagenet" in msg)
+    assert downloads == [] and not (tmp_path / "typo").exists() and not (tmp_path / "c").exists()
+
+
+def test_data_dir_that_is_a_file(tmp_path, downloads):
+    (tmp_path / "f").write_text("x")
+    assert "is not a folder" in _load_error("cifar10", str(tmp_path / "f"))
+    assert downloads == []
+
+
+def test_empty_data_dir(tmp_path, downloads):
+    (tmp_path / ".DS_Store").write_text("")  # hidden entries do not count
+    msg = _load_error("cifar10", str(tmp_path), download=False)
+    assert f"CIFAR-10 not found: {tmp_path} is empty (expected cifar-10-batches-py/" in msg and "download is off" in msg
+    assert downloads == []
+    msg = _load_error("tinyimagenet", str(tmp_path), download=True)
+    assert f"{tmp_path} is empty" in msg and "downloading zh-plus/tiny-imagenet failed (ConnectionError: offline)" in msg
+    assert downloads == [("hub", "zh-plus/tiny-imagenet")]
+
+
+@pytest.mark.parametrize("name", ["cifar100", "tinyimagenet"])
+def test_unrelated_files_are_listed_and_not_downloaded_over(tmp_path, downloads, name):
+    for f in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / f).write_text("x")
+    (tmp_path / "notes").mkdir()
+    msg = _load_error(name, str(tmp_path), download=True)
+    assert f"{tmp_path} holds 3 files and 1 folder (a.txt, b.txt, c.txt, notes/) but no " in msg
+    assert ("cifar-100-python/ or train*.parquet" in msg) if name == "cifar100" else ("tiny-imagenet-200/" in msg)
+    assert "a download only goes into an empty data_dir" in msg
+    assert downloads == [] and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "c.txt", "notes"]
+    (tmp_path / "d.txt").write_text("x")
+    (tmp_path / "e.txt").write_text("x")
+    assert "holds 5 files and 1 folder (a.txt, b.txt, c.txt, d.txt, e.txt, ...)" in _load_error(name, str(tmp_path))
+
+
+def test_default_data_dir(tmp_path, downloads, monkeypatch):
+    """Without data_dir: ./data, which only a download creates, even when it holds other things."""
+    monkeypatch.chdir(tmp_path)
+    msg = _load_error("cifar10", None, download=False, cache_dir=str(tmp_path / "c"))
+    assert f"{tmp_path / 'data'} (the default data_dir) does not exist" in msg and "download is off" in msg
+    assert not (tmp_path / "data").exists()
+    msg = _load_error("cifar10", None, download=True, cache_dir=str(tmp_path / "c"))
+    assert downloads == [("torchvision", "cifar10", str(tmp_path / "data"))] and "CIFAR-10 not found" in msg
+    _write_cifar10_pickles(tmp_path / "data")  # another dataset in the shared default folder
+    _load_error("cifar100", "", download=True, cache_dir=str(tmp_path / "c"))
+    assert downloads[-1] == ("torchvision", "cifar100", str(tmp_path / "data"))
+
+
+def test_corrupt_pickle_is_named_not_downloaded_over(tmp_path, downloads):
+    _write_cifar10_pickles(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(batch.read_bytes()[:100])
+    msg = _load_error("cifar10", str(tmp_path), cache_dir=str(tmp_path / "c"))
+    assert msg.startswith(f"cannot read {batch} (") and "Error" in msg and downloads == []
+    batch.write_bytes(pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}))
+    assert "cannot reshape" in _load_error("cifar10", str(tmp_path))
+
+
+def test_incomplete_pickle_folder_is_not_downloaded_over(tmp_path, downloads):
+    _write_cifar10_pickles(tmp_path / "cifar10")
+    (tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_3").unlink()
+    (tmp_path / "cifar10" / "cifar-10-batches-py" / "test_batch").unlink()
+    msg = _load_error("cifar10", str(tmp_path))
+    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    assert msg.startswith(f"CIFAR-10: {folder} is incomplete (missing data_batch_3, test_batch;") and downloads == []
+
+
+def test_unextracted_archive_is_not_downloaded_over(tmp_path, downloads):
+    (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"\x1f\x8b partial")
+    msg = _load_error("cifar100", str(tmp_path))
+    assert f"{tmp_path / 'cifar-100-python.tar.gz'} was never extracted" in msg and downloads == []
+    (tmp_path / "tiny-imagenet-200.zip").write_bytes(b"PK")
+    assert "tiny-imagenet-200.zip was never extracted" in _load_error("tinyimagenet", str(tmp_path))
+    assert downloads == []
+
+
+def test_unreadable_parquet_is_named(tmp_path, downloads):
+    _write_cifar10_parquet(tmp_path)
+    train = tmp_path / "plain_text" / "train-00000-of-00001.parquet"
+    good = train.read_bytes()
+    train.write_bytes(good[: len(good) // 2])  # truncated: no footer
+    msg = _load_error("cifar10", str(tmp_path), cache_dir=str(tmp_path / "c"))
+    assert msg.startswith(f"CIFAR-10: cannot read {train} (") and downloads == []
+    broken = bytearray(good)
+    broken[4:204] = b"\xff" * 200  # the footer (schema) reads, the first data page does not
+    train.write_bytes(bytes(broken))
+    msg = _load_error("cifar10", str(tmp_path), cache_dir=str(tmp_path / "c"))
+    assert msg.startswith(f"CIFAR-10: cannot read {train} (") and downloads == []
+
+
+def test_parquet_with_wrong_columns(tmp_path, downloads):
+    """In a folder named for the dataset: a broken copy. Elsewhere: reported next to what is missing."""
+    x, y = _rng_images(1, 2, 3, 32), [0, 1]
+    for split in ("train", "test"):
+        _write_hf_parquet(tmp_path / "cifar10" / f"{split}.parquet", x, y, "image", "label", 10)
+    msg = _load_error("cifar10", str(tmp_path))
+    assert msg.startswith(f"CIFAR-10: {tmp_path / 'cifar10' / 'train.parquet'} has the columns ['image', 'label'], "
+                          f"expected ['img', 'label']") and downloads == []
+    # the same files in data/ (where zh-plus/tiny-imagenet keeps its own) only add to the not-found message
+    (tmp_path / "cifar10").rename(tmp_path / "data")
+    msg = _load_error("cifar10", str(tmp_path), download=False)
+    assert "CIFAR-10 not found" in msg and "has the columns ['image', 'label'], expected ['img', 'label']" in msg
+
+
+def test_parquet_with_one_split_only(tmp_path, downloads):
+    _write_cifar10_parquet(tmp_path)
+    (tmp_path / "plain_text" / "test-00000-of-00001.parquet").unlink()
+    msg = _load_error("cifar10", str(tmp_path))
+    assert f"{tmp_path / 'plain_text'} has train*.parquet but no test*.parquet files" in msg and downloads == []
+
+
+def test_incomplete_tiny_folder(tmp_path, downloads):
+    _write_tiny_folder(tmp_path)
+    base = tmp_path / "tiny-imagenet-200"
+    (base / "val" / "val_annotations.txt").unlink()
+    msg = _load_error("tinyimagenet", str(tmp_path), cache_dir=str(tmp_path / "c"))
+    assert msg.startswith(f"Tiny-ImageNet: {base} is incomplete (no {base / 'val' / 'val_annotations.txt'})")
+    assert downloads == []
+
+
+def test_corrupt_tiny_files_are_named(tmp_path, downloads):
+    exp_train, _ = _write_tiny_folder(tmp_path)
+    jpeg = exp_train[1][0]
+    jpeg.write_bytes(b"not a jpeg")
+    msg = _load_error("tinyimagenet", str(tmp_path), cache_dir=str(tmp_path / "c"))
+    assert f"cannot decode {jpeg} (" in msg and downloads == []
+    (tmp_path / "tiny-imagenet-200" / "wnids.txt").write_bytes(b"\xff\xfe\x00bad")
+    msg = _load_error("tinyimagenet", str(tmp_path), cache_dir=str(tmp_path / "c"))
+    assert msg.startswith(f"Tiny-ImageNet: cannot read {tmp_path / 'tiny-imagenet-200' / 'wnids.txt'} (UnicodeDecodeError")
 
 
 # --------------------------------------------------------------------------- Tiny-ImageNet
@@ -466,6 +644,117 @@ def test_wrong_image_size_is_a_data_error(tmp_path):
         load_dataset_splits("cifar10", data_dir=str(tmp_path), download=False, cache_dir=str(tmp_path / "c"))
 
 
+# --------------------------------------------------------------------------- training-set preparation
+
+
+def _indexed_dataset(counts, num_classes=None) -> ImageDataset:
+    """Image i holds i (two uint8 pixels, so the indices survive any selection); labels by ``counts``."""
+    labels = torch.cat([torch.full((n,), c, dtype=torch.int64) for c, n in enumerate(counts)])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(123))]  # classes interleaved
+    idx = torch.arange(len(labels))
+    images = torch.stack([idx // 256, idx % 256], 1).to(torch.uint8).view(-1, 1, 1, 2)
+    return ImageDataset(images, labels, num_classes or len(counts), (0.5,), (0.5,), "toy")
+
+
+def _indices(data: ImageDataset) -> torch.Tensor:
+    return data.images.view(-1, 2).to(torch.int64) @ torch.tensor([256, 1])
+
+
+def test_prepare_without_split_is_the_old_two_calls():
+    data = _indexed_dataset([40, 25, 30, 5])
+    for subset, noise, seed in [(None, 0.0, 0), (60, 0.0, 1), (None, 0.3, 2), (60, 0.25, 7)]:
+        prepared = prepare_train_set(data, subset=subset, label_noise=noise, seed=seed)
+        assert isinstance(prepared, PreparedData) and prepared.val is None
+        old, noisy = (training_subset(data, subset) if subset else data), None
+        if noise:
+            old, noisy = with_label_noise(old, noise, seed)
+        assert torch.equal(prepared.train.images, old.images) and torch.equal(prepared.train.labels, old.labels)
+        assert (prepared.noisy_indices is None) == (noisy is None)
+        if noisy is not None:
+            assert torch.equal(prepared.noisy_indices, noisy)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5, 0.7])
+def test_validation_split_is_stratified_and_disjoint(fraction):
+    counts = [50, 37, 11, 6, 3, 2, 90, 23]
+    data = _indexed_dataset(counts)
+    prepared = prepare_train_set(data, subset=None, label_noise=0.0, seed=0, val_fraction=fraction, split_seed=3)
+    train, val = prepared.train, prepared.val
+    tr, va = _indices(train), _indices(val)
+    assert len(set(tr.tolist()) & set(va.tolist())) == 0 and sorted(tr.tolist() + va.tolist()) == list(range(len(data)))
+    assert torch.equal(tr, tr.sort().values) and torch.equal(va, va.sort().values)  # original order kept
+    assert torch.equal(train.labels, data.labels[tr]) and torch.equal(val.labels, data.labels[va])
+    val_counts = torch.bincount(val.labels, minlength=len(counts))
+    train_counts = torch.bincount(train.labels, minlength=len(counts))
+    for c, n in enumerate(counts):
+        assert abs(int(val_counts[c]) - fraction * n) < 1, (c, n, int(val_counts[c]))  # floor or ceil
+        assert train_counts[c] >= 1
+    assert len(val) == round(fraction * len(data))
+    assert val.num_classes == data.num_classes and val.name == data.name and val.images.is_contiguous()
+
+
+def test_many_small_classes_get_the_exact_total():
+    """100 classes of 5 images at 10%: 50 classes hold out one image, not every class (per-class rounding)."""
+    data = _indexed_dataset([5] * 100)
+    val = prepare_train_set(data, subset=None, label_noise=0.0, seed=0, val_fraction=0.1).val
+    assert len(val) == 50 and torch.bincount(val.labels, minlength=100).max() == 1
+
+
+def test_validation_split_depends_on_split_seed_only():
+    data = _indexed_dataset([30, 30, 20, 20])
+    kw = dict(subset=70, val_fraction=0.2, label_noise=0.4)
+    a = prepare_train_set(data, seed=0, split_seed=5, **kw)
+    b = prepare_train_set(data, seed=0, split_seed=5, **kw)
+    c = prepare_train_set(data, seed=9, split_seed=5, **kw)
+    d = prepare_train_set(data, seed=0, split_seed=6, **kw)
+    assert torch.equal(a.val.images, b.val.images) and torch.equal(a.train.labels, b.train.labels)  # deterministic
+    assert torch.equal(a.val.images, c.val.images) and torch.equal(a.val.labels, c.val.labels)  # run seed: same split
+    assert torch.equal(a.train.images, c.train.images) and not torch.equal(a.train.labels, c.train.labels)
+    assert not torch.equal(a.val.images, d.val.images)
+    subset = training_subset(data, 70)
+    assert set(_indices(a.train).tolist()) | set(_indices(a.val).tolist()) == set(_indices(subset).tolist())
+
+
+def test_label_noise_only_on_the_training_part():
+    data = _indexed_dataset([40, 40, 40])
+    p = prepare_train_set(data, subset=None, label_noise=0.5, seed=4, val_fraction=0.25, split_seed=0)
+    assert torch.equal(p.val.labels, data.labels[_indices(p.val)])  # clean
+    clean = data.labels[_indices(p.train)]
+    assert torch.equal((p.train.labels != clean).nonzero().flatten(), p.noisy_indices)
+    assert len(p.noisy_indices) == round(0.5 * len(p.train))
+    split_only = prepare_train_set(data, subset=None, label_noise=0.0, seed=4, val_fraction=0.25)
+    expected, changed = with_label_noise(split_only.train, 0.5, 4)
+    assert torch.equal(p.train.labels, expected.labels) and torch.equal(p.noisy_indices, changed)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(val_fraction=1.0), "val_fraction must be in [0, 1), got 1.0"),
+        (dict(val_fraction=-0.1), "val_fraction must be in [0, 1), got -0.1"),
+        (dict(val_fraction=float("nan")), "val_fraction must be in [0, 1), got nan"),
+        (dict(label_noise=1.0), "label_noise must be in [0, 1), got 1.0"),
+        (dict(subset=0), "train_subset must be in [1, 16] for toy, got 0"),
+        (dict(val_fraction=0.01), "val_fraction 0.01 of the 16 training images of toy holds out no image"),
+        (dict(val_fraction=0.9), "val_fraction 0.9 would leave class 3 of toy (2 images) without a training image"),
+    ],
+)
+def test_bad_preparation_arguments(kwargs, message):
+    data = _indexed_dataset([4, 4, 6, 2])
+    args = dict(subset=None, label_noise=0.0, seed=0) | kwargs
+    with pytest.raises(DataError) as ei:
+        prepare_train_set(data, **args)
+    assert message in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_a_class_keeps_its_last_training_image():
+    """A class of 2 at 50% holds out one image; classes of 1 hold out none while others can."""
+    data = _indexed_dataset([2, 1, 1, 9])
+    p = prepare_train_set(data, subset=None, label_noise=0.0, seed=0, val_fraction=0.4)
+    assert torch.bincount(p.val.labels, minlength=4).tolist() == [1, 0, 0, 4]  # 5 = round(0.4 * 13)
+    assert torch.bincount(p.train.labels, minlength=4).tolist() == [1, 1, 1, 5]
+
+
 # --------------------------------------------------------------------------- augmentation
 
 
@@ -497,7 +786,27 @@ def test_default_augmentation():
     assert default_augmentation("tinyimagenet", cutout=True).cutout == 32
     assert shape(default_augmentation("digits")) == (1, False, 0)
     assert shape(default_augmentation("digits", cutout=True)) == (1, False, 4)
-    assert shape(DATASET_INFO["cifar10"].augmentation) == shape(default_augmentation("cifar10"))
+    assert default_augmentation(DATASET_INFO["cifar10"], cutout=True) == default_augmentation("cifar10", cutout=True)
+    info = DATASET_INFO["tinyimagenet"]
+    assert shape(default_augmentation(info)) == (info.crop_padding, info.flip, 0)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(filter(None, ["bench" if node.level else "", node.module or ""]))
+            names |= {base} | {f"{base}.{a.name}" for a in node.names}
+    return names
+
+
+def test_imports_run_one_way():
+    """bench.augment uses bench.data; bench.data never imports bench.augment, not even lazily."""
+    bench_dir = Path(bd.__file__).parent
+    assert not any(m == "bench.augment" or m.startswith("bench.augment.") for m in _imported_modules(bench_dir / "data.py"))
+    assert "bench.data" in _imported_modules(bench_dir / "augment.py")
 
 
 def test_cutout_is_zero_after_normalisation():
@@ -540,6 +849,31 @@ def test_augment_shape_dtype_determinism(device):
     assert torch.equal(ident, x) and ident.data_ptr() != x.data_ptr()
     # empty batch
     assert augment(x[:0], aug, _gen(device, 0)).shape == (0, 3, 32, 32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p, flip, cut, fill", [(2, True, 5, ()), (0, True, 3, (7, 8, 9)), (3, False, 0, ()), (0, False, 4, ())])
+def test_augment_follows_the_documented_random_order(device, p, flip, cut, fill):
+    """Rebuild each sample by hand from the draws in the documented order: crop rows, crop columns,
+    flips, cutout rows, cutout columns (only for the enabled parts)."""
+    x = _nonzero_batch(b=6, h=7, w=9, seed=5, device=device)
+    B, C, H, W = x.shape
+    out = augment(x, Augmentation(p, flip, cut, fill), _gen(device, 11))
+    g = _gen(device, 11)
+    draw = lambda hi: torch.randint(0, hi, (B,), generator=g, device=device).tolist()  # noqa: E731
+    oy, ox = (draw(2 * p + 1), draw(2 * p + 1)) if p else ([p] * B, [p] * B)
+    flips = (torch.rand(B, generator=g, device=device) < 0.5).tolist() if flip else [False] * B
+    cy, cx = (draw(H), draw(W)) if cut else (None, None)
+    padded = torch.nn.functional.pad(x, (p, p, p, p))
+    for i in range(B):
+        expected = padded[i, :, oy[i] : oy[i] + H, ox[i] : ox[i] + W]
+        expected = expected.flip(-1) if flips[i] else expected.clone()
+        if cut:
+            ys, xs = slice(max(cy[i] - cut // 2, 0), max(cy[i] - cut // 2 + cut, 0)), slice(
+                max(cx[i] - cut // 2, 0), max(cx[i] - cut // 2 + cut, 0))
+            for ch in range(C):
+                expected[ch, ys, xs] = fill[ch] if fill else 0
+        assert torch.equal(out[i], expected), i
 
 
 @pytest.mark.parametrize("device", DEVICES)
