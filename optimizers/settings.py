@@ -32,7 +32,9 @@ class Setting:
     ``flag``: the command-line flag (``""``: ``--NAME``; ``None``: none). ``aliases``:
     other flags that set it (the seed project's). ``filled_by``: a quantity the harness
     supplies when the user does not (``"num_train"``: the training set size).
-    ``symbol``: the paper's name for it where this project's differs.
+    ``symbol``: the paper's name for it where this project's differs. ``selects``: for a
+    boolean, the registered variant that setting it true on the command line runs instead
+    (the seed's ``--sam_type SAM --adaptive`` is ``adaptive_sam``).
     """
 
     name: str
@@ -47,6 +49,7 @@ class Setting:
     aliases: tuple[str, ...] = ()
     filled_by: str | None = None
     symbol: str | None = None
+    selects: str | None = None
 
     def __post_init__(self):
         if self.range is not None and not _RANGE.match(self.range):

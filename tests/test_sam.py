@@ -32,6 +32,49 @@ def test_sam_matches_pytorch_optimizer(adaptive):
     assert (flat(ours_model) - flat(tiny_mlp())).norm() > 1e-2  # it really trained
 
 
+@requires_oracle
+def test_sam_matches_pytorch_optimizer_with_settings_per_group():
+    """One group plain, one adaptive, each with its own radius: one norm over both."""
+    import pytorch_optimizer
+
+    ours_model, ref_model = tiny_mlp(), tiny_mlp()
+
+    def groups(model):
+        first, second = two_groups(model, (0.05, 0.8))
+        return [{**first, "adaptive": False}, {**second, "adaptive": True}]
+
+    ours = create_optimizer("sam", groups(ours_model), **SGD)
+    ref = pytorch_optimizer.SAM(groups(ref_model), torch.optim.SGD, **SGD)
+    for x, y in batches(STEPS):
+        ours.step(plain_closure(ours_model, x, y))
+        ref_closure = plain_closure(ref_model, x, y)
+        ref_closure()
+        ref.step(ref_closure)
+        assert_close(flat(ours_model), flat(ref_model))
+
+
+def test_zero_gradient_moves_weights_by_weight_decay_and_momentum_only():
+    """SAM's epsilon: ||g|| = 0 gives e = 0, not 0/0; the step is SGD's with a zero gradient."""
+    model = tiny_mlp()
+    x, y = batches(1)[0]
+    opt = create_optimizer("sam", model, rho=0.05, lr=0.1, momentum=0.9, weight_decay=0.01)
+    w, buf = flat(model), None
+
+    def closure():
+        model.zero_grad()
+        loss = (model(x) * 0).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+        d = 0.01 * w
+        buf = d if buf is None else 0.9 * buf + d
+        w = w - 0.1 * buf
+        assert torch.isfinite(flat(model)).all()
+        assert_close(flat(model), w, 1e-12)
+
+
 def test_sam_step_by_hand():
     """One SAM step with plain SGD (no momentum), derived from the formula."""
     model = tiny_mlp()
