@@ -12,6 +12,8 @@ spans several pairs.
 
 Curves average over seeds epoch by epoch; a run that stopped early simply contributes to fewer epochs.
 If the runs of one pair use several label-noise levels, each (optimizer, noise) is its own series.
+Series follow ``bench.results.optimizer_order`` (the tables' order).  A malformed run file (truncated
+JSON, say) is ignored with a ``RunSkipped`` warning naming it.
 
     python -m bench.plots runs/cifar10_cpu --out results/cifar10_cpu
 """
@@ -23,6 +25,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -35,6 +38,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .io import read_json, read_jsonl  # noqa: E402
+from .results import RunSkipped, optimizer_order  # noqa: E402  (one optimizer order for tables and legends)
 
 CURVE_COLUMNS = ["run_dir", "dataset", "arch", "optimizer", "seed", "label_noise", "epoch", "test_acc", "elapsed_s"]
 FIGSIZE = (7, 4.5)
@@ -51,7 +55,28 @@ MEASURE_LABELS = {
 
 
 def _read_json_or_empty(path: Path) -> dict:
-    return read_json(path) if path.is_file() else {}
+    """The JSON object in ``path``; {} when the file is missing, and {} with a RunSkipped warning when it
+    is not a JSON object (truncated, say): a malformed file leaves a run out of a figure, never stops it."""
+    if not path.is_file():
+        return {}
+    try:
+        value = read_json(path)
+    except (OSError, ValueError) as err:
+        value = f"unreadable ({err})"
+    if not isinstance(value, dict):
+        problem = value if isinstance(value, str) else f"not a JSON object ({type(value).__name__})"
+        warnings.warn(f"{path}: {problem}; file ignored by the figures", RunSkipped, stacklevel=2)
+        return {}
+    return value
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """The epoch records of metrics.jsonl; [] (with a RunSkipped warning) when the file is malformed."""
+    try:
+        return [r for r in read_jsonl(path) if isinstance(r, dict) and "epoch" in r]
+    except (OSError, ValueError) as err:
+        warnings.warn(f"{path}: unreadable ({err}); file ignored by the figures", RunSkipped, stacklevel=2)
+        return []
 
 
 def _run_meta(run: Path) -> dict:
@@ -76,7 +101,7 @@ def load_curves(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
         metrics_path = run / "metrics.jsonl"
         if not metrics_path.is_file():
             continue
-        rows = [r for r in read_jsonl(metrics_path) if "epoch" in r]
+        rows = _read_metrics(metrics_path)
         if not rows:
             continue
         frame = pd.DataFrame(rows)
@@ -100,12 +125,12 @@ def _load_sharpness(run_dirs: Iterable[str | Path], measure: str) -> pd.DataFram
     for run in map(Path, run_dirs):
         if not (run / "sharpness.json").is_file():
             continue
-        sharpness, summary = read_json(run / "sharpness.json"), _read_json_or_empty(run / "summary.json")
+        sharpness, summary = _read_json_or_empty(run / "sharpness.json"), _read_json_or_empty(run / "summary.json")
         value, acc = sharpness.get(measure), summary.get("final_test_acc")
         if acc is None:  # no summary (unfinished run): fall back to the last epoch's accuracy
-            metrics = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+            metrics = _read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
             acc = metrics[-1].get("test_acc") if metrics else None
-        if value is None or acc is None or not (math.isfinite(float(value)) and math.isfinite(float(acc))):
+        if not (_finite(value) and _finite(acc)):
             continue
         rows.append({"run_dir": str(run), **_run_meta(run), "measure": float(value), "final_test_acc": float(acc)})
     return pd.DataFrame(rows)
@@ -114,10 +139,8 @@ def _load_sharpness(run_dirs: Iterable[str | Path], measure: str) -> pd.DataFram
 # ----------------------------------------------------------------------------- helpers
 
 
-def optimizer_order(optimizers: Iterable[str]) -> list[str]:
-    """Distinct optimizers in order of first appearance, with "sgd" moved first."""
-    seen = list(dict.fromkeys(optimizers))
-    return sorted(seen, key=lambda name: name != "sgd")  # stable: keeps first-appearance order otherwise
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _single_pair(frame: pd.DataFrame, what: str) -> tuple[str, str]:

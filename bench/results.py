@@ -1,8 +1,41 @@
-"""Aggregate run directories into pandas tables (CSV + Markdown), from the run files only."""
+"""Aggregate run directories into pandas tables (CSV + Markdown + LaTeX), from the run files only.
+
+A run directory is one holding ``config.json`` (written when the run starts); ``summary.json`` is written
+when it ends, with status "completed", "stopped_early" or "diverged".  A run without it is "unfinished".
+
+One table row per (settings, status): the settings are config.json less the fields that do not change a
+result (``bench.config.OPERATIONAL``) and the per-run fields (``PER_RUN``: seed, run_id, ...), so the
+seeds of one configuration are averaged and nothing else is.  Columns, for the common case as before
+(dataset, arch, optimizer, n, accuracies as mean ± sample std over seeds, ...), plus three that appear
+only when needed:
+
+* ``settings``: only when two rows share (dataset, arch, optimizer); then every row lists its values of
+  the fields that differ within such a block (``max_steps=11``, ``rho=0.1``; a hyperparameter a run
+  left to the variant's default shows as ``rho=default``);
+* ``status``: only when some row is not "completed".  Unfinished rows count their runs (n) and leave
+  the accuracies blank;
+* ``contended``: only when some run's summary says its timing was taken on a busy machine
+  (``"contended": true``): per row, how many of its runs ("1/3"); their times are inflated.
+
+``time vs sgd`` compares a completed row's mean training time with that of the COMPLETED sgd runs of
+the same budget: the same settings except the optimizer's own (``OPTIMIZER_OWN``) and its step settings
+(``STEP_SETTINGS``: lr, momentum, ...), preferring sgd runs whose step settings match too.  No such run,
+or a row that did not complete: blank.
+
+Problems: a missing path, a path that is not a folder, or a folder without any run raise ``ResultsError``
+(one line).  A run whose config.json or summary.json is malformed is skipped and named in a note
+(``read_runs`` returns them; ``load_runs`` also emits each as a ``RunSkipped`` warning); when every run
+is skipped, ``ResultsError`` names the files.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import warnings
 from pathlib import Path
+from typing import Any, Iterable
 
 import pandas as pd
 
@@ -10,10 +43,33 @@ from .io import read_json
 
 GROUP = ["dataset", "arch", "optimizer"]
 SHARPNESS = {"hessian_max_eigenvalue": "λ_max", "sam_sharpness": "SAM sharpness", "hessian_trace": "Hessian trace"}
+#: config.json fields that differ between the seeds of one configuration (left out of its settings), with
+#: bench.config.RUN_METADATA where that exists
+PER_RUN = ("seed", "run_id", "world_size", "device", "versions", "environment")
+#: settings that only the optimizer reads: a baseline for "time vs sgd" may differ in these
+OPTIMIZER_OWN = ("optimizer", "base_optimizer", "hyperparameters")
+STEP_SETTINGS = ("lr", "momentum", "weight_decay", "nesterov")
+STATUSES = ("completed", "stopped_early", "diverged", "unfinished")
+#: summary.json numbers the table reads: required keys, and optional ones (a null or absent value shows blank)
+SUMMARY_NUMBERS = ("final_test_acc", "best_test_acc", "train_time_s")
+SUMMARY_OPTIONAL = ("final_test_loss", "final_test_ece", "passes_per_step", "images_per_s")
+_DEFAULT = object()  # a hyperparameter a run does not set (the variant's default)
+
+
+class ResultsError(ValueError):
+    """Nothing to tabulate: one line naming the path and the problem."""
+
+
+class RunSkipped(UserWarning):
+    """A run directory left out of a table because one of its files is malformed."""
+
+
+# ----------------------------------------------------------------------------- finding and reading runs
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
-    """Run directories (those holding summary.json) under the given paths."""
+    """Finished run directories (those holding summary.json) under the given paths; missing paths are
+    ignored.  For commands that need finished runs (sharpness, reproduction); tables use find_run_dirs."""
     found: list[Path] = []
     for path in map(Path, paths):
         if (path / "summary.json").is_file():
@@ -23,62 +79,285 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     return found
 
 
-def load_runs(paths: list[str | Path]) -> pd.DataFrame:
-    rows = []
-    for run in find_runs(paths):
-        sharpness = read_json(run / "sharpness.json") if (run / "sharpness.json").is_file() else {}
-        config = read_json(run / "config.json") if (run / "config.json").is_file() else {}
-        rows.append({**read_json(run / "summary.json"), **sharpness, "label_noise": config.get("label_noise", 0.0),
-                     "run_dir": str(run)})
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Every run directory (one holding config.json, finished or not) under the given paths.
+
+    Raises ResultsError for a path that does not exist, one that is not a folder, or a folder without runs."""
+    found: dict[Path, Path] = {}
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ResultsError("no run directories given")
+    for path in paths:
+        if not path.exists():
+            raise ResultsError(f"no such folder: {path}")
+        if not path.is_dir():
+            raise ResultsError(f"not a run directory: {path} (a run directory holds config.json)")
+        runs = _walk_runs(path)
+        if not runs:
+            raise ResultsError(f"no runs under {path} (a run directory holds config.json)")
+        for run in runs:
+            found.setdefault(run.resolve(), run)
+    return list(found.values())
+
+
+def _walk_runs(folder: Path) -> list[Path]:
+    runs = []
+    for root, dirs, files in os.walk(folder):
+        if "config.json" in files:
+            runs.append(Path(root))
+            dirs.clear()  # a run's own subfolders (checkpoints) hold no runs
+        else:
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    return sorted(runs)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _config_problem(config: Any) -> str | None:
+    if not isinstance(config, dict):
+        return f"expected a JSON object, got {type(config).__name__}"
+    bad = [k for k in GROUP if not isinstance(config.get(k), str)]
+    if bad:
+        return f"missing or not text: {', '.join(bad)}"
+    if not isinstance(config.get("hyperparameters", {}), dict):
+        return "hyperparameters is not an object"
+    return None
+
+
+def _summary_problem(summary: Any) -> str | None:
+    if not isinstance(summary, dict):
+        return f"expected a JSON object, got {type(summary).__name__}"
+    if summary.get("status") not in STATUSES[:3]:
+        return f"status {summary.get('status')!r} is not one of {', '.join(STATUSES[:3])}"
+    missing = [k for k in SUMMARY_NUMBERS if k not in summary]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    wrong = [k for k in SUMMARY_NUMBERS + SUMMARY_OPTIONAL if summary.get(k) is not None and not _is_number(summary[k])]
+    return f"not a number: {', '.join(wrong)}" if wrong else None
+
+
+def _sharpness_problem(sharpness: Any) -> str | None:
+    if not isinstance(sharpness, dict):
+        return f"expected a JSON object, got {type(sharpness).__name__}"
+    wrong = [k for k in SHARPNESS if sharpness.get(k) is not None and not _is_number(sharpness[k])]
+    return f"not a number: {', '.join(wrong)}" if wrong else None
+
+
+def _read_checked(path: Path, problem_of) -> tuple[Any, str | None]:
+    """The JSON in ``path`` and None, or None and a note naming the file and what is wrong with it."""
+    try:
+        value = read_json(path)
+    except json.JSONDecodeError as err:
+        return None, f"{path}: not valid JSON ({err.msg}, line {err.lineno} column {err.colno})"
+    except (OSError, UnicodeDecodeError) as err:
+        return None, f"{path}: unreadable ({err.__class__.__name__}: {err})"
+    problem = problem_of(value)
+    return (None, f"{path}: {problem}") if problem else (value, None)
+
+
+def _identity(config: dict) -> dict:
+    """What makes a run's result: config.json (missing fields at RunConfig's defaults) less OPERATIONAL and PER_RUN."""
+    from . import config as config_module
+
+    left_out = {*config_module.OPERATIONAL, *PER_RUN, *getattr(config_module, "RUN_METADATA", ())}
+    defaults = json.loads(json.dumps(config_module.RunConfig().to_dict(), default=str))
+    return {k: v for k, v in {**defaults, **config}.items() if k not in left_out}
+
+
+def _read_run(run: Path) -> tuple[dict | None, list[str]]:
+    """One table input row for a run directory and notes; None (and the note) when the run is skipped."""
+    config, problem = _read_checked(run / "config.json", _config_problem)
+    if problem:
+        return None, [f"{problem}; run skipped"]
+    row: dict[str, Any] = {"status": "unfinished", "contended": False,
+                           **{k: math.nan for k in SUMMARY_NUMBERS + SUMMARY_OPTIONAL}}
+    if (run / "summary.json").exists():
+        summary, problem = _read_checked(run / "summary.json", _summary_problem)
+        if problem:
+            return None, [f"{problem}; run skipped"]
+        row.update(summary)
+        row.update({k: math.nan if summary.get(k) is None else float(summary[k])
+                    for k in SUMMARY_NUMBERS + SUMMARY_OPTIONAL})
+        row["contended"] = summary.get("contended") is True
+    notes = []
+    if (run / "sharpness.json").exists():
+        sharpness, problem = _read_checked(run / "sharpness.json", _sharpness_problem)
+        if problem:
+            notes.append(f"{problem}; sharpness left out")
+        else:
+            row.update({k: math.nan if sharpness.get(k) is None else float(sharpness[k]) for k in SHARPNESS})
+    identity = _identity(config)
+    row.update({k: config[k] for k in GROUP}, seed=config.get("seed"), label_noise=config.get("label_noise", 0.0),
+               run_id=config.get("run_id", row.get("run_id", run.name)), run_dir=str(run), identity=identity,
+               settings_key=_key(identity))
+    return row, notes
+
+
+def read_runs(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, list[str]]:
+    """One row per readable run directory under ``paths`` (unfinished ones with status "unfinished"), and
+    one note per skipped run or file naming it.  ResultsError when there is no run or none is readable."""
+    rows, notes = [], []
+    for run in find_run_dirs(paths):
+        row, run_notes = _read_run(run)
+        notes += run_notes
+        if row is not None:
+            rows.append(row)
     if not rows:
-        raise FileNotFoundError(f"no finished runs (summary.json) under {', '.join(map(str, paths))}")
-    return pd.DataFrame(rows)
+        raise ResultsError(f"no readable run: {'; '.join(notes)}")
+    return pd.DataFrame(rows), notes
+
+
+def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """As read_runs, emitting each note as a RunSkipped warning; the notes are also in ``.attrs["notes"]``."""
+    runs, notes = read_runs(paths)
+    for note in notes:
+        warnings.warn(note, RunSkipped, stacklevel=2)
+    runs.attrs["notes"] = notes
+    return runs
+
+
+# ----------------------------------------------------------------------------- the comparison table
+
+
+def optimizer_order(names: Iterable[str] | None = None) -> list[str]:
+    """The one order of optimizers in tables and plot legends: the registry's (sgd first, then the variants
+    as registered); names it does not know follow in first-appearance order.  With ``names``: those, distinct."""
+    from optimizers import available_optimizers
+
+    known = available_optimizers()
+    if names is None:
+        return known
+    rank = {name: i for i, name in enumerate(known)}
+    return sorted(dict.fromkeys(names), key=lambda name: rank.get(name, len(rank)))  # stable for unknown names
+
+
+def _key(identity: dict, drop: tuple[str, ...] = ()) -> str:
+    return json.dumps({k: v for k, v in identity.items() if k not in drop}, sort_keys=True, default=str)
 
 
 def _mean_std(values: pd.Series, scale: float = 1.0, digits: int = 2) -> str:
+    """"mean ± sample std" (ddof=1; ± 0 for one value); blank when a value is missing or not finite."""
+    if len(values) == 0 or not all(math.isfinite(v) for v in values):
+        return ""
     mean, std = values.mean() * scale, values.std(ddof=1) * scale if len(values) > 1 else 0.0
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _rounded(value: float, digits: int) -> float | str:
+    return round(float(value), digits) if math.isfinite(value) else ""
+
+
+def _time_ratio(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> float | str:
+    """Mean training time over that of the completed ``baseline`` runs of the same budget; blank if none."""
+    if runs_of.status.iloc[0] != "completed":
+        return ""
+    identity = runs_of.identity.iloc[0]
+    budget, step = _key(identity, OPTIMIZER_OWN + STEP_SETTINGS), [identity.get(k) for k in STEP_SETTINGS]
+    base = runs[(runs.optimizer == baseline) & (runs.status == "completed")]
+    base = base.loc[[_key(i, OPTIMIZER_OWN + STEP_SETTINGS) == budget for i in base.identity]]
+    same_step = base.loc[[[i.get(k) for k in STEP_SETTINGS] == step for i in base.identity]]
+    base = same_step if len(same_step) else base  # a variant with its own lr (bSAM) still gets a ratio
+    if not len(base):
+        return ""
+    return _rounded(runs_of.train_time_s.mean() / base.train_time_s.mean(), 2)
+
+
+def _group_row(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> dict[str, Any]:
+    first = runs_of.iloc[0]
+    acc = runs_of.final_test_acc
+    return {
+        "dataset": first.dataset, "arch": first.arch, "optimizer": first.optimizer, "settings": "",
+        "status": first.status, "n": len(runs_of),
+        "final acc (%)": _mean_std(acc, 100),
+        "best acc (%)": _mean_std(runs_of.best_test_acc, 100),
+        "final acc mean": acc.mean(skipna=False) * 100,
+        "final acc std": acc.std(ddof=1, skipna=False) * 100 if len(runs_of) > 1 else (0.0 if acc.notna().all() else math.nan),
+        "test loss": _rounded(runs_of.final_test_loss.mean(skipna=False), 4),
+        "ECE (%)": _mean_std(runs_of.final_test_ece, 100),
+        **{label: _mean_std(runs_of[key], digits=3) if key in runs_of else "" for key, label in SHARPNESS.items()},
+        f"time vs {baseline}": _time_ratio(runs_of, runs, baseline),
+        "passes/step": _rounded(runs_of.passes_per_step.mean(skipna=False), 2),
+        "images/s": _rounded(runs_of.images_per_s.mean(skipna=False), 1),
+        "contended": f"{int(runs_of.contended.sum())}/{len(runs_of)}" if runs_of.contended.any() else "",
+        "stopped early": first.status == "stopped_early",
+    }
+
+
+def _flat(identity: dict) -> dict[str, Any]:
+    """The settings as one level (hyperparameters by their own name), without the table's own columns."""
+    flat = {k: v for k, v in identity.items() if k not in GROUP and k != "hyperparameters"}
+    for name, value in identity.get("hyperparameters", {}).items():
+        flat[name if name not in flat else f"hyperparameters.{name}"] = value
+    return flat
+
+
+def _show(value: Any) -> str:
+    if value is _DEFAULT:
+        return "default"
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
+
+
+def _sortable(value: Any) -> tuple:
+    return (0, float(value), "") if _is_number(value) else (1, 0.0, _show(value))
+
+
+def _settings(groups: list[pd.DataFrame]) -> tuple[list[str], list[tuple]]:
+    """Per group, "k=v, ..." for the fields that differ within some (dataset, arch, optimizer) block, and a sort key.
+
+    A differing config field is shown on every row (max_steps=11 against max_steps=44 everywhere); a
+    differing hyperparameter only on the rows of the blocks where it differs (no rho on sgd rows)."""
+    flats = [_flat(g.identity.iloc[0]) for g in groups]
+    blocks: dict[tuple, list[int]] = {}
+    for i, group in enumerate(groups):
+        blocks.setdefault(tuple(group[GROUP].iloc[0]), []).append(i)
+    fields: dict[str, None] = {}
+    own: list[dict[str, None]] = [{} for _ in groups]
+    for members in blocks.values():
+        for key in sorted(set().union(*(flats[i] for i in members))):
+            if len({_show(flats[i].get(key, _DEFAULT)) for i in members}) < 2:
+                continue
+            if key in groups[members[0]].identity.iloc[0]:  # a config field, not a hyperparameter
+                fields[key] = None
+            else:
+                for i in members:
+                    own[i][key] = None
+    keys = [[*fields, *mine] for mine in own]
+    labels = [", ".join(f"{k}={_show(f.get(k, _DEFAULT))}" for k in ks) for f, ks in zip(flats, keys)]
+    return labels, [tuple(_sortable(f.get(k, _DEFAULT)) for k in ks) for f, ks in zip(flats, keys)]
+
+
 def comparison_table(runs: pd.DataFrame, baseline: str = "sgd") -> pd.DataFrame:
-    """One row per (dataset, arch, optimizer): accuracy mean ± std over seeds, n, cost relative to the baseline."""
-    order = {name: i for i, name in enumerate(_optimizer_order())}
+    """One row per (settings, status): accuracy mean ± sample std over seeds, n, cost relative to the baseline.
+
+    Rows are ordered by dataset, arch, ``optimizer_order()``, settings, then status; the ``settings`` and
+    ``status`` columns are left out when they would not tell rows apart (see the module docstring)."""
+    groups = [g for _, g in runs.groupby(["settings_key", "status"], sort=False)]
+    labels, sort_keys = _settings(groups)
+    rank = {name: i for i, name in enumerate(optimizer_order(runs.optimizer))}
     rows = []
-    for (dataset, arch, optimizer), runs_of in runs.groupby(GROUP, sort=False):
-        base = runs[(runs.dataset == dataset) & (runs.arch == arch) & (runs.optimizer == baseline)]
-        ratio = runs_of.train_time_s.mean() / base.train_time_s.mean() if len(base) else float("nan")
-        rows.append(
-            {
-                "dataset": dataset,
-                "arch": arch,
-                "optimizer": optimizer,
-                "n": len(runs_of),
-                "final acc (%)": _mean_std(runs_of.final_test_acc, 100),
-                "best acc (%)": _mean_std(runs_of.best_test_acc, 100),
-                "final acc mean": runs_of.final_test_acc.mean() * 100,
-                "final acc std": runs_of.final_test_acc.std(ddof=1) * 100 if len(runs_of) > 1 else 0.0,
-                "test loss": round(runs_of.final_test_loss.mean(), 4),
-                "ECE (%)": _mean_std(runs_of.final_test_ece, 100) if "final_test_ece" in runs_of else "",
-                **{label: _mean_std(runs_of[key], digits=3) if key in runs_of and runs_of[key].notna().all() else ""
-                   for key, label in SHARPNESS.items()},
-                f"time vs {baseline}": round(ratio, 2),
-                "passes/step": round(runs_of.passes_per_step.mean(), 2),
-                "images/s": round(runs_of.images_per_s.mean(), 1),
-                "stopped early": bool(runs_of.stopped_early.any()),
-            }
-        )
-    table = pd.DataFrame(rows)
-    table["_order"] = table.optimizer.map(lambda o: order.get(o, len(order)))
-    return table.sort_values(["dataset", "arch", "_order"]).drop(columns="_order").reset_index(drop=True)
+    for group, label, sort_key in zip(groups, labels, sort_keys):
+        row = {**_group_row(group, runs, baseline), "settings": label}
+        order = (row["dataset"], row["arch"], rank[row["optimizer"]], sort_key, STATUSES.index(row["status"]))
+        rows.append((order, row))
+    table = pd.DataFrame([row for _, row in sorted(rows, key=lambda pair: pair[0])])
+    needed = {"settings": any(labels), "status": (table.status != "completed").any(), "contended": (table.contended != "").any()}
+    unused = [column for column, keep in needed.items() if not keep]
+    return table.drop(columns=unused).reset_index(drop=True)
 
 
 def reproduction_table(recipes, runs: pd.DataFrame | None) -> pd.DataFrame:
-    """Reported against measured, per (recipe, optimizer) with a reported number."""
+    """Reported against measured, per (recipe, optimizer) with a reported number (completed or diverged runs)."""
     rows = []
     for recipe in recipes:
         for optimizer, reported in recipe.reported.items():
             ids = {c.run_id() for c in recipe.runs() if c.optimizer == optimizer}
-            mine = runs[runs.run_id.isin(ids) & (runs.status != "stopped_early")] if runs is not None else []
+            mine = runs[runs.run_id.isin(ids) & runs.status.isin(["completed", "diverged"])] if runs is not None else []
             row = {"recipe": recipe.name, "optimizer": optimizer, "reported acc (%)": reported.accuracy,
                    "metric": reported.metric, "source": reported.source}
             if len(mine) == 0:
@@ -94,6 +373,9 @@ def reproduction_table(recipes, runs: pd.DataFrame | None) -> pd.DataFrame:
                             "status": verdict, "command": f"python launch.py sweep {recipe.name}"})
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- output
 
 
 def frame_to_markdown(frame: pd.DataFrame) -> str:
@@ -112,21 +394,18 @@ def to_latex(table: pd.DataFrame) -> str:
     return "\n".join(lines + ["\\hline", "\\end{tabular}"]) + "\n"
 
 
-def _optimizer_order() -> list[str]:
-    from optimizers import available_optimizers
-
-    return available_optimizers()
-
-
 def to_markdown(table: pd.DataFrame) -> str:
     shown = table.drop(columns=["final acc mean", "final acc std"])
     return frame_to_markdown(shown.loc[:, [c for c in shown.columns if (shown[c] != "").any()]])
 
 
 def write_comparison(paths: list[str | Path], out_prefix: str | Path, preamble: str = "") -> pd.DataFrame:
+    """Write ``{out_prefix}.csv/.md/.tex``; the table's ``.attrs["notes"]`` holds the skipped-run notes."""
     from .io import write_text
 
-    table = comparison_table(load_runs(paths))
+    runs = load_runs(paths)
+    table = comparison_table(runs)
+    table.attrs["notes"] = runs.attrs.get("notes", [])
     out_prefix = Path(out_prefix)
     write_text(out_prefix.with_suffix(".csv"), table.to_csv(index=False))
     write_text(out_prefix.with_suffix(".md"), preamble + to_markdown(table))
@@ -138,10 +417,13 @@ def print_table(table: pd.DataFrame, title: str = "") -> None:
     from rich.console import Console
     from rich.table import Table
 
-    columns = ["dataset", "arch", "optimizer", "n", "final acc (%)", "best acc (%)", "time vs sgd", "passes/step"]
+    columns = ["dataset", "arch", "optimizer", "settings", "status", "n", "final acc (%)", "best acc (%)", "time vs sgd",
+               "contended", "passes/step"]
+    columns = [c for c in columns if c in table]
     rich_table = Table(title=title)
     for column in columns:
-        rich_table.add_column(column, no_wrap=True)
+        rich_table.add_column(column, no_wrap=True, min_width=min(len(column), 8))
     for row in table[columns].itertuples(index=False):
         rich_table.add_row(*map(str, row))
-    Console().print(rich_table)
+    console = Console()
+    (console if console.is_terminal else Console(width=200)).print(rich_table)  # a pipe or a log: do not cut columns

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.plots import load_curves, optimizer_order, plot_accuracy_vs_epoch, plot_accuracy_vs_sharpness, write_plots
+from bench.plots import load_curves, plot_accuracy_vs_epoch, plot_accuracy_vs_sharpness, write_plots
+from bench.results import RunSkipped, optimizer_order
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EPOCHS = 4
@@ -70,8 +71,24 @@ def test_load_curves_rows_and_cumulative_time(tmp_path):
 
 
 def test_optimizer_order_puts_sgd_first():
+    # one order for tables and legends (bench.results); tests/test_results.py checks the legends follow it
     assert optimizer_order(["sam", "asam", "sam", "sgd", "gsam"]) == ["sgd", "sam", "asam", "gsam"]
     assert optimizer_order(["sam", "asam"]) == ["sam", "asam"]
+
+
+def test_malformed_run_files_are_named_and_left_out(tmp_path):
+    runs = make_grid(tmp_path / "runs", sharpness=True)
+    (runs[0] / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 0.5}\n{"epoch": 2, "te')
+    (runs[1] / "sharpness.json").write_text('{"hessian_max_eigenvalue": ')
+    (runs[2] / "summary.json").write_text("[]")
+    with pytest.warns(RunSkipped) as caught:
+        written = write_plots(runs, tmp_path / "figs" / "x")
+    named = " ".join(str(w.message) for w in caught)
+    for bad in (runs[0] / "metrics.jsonl", runs[1] / "sharpness.json", runs[2] / "summary.json"):
+        assert str(bad) in named
+    assert [p.name for p in written] == ["x_acc_epoch.png", "x_acc_time.png", "x_acc_sharpness.png"]
+    with pytest.warns(RunSkipped):
+        assert set(load_curves(runs)["run_dir"]) == {str(r) for r in runs[1:]}
 
 
 def test_write_plots_without_sharpness(tmp_path):

@@ -1,0 +1,262 @@
+"""Tables from hand-built run directories: every folder state gives a correct table or one error line."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench import plots
+from bench.config import RunConfig
+from bench.results import (
+    ResultsError,
+    RunSkipped,
+    comparison_table,
+    find_run_dirs,
+    load_runs,
+    optimizer_order,
+    read_runs,
+    to_markdown,
+    write_comparison,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_run(root: Path, optimizer: str = "sgd", seed: int = 0, acc: float | None = 0.9, status: str = "completed",
+             train_time: float = 10.0, name: str | None = None, **settings) -> Path:
+    """A run directory as bench.train leaves it: config.json always, summary.json unless ``acc`` is None."""
+    config = RunConfig(dataset="digits", arch="smallcnn", optimizer=optimizer, seed=seed, **settings)
+    run = root / (name or f"{config.run_id()}_{status}")
+    run.mkdir(parents=True)
+    extra = {"run_id": config.run_id(), "world_size": 1, "device": "cpu", "versions": {"torch": "2"}}
+    (run / "config.json").write_text(json.dumps({**config.to_dict(), **extra}))
+    if acc is not None:
+        summary = {"run_id": config.run_id(), "status": status, "dataset": "digits", "arch": "smallcnn",
+                   "optimizer": optimizer, "seed": seed, "final_test_acc": acc, "best_test_acc": acc,
+                   "final_test_loss": 0.5, "final_test_ece": 0.03, "train_time_s": train_time, "passes_per_step": 1.0,
+                   "images_per_s": 1000.0, "stopped_early": status == "stopped_early"}
+        (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def table_of(*paths) -> pd.DataFrame:
+    return comparison_table(load_runs(paths))
+
+
+# ----------------------------------------------------------------------------- folder states
+
+
+def test_missing_folder_empty_folder_and_a_file_are_one_line_errors(tmp_path):
+    with pytest.raises(ResultsError, match=f"^no such folder: {tmp_path / 'nope'}$"):
+        load_runs([tmp_path / "nope"])
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(ResultsError, match=r"^no runs under .*empty \(a run directory holds config.json\)$"):
+        load_runs([tmp_path / "empty"])
+    run = make_run(tmp_path / "runs")
+    with pytest.raises(ResultsError, match="^not a run directory: .*summary.json"):
+        load_runs([run / "summary.json"])
+    with pytest.raises(ResultsError, match="no run directories given"):
+        load_runs([])
+    assert isinstance(ResultsError("x"), ValueError)
+
+
+def test_a_run_directory_is_one_with_config_json_and_its_subfolders_are_not_runs(tmp_path):
+    run = make_run(tmp_path / "runs")
+    (run / "checkpoints" / "step_5").mkdir(parents=True)
+    (run / "checkpoints" / "step_5" / "config.json").write_text("{}")
+    assert find_run_dirs([tmp_path / "runs", run]) == [run]  # listed twice, counted once
+
+
+MALFORMED = {
+    "truncated": '{"status": "completed", "final_test_acc": 0.9',
+    "not an object": "[1, 2]",
+    "wrong type": json.dumps({"status": "completed", "final_test_acc": "0.9", "best_test_acc": 0.9, "train_time_s": 1}),
+    "missing keys": json.dumps({"status": "completed", "final_test_acc": 0.9}),
+    "unknown status": json.dumps({"status": "done", "final_test_acc": 0.9, "best_test_acc": 0.9, "train_time_s": 1}),
+}
+
+
+@pytest.mark.parametrize("content", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_summary_is_named_and_skipped_and_the_others_are_tabled(tmp_path, content):
+    make_run(tmp_path, "sgd", 0, acc=0.80)
+    make_run(tmp_path, "sgd", 1, acc=0.90)
+    bad = make_run(tmp_path, "sgd", 2, acc=0.10)
+    (bad / "summary.json").write_text(content)
+    runs, notes = read_runs([tmp_path])
+    assert len(notes) == 1 and str(bad / "summary.json") in notes[0] and "skipped" in notes[0]
+    with pytest.warns(RunSkipped, match=str(bad / "summary.json")):
+        table = write_comparison([tmp_path], tmp_path / "out" / "table")
+    assert len(table) == 1 and (table.loc[0, "n"], table.loc[0, "final acc (%)"]) == (2, "85.00 ± 7.07")
+    assert table.attrs["notes"] == notes
+    assert (tmp_path / "out" / "table.md").is_file()
+
+
+def test_a_malformed_config_is_named_and_when_every_run_is_skipped_the_error_names_the_files(tmp_path):
+    good, bad = make_run(tmp_path, "sgd", 0), make_run(tmp_path, "sgd", 1)
+    (bad / "config.json").write_text('{"dataset": "digits", "arch": ')
+    runs, notes = read_runs([tmp_path])
+    assert list(runs.run_dir) == [str(good)] and str(bad / "config.json") in notes[0]
+    (good / "config.json").write_text(json.dumps({"dataset": "digits", "arch": 3, "optimizer": "sgd"}))
+    with pytest.raises(ResultsError, match="no readable run: .*") as err:
+        read_runs([tmp_path])
+    assert str(good / "config.json") in str(err.value) and str(bad / "config.json") in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_malformed_sharpness_file_is_named_and_only_the_sharpness_is_left_out(tmp_path):
+    run = make_run(tmp_path)
+    (run / "sharpness.json").write_text('{"hessian_max_eigenvalue": ')
+    with pytest.warns(RunSkipped, match="sharpness.json"):
+        table = table_of(tmp_path)
+    assert table.loc[0, "n"] == 1 and table.loc[0, "λ_max"] == ""
+
+
+# ----------------------------------------------------------------------------- grouping and status
+
+
+def test_runs_differing_in_max_steps_are_never_averaged(tmp_path):
+    # averaged together these two gave "45.69 ± 50.48" with n=2
+    make_run(tmp_path, "sgd", 0, acc=0.09996, max_steps=11, status="stopped_early")
+    make_run(tmp_path, "sgd", 0, acc=0.81384, max_steps=44, status="stopped_early")
+    make_run(tmp_path, "sam", 0, acc=0.83, max_steps=44, status="stopped_early")
+    table = table_of(tmp_path)
+    markdown = to_markdown(table)
+    assert "45.69" not in markdown and "50.48" not in markdown
+    assert list(table.n) == [1, 1, 1]
+    assert list(table.settings) == ["max_steps=11", "max_steps=44", "max_steps=44"]
+    assert list(table["final acc (%)"]) == ["10.00 ± 0.00", "81.38 ± 0.00", "83.00 ± 0.00"]
+    assert "| settings |" in markdown
+
+
+def test_seeds_machines_and_operational_fields_do_not_split_a_configuration(tmp_path):
+    make_run(tmp_path, "sgd", 0, acc=0.80, output_dir="a", sharpness=True, cpu=True)
+    run = make_run(tmp_path, "sgd", 1, acc=0.90, output_dir="b", keep_checkpoints=5)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "device": "cuda:0", "world_size": 4, "versions": {"torch": "3"},
+                                                 "environment": {"host": "x"}}))
+    table = table_of(tmp_path)
+    assert (len(table), table.loc[0, "n"], table.loc[0, "final acc (%)"]) == (1, 2, "85.00 ± 7.07")
+
+
+def test_settings_column_names_differing_hyperparameters_only_where_they_differ(tmp_path):
+    for seed in (0, 1):
+        make_run(tmp_path, "sgd", seed)
+        make_run(tmp_path, "sam", seed, hyperparameters={"rho": 0.1})
+        make_run(tmp_path, "sam", seed)
+    make_run(tmp_path, "sgd", 0, epochs=3)
+    table = table_of(tmp_path)
+    assert list(zip(table.optimizer, table.settings, table.n)) == [
+        ("sgd", "epochs=3", 1), ("sgd", "epochs=10", 2), ("sam", "epochs=10, rho=0.1", 2), ("sam", "epochs=10, rho=default", 2)]
+
+
+def test_the_common_case_keeps_the_committed_columns(tmp_path):
+    for optimizer in ("sam", "sgd", "bsam"):
+        for seed in (0, 1, 2):
+            run = make_run(tmp_path, optimizer, seed, lr=0.5 if optimizer == "bsam" else 0.1,
+                           train_time=20.0 if optimizer == "sam" else 10.0)
+            (run / "sharpness.json").write_text(json.dumps(
+                {"hessian_max_eigenvalue": 1.0, "sam_sharpness": 0.1, "hessian_trace": 5.0, "loss": 0.1}))
+    table = table_of(tmp_path)
+    committed = (ROOT / "results" / "digits.csv").read_text().splitlines()[0].split(",")
+    assert list(table.columns) == committed  # no settings and no status column when nothing needs them
+    assert list(table.optimizer) == ["sgd", "sam", "bsam"]
+    assert list(table["time vs sgd"]) == [1.0, 2.0, 1.0]  # bSAM, with its own lr, still compared with sgd
+
+
+def test_stopped_early_and_diverged_runs_are_rows_of_their_own(tmp_path):
+    make_run(tmp_path, "sgd", 0, acc=0.80)
+    make_run(tmp_path, "sgd", 1, acc=0.90)
+    make_run(tmp_path, "sgd", 2, acc=0.10, status="diverged")
+    make_run(tmp_path, "sgd", 3, acc=0.50, status="stopped_early")
+    table = table_of(tmp_path)
+    assert list(zip(table.status, table.n, table["final acc (%)"])) == [
+        ("completed", 2, "85.00 ± 7.07"), ("stopped_early", 1, "50.00 ± 0.00"), ("diverged", 1, "10.00 ± 0.00")]
+    assert list(table["stopped early"]) == [False, True, False]
+    assert "settings" not in table  # same settings: the status column tells the rows apart
+    assert list(table["time vs sgd"]) == [1.0, "", ""]
+
+
+def test_runs_timed_on_a_busy_machine_are_counted_in_a_contended_column(tmp_path):
+    make_run(tmp_path, "sgd", 0)
+    busy = make_run(tmp_path, "sgd", 1)
+    summary = json.loads((busy / "summary.json").read_text())
+    (busy / "summary.json").write_text(json.dumps({**summary, "contended": True}))
+    make_run(tmp_path, "sam", 0)
+    assert list(table_of(tmp_path).contended) == ["1/2", ""]
+
+
+def test_a_diverged_sgd_run_is_not_the_baseline(tmp_path):
+    make_run(tmp_path, "sgd", 0, acc=float("nan"), status="diverged", train_time=1.0)
+    make_run(tmp_path, "sgd", 0, epochs=3, train_time=5.0)  # completed, but another budget
+    make_run(tmp_path, "sam", 0, train_time=20.0)
+    table = table_of(tmp_path)
+    sam = table[table.optimizer == "sam"].iloc[0]
+    assert sam["time vs sgd"] == ""
+    diverged = table[table.status == "diverged"].iloc[0]
+    assert diverged["final acc (%)"] == "" and diverged["time vs sgd"] == ""
+    shown = table.drop(columns=["final acc mean", "final acc std"])
+    assert "nan" not in to_markdown(table).lower() and "nan" not in shown.to_csv().lower()
+    make_run(tmp_path, "sgd", 1, train_time=10.0)  # a completed baseline of the same settings
+    assert table_of(tmp_path).set_index(["optimizer", "status", "settings"]).loc[
+        ("sam", "completed", "epochs=10"), "time vs sgd"] == 2.0
+
+
+def test_an_unfinished_run_shows_as_unfinished(tmp_path):
+    make_run(tmp_path, "sgd", 0, acc=0.80)
+    make_run(tmp_path, "sgd", 1, acc=None)  # config.json, no summary.json yet
+    make_run(tmp_path, "sam", 0, acc=None)
+    table = table_of(tmp_path)
+    assert list(zip(table.optimizer, table.status, table.n)) == [("sgd", "completed", 1), ("sgd", "unfinished", 1),
+                                                                 ("sam", "unfinished", 1)]
+    unfinished = table[table.status == "unfinished"]
+    for column in ("final acc (%)", "best acc (%)", "test loss", "time vs sgd", "images/s"):
+        assert set(unfinished[column]) == {""}, column
+    assert "| status |" in to_markdown(table) and "nan" not in to_markdown(table)
+
+
+# ----------------------------------------------------------------------------- statistics and order
+
+
+def test_mean_and_sample_std_by_hand(tmp_path):
+    make_run(tmp_path / "two", "sgd", 0, acc=0.80)
+    make_run(tmp_path / "two", "sgd", 1, acc=0.90)
+    row = table_of(tmp_path / "two").iloc[0]
+    assert (row.n, row["final acc (%)"], row["best acc (%)"]) == (2, "85.00 ± 7.07", "85.00 ± 7.07")
+    assert row["final acc mean"] == pytest.approx(85.0) and row["final acc std"] == pytest.approx(7.0710678)
+    make_run(tmp_path / "one", "sgd", 0, acc=0.80)
+    row = table_of(tmp_path / "one").iloc[0]
+    assert (row.n, row["final acc (%)"]) == (1, "80.00 ± 0.00")
+    for seed, acc in enumerate((0.70, 0.80, 0.90)):
+        make_run(tmp_path / "three", "sgd", seed, acc=acc)
+    row = table_of(tmp_path / "three").iloc[0]
+    assert (row.n, row["final acc (%)"]) == (3, "80.00 ± 10.00")  # the population std would be 8.16
+
+
+def test_optimizer_order_is_the_registry_order():
+    from optimizers import available_optimizers
+
+    assert optimizer_order() == available_optimizers() and optimizer_order()[0] == "sgd"
+    assert optimizer_order(["gsam", "sam", "new_one", "sgd", "sam", "other"]) == ["sgd", "sam", "gsam", "new_one", "other"]
+
+
+def test_plot_legends_follow_the_table_order(tmp_path, monkeypatch):
+    names = ["look_layer_sam", "gsam", "sgd", "esam", "sam", "asam"]
+    runs = []
+    for optimizer in names:
+        run = make_run(tmp_path, optimizer, 0)
+        rows = [{"epoch": e, "test_acc": 0.5 + 0.1 * e, "epoch_time_s": 1.0} for e in (1, 2)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(run)
+    legends = []
+
+    def record(fig, path):
+        legends.append([t.get_text().split(" (n=")[0] for t in fig.axes[0].get_legend().get_texts()])
+        plots.plt.close(fig)
+        return Path(path)
+
+    monkeypatch.setattr(plots, "_save", record)
+    plots.write_plots(runs, tmp_path / "fig")
+    table = table_of(tmp_path)
+    assert list(table.optimizer) == optimizer_order(names) == ["sgd", "sam", "asam", "esam", "gsam", "look_layer_sam"]
+    assert legends == [list(table.optimizer)] * 2
