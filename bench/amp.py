@@ -22,6 +22,22 @@ class NonFiniteGradient(RuntimeError):
     pass
 
 
+def unscale_and_check(params: list[Tensor], inv_scale: float = 1.0) -> Tensor:
+    """Multiply the gradients by ``inv_scale`` in place (1.0: leave them) and return a 0-dim flag on
+    the first gradient's device, nonzero if any gradient holds an inf or a NaN. One fused kernel per
+    (device, dtype); no host synchronisation."""
+    by_device: dict[tuple, list[Tensor]] = defaultdict(list)
+    for p in params:
+        if p.grad is not None:
+            by_device[(p.grad.device, p.grad.dtype)].append(p.grad)
+    found = None
+    for (device, _), grads in by_device.items():
+        found_inf = torch.zeros((), device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.full((), inv_scale, device=device))
+        found = found_inf if found is None else found + found_inf.to(found.device)
+    return found if found is not None else torch.zeros(())
+
+
 class LossScaler:
     def __init__(self, init_scale: float = 2.0**16, growth_interval: int = 2000, backoff: float = 0.5, growth: float = 2.0):
         self.scale, self.growth_interval, self.backoff, self.growth = init_scale, growth_interval, backoff, growth
@@ -32,16 +48,7 @@ class LossScaler:
 
     def unscale_(self, params: list[Tensor]) -> Tensor:
         """Divide the gradients by the scale in place; returns a 0-dim flag, nonzero if any was not finite."""
-        by_device: dict[tuple, list[Tensor]] = defaultdict(list)
-        for p in params:
-            if p.grad is not None:
-                by_device[(p.grad.device, p.grad.dtype)].append(p.grad)
-        found = torch.zeros(())
-        for (device, _), grads in by_device.items():
-            found_inf = torch.zeros((), device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.full((), 1.0 / self.scale, device=device))
-            found = found + found_inf.cpu() if device.type != "cpu" else found + found_inf
-        return found
+        return unscale_and_check(params, 1.0 / self.scale)
 
     def update(self, skipped: bool) -> None:
         if skipped:

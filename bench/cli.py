@@ -9,197 +9,248 @@
     python launch.py reproduction            reported against measured, for every recipe
     python launch.py sharpness RUN_DIRS...   measure the sharpness of finished runs
     python launch.py perf                    time one training step of every optimizer
+    python launch.py variants                every optimizer, its settings and their flags
+
+The variant flags (``--rho``, ``--k``, ...) and their help are generated from the variants'
+declared settings (``optimizers.settings.Setting``): a new variant's flags appear here
+without a change to this file.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
+import warnings
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig
+from accelerate import PartialState
+from rich.console import Console
 
-#: For each variant, the seed project's flags it uses and the hyperparameter each sets.
-VARIANT_FLAGS: dict[str, dict[str, str]] = {
-    "sam": {"rho": "rho"},
-    "adaptive_sam": {"rho": "rho"},
-    "asam": {"rho": "rho", "eta": "eta"},
-    "esam": {"rho": "rho", "beta": "beta", "gamma": "gamma"},
-    "gsam": {"rho": "rho", "rho_max": "rho", "rho_min": "rho_min", "gsam_alpha": "alpha", "adaptive": "adaptive"},
-    "fisher_sam": {"rho": "rho", "eta": "eta"},
-    "bsam": {"rho": "rho", "msharpness": "msharpness", "gamma": "damping", "delta": "prior_precision"},
-    "friendly_sam": {"rho": "rho", "sigma": "sigma", "lmbda": "lmbda", "adaptive": "adaptive"},
-    "looksam": {"rho": "rho", "k": "k", "alpha": "alpha"},
-    "look_layer_sam": {"rho": "rho", "k": "k", "alpha": "alpha"},
-}
-ALL_VARIANT_FLAGS = sorted({flag for flags in VARIANT_FLAGS.values() for flag in flags} | {"adaptive"})
+from optimizers import available_optimizers, optimizer_class
+from optimizers.base import BASE_OPTIMIZERS
+from optimizers.registry import canonical_name, variants_markdown
+
+from .checkpoint import CheckpointError, checkpoints
+from .config import RUN_METADATA, ConfigError, RunConfig
+from .data import DataError
+from .io import read_json, write_text
+from .perf import main as perf_main
+from .plots import write_plots
+from .progress import progress as make_progress
+from .recipes import available_recipes, load_recipe
+from .results import (
+    ResultsError,
+    find_runs,
+    frame_to_markdown,
+    load_runs,
+    print_table,
+    reproduction_table,
+    write_comparison,
+)
+from .sharpness import measure_run_sharpness
+from .sweep import commands, run_sweep
+from .train import TrainingStopped, train
+from .usage import Parser, UsageError
+
+# -- variant flags, generated from the declarations ------------------------------------------------
 
 
-class UsageError(Exception):
-    """Reported as one line, exit code 2."""
+def variant_settings() -> dict[str, dict[str, Any]]:
+    """variant name -> {flag: Setting} for every registered variant."""
+    table = {}
+    for name in available_optimizers():
+        settings = getattr(optimizer_class(name), "settings", ())
+        table[name] = {flag: s for s in settings for flag in s.flags}
+    return table
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
+def _flag_type(settings: list) -> dict[str, Any]:
+    kinds = {s.kind for s in settings}
+    if kinds == {bool}:
+        return {"action": "store_true", "default": None}
+    return {"type": int if kinds == {int} else float}
+
+
+def _flag_help(uses: list[tuple[str, Any]]) -> str:
+    by_meaning: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for variant, s in uses:
+        by_meaning[(s.symbol or s.name, s.help)].append(variant)
+    return "; ".join(f"{', '.join(v)}: {name}" + (f" ({text})" if text else "") for (name, text), v in by_meaning.items())
+
+
+def add_variant_flags(parser: argparse.ArgumentParser) -> None:
+    uses: dict[str, list[tuple[str, Any]]] = defaultdict(list)
+    for variant, flags in variant_settings().items():
+        for flag, setting in flags.items():
+            uses[flag].append((variant, setting))
+    group = parser.add_argument_group("variant settings (unset: the variant's declared default; `launch.py variants` lists them)")
+    for flag in sorted(uses):
+        group.add_argument(f"--{flag}", help=_flag_help(uses[flag]).replace("%", "%%"),
+                           **_flag_type([s for _, s in uses[flag]]))
+
+
+def variant_flag_names() -> list[str]:
+    return sorted({flag for flags in variant_settings().values() for flag in flags})
+
+
+# -- the run command -------------------------------------------------------------------------------
 
 
 def run_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="launch.py", description="Train one model with SGD/AdamW or a SAM variant.")
+    p = Parser(prog="launch.py", description="Train one model with SGD/AdamW or a SAM variant.")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--data_dir", default=None, help="where cifar10/cifar100/tinyimagenet files are (or go)")
     p.add_argument("--arch_type", "--arch", dest="arch", default="smallcnn")
     p.add_argument("--optimizer", default="sgd", help="base optimizer: sgd, adamw or adam")
     p.add_argument("--sam_type", default=None, help="SAM variant (case-insensitive); omit for the plain base optimizer")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight_decay", type=float, default=5e-4)
-    p.add_argument("--nesterov", action="store_true")
-    p.add_argument("--schedule", default="cosine", help="cosine, step (x0.2 at 30/60/80%%) or constant")
-    p.add_argument("--warmup_epochs", type=float, default=0.0)
-    p.add_argument("--label_smoothing", type=float, default=0.0)
-    p.add_argument("--cutout", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixed_precision", default="no", help="no, bf16 or fp16")
-    p.add_argument("--sam_sync", default="local", help="local (per-replica perturbation) or global")
-    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--grad_accum_steps", type=int, default=1, help="micro-batches per pass (batch_size is the whole batch)")
-    p.add_argument("--max_consecutive_skips", type=int, default=20, help="stop after this many non-finite steps in a row")
-    p.add_argument("--save_every_steps", type=int, default=0, help="checkpoint every N steps (0: off)")
-    p.add_argument("--save_every_epochs", type=int, default=1, help="checkpoint every N epochs (0: off); always at the end")
-    p.add_argument("--keep_checkpoints", type=int, default=2)
+    for name, kind, default, text in RUN_FLAGS:
+        p.add_argument(f"--{name}", type=kind, default=default, help=text)
+    for name, text in SWITCHES:
+        p.add_argument(f"--{name}", action="store_true", help=text)
     p.add_argument("--resume", default=None, help="'auto' (this config's run directory, if it has a checkpoint) or a run directory")
-    p.add_argument("--log_with", default=None, help="an Accelerate tracker: tensorboard, wandb, mlflow, ...")
-    p.add_argument("--train_subset", type=int, default=None, help="train on a fixed subset of this many images")
-    p.add_argument("--label_noise", type=float, default=0.0, help="fraction of training labels replaced at random")
-    p.add_argument("--sharpness", action="store_true", help="measure the final model's sharpness (sharpness.json)")
     p.add_argument("--recipe", default=None, help="a recipe name or .toml path (see bench/recipes/); change it with --set")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE", help="override a recipe field")
     p.add_argument("--suite", default=None, help="run a recipe's whole grid (like `sweep NAME`)")
-    p.add_argument("--output_dir", default="runs")
-    p.add_argument("--run_name", default=None)
-    variant = p.add_argument_group("variant hyperparameters (unset: the variant's paper default)")
-    variant.add_argument("--rho", type=float)
-    variant.add_argument("--adaptive", action="store_true", default=None)
-    variant.add_argument("--eta", type=float)
-    variant.add_argument("--beta", type=float)
-    variant.add_argument("--gamma", type=float, help="ESAM: data fraction; bSAM: damping")
-    variant.add_argument("--msharpness", type=int)
-    variant.add_argument("--delta", type=float, help="bSAM: prior precision")
-    variant.add_argument("--sigma", type=float)
-    variant.add_argument("--lmbda", type=float)
-    variant.add_argument("--k", type=int)
-    variant.add_argument("--alpha", type=float)
-    variant.add_argument("--gsam_alpha", type=float)
-    variant.add_argument("--rho_max", type=float)
-    variant.add_argument("--rho_min", type=float)
+    add_variant_flags(p)
     return p
+
+
+#: (flag, type, default, help) of the run flags that map one to one onto RunConfig fields.
+RUN_FLAGS = [
+    ("epochs", int, 10, None), ("batch_size", int, 128, None), ("lr", float, 0.1, None),
+    ("momentum", float, 0.9, None), ("weight_decay", float, 5e-4, None),
+    ("schedule", str, "cosine", "cosine, step (x0.2 at 30/60/80%%) or constant"),
+    ("warmup_epochs", float, 0.0, None), ("label_smoothing", float, 0.0, None), ("seed", int, 0, None),
+    ("mixed_precision", str, "no", "no, bf16 or fp16"),
+    ("sam_sync", str, "local", "local (per-replica perturbation) or global (all-reduced ascent gradient)"),
+    ("max_steps", int, None, "stop after this many optimizer steps"),
+    ("grad_accum_steps", int, 1, "micro-batches per pass (batch_size is the whole batch)"),
+    ("max_consecutive_skips", int, 20, "stop after this many non-finite steps in a row"),
+    ("save_every_steps", int, 0, "checkpoint every N steps (0: off)"),
+    ("save_every_epochs", int, 1, "checkpoint every N epochs (0: off); always at the end"),
+    ("keep_checkpoints", int, 2, None), ("log_with", str, None, "an Accelerate tracker: tensorboard, wandb, mlflow, ..."),
+    ("train_subset", int, None, "train on a fixed subset of this many images"),
+    ("label_noise", float, 0.0, "fraction of training labels replaced at random"),
+    ("val_fraction", float, 0.0, "hold out this fraction of the training set (stratified) for validation"),
+    ("split_seed", int, 0, "seed of the validation split (the same for every run seed)"),
+    ("threads", int, None, "torch threads per process (default: the cores divided among the processes)"),
+    ("output_dir", str, "runs", None), ("run_name", str, None, None),
+]
+SWITCHES = [
+    ("nesterov", None), ("cutout", None), ("cpu", "train on the CPU even when a GPU is present"),
+    ("sharpness", "measure the final model's sharpness (sharpness.json)"),
+    ("sync_bn", "BatchNorm statistics over all processes (with --sam_sync global: equals one process on the whole batch)"),
+]
+
+
+def _variant_name(args: argparse.Namespace) -> str:
+    if args.optimizer.lower() not in BASE_OPTIMIZERS:
+        raise ConfigError(f"unknown base optimizer {args.optimizer!r}; choose one of: {', '.join(BASE_OPTIMIZERS)}")
+    if args.sam_type is None or args.sam_type.lower() in ("none", *BASE_OPTIMIZERS):
+        return args.optimizer.lower()
+    try:
+        return canonical_name(args.sam_type)
+    except ValueError:
+        variants = ", ".join(n for n in available_optimizers() if n not in BASE_OPTIMIZERS)
+        raise ConfigError(f"unknown --sam_type {args.sam_type!r}; choose one of: {variants} (case-insensitive)") from None
+
+
+def variant_hyperparameters(name: str, given: dict[str, Any]) -> tuple[str, dict[str, Any], list[str]]:
+    """Map the variant flags given onto ``name``'s settings; a boolean setting that selects another
+    variant (the seed's ``--sam_type SAM --adaptive``) switches to it. Returns (name, settings, notes)."""
+    notes: list[str] = []
+    flags = variant_settings()[name]
+    for flag, value in list(given.items()):
+        selects = getattr(flags.get(flag), "selects", None)
+        if selects and value is True:
+            notes.append(f"--sam_type {name} --{flag} runs {selects}: {optimizer_class(selects).paper}")
+            name, flags = selects, variant_settings()[selects]
+            given.pop(flag)
+    hyperparameters = {}
+    for flag, value in given.items():
+        if flag in flags:
+            hyperparameters[flags[flag].name] = value
+            if flags[flag].symbol:
+                notes.append(f"{name}: --{flag} sets the paper's {flags[flag].symbol}")
+        else:
+            notes.append(f"--{flag} is not used by {name}; ignored")
+    return name, hyperparameters, notes
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, list[str]]:
     """Map the flags onto a RunConfig; notes report flags that do not apply and renamed semantics."""
-    from optimizers.registry import canonical_name
-
-    notes: list[str] = []
-    given = {flag: getattr(args, flag) for flag in ALL_VARIANT_FLAGS if getattr(args, flag) is not None}
-    sam_type = args.sam_type
-    if args.optimizer.lower() not in ("sgd", "adamw", "adam"):
-        raise ConfigError(f"unknown base optimizer {args.optimizer!r}; choose one of: sgd, adamw, adam")
-    if sam_type is None or sam_type.lower() in ("none", "sgd", "adamw", "adam"):
-        name = args.optimizer.lower()
-    else:
-        try:
-            name = canonical_name(sam_type)
-        except ValueError:
-            variants = ", ".join(VARIANT_FLAGS)
-            raise ConfigError(f"unknown --sam_type {sam_type!r}; choose one of: {variants} (case-insensitive)") from None
-    if name == "sam" and given.get("adaptive"):
-        name = "adaptive_sam"
-        given.pop("adaptive")
-        notes.append("--sam_type SAM --adaptive runs adaptive_sam (davda54-style, T_w = |w|); --sam_type ASAM is the official ASAM")
-    used = VARIANT_FLAGS.get(name, {})
-    hyperparameters: dict[str, Any] = {}
-    for flag, value in given.items():
-        if flag in used:
-            hyperparameters[used[flag]] = value
-        else:
-            notes.append(f"--{flag} is not used by {name}; ignored")
-    if name == "fisher_sam" and "rho" in given:
-        notes.append("fisher_sam: --rho sets the paper's gamma (the radius of the Fisher ellipsoid)")
-    if name == "bsam":
-        if args.optimizer.lower() != "sgd":
-            notes.append(f"--optimizer {args.optimizer} is not used by bsam (it has its own update rule)")
-        if args.weight_decay:
-            notes.append("--weight_decay is not used by bsam: its weight decay is prior_precision (--delta) / N")
-        if given.get("delta") == 10:
-            notes.append("bsam: --delta 10 is the paper's printed prior precision; the authors' code uses 40")
-    config = RunConfig(
-        dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, optimizer=name, base_optimizer=args.optimizer,
-        hyperparameters=hyperparameters, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov, schedule=args.schedule,
-        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, cutout=args.cutout, seed=args.seed,
-        mixed_precision=args.mixed_precision, sam_sync=args.sam_sync, cpu=args.cpu, max_steps=args.max_steps,
-        grad_accum_steps=args.grad_accum_steps, max_consecutive_skips=args.max_consecutive_skips,
-        save_every_steps=args.save_every_steps, save_every_epochs=args.save_every_epochs,
-        keep_checkpoints=args.keep_checkpoints, output_dir=args.output_dir, run_name=args.run_name,
-        train_subset=args.train_subset, log_with=args.log_with, label_noise=args.label_noise, sharpness=args.sharpness,
-    )
+    given = {flag: getattr(args, flag) for flag in variant_flag_names() if getattr(args, flag) is not None}
+    name, hyperparameters, notes = variant_hyperparameters(_variant_name(args), given)
+    if not getattr(optimizer_class(name), "uses_base_optimizer", True):
+        notes.append(f"{name} has its own update rule: --optimizer, --momentum, --weight_decay and --nesterov do not apply")
+    fields = {name_: getattr(args, name_) for name_, *_ in RUN_FLAGS} | {name_: getattr(args, name_) for name_, _ in SWITCHES}
+    config = RunConfig(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, optimizer=name,
+                       base_optimizer=args.optimizer, hyperparameters=hyperparameters, **fields)
     return config.validate(), notes
 
 
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def given_flags(argv: list[str]) -> set[str]:
+    """The destinations of the flags actually written on the command line."""
+    parser = run_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
-    )
 
-
-def resume_config(path: str) -> RunConfig:
-    """The settings of the run in directory ``path`` (its config.json)."""
-    from pathlib import Path
-
-    from .io import read_json
-
+def resume_config(path: str, argv: list[str]) -> RunConfig:
+    """The settings of the run in directory ``path``; flags that contradict them are refused."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"--resume {path}: no config.json there (expected a run directory, or 'auto')")
-    saved = read_json(config_file)
-    config = RunConfig.from_dict(saved, ignore=("run_id", "world_size", "device", "versions"))
-    config.output_dir, config.run_name = str(Path(path).parent), Path(path).name
-    return config.validate()
+    saved = RunConfig.from_dict(read_json(config_file), ignore=RUN_METADATA)
+    saved.output_dir, saved.run_name = str(Path(path).parent), Path(path).name
+    saved.validate()
+    given = given_flags(argv) - {"resume", "output_dir", "run_name", "sets"}
+    if given:
+        asked, _ = config_from_args(run_parser().parse_args(argv))
+        names = {"arch", "optimizer", "hyperparameters"} | {f.name for f in dataclasses.fields(RunConfig)}
+        fields = {"optimizer" if g in ("sam_type",) else g for g in given} & names
+        if given & set(variant_flag_names()):
+            fields.add("hyperparameters")
+        differ = [f"{f} ({getattr(saved, f)!r} there, {getattr(asked, f)!r} given)" for f in sorted(fields)
+                  if getattr(saved, f) != getattr(asked, f)]
+        if differ:
+            raise ConfigError(f"--resume {path}: settings differ from its config.json: {'; '.join(differ)}; "
+                              "drop them to resume, or start a new run")
+    return saved
 
 
 def cmd_run(argv: list[str]) -> int:
-    from rich.console import Console
-
-    from .train import train
-
     parser = run_parser()
     args = parser.parse_args(argv)
     if args.suite:
         return cmd_sweep([args.suite, *[f"--set={s}" for s in args.sets]])
     console = Console(stderr=True)
     if args.resume not in (None, "auto"):
-        config, notes = resume_config(args.resume), [f"settings come from {args.resume}/config.json"]
+        config, notes = resume_config(args.resume, argv), []
     elif args.recipe:
         config, notes = recipe_config(parser, args), []
     else:
         config, notes = config_from_args(args)
-    for note in notes:
+    if args.resume == "auto" and not checkpoints(config.run_dir()) and not (config.run_dir() / "summary.json").is_file():
+        notes.append(f"--resume auto: no run with these settings in {config.output_dir} (id {config.run_id()}); starting a new one")
+    state = PartialState()
+    for note in notes if state.is_main_process else ():
         console.print(f"note: {note}")
-    from accelerate import PartialState
-
-    with _progress() as progress:
+    with make_progress() as progress:
         result = train(config, progress=progress, resume=args.resume is not None)
-    if not PartialState().is_main_process:
+    if not state.is_main_process:
         return 0
+    for note in result.notes:
+        console.print(f"note: {note}")
     s = result.summary
+    if result.already_finished:
+        console.print(f"{result.run_dir}: already finished ({s['status']}); nothing changed")
+        return 0
     console.print(
         f"{result.run_dir}: test acc {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f}), "
         f"{s['steps']} steps{' (stopped early at --max_steps)' if s['stopped_early'] else ''}, {s['wall_time_s']:.1f}s"
@@ -208,13 +259,11 @@ def cmd_run(argv: list[str]) -> int:
 
 
 RECIPE_FLAGS = {"recipe", "sets", "output_dir", "data_dir", "resume", "cpu", "save_every_steps", "save_every_epochs",
-                "keep_checkpoints", "log_with"}
+                "keep_checkpoints", "log_with", "threads"}
 
 
 def recipe_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunConfig:
     """The one run a recipe (with --set overrides) describes."""
-    from .recipes import load_recipe
-
     stray = [f"--{k}" for k, v in vars(args).items() if k not in RECIPE_FLAGS and v != parser.get_default(k)]
     if stray:
         raise ConfigError(f"with --recipe, change settings with --set field=value (got {', '.join(stray)})")
@@ -229,13 +278,11 @@ def recipe_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     return dataclasses.replace(configs[0], **given).validate()
 
 
+# -- the other commands ----------------------------------------------------------------------------
+
+
 def cmd_sweep(argv: list[str]) -> int:
-    import shlex as _shlex
-
-    from .recipes import load_recipe
-    from .sweep import commands, run_sweep
-
-    p = _Parser(prog="launch.py sweep", description="Run every configuration of a recipe, then write its tables.")
+    p = Parser(prog="launch.py sweep", description="Run every configuration of a recipe, then write its tables.")
     p.add_argument("recipe", help="recipe name or .toml path")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE")
     p.add_argument("--output_dir", default=None, help="default: runs/<recipe>")
@@ -250,18 +297,14 @@ def cmd_sweep(argv: list[str]) -> int:
     if args.print_commands:
         print("\n".join(commands(recipe, args.sets, configs)))
         return 0
-    with _progress() as progress:
+    with make_progress() as progress:
         run_dirs = run_sweep(recipe, configs, progress)
-    command = "python launch.py" if argv == ["digits"] else "python launch.py sweep " + _shlex.join(argv)
+    command = "python launch.py" if argv == ["digits"] else "python launch.py sweep " + shlex.join(argv)
     write_sweep_results(recipe, run_dirs, Path(args.results_dir), command)
     return 0
 
 
 def write_sweep_results(recipe, run_dirs, results_dir: Path, command: str) -> None:
-    from .io import write_text
-    from .plots import write_plots
-    from .results import frame_to_markdown, load_runs, print_table, reproduction_table, write_comparison
-
     preamble = f"# {recipe.name}\n\n{recipe.description.strip()}\n\nGenerated by `{command}` from the run files.\n\n"
     table = write_comparison(run_dirs, results_dir / recipe.name, preamble)
     plots = write_plots(run_dirs, results_dir / recipe.name)
@@ -274,11 +317,7 @@ def write_sweep_results(recipe, run_dirs, results_dir: Path, command: str) -> No
 
 
 def cmd_reproduction(argv: list[str]) -> int:
-    from .io import write_text
-    from .recipes import available_recipes, load_recipe
-    from .results import find_runs, frame_to_markdown, load_runs, reproduction_table
-
-    p = _Parser(prog="launch.py reproduction", description="Reported against measured for every recipe with a reported number.")
+    p = Parser(prog="launch.py reproduction", description="Reported against measured for every recipe with a reported number.")
     p.add_argument("runs", nargs="*", default=["runs"])
     p.add_argument("--out", default="results/reproduction.md")
     args = p.parse_args(argv)
@@ -294,10 +333,7 @@ def cmd_reproduction(argv: list[str]) -> int:
 
 
 def cmd_sharpness(argv: list[str]) -> int:
-    from .results import find_runs
-    from .train import measure_run_sharpness
-
-    p = _Parser(prog="launch.py sharpness", description="Measure the sharpness of finished runs (writes sharpness.json).")
+    p = Parser(prog="launch.py sharpness", description="Measure the sharpness of finished runs (writes sharpness.json).")
     p.add_argument("runs", nargs="+")
     p.add_argument("--samples", type=int, default=None, help="training images to measure on (default: the run's sharpness_samples)")
     p.add_argument("--missing_only", action="store_true", help="skip runs that already have sharpness.json")
@@ -310,9 +346,7 @@ def cmd_sharpness(argv: list[str]) -> int:
 
 
 def cmd_table(argv: list[str]) -> int:
-    from .results import print_table, write_comparison
-
-    p = _Parser(prog="launch.py table", description="Aggregate run directories into a comparison table.")
+    p = Parser(prog="launch.py table", description="Aggregate run directories into a comparison table.")
     p.add_argument("runs", nargs="*", default=["runs"], help="run directories, or folders holding them")
     p.add_argument("--out", default="results/table", help="path prefix for the .csv and .md files")
     args = p.parse_args(argv)
@@ -321,28 +355,30 @@ def cmd_table(argv: list[str]) -> int:
     return 0
 
 
-def cmd_perf(argv: list[str]) -> int:
-    from .perf import main as perf_main
-
-    return perf_main(argv)
+def cmd_variants(argv: list[str]) -> int:
+    Parser(prog="launch.py variants", description="Every optimizer: paper, update rule, defaults, memory, passes.").parse_args(argv)
+    print(variants_markdown())
+    return 0
 
 
 COMMANDS = {"sweep": cmd_sweep, "table": cmd_table, "reproduction": cmd_reproduction, "sharpness": cmd_sharpness,
-            "perf": cmd_perf}
+            "perf": perf_main, "variants": cmd_variants}
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
-    from .train import CheckpointError, TrainingStopped
-
     argv = sys.argv[1:] if argv is None else argv
+    warnings.formatwarning = _one_line_warning
     try:
         if not argv:
             return cmd_sweep(["digits"])
         if argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
         return cmd_run(argv)
-    except (ConfigError, DataError, UsageError, CheckpointError) as err:
+    except (ConfigError, DataError, UsageError, CheckpointError, ResultsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingStopped as err:

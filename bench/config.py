@@ -1,32 +1,78 @@
-"""Typed run configuration, validated at the boundary."""
+"""Typed run configuration, validated at the boundary: one line per bad value."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from architectures.registry import resolve as resolve_architecture
+from optimizers import available_optimizers, create_optimizer, optimizer_class
+from optimizers.base import BASE_OPTIMIZERS
+from optimizers.registry import canonical_name
+from optimizers.settings import Setting
+
+from .data import DataError, available_datasets
+from .data import canonical_name as dataset_name
 
 SCHEDULES = ("cosine", "step", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 SAM_SYNC = ("local", "global")
-
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
+#: numpy's seed range (the data pipeline and accelerate's set_seed seed numpy)
+SEED_RANGE = "[0, 4294967295]"
 
 #: Settings that do not change a run's result (left out of its id).
 OPERATIONAL = (
     "output_dir", "run_name", "data_dir", "save_every_steps", "save_every_epochs", "keep_checkpoints", "cpu", "sharpness",
-    "sharpness_samples", "log_with",
+    "sharpness_samples", "log_with", "threads",
 )
-TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
+
+#: Keys of a run's config.json that describe the run, not its settings.
+RUN_METADATA = ("run_id", "world_size", "device", "versions", "environment")
+
+#: Range and type of every numeric or boolean field (the same checks as a variant's settings).
+FIELD_CHECKS = {
+    s.name: s
+    for s in (
+        Setting("epochs", 10, int, "[1, inf)"),
+        Setting("batch_size", 128, int, "[1, inf)"),
+        Setting("lr", 0.1, float, "(0, inf)"),
+        Setting("momentum", 0.9, float, "[0, 1)"),
+        Setting("weight_decay", 5e-4, float, "[0, inf)"),
+        Setting("nesterov", False, bool),
+        Setting("warmup_epochs", 0.0, float, "[0, inf)"),
+        Setting("step_factor", 0.2, float, "(0, 1]"),
+        Setting("label_smoothing", 0.0, float, "[0, 1)"),
+        Setting("cutout", False, bool),
+        Setting("train_subset", None, int, "[1, inf)", optional=True),
+        Setting("label_noise", 0.0, float, "[0, 1)"),
+        Setting("val_fraction", 0.0, float, "[0, 1)"),
+        Setting("split_seed", 0, int, SEED_RANGE),
+        Setting("sharpness", False, bool),
+        Setting("sharpness_samples", 1024, int, "[1, inf)"),
+        Setting("seed", 0, int, SEED_RANGE),
+        Setting("sync_bn", False, bool),
+        Setting("cpu", False, bool),
+        Setting("grad_accum_steps", 1, int, "[1, inf)"),
+        Setting("max_steps", None, int, "[1, inf)", optional=True),
+        Setting("max_consecutive_skips", 20, int, "[1, inf)"),
+        Setting("save_every_steps", 0, int, "[0, inf)"),
+        Setting("save_every_epochs", 1, int, "[0, inf)"),
+        Setting("keep_checkpoints", 2, int, "[1, inf)"),
+        Setting("threads", None, int, "[1, inf)", optional=True),
+    )
+}
 
 
 def _writable(path: str) -> bool:
     """Whether ``path`` is a writable directory or could be created as one (tried, not guessed:
     permission bits say little to root or on read-only mounts)."""
-    import tempfile
-    from pathlib import Path
-
     p = Path(path).absolute()
     while not p.exists():
         p = p.parent
@@ -43,10 +89,20 @@ class ConfigError(ValueError):
     """A bad value from the user: one line naming it and the valid choices."""
 
 
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(value: str, choices, what: str) -> str:
+    _need(value in choices, f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
+    return value
+
+
 @dataclass
 class RunConfig:
     """Everything a training run depends on. ``hyperparameters`` are the variant's own
-    (rho, eta, beta, ...); anything not given takes the variant's paper default."""
+    (rho, eta, beta, ...); anything not given takes the variant's declared default."""
 
     dataset: str = "digits"
     data_dir: str | None = None
@@ -68,11 +124,14 @@ class RunConfig:
     cutout: bool = False
     train_subset: int | None = None
     label_noise: float = 0.0
+    val_fraction: float = 0.0
+    split_seed: int = 0
     sharpness: bool = False
     sharpness_samples: int = 1024
     seed: int = 0
     mixed_precision: str = "no"
     sam_sync: str = "local"
+    sync_bn: bool = False
     cpu: bool = False
     grad_accum_steps: int = 1
     max_steps: int | None = None
@@ -80,102 +139,73 @@ class RunConfig:
     save_every_steps: int = 0
     save_every_epochs: int = 1
     keep_checkpoints: int = 2
+    threads: int | None = None
     log_with: str | None = None
     output_dir: str = "runs"
     run_name: str | None = None
 
     def validate(self) -> RunConfig:
-        from architectures.registry import resolve as resolve_architecture
-        from optimizers import available_optimizers
-        from optimizers.registry import canonical_name
+        self._check_names()
+        for name, check in FIELD_CHECKS.items():
+            try:
+                setattr(self, name, check.check(getattr(self, name)))
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        self._check_relations()
+        self._check_optimizer_settings()
+        return self
 
-        from .data import DataError, available_datasets
-        from .data import canonical_name as dataset_name
-
-        def need(ok: bool, message: str):
-            if not ok:
-                raise ConfigError(message)
-
+    def _check_names(self) -> None:
         try:
             self.optimizer = canonical_name(self.optimizer)
         except ValueError:
-            raise ConfigError(
-                f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(available_optimizers())}"
-            ) from None
-        need(
-            self.base_optimizer.lower() in ("sgd", "adamw", "adam"),
-            f"unknown base optimizer {self.base_optimizer!r}; choose one of: sgd, adamw, adam",
-        )
-        self.base_optimizer = self.base_optimizer.lower()
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(available_optimizers())}") from None
+        self.base_optimizer = _choice(str(self.base_optimizer).lower(), tuple(BASE_OPTIMIZERS), "base optimizer")
         try:
             self.dataset = dataset_name(self.dataset)
         except DataError:
-            raise ConfigError(
-                f"unknown dataset {self.dataset!r}; choose one of: {', '.join(available_datasets())}"
-            ) from None
-        need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs}")
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        need(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
-        need(0 <= self.warmup_epochs < self.epochs, f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
-        need(all(0 < m < 1 for m in self.step_milestones), f"step_milestones must be fractions in (0, 1), got {self.step_milestones}")
-        need(0 < self.step_factor <= 1, f"step_factor must be in (0, 1], got {self.step_factor}")
-        need(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        need(
-            self.mixed_precision in MIXED_PRECISION,
-            f"unknown mixed_precision {self.mixed_precision!r}; choose one of: {', '.join(MIXED_PRECISION)}",
-        )
-        need(self.sam_sync in SAM_SYNC, f"unknown sam_sync {self.sam_sync!r}; choose one of: {', '.join(SAM_SYNC)}")
-        need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
-        need(0 <= self.label_noise < 1, f"label_noise must be in [0, 1), got {self.label_noise}")
-        need(self.train_subset is None or self.train_subset >= 1, f"train_subset must be >= 1, got {self.train_subset}")
-        need(self.log_with is None or self.log_with in TRACKERS,
-             f"unknown log_with {self.log_with!r}; choose one of: {', '.join(TRACKERS)}")
-        if self.log_with:
-            import importlib.util
-
-            need(importlib.util.find_spec(self.log_with) is not None,
-                 f"log_with {self.log_with} needs the {self.log_with} package: pip install {self.log_with}")
-        need(self.sharpness_samples >= 1, f"sharpness_samples must be >= 1, got {self.sharpness_samples}")
-        need(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
-        need(self.max_consecutive_skips >= 1, f"max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
-        need(self.save_every_steps >= 0, f"save_every_steps must be >= 0 (0: off), got {self.save_every_steps}")
-        need(self.save_every_epochs >= 0, f"save_every_epochs must be >= 0 (0: off), got {self.save_every_epochs}")
-        need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        need(_writable(self.output_dir), f"output_dir {self.output_dir!r} is not writable")
+            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(available_datasets())}") from None
         try:
             resolve_architecture(self.arch)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        self.step_milestones = tuple(self.step_milestones)
-        self._check_optimizer_settings()
-        return self
+        _choice(self.schedule, SCHEDULES, "schedule")
+        _choice(self.mixed_precision, MIXED_PRECISION, "mixed_precision")
+        _choice(self.sam_sync, SAM_SYNC, "sam_sync")
+        if self.log_with is not None:
+            _choice(self.log_with, TRACKERS, "log_with")
+            _need(importlib.util.find_spec(self.log_with) is not None,
+                  f"log_with {self.log_with} needs the {self.log_with} package: pip install {self.log_with}")
+        _need(_writable(self.output_dir), f"output_dir {self.output_dir!r} is not writable")
 
-    def optimizer_settings(self, num_data: int) -> dict[str, Any]:
-        """Keyword arguments for ``create_optimizer``: the base optimizer's, then the variant's."""
-        from optimizers.bsam import BayesianSAM
-        from optimizers.registry import optimizer_class
+    def _check_relations(self) -> None:
+        _need(self.warmup_epochs < self.epochs, f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
+        milestones = tuple(self.step_milestones)
+        _need(all(isinstance(m, (int, float)) and 0 < m < 1 for m in milestones),
+              f"step_milestones must be fractions in (0, 1), got {self.step_milestones}")
+        self.step_milestones = milestones
 
-        if issubclass(optimizer_class(self.optimizer), BayesianSAM):
-            return {"lr": self.lr, "num_data": num_data, **self.hyperparameters}
-        base = self.optimizer if self.optimizer in ("sgd", "adam", "adamw") else self.base_optimizer
+    def optimizer_settings(self, num_train: int) -> dict[str, Any]:
+        """Keyword arguments for ``create_optimizer``: the base optimizer's (or, for a variant with
+        its own update rule, the learning rate), the quantities the harness fills in, then the variant's."""
+        cls = optimizer_class(self.optimizer)
+        filled = {s.name: num_train for s in getattr(cls, "settings", ()) if s.filled_by == "num_train"}
+        if not getattr(cls, "uses_base_optimizer", True):
+            return {"lr": self.lr, **filled, **self.hyperparameters}
+        base = self.optimizer if self.optimizer in BASE_OPTIMIZERS else self.base_optimizer
         if base == "sgd":
             settings = dict(lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov)
         else:
             settings = dict(lr=self.lr, weight_decay=self.weight_decay)
-        return {**settings, **self.hyperparameters}
+        return {**settings, **filled, **self.hyperparameters}
 
     def _check_optimizer_settings(self) -> None:
         """Build the optimizer on a stand-in parameter, so a bad hyperparameter fails before any work."""
         import torch
 
-        from optimizers import create_optimizer
-
         try:
             create_optimizer(self.optimizer, [torch.zeros(1, requires_grad=True)], base=self.base_optimizer,
-                             **self.optimizer_settings(num_data=1))
+                             **self.optimizer_settings(num_train=1))
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{self.optimizer}: {err}") from None
 
@@ -193,8 +223,14 @@ class RunConfig:
             values["step_milestones"] = tuple(values["step_milestones"])
         return cls(**values)
 
+    def identity(self) -> dict[str, Any]:
+        """The settings that change the result."""
+        return {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL}
+
     def run_id(self) -> str:
         """Deterministic name from the settings that change the result."""
-        identity = {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL}
-        digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:8]
         return f"{self.dataset}_{self.arch}_{self.optimizer}_s{self.seed}_{digest}"
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / (self.run_name or self.run_id())

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from architectures import create_model
-from optimizers import BatchClosure, SharpnessAwareOptimizer, available_optimizers, create_optimizer
+from optimizers import BatchClosure, SharpnessAwareOptimizer, available_optimizers, create_optimizer, optimizer_class
 
 from .io import write_text
+from .usage import Parser
 
 SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
 ce = nn.CrossEntropyLoss(reduction="none")
@@ -39,7 +40,8 @@ class Contender:
 
 def _ours(name: str) -> Contender:
     def build(model):
-        return create_optimizer(name, model, **({} if name == "bsam" else SGD))
+        own_rule = not getattr(optimizer_class(name), "uses_base_optimizer", True)
+        return create_optimizer(name, model, **({} if own_rule else SGD))
 
     def step(opt, model, x, y):
         closure = BatchClosure(model, ce, x, y)
@@ -173,9 +175,7 @@ def to_markdown(rows: list[dict], settings: dict, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import _Parser
-
-    p = _Parser(prog="launch.py perf", description="Time one training step of SGD and every variant.")
+    p = Parser(prog="launch.py perf", description="Time one training step of SGD and every variant.")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--image_size", type=int, default=32)

@@ -3,25 +3,24 @@ interrupted ones, then write its tables and plots from the run files.
 
 Run directories are named by their configuration's id, so a sweep can be stopped and
 started again, run piecewise on several machines (``--print_commands``) into one
-results directory, and it never runs, loses or counts a configuration twice.
+results directory, and it never runs, loses or counts a configuration twice. Runs go
+one at a time: two trainings sharing the CPU would slow each other and spoil the times.
 """
 
 from __future__ import annotations
 
 import shlex
+import time
 from pathlib import Path
 
 from .config import RunConfig
 from .recipes import Recipe
-
-
-def run_dir(config: RunConfig) -> Path:
-    return Path(config.output_dir) / (config.run_name or config.run_id())
+from .train import TrainingStopped, train
 
 
 def status(config: RunConfig) -> str:
     """"done" (summary written, diverged runs included), "interrupted" (checkpoints, no summary) or "pending"."""
-    directory = run_dir(config)
+    directory = config.run_dir()
     if (directory / "summary.json").is_file():
         return "done"
     if (directory / "checkpoints").is_dir() and any((directory / "checkpoints").glob("step_*")):
@@ -56,16 +55,32 @@ def _toml(value) -> str:
     return repr(value)
 
 
-def run_sweep(recipe: Recipe, configs: list[RunConfig], progress=None) -> list[Path]:
-    from .train import TrainingStopped, train
+def _outcome(summary: dict) -> str:
+    score = " ".join(f"{k.removeprefix('final_')} {summary[k]:.4f}" for k in ("final_val_acc", "final_test_acc")
+                     if summary.get(k) is not None)
+    return f"{summary.get('status', '?')}, {score}" if score else summary.get("status", "?")
 
-    overall = progress.add_task(f"sweep {recipe.name}", total=len(configs)) if progress else None
-    for config in configs:
+
+def run_sweep(recipe: Recipe, configs: list[RunConfig], progress=None, label: str | None = None) -> list[Path]:
+    """Train every configuration not yet done, one at a time; one line per run with the time left."""
+    label = label or f"sweep {recipe.name}"
+    overall = progress.add_task(label, total=len(configs)) if progress else None
+    start, trained = time.perf_counter(), 0
+    pending = sum(status(c) != "done" for c in configs)
+    for i, config in enumerate(configs, 1):
         if status(config) != "done":
             try:
-                train(config, progress=progress, resume=True)
+                summary = train(config, progress=progress, resume=True).summary
             except TrainingStopped as err:  # a diverged run is a result too; its files are written
-                print(f"note: {err}")
+                summary = {"status": "diverged"}
+                if progress:
+                    progress.print(f"note: {err}")
+            trained += 1
+            elapsed = time.perf_counter() - start
+            if progress:
+                left = elapsed / trained * (pending - trained)
+                progress.print(f"[{i}/{len(configs)}] {config.run_dir().name}: {_outcome(summary)}; "
+                               f"{elapsed:.0f} s elapsed, about {left:.0f} s left")
         if overall is not None:
             progress.advance(overall)
-    return [run_dir(c) for c in configs]
+    return [c.run_dir() for c in configs]

@@ -75,7 +75,7 @@ def test_seed_sam_command_runs_on_a_cifar_fixture(cifar10_dir, tmp_path):
     assert summary["steps"] == 2 and summary["stopped_early"] and summary["passes_per_step"] == 2
     config = read_json(run / "config.json")
     assert config["lr"] == 0.05 and config["warmup_epochs"] == 5 and config["hyperparameters"] == {"rho": 0.05}
-    assert "torch" in config["versions"]
+    assert "torch" in config["environment"] and config["environment"]["processor"]
 
 
 def test_launch_py_writes_run_files_and_a_table(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from launching import KILLED_AFTER
 
 from bench.cli import main
 from bench.config import ConfigError
@@ -15,7 +16,6 @@ from bench.data import ImageDataset, with_label_noise
 from bench.io import read_json
 from bench.recipes import available_recipes, load_recipe, parse_assignment
 from bench.results import load_runs, reproduction_table
-from bench.train import KILL_AT_STEP
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """
@@ -96,12 +96,12 @@ def test_a_sweep_skips_finished_runs_and_an_interrupted_one_gives_the_same_table
     assert list(whole.glob("tiny*_acc_epoch*.png"))
 
     # the same sweep, killed mid-run (SIGKILL in its second run, mid-epoch), then resumed
-    cmd = [sys.executable, "launch.py", "sweep", str(recipe), "--output_dir", str(parts / "runs"), "--results_dir", str(parts)]
-    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, KILL_AT_STEP: "30"}, capture_output=True, timeout=300)
+    cmd = [sys.executable, "-c", KILLED_AFTER, "sweep", str(recipe), "--output_dir", str(parts / "runs"), "--results_dir", str(parts)]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "KILL_AFTER": "30"}, capture_output=True, timeout=300)
     assert done.returncode != 0
     assert len(list((parts / "runs").glob("*/summary.json"))) < 4
     capsys.readouterr()
-    assert main(cmd[2:]) == 0
+    assert main(cmd[3:]) == 0
     assert len(list((parts / "runs").glob("*/summary.json"))) == 4
     pd.testing.assert_frame_equal(table_without_timing(whole / "tiny.csv"), table_without_timing(parts / "tiny.csv"))
 
@@ -150,7 +150,7 @@ def test_label_noise_is_symmetric_seeded_and_recorded(tmp_path):
 def test_expected_calibration_error_by_hand():
     from accelerate import Accelerator
 
-    from bench.train import evaluate
+    from bench.evaluation import evaluate
 
     # two classes; logits give confidence 0.9 on 10 samples (8 right) and 0.6 on 10 samples (3 right)
     logit = lambda p: torch.log(torch.tensor([p, 1 - p]))  # noqa: E731

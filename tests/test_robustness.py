@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import KILLED_AFTER
 from safetensors.torch import load_file
 from torch import nn
 
@@ -15,7 +16,8 @@ from bench.amp import LossScaler
 from bench.cli import main
 from bench.config import RunConfig
 from bench.io import read_json, read_jsonl
-from bench.train import KILL_AT_STEP, TrainClosure, take_step, train
+from bench.step import TrainClosure, take_step
+from bench.train import train
 from optimizers import available_optimizers, create_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +41,8 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_result(name, tmp_path):
     assert main(flags + ["--output_dir", str(tmp_path / "whole")]) == 0
 
     killed = flags + ["--output_dir", str(tmp_path / "killed")]
-    env = {**os.environ, KILL_AT_STEP: "30"}  # 22 steps per epoch: step 30 is mid-epoch 2, last checkpoint at 28
-    done = subprocess.run([sys.executable, "launch.py", *killed], cwd=ROOT, env=env, capture_output=True, timeout=300)
+    env = {**os.environ, "KILL_AFTER": "30"}  # 22 steps per epoch: step 30 is mid-epoch 2, last checkpoint at 28
+    done = subprocess.run([sys.executable, "-c", KILLED_AFTER, *killed], cwd=ROOT, env=env, capture_output=True, timeout=300)
     assert done.returncode == -signal.SIGKILL
     run = only_run(tmp_path / "killed")
     assert not (run / "summary.json").exists()
@@ -62,6 +64,7 @@ def test_a_corrupt_checkpoint_is_reported_and_the_previous_one_kept(tmp_path, ca
     older, latest = sorted((run / "checkpoints").iterdir())
     weights = latest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    (run / "summary.json").unlink()  # as if the process had died after that checkpoint
     assert main(flags + ["--resume", "auto"]) == 2
     err = capsys.readouterr().err.strip()
     assert "is unreadable" in err and older.name in err and "\n" not in err
@@ -161,7 +164,7 @@ def test_bf16_autocast_trains_every_variant(name, tmp_path):
         (["--mixed_precision", "fp16", "--cpu"], "mixed_precision fp16 needs a CUDA GPU"),
         (["--output_dir", "/proc/sam-bench/out"], "is not writable"),
         (["--output_dir", "FILE/out"], "is not writable"),
-        (["--sam_type", "SAM", "--grad_accum_steps", "0"], "grad_accum_steps must be >= 1"),
+        (["--sam_type", "SAM", "--grad_accum_steps", "0"], "grad_accum_steps must be an integer >= 1"),
         (["--sam_type", "SAM", "--grad_accum_steps", "3", "--batch_size", "64"], "must be divisible"),
         (["--resume", "/nonexistent/run"], "no config.json there"),
     ],

@@ -1,0 +1,91 @@
+"""One optimizer step inside the Accelerate loop: the harness's closure and the skip rule.
+
+The closure runs each pass the optimizer asks for under DDP's synchronisation rule for
+that pass (``--sam_sync``, or the variant's declared ``ascent_sync``), scales and
+unscales fp16 losses, and checks every pass for a non-finite loss or gradient. Every
+process must agree before a step is skipped, or one would wait forever in the next
+synchronised backward: the flag is summed across processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from optimizers import BatchClosure, SharpnessAwareOptimizer
+
+from .amp import LossScaler, NonFiniteGradient, unscale_and_check
+
+
+def ascent_is_synchronised(optimizer, sam_sync: str) -> bool:
+    """Whether the ascent pass's gradient is all-reduced: the variant's declaration decides where it
+    has one ("global": its ascent gradient reaches the update; "local": it must stay per replica)."""
+    declared = getattr(type(optimizer), "ascent_sync", "any")
+    return declared == "global" or (declared == "any" and sam_sync == "global")
+
+
+class TrainClosure(BatchClosure):
+    """The harness's closure: DDP sync per pass, fp16 scaling, finiteness checks, training metrics.
+
+    Training accuracy and loss count each sample at the first pass that sees it in a step: the
+    step's own weights for a two-pass step, each sub-batch's first pass where a variant splits
+    the batch, the only pass of a one-pass step.
+    """
+
+    def __init__(self, model, loss_fn, inputs, targets, *, accelerator, sync_ascent: bool,
+                 scaler: LossScaler | None, accumulation_steps: int = 1):
+        super().__init__(model, loss_fn, inputs, targets, backward=self._scaled_backward,
+                         accumulation_steps=accumulation_steps)
+        self.accelerator, self.sync_ascent, self.scaler = accelerator, sync_ascent, scaler
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.correct = torch.zeros((), device=inputs.device)
+        self.loss_sum = torch.zeros((), device=inputs.device)
+        self.seen = torch.zeros((), dtype=torch.long, device=inputs.device)
+        self._counted = torch.zeros(len(targets), dtype=torch.bool, device=inputs.device)
+        self._subset = None
+
+    def __call__(self, subset=None, **request):
+        self._subset = subset
+        return super().__call__(subset, **request)
+
+    def context(self, phase: str, last_micro_batch: bool = True):
+        if self.accelerator.num_processes > 1 and (not last_micro_batch or (phase == "ascent" and not self.sync_ascent)):
+            return self.accelerator.no_sync(self.model)
+        return contextlib.nullcontext()
+
+    def _scaled_backward(self, loss):
+        if self.scaler is None:
+            self.accelerator.backward(loss)
+        else:
+            self.scaler.backward(loss)
+
+    def after_backward(self, loss, phase):
+        inv_scale = 1.0 / self.scaler.scale if self.scaler is not None else 1.0
+        bad = (unscale_and_check(self.params, inv_scale).to(loss.device) + (~torch.isfinite(loss)).float()).reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item():
+            raise NonFiniteGradient(f"non-finite loss or gradient in a {phase} pass")
+
+    def observe(self, outputs, targets, losses, phase):
+        index = torch.arange(self.batch_size, device=self._counted.device)
+        if self._subset is not None:
+            index = index[self._subset]
+        new = ~self._counted[index]  # kept on the device: no host synchronisation here
+        self._counted[index] = True
+        self.correct += ((outputs.argmax(-1) == targets) & new).sum()
+        self.loss_sum += torch.where(new, losses.float(), 0.0).sum()
+        self.seen += new.sum()
+
+
+def take_step(optimizer, closure) -> bool:
+    """One optimizer step; a non-finite pass skips it with the weights restored. Returns whether it was skipped."""
+    try:
+        optimizer.step(closure)
+        return False
+    except NonFiniteGradient:
+        if isinstance(optimizer, SharpnessAwareOptimizer):
+            optimizer.restore()
+        optimizer.zero_grad()
+        return True

@@ -1,0 +1,16 @@
+"""Command-line errors: one line, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class UsageError(Exception):
+    """Reported as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are :class:`UsageError` (the CLI prints them as one line)."""
+
+    def error(self, message):
+        raise UsageError(message)
