@@ -79,6 +79,13 @@ class TrainClosure(BatchClosure):
         self.seen += new.sum()
 
 
+def evaluation_weights(optimizer):
+    """The context in which the model holds the weights to evaluate and export (see
+    ``SharpnessAwareOptimizer.evaluation_weights``); plain torch optimizers have nothing to swap."""
+    swap = getattr(optimizer, "evaluation_weights", None)
+    return swap() if swap is not None else contextlib.nullcontext()
+
+
 def take_step(optimizer, closure) -> bool:
     """One optimizer step; a non-finite pass skips it with the weights restored. Returns whether it was skipped."""
     try:

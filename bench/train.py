@@ -41,7 +41,7 @@ from .data import ImageDataset, load_dataset_splits, prepare_train_set
 from .evaluation import evaluate
 from .io import read_json, write_json, write_jsonl
 from .sharpness import final_sharpness
-from .step import TrainClosure, ascent_is_synchronised, take_step
+from .step import TrainClosure, ascent_is_synchronised, evaluation_weights, take_step
 from .sync_bn import convert_sync_batchnorm
 
 #: Tracker project name; TensorBoard writes under RUN_DIR/sam-bench/.
@@ -348,8 +348,9 @@ def epoch_row(run: Run, sums: dict[str, Any], epoch_steps: int) -> dict[str, Any
         totals = run.accelerator.reduce(totals, reduction="sum")
     correct, loss_sum, seen = totals.tolist()
     held_out = {}
-    for split in run.splits:
-        held_out.update(evaluate(run.model, split.data, split.images, split.labels, run.accelerator, prefix=split.name))
+    with evaluation_weights(run.optimizer):
+        for split in run.splits:
+            held_out.update(evaluate(run.model, split.data, split.images, split.labels, run.accelerator, prefix=split.name))
     logged = getattr(run.optimizer, "logged_values", dict)()
     return {
         "epoch": run.state.epoch + 1,
@@ -442,13 +443,14 @@ def finish(run: Run) -> RunResult:
         run.notes.append(note)
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)
-        note = export_model(model, run.run_dir)
+        with evaluation_weights(run.optimizer):
+            note = export_model(model, run.run_dir)
+            if config.sharpness and run.state.status != "diverged":
+                write_json(run.run_dir / "sharpness.json",
+                           final_sharpness(model, run.train_set, run.device, config.sharpness_samples))
         summary["model_exported"] = (run.run_dir / MODEL_FILE).is_file()
         if note:
             run.notes.append(note)
-        if config.sharpness and run.state.status != "diverged":
-            write_json(run.run_dir / "sharpness.json",
-                       final_sharpness(model, run.train_set, run.device, config.sharpness_samples))
         write_json(run.run_dir / "summary.json", summary)
     if config.log_with:
         accelerator.end_training()

@@ -21,6 +21,7 @@ Two ways to drive it, with the same arithmetic:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -177,10 +178,16 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """Per-group settings and their defaults (what every param group carries)."""
         return {s.name: s.default for s in cls.settings if s.per_group}
 
-    @property
-    def ascent_may_be_local(self) -> bool:
-        """Deprecated spelling of ``ascent_sync != "global"`` (kept for older harness code)."""
-        return self.ascent_sync != "global"
+
+    def evaluation_weights(self) -> contextlib.AbstractContextManager:
+        """A context in which the model holds the weights to evaluate and export.
+
+        Most variants store the step's own weights w, so this does nothing. A variant whose
+        stored weights are something else between steps (perturbed ones, fast weights)
+        overrides it to swap the weights that are its result in and out, bit for bit; the
+        harness evaluates, measures and exports inside it, and checkpoints outside it.
+        """
+        return contextlib.nullcontext()
 
     def logged_values(self) -> dict[str, float]:
         """Values worth logging once per epoch (the first group's radius)."""

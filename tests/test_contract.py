@@ -316,8 +316,6 @@ def test_ascent_sync():
     sync = {n: optimizer_class(n).ascent_sync for n in VARIANTS}
     assert sync["esam"] == "local" and sync["sam"] == "any"
     assert {n for n, s in sync.items() if s == "global"} == {"gsam", "looksam", "look_layer_sam", "bsam"}
-    for name in VARIANTS:  # the older spelling the harness may still read
-        assert create_optimizer(name, tiny_mlp()).ascent_may_be_local == (sync[name] != "global")
 
 
 def test_logged_values_follow_the_radius():
