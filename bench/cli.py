@@ -3,6 +3,7 @@
     python launch.py                         the default suite: ``sweep digits``
     python launch.py --suite NAME            the same as ``sweep NAME``
     python launch.py sweep RECIPE [--set k=v] every run of a recipe (resumable), then its tables and plots
+    python launch.py tune RECIPE [--set k=v]  tune every optimizer on a validation split (equal budget), then run the choice
     python launch.py --recipe RECIPE [--set k=v]   one run of a recipe
     python launch.py [run flags]             one run (the seed project's flags work verbatim)
     python launch.py table [RUN_DIRS...]     aggregate finished runs into a results table
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import sys
 import warnings
@@ -54,6 +56,7 @@ from .results import (
 from .sharpness import measure_run_sharpness
 from .sweep import commands, run_sweep
 from .train import TrainingStopped, train
+from .tune import pending_commands, plan, run_tuning, write_tuning_results
 from .usage import Parser, UsageError
 
 # -- variant flags, generated from the declarations ------------------------------------------------
@@ -238,12 +241,13 @@ def cmd_run(argv: list[str]) -> int:
         config, notes = config_from_args(args)
     if args.resume == "auto" and not checkpoints(config.run_dir()) and not (config.run_dir() / "summary.json").is_file():
         notes.append(f"--resume auto: no run with these settings in {config.output_dir} (id {config.run_id()}); starting a new one")
-    state = PartialState()
-    for note in notes if state.is_main_process else ():
+    # the launcher's RANK: the process group does not exist before train() starts Accelerate
+    main_process = os.environ.get("RANK", "0") == "0"
+    for note in notes if main_process else ():
         console.print(f"note: {note}")
     with make_progress() as progress:
         result = train(config, progress=progress, resume=args.resume is not None)
-    if not state.is_main_process:
+    if not PartialState().is_main_process:
         return 0
     for note in result.notes:
         console.print(f"note: {note}")
@@ -316,6 +320,33 @@ def write_sweep_results(recipe, run_dirs, results_dir: Path, command: str) -> No
         print(f"wrote {plot}")
 
 
+def cmd_tune(argv: list[str]) -> int:
+    p = Parser(prog="launch.py tune", description="Tune every optimizer of a recipe's [tune] section on a validation split "
+               "with an equal budget, then run the chosen values on the full training set and write their tables.")
+    p.add_argument("recipe", help="recipe name or .toml path (with a [tune] section)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument("--output_dir", default=None, help="default: runs/<recipe>_tune (trials/ and final/ inside)")
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--results_dir", default="results")
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--print_commands", action="store_true",
+                   help="print one command per pending trial (once they are done: per pending final run) instead of running")
+    args = p.parse_args(argv)
+    recipe = load_recipe(args.recipe)
+    extra = [f"{k}={v}" for k, v in (("data_dir", args.data_dir), ("cpu", "true" if args.cpu else None)) if v]
+    tuning = plan(recipe, [*args.sets, *extra], args.output_dir or f"runs/{recipe.name}_tune")
+    if args.print_commands:
+        print("\n".join(pending_commands(tuning, args.sets)))
+        return 0
+    with make_progress() as progress:
+        chosen, final_dirs = run_tuning(tuning, progress)
+    results_dir = Path(args.results_dir)
+    table = write_tuning_results(tuning, chosen, final_dirs, results_dir, "python launch.py tune " + shlex.join(argv))
+    print_table(table, title=str(results_dir / f"{recipe.name}_tuned.md"))
+    print(f"wrote {results_dir / f'{recipe.name}_tuning.md'}")
+    return 0
+
+
 def cmd_reproduction(argv: list[str]) -> int:
     p = Parser(prog="launch.py reproduction", description="Reported against measured for every recipe with a reported number.")
     p.add_argument("runs", nargs="*", default=["runs"])
@@ -361,7 +392,7 @@ def cmd_variants(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"sweep": cmd_sweep, "table": cmd_table, "reproduction": cmd_reproduction, "sharpness": cmd_sharpness,
+COMMANDS = {"sweep": cmd_sweep, "tune": cmd_tune, "table": cmd_table, "reproduction": cmd_reproduction, "sharpness": cmd_sharpness,
             "perf": perf_main, "variants": cmd_variants}
 
 

@@ -22,16 +22,20 @@ FLAGS = ["--arch_type", "mlp", "--epochs", "1", "--max_steps", "3", "--batch_siz
          "--lr", "0.1", "--momentum", "0.9", "--weight_decay", "5e-4"]
 
 
-def launch_two(args, out: Path) -> Path:
-    """Two processes, as `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` starts them."""
+def launch(args, out: Path, processes: int = 2) -> Path:
+    """Several processes, as `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` starts them."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--main_process_port", "29517", "launch.py", *args, "--output_dir", str(out)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = list(out.iterdir())
-    assert read_json(run / "config.json")["world_size"] == 2  # really two processes
+    assert read_json(run / "config.json")["world_size"] == processes  # really that many processes
     return run
+
+
+def launch_two(args, out: Path) -> Path:
+    return launch(args, out, processes=2)
 
 
 def one_process(args, out: Path) -> Path:
@@ -47,7 +51,11 @@ def weights(run: Path) -> dict:
 
 
 def assert_close(a: dict, b: dict, rtol=1e-6):
+    assert a.keys() == b.keys()
     for k in a:
+        if not a[k].is_floating_point():
+            assert torch.equal(a[k], b[k]), k
+            continue
         err = ((a[k] - b[k]).norm() / b[k].norm()).item()
         assert err < rtol, f"{k}: relative error {err:.1e}"
 
@@ -103,3 +111,45 @@ def test_local_sync_averages_per_replica_sam_gradients(tmp_path):
 
     reference = {k: v.detach() for k, v in model.state_dict().items()}
     assert_close(weights(run), reference)
+
+
+# -- BatchNorm models: every rank reaches every collective ------------------------------------------
+
+BN_FLAGS = ["--epochs", "1", "--max_steps", "3", "--batch_size", "48", "--schedule", "constant", "--lr", "0.05"]
+
+
+@pytest.mark.parametrize("arch, sync", [("smallcnn", "local"), ("smallcnn", "global"), ("resnet8", "global")])
+def test_batchnorm_models_finish_with_an_uneven_eval_split(arch, sync, tmp_path):
+    """digits' 360 test images are one evaluation batch: process 0 evaluates it, process 1 none.
+    The run must finish (no collective on one rank only) with the metrics of one process."""
+    args = [*BN_FLAGS, "--arch", arch, "--sam_type", "SAM", "--sam_sync", sync]
+    run = launch(args, tmp_path / "two")
+    summary = read_json(run / "summary.json")
+    assert summary["steps"] == 3 and summary["world_size"] == 2
+    assert 0 <= summary["final_test_acc"] <= 1
+    assert torch.isfinite(torch.cat([t.reshape(-1).float() for t in weights(run).values()])).all()
+
+
+def test_three_processes_finish_on_a_batchnorm_model(tmp_path):
+    run = launch([*BN_FLAGS, "--arch", "smallcnn", "--sam_type", "GSAM"], tmp_path / "three", processes=3)
+    assert read_json(run / "summary.json")["steps"] == 3
+
+
+def test_sync_bn_with_global_sync_equals_one_process_on_the_whole_batch(tmp_path):
+    """--sync_bn --sam_sync global on 2 x 24 images gives the weights (BatchNorm buffers included) and the
+    test metrics of one process on the 48-image batch."""
+    args = [*BN_FLAGS, "--arch", "smallcnn", "--sam_type", "SAM", "--sam_sync", "global", "--sync_bn"]
+    two, one = launch(args, tmp_path / "two"), one_process(args, tmp_path / "one")
+    assert_close(weights(two), weights(one), rtol=1e-5)
+    metrics_two, metrics_one = read_jsonl(two / "metrics.jsonl")[-1], read_jsonl(one / "metrics.jsonl")[-1]
+    assert metrics_two["test_acc"] == pytest.approx(metrics_one["test_acc"], abs=1 / 360)
+    assert metrics_two["train_loss"] == pytest.approx(metrics_one["train_loss"], rel=1e-5)
+
+
+def test_without_sync_bn_each_process_normalises_its_own_shard(tmp_path):
+    """The README's caveat, measured: without --sync_bn, global sync differs from one process once the
+    model has BatchNorm (per-shard batch statistics)."""
+    args = [*BN_FLAGS, "--arch", "smallcnn", "--sam_type", "SAM", "--sam_sync", "global"]
+    two, one = launch(args, tmp_path / "two"), one_process(args, tmp_path / "one")
+    a, b = weights(two), weights(one)
+    assert max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in a if a[k].is_floating_point()) > 1e-3
