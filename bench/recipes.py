@@ -18,6 +18,24 @@ where a paper reports one, the number to reproduce with its source.
 
 ``--set key=value`` overrides any field (``rho=0.1`` sets a hyperparameter; a list
 value such as ``seed=[0,1]`` becomes a grid axis).
+
+A ``[tune]`` section makes the recipe tunable with an equal budget (``launch.py tune``,
+``bench.tune``): every optimizer with a grid is trained on each grid point with the trial
+seeds, on a stratified validation split of the training set; the point with the best mean
+final validation accuracy (ties: the earlier point; the test set is never read) is then run
+with the final seeds on the full training set. ``tune`` ignores ``[grid]``'s optimizer and
+seed axes (they serve ``sweep``, the untuned comparison) and refuses any other axis.
+
+    [tune]
+    val_fraction = 0.1       # the held-out fraction for the trials (split by split_seed)
+    seeds = [0]              # trial seeds, the same for every optimizer
+    final_seeds = [0, 1, 2]  # seeds of the final runs (val_fraction 0)
+    equal_budget = true      # false: grids of different sizes are allowed (the tables say so)
+    [tune.grid.sgd]          # per optimizer: lists of values of any RunConfig field or hyperparameter
+    lr = [0.02, 0.05, 0.1]
+    [tune.grid.looksam]      # several keys: their Cartesian product, in the order written
+    alpha = [0.5, 0.7]
+    k = [2, 5]
 """
 
 from __future__ import annotations
@@ -58,6 +76,7 @@ class Recipe:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
     reported: dict[str, Reported] = field(default_factory=dict)
+    tune: dict[str, Any] = field(default_factory=dict)  # the [tune] section as written (checked by bench.tune)
 
     def runs(self, sets: list[str] = (), output_dir: str | None = None) -> list[RunConfig]:
         """Every run of the recipe, with ``key=value`` overrides applied."""
@@ -118,7 +137,7 @@ def load_recipe(name_or_path: str) -> Recipe:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"recipe {path}: {err}") from None
-    unknown = set(data) - {"name", "description", "config", "grid", "optimizers", "reported"}
+    unknown = set(data) - {"name", "description", "config", "grid", "optimizers", "reported", "tune"}
     if unknown:
         raise ConfigError(f"recipe {path}: unknown section(s) {', '.join(sorted(unknown))}")
     reported = {}
@@ -129,4 +148,5 @@ def load_recipe(name_or_path: str) -> Recipe:
     return Recipe(
         name=data.get("name", path.stem), path=path, description=data.get("description", ""),
         config=data.get("config", {}), grid=data.get("grid", {}), optimizers=data.get("optimizers", {}), reported=reported,
+        tune=data.get("tune", {}),
     )

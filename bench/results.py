@@ -16,6 +16,8 @@ only when needed:
   the accuracies blank;
 * ``contended``: only when some run's summary says its timing was taken on a busy machine
   (``"contended": true``): per row, how many of its runs ("1/3"); their times are inflated.
+* ``tuned``: only when the caller passes ``tuned`` (optimizer -> the values tuning chose, as
+  ``bench.tune`` does): that text on the optimizer's rows (``rho=0.05``), blank on the others.
 
 ``time vs sgd`` compares a completed row's mean training time with that of the COMPLETED sgd runs of
 the same budget: the same settings except the optimizer's own (``OPTIMIZER_OWN``) and its step settings
@@ -35,7 +37,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
@@ -332,11 +334,12 @@ def _settings(groups: list[pd.DataFrame]) -> tuple[list[str], list[tuple]]:
     return labels, [tuple(_sortable(f.get(k, _DEFAULT)) for k in ks) for f, ks in zip(flats, keys)]
 
 
-def comparison_table(runs: pd.DataFrame, baseline: str = "sgd") -> pd.DataFrame:
+def comparison_table(runs: pd.DataFrame, baseline: str = "sgd", tuned: Mapping[str, str] | None = None) -> pd.DataFrame:
     """One row per (settings, status): accuracy mean ± sample std over seeds, n, cost relative to the baseline.
 
     Rows are ordered by dataset, arch, ``optimizer_order()``, settings, then status; the ``settings`` and
-    ``status`` columns are left out when they would not tell rows apart (see the module docstring)."""
+    ``status`` columns are left out when they would not tell rows apart (see the module docstring).
+    ``tuned`` (optimizer -> text) adds a ``tuned`` column after ``optimizer``."""
     groups = [g for _, g in runs.groupby(["settings_key", "status"], sort=False)]
     labels, sort_keys = _settings(groups)
     rank = {name: i for i, name in enumerate(optimizer_order(runs.optimizer))}
@@ -348,6 +351,8 @@ def comparison_table(runs: pd.DataFrame, baseline: str = "sgd") -> pd.DataFrame:
     table = pd.DataFrame([row for _, row in sorted(rows, key=lambda pair: pair[0])])
     needed = {"settings": any(labels), "status": (table.status != "completed").any(), "contended": (table.contended != "").any()}
     unused = [column for column, keep in needed.items() if not keep]
+    if tuned is not None:
+        table.insert(table.columns.get_loc("optimizer") + 1, "tuned", [tuned.get(name, "") for name in table.optimizer])
     return table.drop(columns=unused).reset_index(drop=True)
 
 
@@ -399,12 +404,13 @@ def to_markdown(table: pd.DataFrame) -> str:
     return frame_to_markdown(shown.loc[:, [c for c in shown.columns if (shown[c] != "").any()]])
 
 
-def write_comparison(paths: list[str | Path], out_prefix: str | Path, preamble: str = "") -> pd.DataFrame:
+def write_comparison(paths: list[str | Path], out_prefix: str | Path, preamble: str = "",
+                     tuned: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Write ``{out_prefix}.csv/.md/.tex``; the table's ``.attrs["notes"]`` holds the skipped-run notes."""
     from .io import write_text
 
     runs = load_runs(paths)
-    table = comparison_table(runs)
+    table = comparison_table(runs, tuned=tuned)
     table.attrs["notes"] = runs.attrs.get("notes", [])
     out_prefix = Path(out_prefix)
     write_text(out_prefix.with_suffix(".csv"), table.to_csv(index=False))
@@ -417,7 +423,7 @@ def print_table(table: pd.DataFrame, title: str = "") -> None:
     from rich.console import Console
     from rich.table import Table
 
-    columns = ["dataset", "arch", "optimizer", "settings", "status", "n", "final acc (%)", "best acc (%)", "time vs sgd",
+    columns = ["dataset", "arch", "optimizer", "tuned", "settings", "status", "n", "final acc (%)", "best acc (%)", "time vs sgd",
                "contended", "passes/step"]
     columns = [c for c in columns if c in table]
     rich_table = Table(title=title)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shlex
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from .config import RunConfig
@@ -28,14 +29,16 @@ def status(config: RunConfig) -> str:
     return "pending"
 
 
-def commands(recipe: Recipe, sets: list[str], configs: list[RunConfig]) -> list[str]:
-    """One `accelerate launch` command per run that is not done."""
+def commands(recipe: Recipe, sets: list[str], configs: list[RunConfig], keys: Iterable[str] | None = None) -> list[str]:
+    """One `accelerate launch` command per run that is not done; each spells out its values of ``keys``
+    (default: the recipe's grid axes) with ``--set``."""
     lines = []
+    keys = list(recipe.grid if keys is None else keys)
     for config in configs:
         if status(config) == "done":
             continue
         chosen = [f"{key}={_toml(getattr(config, key, None) if key in config.__dataclass_fields__ else config.hyperparameters[key])}"
-                  for key in recipe.grid]
+                  for key in keys]
         scalar_sets = [s for s in sets if not s.partition("=")[2].lstrip().startswith("[")]
         argv = ["accelerate", "launch", "launch.py", "--recipe", str(recipe.path)]
         for item in [*scalar_sets, *chosen]:

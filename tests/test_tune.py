@@ -1,0 +1,182 @@
+"""Tuning with an equal budget: trials on a validation split, the choice by validation accuracy only,
+final runs on the full training set, resumable, with tables that say what was tuned."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench.cli import main, recipe_config, run_parser
+from bench.io import read_json, write_json
+from bench.recipes import load_recipe
+from bench.tune import budget, choices, plan
+
+TINY = """
+name = "tiny_tune"
+description = "a tiny tuning"
+[config]
+dataset = "digits"
+arch = "mlp"
+epochs = 1
+batch_size = 64
+lr = 0.05
+cpu = true
+[tune]
+val_fraction = 0.2
+seeds = [0]
+final_seeds = [1]
+[tune.grid.sgd]
+lr = [0.005, 0.2]
+[tune.grid.sam]
+rho = [0.01, 0.5]
+"""
+GRID = {"sgd": ("lr", [0.005, 0.2]), "sam": ("rho", [0.01, 0.5])}
+
+
+def write_recipe(folder: Path, text: str = TINY) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny_tune.toml"
+    path.write_text(text)
+    return path
+
+
+def runs_under(folder: Path) -> list[tuple[dict, dict | None]]:
+    """(config.json, summary.json or None) of every run directory under ``folder``."""
+    return [(read_json(c), read_json(c.parent / "summary.json") if (c.parent / "summary.json").is_file() else None)
+            for c in sorted(folder.glob("*/config.json"))]
+
+
+def tuned_value(config: dict) -> float:
+    key = GRID[config["optimizer"]][0]
+    return config["hyperparameters"].get(key, config.get(key))
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    recipe = write_recipe(root)
+    argv = ["tune", str(recipe), "--output_dir", str(root / "runs"), "--results_dir", str(root / "results")]
+    assert main(argv) == 0
+    return root, argv
+
+
+def test_the_choice_is_the_best_trial_val_accuracy_and_final_runs_use_the_full_training_set(tuned):
+    root, _ = tuned
+    trials = runs_under(root / "runs" / "trials")
+    assert len(trials) == 4 and all(c["val_fraction"] == 0.2 and c["seed"] == 0 for c, _ in trials)
+    expected = {}
+    for optimizer, (_, values) in GRID.items():
+        scores = {tuned_value(c): s["final_val_acc"] for c, s in trials if c["optimizer"] == optimizer}
+        assert sorted(scores) == sorted(values)
+        expected[optimizer] = max(values, key=lambda v: (scores[v], -values.index(v)))  # the earlier among equals
+    finals = runs_under(root / "runs" / "final")
+    assert sorted(c["optimizer"] for c, _ in finals) == ["sam", "sgd"]
+    for config, summary in finals:
+        assert config["val_fraction"] == 0.0 and config["seed"] == 1
+        assert tuned_value(config) == expected[config["optimizer"]]
+        assert "final_val_acc" not in summary and summary["status"] == "completed"
+    table = pd.read_csv(root / "results" / "tiny_tune_tuned.csv").set_index("optimizer")
+    for optimizer, (key, _) in GRID.items():
+        assert table.loc[optimizer, "tuned"] == f"{key}={expected[optimizer]:g}"
+    assert "equal budget: 2 trials per optimizer" in (root / "results" / "tiny_tune_tuned.md").read_text()
+
+
+def test_the_tuning_markdown_lists_every_trial_and_the_choice(tuned):
+    root, _ = tuned
+    text = (root / "results" / "tiny_tune_tuning.md").read_text()
+    assert text.startswith("# tiny_tune: tuning") and "python launch.py tune" in text
+    for config, _ in runs_under(root / "runs" / "trials"):
+        assert f"`{config['run_id']}`" in text
+    for optimizer, (key, values) in GRID.items():
+        assert f"* {optimizer}: {key} = [{', '.join(f'{v:g}' for v in values)}]" in text
+        for value in values:
+            assert f"| {optimizer} | {key}={value:g} |" in text
+    assert text.count("| yes |") == 2
+
+
+def test_a_second_invocation_trains_nothing_and_has_no_pending_command(tuned, capsys):
+    root, argv = tuned
+    summaries = sorted((root / "runs").glob("*/*/summary.json"))
+    stamps = [p.stat().st_mtime_ns for p in summaries]
+    assert main(argv) == 0
+    assert [p.stat().st_mtime_ns for p in summaries] == stamps
+    assert len(list((root / "runs").glob("*/*/summary.json"))) == 6
+    capsys.readouterr()
+    assert main([*argv, "--print_commands"]) == 0
+    assert capsys.readouterr().out.strip() == ""
+
+
+def command_config(line: str):
+    """The configuration a printed command runs (parsed as launch.py would, without training)."""
+    argv = line.split()[3:]
+    parser = run_parser()
+    return recipe_config(parser, parser.parse_args(argv))
+
+
+def test_print_commands_lists_pending_trials_then_pending_final_runs(tuned, tmp_path, capsys):
+    root, _ = tuned
+    recipe = write_recipe(tmp_path)
+    assert main(["tune", str(recipe), "--output_dir", str(tmp_path / "fresh"), "--print_commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("accelerate launch launch.py --recipe") for line in lines)
+    assert all("--set val_fraction=0.2" in line and "--resume auto" in line for line in lines)
+    trial_ids = {c.run_id() for c in plan(load_recipe(str(recipe)), [], tmp_path / "fresh").trials()}
+    assert {command_config(line).run_id() for line in lines} == trial_ids  # each command runs its own trial
+
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "runs", copy)
+    (lost,) = [c.parent for c in (copy / "final").glob("*/config.json") if read_json(c)["optimizer"] == "sam"]
+    shutil.rmtree(lost)
+    assert main(["tune", str(recipe), "--output_dir", str(copy), "--print_commands"]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert "--set optimizer=sam" in line and "--set val_fraction=0.0" in line
+    assert command_config(line).run_dir() == lost
+
+
+def plant(config, val: float | None, test: float) -> None:
+    """A finished trial whose validation and test accuracies are given."""
+    write_json(config.run_dir() / "config.json", config.to_dict())
+    write_json(config.run_dir() / "summary.json", {"status": "completed", "final_val_acc": val, "best_val_acc": val,
+                                                   "final_test_acc": test, "best_test_acc": test, "train_time_s": 1.0})
+
+
+def test_the_chooser_reads_validation_accuracy_only(tmp_path):
+    tuning = plan(load_recipe(str(write_recipe(tmp_path))), [], tmp_path / "runs")
+    (low, high), (tie_a, tie_b) = tuning.points["sgd"], tuning.points["sam"]
+    plant(low.trials[0], val=0.9, test=0.1)
+    plant(high.trials[0], val=0.5, test=0.99)
+    plant(tie_a.trials[0], val=0.7, test=0.2)
+    plant(tie_b.trials[0], val=0.7, test=0.9)
+    chosen = choices(tuning)
+    assert chosen["sgd"] is low and chosen["sam"] is tie_a  # test accuracy disagrees; ties: the earlier point
+    plant(low.trials[0], val=None, test=1.0)  # no validation accuracy: the worst score, whatever the test says
+    assert choices(tuning)["sgd"] is high
+
+
+def test_unequal_grids_are_refused_unless_the_recipe_allows_them(tmp_path, capsys):
+    unequal = TINY.replace("rho = [0.01, 0.5]", "rho = [0.01, 0.1, 0.5]")
+    recipe = write_recipe(tmp_path, unequal)
+    assert main(["tune", str(recipe), "--output_dir", str(tmp_path / "runs"), "--print_commands"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unequal budgets (sgd 2 points, sam 3 points)" in err
+    allowed = write_recipe(tmp_path / "allowed", unequal.replace("[tune]\n", "[tune]\nequal_budget = false\n"))
+    tuning = plan(load_recipe(str(allowed)), [], tmp_path / "runs")
+    assert len(tuning.trials()) == 5
+    assert budget(tuning).startswith("budgets differ (equal_budget = false): sgd 2 trials, sam 3 trials")
+
+
+@pytest.mark.parametrize("sets, message", [(["rho=0.1"], "--set rho would override"), (["seed=[0,1]"], "takes one value"),
+                                           (["val_fraction=0.3"], "--set val_fraction would override")])
+def test_sets_that_would_change_the_tuning_are_refused(tmp_path, capsys, sets, message):
+    recipe = write_recipe(tmp_path)
+    assert main(["tune", str(recipe), "--print_commands", *(f"--set={s}" for s in sets)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_digits_tuning_recipe_has_equal_budgets(tmp_path):
+    tuning = plan(load_recipe("digits_tune"), [], tmp_path)
+    sizes = {name: len(points) for name, points in tuning.points.items()}
+    assert set(sizes) >= {"sgd", "sam", "asam", "looksam"} and len(set(sizes.values())) == 1
+    assert json.dumps(tuning.grids["looksam"]) == '{"alpha": [0.5, 0.9], "k": [2, 5]}'
