@@ -87,6 +87,48 @@ def _hvp(model, loss_fn, batches, params, v: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
+def _top_eigenvalue(model, loss_fn, weighted, params, iterations: int, generator) -> Tensor | float:
+    """Power iteration on Hessian-vector products from a seeded Gaussian start (NaN for 0 iterations)."""
+    eigenvalue: Tensor | float = float("nan")
+    if iterations <= 0:
+        return eigenvalue
+    v = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
+    for _ in range(iterations):
+        norm = _dot(v, v).sqrt()
+        # H v = 0 (H = 0 for a random start) leaves v = 0 and the quotient 0, not NaN.
+        inverse = torch.where(norm > 0, 1 / norm, torch.zeros_like(norm))
+        v = [t * inverse.to(t.device, t.dtype) for t in v]
+        hv = _hvp(model, loss_fn, weighted, params, v)
+        eigenvalue = _dot(v, hv)  # Rayleigh quotient of the normalised v
+        v = hv
+    return eigenvalue
+
+
+def _hutchinson_trace(model, loss_fn, weighted, params, samples: int, generator) -> Tensor | float:
+    """Mean of z^T H z over Rademacher z (NaN for 0 samples)."""
+    if samples <= 0:
+        return float("nan")
+    total = 0.0
+    for _ in range(samples):
+        z = [(torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p.device, p.dtype) for p in params]
+        total = total + _dot(z, _hvp(model, loss_fn, weighted, params, z))
+    return total / samples
+
+
+def _ascent_loss(model, loss_fn, weighted, params, grad, rho: float) -> Tensor:
+    """L(w + rho g / ||g||) (L(w) where g = 0); the caller restores w."""
+    with torch.no_grad():
+        grad_norm = _dot(grad, grad).sqrt()
+        scale = torch.where(grad_norm > 0, rho / grad_norm, torch.zeros_like(grad_norm))
+        for p, g in zip(params, grad):
+            p.add_(g * scale.to(g.device, g.dtype))
+    return _loss(model, loss_fn, weighted)
+
+
+def _value(t: Tensor | float) -> float:
+    return float(t.item()) if isinstance(t, Tensor) else float(t)
+
+
 def measure_sharpness(
     model: nn.Module,
     loss_fn: LossFn,
@@ -108,61 +150,25 @@ def measure_sharpness(
     if not params:
         raise ValueError("measure_sharpness: the model has no parameter that requires grad")
     generator = torch.Generator().manual_seed(seed)
-
-    def gaussian() -> list[Tensor]:
-        return [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
-
-    def rademacher() -> list[Tensor]:
-        return [(torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p.device, p.dtype) for p in params]
-
-    nan = float("nan")
     was_training = model.training
     saved = [p.detach().clone() for p in params]
     model.eval()
     try:
         with torch.enable_grad():
             loss, grad = _loss_and_grad(model, loss_fn, weighted, params)
-
-            eigenvalue: Tensor | float = nan
-            if power_iterations > 0:
-                v = gaussian()
-                for _ in range(power_iterations):
-                    norm = _dot(v, v).sqrt()
-                    # H v = 0 (H = 0 for a random start) leaves v = 0 and the quotient 0, not NaN.
-                    inverse = torch.where(norm > 0, 1 / norm, torch.zeros_like(norm))
-                    v = [t * inverse.to(t.device, t.dtype) for t in v]
-                    hv = _hvp(model, loss_fn, weighted, params, v)
-                    eigenvalue = _dot(v, hv)  # Rayleigh quotient of the normalised v
-                    v = hv
-
-            trace: Tensor | float = nan
-            if hutchinson_samples > 0:
-                total = 0.0
-                for _ in range(hutchinson_samples):
-                    z = rademacher()
-                    total = total + _dot(z, _hvp(model, loss_fn, weighted, params, z))
-                trace = total / hutchinson_samples
-
-        with torch.no_grad():
-            grad_norm = _dot(grad, grad).sqrt()
-            scale = torch.where(grad_norm > 0, rho / grad_norm, torch.zeros_like(grad_norm))
-            for p, g in zip(params, grad):
-                p.add_(g * scale.to(g.device, g.dtype))
-        perturbed = _loss(model, loss_fn, weighted)
+            eigenvalue = _top_eigenvalue(model, loss_fn, weighted, params, power_iterations, generator)
+            trace = _hutchinson_trace(model, loss_fn, weighted, params, hutchinson_samples, generator)
+        perturbed = _ascent_loss(model, loss_fn, weighted, params, grad, rho)
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
         model.train(was_training)
-
-    def value(t: Tensor | float) -> float:
-        return float(t.item()) if isinstance(t, Tensor) else float(t)
-
     return {
-        "hessian_max_eigenvalue": value(eigenvalue),
-        "hessian_trace": value(trace),
-        "sam_sharpness": value(perturbed - loss),
-        "loss": value(loss),
+        "hessian_max_eigenvalue": _value(eigenvalue),
+        "hessian_trace": _value(trace),
+        "sam_sharpness": _value(perturbed - loss),
+        "loss": _value(loss),
     }
 
 
