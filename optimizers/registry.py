@@ -14,6 +14,7 @@ from .fisher_sam import FisherSAM
 from .friendly_sam import FriendlySAM
 from .gsam import GSAM
 from .looksam import LookLayerSAM, LookSAM
+from .msam import MSAM
 from .sam import SAM, AdaptiveSAM
 from .settings import Setting
 
@@ -115,3 +116,4 @@ register("bsam", BayesianSAM, aliases=("bayesian_sam",))
 register("friendly_sam", FriendlySAM)
 register("looksam", LookSAM)
 register("look_layer_sam", LookLayerSAM)
+register("msam", MSAM, aliases=("momentum_sam",))
