@@ -65,6 +65,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .io import atomic_path
+
 __all__ = [
     "DataError",
     "DatasetInfo",
@@ -342,25 +344,11 @@ def _cache_save(path: str, train, test, sources: Sequence[str]) -> None:
         "test_labels": torch.as_tensor(test[1]).to(torch.int64).contiguous(),
     }
     meta = {"format": str(_CACHE_FORMAT), "sources": json.dumps(list(sources)[:50])}
-    tmp = None
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        save_file(tensors, tmp, metadata=meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o644 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-        tmp = None
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
     except OSError as exc:  # read-only / full cache dir: keep going without a cache
         warnings.warn(f"could not write the dataset cache {path} ({_short(exc)})", stacklevel=3)
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
 
 
 def _cached(info: DatasetInfo, cache_dir: str, sources: Sequence[str], build, extra: str = ""):

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable
@@ -37,7 +35,7 @@ import matplotlib.ticker as mticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .io import read_json, read_jsonl  # noqa: E402
+from .io import atomic_path, read_json, read_jsonl  # noqa: E402
 from .results import RunSkipped, optimizer_order  # noqa: E402  (one optimizer order for tables and legends)
 
 CURVE_COLUMNS = ["run_dir", "dataset", "arch", "optimizer", "seed", "label_noise", "epoch", "test_acc", "elapsed_s"]
@@ -169,28 +167,14 @@ def _colors(labels: list[str]) -> dict[str, object]:
 
 
 def _save(fig, path: str | Path) -> Path:
-    """Write the figure atomically (temporary .png in the same folder, then rename) and close it."""
+    """Write the figure atomically (see :func:`bench.io.atomic_path`) and close it."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp.png")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
     finally:
         plt.close(fig)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _legend(ax) -> None:
