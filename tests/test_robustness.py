@@ -53,6 +53,9 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_result(name, tmp_path):
     assert_same_model(whole, run)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
     assert strip(read_jsonl(whole / "metrics.jsonl")) == strip(read_jsonl(run / "metrics.jsonl"))
+    # the wall time sums the segment before the kill (up to its last checkpoint) and the resumed one
+    summary = read_json(run / "summary.json")
+    assert summary["wall_time_s"] >= summary["train_time_s"] > 0
 
 
 def test_a_corrupt_checkpoint_is_reported_and_the_previous_one_kept(tmp_path, capsys):
