@@ -13,6 +13,7 @@ from .esam import ESAM
 from .fisher_sam import FisherSAM
 from .friendly_sam import FriendlySAM
 from .gsam import GSAM
+from .lookbehind_sam import LookbehindSAM
 from .looksam import LookLayerSAM, LookSAM
 from .msam import MSAM
 from .sam import SAM, AdaptiveSAM
@@ -117,3 +118,4 @@ register("friendly_sam", FriendlySAM)
 register("looksam", LookSAM)
 register("look_layer_sam", LookLayerSAM)
 register("msam", MSAM, aliases=("momentum_sam",))
+register("lookbehind_sam", LookbehindSAM)

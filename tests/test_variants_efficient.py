@@ -10,7 +10,7 @@ from reference import loss_and_grads, norm
 from safetensors.torch import load_file
 from torch import nn
 
-from optimizers import create_optimizer
+from optimizers import BatchClosure, create_optimizer
 
 ce = nn.CrossEntropyLoss(reduction="none")
 
@@ -147,3 +147,190 @@ def test_msam_through_the_harness_exports_the_unperturbed_weights(tmp_path):
     moved = sum(not torch.equal(stored[n], exported[n]) for n in names)
     assert moved == len(names)  # every trained tensor differs by the perturbation
     assert all(torch.equal(stored[k], exported[k]) for k in stored if k not in names)  # buffers: the same
+
+
+# -- Lookbehind-SAM --------------------------------------------------------------------------------
+
+
+LB_SGD = dict(lr=0.1, momentum=0.9)
+LB_RHO = (0.05, 0.1)  # per group
+LB_WD = (5e-4, 1e-3)  # per group, as helpers.two_groups sets them
+
+
+def sgd_per_group(w, d, buffers, groups):
+    """torch SGD (momentum, per-group weight decay, dampening 0) by hand; ``buffers`` persist across calls."""
+    d = [di + LB_WD[k] * wi for wi, di, k in zip(w, d, groups)]
+    for i, di in enumerate(d):
+        buffers[i] = di if buffers[i] is None else LB_SGD["momentum"] * buffers[i] + di
+    return [wi - LB_SGD["lr"] * b for wi, b in zip(w, buffers)]
+
+
+def cosine(a, b):
+    return (a * b).sum() / (a.norm() * b.norm())
+
+
+def lookbehind_reference(model, w, data, k, alpha, per_tensor=True):
+    """The slow weights after each batch: k SAM steps on it, ascents accumulating from the slow
+    weights, fast weights phi stepped by SGD whose momentum persists; then the lookbehind step."""
+    groups, buffers, out = group_of(model), [None] * len(w), []
+    for x, y in data:
+        slow, u, phi = list(w), list(w), list(w)
+        for j in range(k):
+            _, g = loss_and_grads(model, u, x, y)
+            n = norm(g)
+            u = [ui + LB_RHO[grp] * gi / (n + 1e-16) for ui, gi, grp in zip(u, g, groups)]
+            _, g_adv = loss_and_grads(model, u, x, y)
+            phi = sgd_per_group(phi, g_adv, buffers, groups)
+            if j == 0:
+                phi_1 = phi
+        if alpha == -1 and per_tensor:
+            alphas = [(cosine(p1 - s, pk - s) + 1) / 2 for p1, pk, s in zip(phi_1, phi, slow)]
+        elif alpha == -1:
+            alphas = [(cosine(cat(phi_1) - cat(slow), cat(phi) - cat(slow)) + 1) / 2] * len(w)
+        else:
+            alphas = [alpha] * len(w)
+        w = [a * pk + (1 - a) * s for a, pk, s in zip(alphas, phi, slow)]
+        out.append(w)
+    return out
+
+
+def lookbehind_pair(k, alpha):
+    model, ref_model = tiny_mlp(), tiny_mlp()
+    opt = create_optimizer("lookbehind_sam", two_groups(model, LB_RHO), k_steps=k, alpha=alpha, **LB_SGD)
+    return model, opt, ref_model
+
+
+@pytest.mark.parametrize("alpha", [-1.0, 0.5], ids=["adaptive", "fixed"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_lookbehind_matches_reference(k, alpha):
+    model, opt, ref_model = lookbehind_pair(k, alpha)
+    data = batches(3)
+    expected = lookbehind_reference(ref_model, weights_of(ref_model), data, k, alpha)
+    for (x, y), w in zip(data, expected):
+        calls = []
+
+        def closure(x=x, y=y, calls=calls):
+            calls.append(1)
+            return plain_closure(model, x, y)()
+
+        opt.step(closure)
+        assert len(calls) == 2 * k  # the closure is called 2k times: one batch, k inner SAM steps
+        assert_close(flat(model), cat(w), 1e-10)  # between steps the model holds the slow weights
+        with opt.evaluation_weights():  # so evaluation changes nothing
+            assert_close(flat(model), cat(w), 1e-10)
+    assert opt.extra_state_bytes() == (4 if alpha == -1 and k >= 3 else 3) * flat(model).numel() * 8
+
+
+def test_lookbehind_adaptive_alpha_is_per_tensor():
+    """One cosine per tensor, as the official code: one global cosine gives measurably different weights."""
+    model, opt, ref_model = lookbehind_pair(3, -1.0)
+    data = batches(2)
+    per_tensor = lookbehind_reference(ref_model, weights_of(ref_model), data, 3, -1.0)[-1]
+    one_global = lookbehind_reference(ref_model, weights_of(ref_model), data, 3, -1.0, per_tensor=False)[-1]
+    for x, y in data:
+        opt.step(plain_closure(model, x, y))
+    assert_close(flat(model), cat(per_tensor), 1e-10)
+    err = ((flat(model) - cat(one_global)).norm() / cat(one_global).norm()).item()
+    assert err > 1e-8, err
+
+
+def test_lookbehind_two_phase_form_repeating_the_batch_is_step():
+    """perturb()/descend() take one inner step; the same batch k times is step(closure), bit for bit."""
+    k = 3
+    model_a, opt_a, _ = lookbehind_pair(k, -1.0)
+    model_b, opt_b, _ = lookbehind_pair(k, -1.0)
+    for x, y in batches(2):
+        opt_a.step(plain_closure(model_a, x, y))
+        for _ in range(k):
+            plain_closure(model_b, x, y)()
+            assert opt_b.perturbs_this_step
+            opt_b.perturb()
+            plain_closure(model_b, x, y)()
+            opt_b.descend()
+        assert torch.equal(flat(model_a), flat(model_b))
+
+
+def test_lookbehind_mid_cycle_evaluation_and_resume():
+    """In the middle of a two-phase cycle the model holds the perturbed point: evaluation swaps the
+    slow weights in and out bit for bit, and a state_dict taken there resumes bit for bit."""
+    import copy
+
+    k = 3
+    (x, y), (x2, y2) = batches(2)
+
+    def inner_step(model, opt, x, y):
+        plain_closure(model, x, y)()
+        opt.perturb()
+        plain_closure(model, x, y)()
+        opt.descend()
+
+    model, opt, _ = lookbehind_pair(k, -1.0)
+    slow = flat(model)
+    inner_step(model, opt, x, y)
+    assert opt.state["inner"] == 1
+    point = flat(model)
+    assert not torch.equal(point, slow)
+    with opt.evaluation_weights():
+        assert torch.equal(flat(model), slow)
+    assert torch.equal(flat(model), point)
+
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    for _ in range(k - 1):
+        inner_step(model, opt, x, y)
+    opt.step(plain_closure(model, x2, y2))
+
+    resumed, opt_r, _ = lookbehind_pair(k, -1.0)
+    resumed.load_state_dict(saved_model)
+    opt_r.load_state_dict(saved_opt)
+    for _ in range(k - 1):
+        inner_step(resumed, opt_r, x, y)
+    opt_r.step(plain_closure(resumed, x2, y2))
+    assert torch.equal(flat(resumed), flat(model))
+    assert not any(key in s for s in opt.state_dict()["state"].values() if isinstance(s, dict)
+                   for key in ("slow", "fast", "point", "first"))  # between cycles nothing of them is saved
+
+
+def test_lookbehind_failed_pass_restores_the_slow_weights():
+    """The harness's skip rule: restore() after a failed pass puts the slow weights back and ends the cycle."""
+    model, opt, _ = lookbehind_pair(2, -1.0)
+    (x, y), (x2, y2) = batches(2)
+    opt.step(plain_closure(model, x, y))
+    slow = flat(model)
+    passes = []
+
+    def failing(x=x2, y=y2):
+        passes.append(1)
+        loss = plain_closure(model, x, y)()
+        if len(passes) == 3:  # the ascent pass of the second inner step
+            raise FloatingPointError("non-finite")
+        return loss
+
+    with pytest.raises(FloatingPointError):
+        opt.step(failing)
+    opt.restore()
+    opt.zero_grad()
+    assert torch.equal(flat(model), slow) and opt.state["inner"] == 0
+    opt.step(plain_closure(model, x2, y2))  # a fresh cycle from the slow weights
+    assert torch.isfinite(flat(model)).all() and not torch.equal(flat(model), slow)
+
+
+def test_lookbehind_zero_gradients_take_k_weight_decay_steps():
+    """Zero gradients: k SGD steps of weight decay on the fast weights; both displacements are parallel,
+    so the adaptive alpha is 1 and the slow weights follow the fast ones."""
+    lr, wd, k = 0.1, 1e-2, 2
+    model = tiny_mlp()
+    opt = create_optimizer("lookbehind_sam", model, lr=lr, weight_decay=wd, k_steps=k)
+    w = flat(model)
+    for x, y in batches(3):
+        opt.step(BatchClosure(model, lambda out, t: (out * 0).sum(dim=1), x, y))
+        w = w * (1 - lr * wd) ** k
+        assert_close(flat(model), w, 1e-12)
+
+
+def test_lookbehind_alpha_values():
+    with pytest.raises(ValueError, match=r"^alpha must be -1 \(adaptive\) or in \(0, 1\]"):
+        create_optimizer("lookbehind_sam", tiny_mlp(), alpha=-0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        create_optimizer("lookbehind_sam", tiny_mlp(), alpha=0.0)
+    assert create_optimizer("lookbehind_sam", tiny_mlp(), alpha=1).alpha == 1.0
+    assert create_optimizer("lookbehind_sam", tiny_mlp(), k_steps=1).k_steps == 1
