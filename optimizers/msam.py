@@ -39,8 +39,9 @@ passes only ``--lr`` to a variant with its own update rule: momentum and weight 
 are this variant's settings (no flags: ``--momentum`` and ``--weight_decay`` belong to
 the base optimizers).
 
-The running BatchNorm statistics come from the one pass, at w~ (as in the official
-loop, which re-estimates them at w after training; this project does not).
+BatchNorm: the one pass updates the running statistics, at w~, as in the official loop
+(nothing is frozen: ``freezes_batchnorm`` is False). The official ``main.py`` re-estimates
+them at w with an extra forward-only epoch after training; this project does not.
 """
 
 import contextlib
@@ -68,6 +69,8 @@ class MSAM(SharpnessAwareOptimizer):
     extra_memory = 1
     memory_note = "momentum buffer; no base optimizer"
     uses_base_optimizer = False
+    #: The one pass updates the BatchNorm statistics, at w~, as in the official loop.
+    freezes_batchnorm = False
 
     def __init__(self, params, base_optimizer="sgd", **kwargs):
         if base_optimizer not in ("sgd", None):

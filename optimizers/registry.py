@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .arwp import ARWP
 from .asam import ASAM
 from .base import BASE_OPTIMIZERS, SharpnessAwareOptimizer, split_params_and_model
 from .bsam import BayesianSAM
@@ -119,3 +120,4 @@ register("looksam", LookSAM)
 register("look_layer_sam", LookLayerSAM)
 register("msam", MSAM, aliases=("momentum_sam",))
 register("lookbehind_sam", LookbehindSAM)
+register("arwp", ARWP)

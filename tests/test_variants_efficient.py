@@ -2,6 +2,7 @@
 (float64, several steps, momentum and weight decay); the weights each evaluates and exports;
 and MSAM through the harness, whose exported model must hold the unperturbed weights."""
 
+import math
 
 import pytest
 import torch
@@ -334,3 +335,145 @@ def test_lookbehind_alpha_values():
         create_optimizer("lookbehind_sam", tiny_mlp(), alpha=0.0)
     assert create_optimizer("lookbehind_sam", tiny_mlp(), alpha=1).alpha == 1.0
     assert create_optimizer("lookbehind_sam", tiny_mlp(), k_steps=1).k_steps == 1
+
+
+# -- ARWP ------------------------------------------------------------------------------------------
+
+
+ARWP_HP = dict(lr=0.1, momentum=0.9, eta=0.5, beta=0.9, inc=10.0, seed=11)
+ARWP_STD = (0.01, 0.02)  # per group
+ARWP_WD = (5e-4, 1e-3)
+
+
+def arwp_groups(model):
+    first, *rest = list(model.children())
+    return [
+        {"params": list(first.parameters()), "std": ARWP_STD[0], "weight_decay": ARWP_WD[0]},
+        {"params": [p for m in rest for p in m.parameters()], "std": ARWP_STD[1], "weight_decay": ARWP_WD[1]},
+    ]
+
+
+def arwp_reference(model, w, data, total_steps):
+    """ARWP from its rule: filter-wise noise from the seeded stream, scaled by 1/sqrt(1 + eta F_filter)."""
+    gen = torch.Generator().manual_seed(ARWP_HP["seed"])
+    groups, fisher, buffers, out = group_of(model), [None] * len(w), [None] * len(w), []
+    for t, (x, y) in enumerate(data):
+        noisy = []
+        for i, (wi, grp) in enumerate(zip(w, groups)):
+            s = ARWP_STD[grp] * (1 + ARWP_HP["inc"] * (1 - math.cos(math.pi * t / total_steps)) / 2)
+            z = torch.randn(wi.shape, generator=gen, dtype=wi.dtype)
+            if wi.dim() > 1:
+                e = z * ((s + 1e-16) * wi.reshape(wi.shape[0], -1).norm(dim=1))[:, None]
+            else:
+                e = z * s * (wi.norm() + 1e-16)
+            if fisher[i] is not None:
+                f = fisher[i].reshape(wi.shape[0], -1).sum(dim=1)
+                e = e / torch.sqrt(1 + ARWP_HP["eta"] * (f[:, None] if wi.dim() > 1 else f))
+            noisy.append(wi + e)
+        _, g = loss_and_grads(model, noisy, x, y)
+        fisher = [gi**2 if f is None else ARWP_HP["beta"] * f + gi**2 for f, gi in zip(fisher, g)]
+        d = [gi + ARWP_WD[grp] * wi for gi, wi, grp in zip(g, w, groups)]
+        buffers = [di if b is None else ARWP_HP["momentum"] * b + di for b, di in zip(buffers, d)]
+        w = [wi - ARWP_HP["lr"] * b for wi, b in zip(w, buffers)]
+        out.append(w)
+    return out
+
+
+@pytest.mark.parametrize("form", ["step", "two-phase"])
+def test_arwp_matches_reference(form):
+    steps = 6
+    model, ref_model = tiny_mlp(), tiny_mlp()
+    opt = create_optimizer("arwp", arwp_groups(model), total_steps=steps - 1, **ARWP_HP)
+    data = batches(steps)
+    for (x, y), w in zip(data, arwp_reference(ref_model, weights_of(ref_model), data, steps - 1)):
+        if form == "step":
+            opt.step(plain_closure(model, x, y))
+        else:  # a wasted first pass, then the same arithmetic
+            plain_closure(model, x, y)()
+            assert opt.perturbs_this_step
+            opt.perturb()
+            plain_closure(model, x, y)()
+            opt.descend()
+        assert_close(flat(model), cat(w), 1e-10)
+    assert opt.state["step"] == steps
+
+
+def test_arwp_two_phase_form_equals_step_bit_for_bit():
+    model_a, model_b = tiny_mlp(), tiny_mlp()
+    opt_a = create_optimizer("arwp", model_a, **ARWP_HP)
+    opt_b = create_optimizer("arwp", model_b, **ARWP_HP)
+    for x, y in batches(3):
+        opt_a.step(plain_closure(model_a, x, y))
+        plain_closure(model_b, x, y)()
+        opt_b.perturb()
+        plain_closure(model_b, x, y)()
+        opt_b.descend()
+        assert torch.equal(flat(model_a), flat(model_b))
+
+
+def test_arwp_restores_the_weights_bit_for_bit():
+    """With nothing to learn from (lr 0) the weights after any number of noisy passes are the same bits."""
+    model = tiny_mlp()
+    opt = create_optimizer("arwp", model, lr=0.0, std=0.5, seed=1)
+    w = flat(model)
+    seen = []
+    for x, y in batches(3):
+        opt.step(lambda x=x, y=y: seen.append(flat(model)) or plain_closure(model, x, y)())
+    assert torch.equal(flat(model), w)
+    assert all(not torch.equal(s, w) for s in seen)  # each pass was at perturbed weights
+
+
+def test_arwp_noise_std_per_filter():
+    """Statistically: e[f] has std s ||w[f]|| per output filter (1-D: s ||w||), divided by sqrt(1 + eta F_f)."""
+    torch.manual_seed(0)
+    conv = torch.randn(8, 16, 16, 16, dtype=torch.float64) * torch.linspace(0.1, 2.0, 8, dtype=torch.float64)[:, None, None, None]
+    bias = torch.randn(4096, dtype=torch.float64)
+    conv.requires_grad_(), bias.requires_grad_()
+    s, eta = 0.01, 0.5
+    opt = create_optimizer("arwp", [conv, bias], std=s, eta=eta, seed=4)
+    group = opt.param_groups[0]
+    e_conv, e_bias = opt.perturbation([(group, [conv, bias])])[0]
+    expected = s * conv.detach().reshape(8, -1).norm(dim=1)
+    measured = e_conv.reshape(8, -1).std(dim=1)
+    assert ((measured / expected - 1).abs() < 0.05).all(), measured / expected  # 4096 draws per filter
+    assert abs(e_bias.std().item() / (s * bias.detach().norm().item()) - 1) < 0.05
+
+    opt.state[conv]["fisher"] = torch.arange(8, dtype=torch.float64).reshape(8, 1, 1, 1).expand(8, 16, 16, 16) / 4096
+    opt.state[bias]["fisher"] = torch.full_like(bias, 3.0)
+    e_conv, e_bias = opt.perturbation([(group, [conv, bias])])[0]
+    scaled = expected / torch.sqrt(1 + eta * torch.arange(8, dtype=torch.float64))  # F_f = f: the filter's sum
+    assert ((e_conv.reshape(8, -1).std(dim=1) / scaled - 1).abs() < 0.05).all()
+    assert abs(e_bias.std().item() / (s * bias.detach().norm().item() / math.sqrt(1 + eta * 3.0)) - 1) < 0.05
+
+
+def test_arwp_std_schedule():
+    model = tiny_mlp()
+    opt = create_optimizer("arwp", model, std=0.001, inc=10.0, total_steps=4, lr=0.1)
+    assert opt.logged_values() == {"noise_std": pytest.approx(0.001)}
+    stds = []
+    for x, y in batches(4):
+        opt.step(plain_closure(model, x, y))
+        stds.append(opt.logged_values()["noise_std"])
+    assert stds[1] == pytest.approx(0.001 * (1 + 10 / 2))  # half way: std (1 + inc / 2)
+    assert stds[-1] == pytest.approx(0.001 * 11)  # the end: std (1 + inc)
+    plain_model = tiny_mlp()
+    constant = create_optimizer("arwp", plain_model, std=0.001, inc=10.0, lr=0.1)  # no total_steps: no schedule
+    for x, y in batches(2):
+        constant.step(plain_closure(plain_model, x, y))
+    assert constant.total_steps is None and constant.logged_values() == {"noise_std": 0.001}
+
+
+# -- BatchNorm -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, updates", [("msam", 1), ("arwp", 1), ("lookbehind_sam", 1)])
+def test_batchnorm_statistics_per_step(name, updates):
+    """MSAM and ARWP: the one pass updates them (at the perturbed weights, as the official code);
+    Lookbehind-SAM: only the first of its 2k passes, at the slow weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = create_optimizer(name, model, lr=0.1, **({"k_steps": 3} if name == "lookbehind_sam" else {}))
+    for i, (x, y) in enumerate(batches(2)):
+        opt.step(BatchClosure(model, ce, x, y))
+        assert model[1].num_batches_tracked.item() == (i + 1) * updates
+        assert model[1].track_running_stats
