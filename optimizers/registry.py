@@ -19,6 +19,7 @@ from .looksam import LookLayerSAM, LookSAM
 from .msam import MSAM
 from .sam import SAM, AdaptiveSAM
 from .settings import Setting
+from .wsam import WSAM
 
 #: canonical name -> class, in registration order
 _REGISTRY: dict[str, type[torch.optim.Optimizer]] = {}
@@ -119,5 +120,6 @@ register("friendly_sam", FriendlySAM)
 register("looksam", LookSAM)
 register("look_layer_sam", LookLayerSAM)
 register("msam", MSAM, aliases=("momentum_sam",))
+register("wsam", WSAM, aliases=("weighted_sam",))
 register("lookbehind_sam", LookbehindSAM)
 register("arwp", ARWP)
