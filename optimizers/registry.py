@@ -18,6 +18,7 @@ from .lookbehind_sam import LookbehindSAM
 from .looksam import LookLayerSAM, LookSAM
 from .msam import MSAM
 from .sam import SAM, AdaptiveSAM
+from .sam_on import ASAMON, SAMON
 from .settings import Setting
 from .wsam import WSAM
 
@@ -121,5 +122,7 @@ register("looksam", LookSAM)
 register("look_layer_sam", LookLayerSAM)
 register("msam", MSAM, aliases=("momentum_sam",))
 register("wsam", WSAM, aliases=("weighted_sam",))
+register("sam_on", SAMON)
+register("asam_on", ASAMON)
 register("lookbehind_sam", LookbehindSAM)
 register("arwp", ARWP)

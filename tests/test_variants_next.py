@@ -11,7 +11,7 @@ from helpers import assert_close, batches, flat, plain_closure, requires_oracle,
 from reference import loss_and_grads, norm
 from torch import nn
 
-from optimizers import create_optimizer
+from optimizers import BatchClosure, create_optimizer
 
 SGD = dict(lr=0.1, momentum=0.9)
 ce = nn.CrossEntropyLoss(reduction="none")
@@ -141,3 +141,98 @@ def test_wsam_with_gamma_one_half_is_sam():
         opt.step(plain_closure(model, x, y))
         sam.step(plain_closure(sam_model, x, y))
     assert_close(flat(model), flat(sam_model), 1e-12)
+
+
+# -- SAM-ON and ASAM-ON ------------------------------------------------------------------------------------
+
+
+class NormNet(nn.Module):
+    """Norm layers the name rule misses (``downsample.1``, ``ln``) and a Linear it takes (``norm_head``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Linear(6, 8)
+        self.downsample = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8))
+        self.bn1 = nn.BatchNorm1d(8)
+        self.norm_head = nn.Linear(8, 8)
+        self.ln = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+        with torch.no_grad():  # away from the initial 1 / 0, so that T = |w| + eta differs between tensors
+            for m in (self.downsample[1], self.bn1, self.ln):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+        self.double()
+
+    def forward(self, x):
+        h = torch.tanh(self.bn1(self.stem(x)) + self.downsample(x))
+        return self.head(self.ln(torch.tanh(self.norm_head(h))))
+
+
+BY_TYPE = {"downsample.1.weight", "downsample.1.bias", "bn1.weight", "bn1.bias", "ln.weight", "ln.bias"}
+BY_NAME = {"bn1.weight", "bn1.bias", "norm_head.weight", "norm_head.bias"}
+
+
+@pytest.mark.parametrize("given, expected", [("model", BY_TYPE), ("names", BY_NAME)])
+def test_sam_on_perturbs_exactly_the_normalisation_layers(given, expected):
+    """By module type when the model is known, by the official name rule otherwise: nothing else moves, bit for bit."""
+    model = NormNet()
+    x, y = batches(1)[0]
+    params = model if given == "model" else list(model.named_parameters())
+    opt = create_optimizer("sam_on", params, rho=0.5, lr=0.1)
+    e = dict(zip([n for n, _ in model.named_parameters()], applied_perturbation(opt, model, x, y)))
+    assert {n for n, t in e.items() if t.abs().sum() > 0} == expected
+    assert all(torch.equal(t, torch.zeros_like(t)) for n, t in e.items() if n not in expected)
+    assert abs(norm(list(e.values())).item() - 0.5) < 1e-12  # ||e|| = rho: the norm is over N only
+
+
+def test_sam_on_without_model_or_names_perturbs_nothing_and_says_so():
+    model = NormNet()
+    x, y = batches(1)[0]
+    opt = create_optimizer("sam_on", list(model.parameters()), lr=0.1)
+    with pytest.warns(UserWarning, match="neither the model nor parameter names"):
+        e = applied_perturbation(opt, model, x, y)
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in e)
+
+
+def on_reference(name, model, per_tensor, steps, x_y, eta=0.0, normalize_bias=True):
+    """SAM-ON / ASAM-ON as the official code computes them (N by module type), with SGD per tensor."""
+    names = [n for n, _ in model.named_parameters()]
+    in_n = [n in BY_TYPE for n in names]
+    scaled = [n in BY_TYPE and (n.endswith("weight") or normalize_bias) for n in names]
+    sgd = SGDPerTensor(SGD["lr"], SGD["momentum"], [t["weight_decay"] for t in per_tensor])
+    w, out = weights_of(model), []
+    for x, y in x_y[:steps]:
+        _, g = loss_and_grads(model, w, x, y)
+        t = [wi.abs() + eta if s and name == "asam_on" else torch.ones_like(wi) for wi, s in zip(w, scaled)]
+        tg_norm = norm([ti * gi for ti, gi, n in zip(t, g, in_n) if n])
+        e = [rt["rho"] * ti**2 * gi / (tg_norm + 1e-16) if n else torch.zeros_like(gi)
+             for ti, gi, n, rt in zip(t, g, in_n, per_tensor)]
+        _, g_s = loss_and_grads(model, plus(w, e), x, y)
+        w = sgd(w, g_s)
+        out.append(as_flat(w))
+    return out
+
+
+@pytest.mark.parametrize(
+    "name, settings",
+    [("sam_on", {}), ("asam_on", {"eta": 0.01, "normalize_bias": True}), ("asam_on", {"eta": 0.01, "normalize_bias": False})],
+    ids=["sam_on", "asam_on", "asam_on-weights-only"],
+)
+def test_sam_on_matches_reference(name, settings):
+    model = NormNet()
+    groups, per_tensor = grouped(model, 6, rho=(0.3, 0.6) if name == "sam_on" else (2.0, 4.0))
+    opt = create_optimizer(name, groups, model=model, **settings, **SGD)
+    data = batches(4)
+    expected = on_reference(name, NormNet(), per_tensor, 4, data, **settings)
+    for (x, y), w in zip(data, expected):
+        opt.step(plain_closure(model, x, y))
+        assert_close(flat(model), w, 1e-10)
+
+
+def test_sam_on_updates_batchnorm_in_both_passes_like_the_official_code():
+    model = NormNet()
+    opt = create_optimizer("sam_on", model, lr=0.1)
+    x, y = batches(1)[0]
+    opt.step(BatchClosure(model, ce, x, y))
+    assert model.bn1.num_batches_tracked.item() == 2 and model.downsample[1].num_batches_tracked.item() == 2
