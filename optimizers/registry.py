@@ -20,6 +20,7 @@ from .msam import MSAM
 from .sam import SAM, AdaptiveSAM
 from .sam_on import ASAMON, SAMON
 from .settings import Setting
+from .vasso import VaSSO
 from .wsam import WSAM
 
 #: canonical name -> class, in registration order
@@ -124,5 +125,6 @@ register("msam", MSAM, aliases=("momentum_sam",))
 register("wsam", WSAM, aliases=("weighted_sam",))
 register("sam_on", SAMON)
 register("asam_on", ASAMON)
+register("vasso", VaSSO)
 register("lookbehind_sam", LookbehindSAM)
 register("arwp", ARWP)

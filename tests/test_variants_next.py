@@ -236,3 +236,32 @@ def test_sam_on_updates_batchnorm_in_both_passes_like_the_official_code():
     x, y = batches(1)[0]
     opt.step(BatchClosure(model, ce, x, y))
     assert model.bn1.num_batches_tracked.item() == 2 and model.downsample[1].num_batches_tracked.item() == 2
+
+
+# -- VaSSO --------------------------------------------------------------------------------------------------
+
+
+def test_vasso_matches_reference():
+    steps = 5
+    model, ref_model = tiny_mlp(), tiny_mlp()
+    groups, per_tensor = grouped(model, 2, rho=(0.05, 0.1), extra=({"theta": 0.9}, {"theta": 0.6}))
+    opt = create_optimizer("vasso", groups, **SGD)
+    sgd = SGDPerTensor(SGD["lr"], SGD["momentum"], [t["weight_decay"] for t in per_tensor])
+    w, d = weights_of(ref_model), None
+    for x, y in batches(steps):
+        opt.step(plain_closure(model, x, y))
+        _, g = loss_and_grads(ref_model, w, x, y)
+        d = g if d is None else [(1 - t["theta"]) * di + t["theta"] * gi for di, gi, t in zip(d, g, per_tensor)]
+        e = [t["rho"] * di / (norm(d) + 1e-7) for di, t in zip(d, per_tensor)]
+        _, g_s = loss_and_grads(ref_model, plus(w, e), x, y)
+        w = sgd(w, g_s)
+        assert_close(flat(model), as_flat(w), 1e-10)
+    assert_close(as_flat([opt.state[p]["d"] for p in model.parameters()]), as_flat(d), 1e-12)
+
+
+def test_vasso_updates_batchnorm_in_both_passes_like_the_official_code():
+    model = tiny_mlp(batchnorm=True)
+    opt = create_optimizer("vasso", model, lr=0.1)
+    x, y = batches(1)[0]
+    opt.step(BatchClosure(model, ce, x, y))
+    assert model[1].num_batches_tracked.item() == 2
