@@ -17,6 +17,7 @@ from .gsam import GSAM
 from .lookbehind_sam import LookbehindSAM
 from .looksam import LookLayerSAM, LookSAM
 from .msam import MSAM
+from .sagm import SAGM
 from .sam import SAM, AdaptiveSAM
 from .sam_on import ASAMON, SAMON
 from .settings import Setting
@@ -126,5 +127,6 @@ register("wsam", WSAM, aliases=("weighted_sam",))
 register("sam_on", SAMON)
 register("asam_on", ASAMON)
 register("vasso", VaSSO)
+register("sagm", SAGM)
 register("lookbehind_sam", LookbehindSAM)
 register("arwp", ARWP)

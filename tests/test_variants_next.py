@@ -265,3 +265,22 @@ def test_vasso_updates_batchnorm_in_both_passes_like_the_official_code():
     x, y = batches(1)[0]
     opt.step(BatchClosure(model, ce, x, y))
     assert model[1].num_batches_tracked.item() == 2
+
+
+# -- SAGM ---------------------------------------------------------------------------------------------------
+
+
+def test_sagm_matches_reference():
+    steps, alpha = 5, 0.05  # a larger alpha than the default 0.001, so that the -alpha g term shows
+    model, ref_model = tiny_mlp(), tiny_mlp()
+    groups, per_tensor = grouped(model, 2, rho=(0.05, 0.1), extra=({"alpha": alpha}, {"alpha": 2 * alpha}))
+    opt = create_optimizer("sagm", groups, **SGD)
+    sgd = SGDPerTensor(SGD["lr"], SGD["momentum"], [t["weight_decay"] for t in per_tensor])
+    w = weights_of(ref_model)
+    for x, y in batches(steps):
+        opt.step(plain_closure(model, x, y))
+        _, g = loss_and_grads(ref_model, w, x, y)
+        e = [(t["rho"] / (norm(g) + 1e-12) - t["alpha"]) * gi for gi, t in zip(g, per_tensor)]
+        _, g_adv = loss_and_grads(ref_model, plus(w, e), x, y)
+        w = sgd(w, [(gi + a) / 2 for gi, a in zip(g, g_adv)])
+        assert_close(flat(model), as_flat(w), 1e-10)
