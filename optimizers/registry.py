@@ -13,6 +13,7 @@ from .bsam import BayesianSAM
 from .esam import ESAM
 from .fisher_sam import FisherSAM
 from .friendly_sam import FriendlySAM
+from .gam import GAM
 from .gsam import GSAM
 from .lookbehind_sam import LookbehindSAM
 from .looksam import LookLayerSAM, LookSAM
@@ -128,5 +129,6 @@ register("sam_on", SAMON)
 register("asam_on", ASAMON)
 register("vasso", VaSSO)
 register("sagm", SAGM)
+register("gam", GAM)
 register("lookbehind_sam", LookbehindSAM)
 register("arwp", ARWP)

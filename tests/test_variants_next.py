@@ -4,11 +4,12 @@ functionally in float64 (two param groups, momentum, weight decay); plus what is
 special to each (which tensors SAM-ON perturbs, GAM's four passes, the random and
 adaptive step choices)."""
 
+import warnings
 
 import pytest
 import torch
 from helpers import assert_close, batches, flat, plain_closure, requires_oracle, tiny_mlp, two_groups
-from reference import loss_and_grads, norm
+from reference import dot, loss_and_grads, norm
 from torch import nn
 
 from optimizers import BatchClosure, create_optimizer
@@ -284,3 +285,81 @@ def test_sagm_matches_reference():
         _, g_adv = loss_and_grads(ref_model, plus(w, e), x, y)
         w = sgd(w, [(gi + a) / 2 for gi, a in zip(g, g_adv)])
         assert_close(flat(model), as_flat(w), 1e-10)
+
+
+# -- GAM ----------------------------------------------------------------------------------------------------
+
+
+def gam_direction(ref_model, w, x, y, per_tensor, eps=1e-12):
+    """The released code's four passes and decomposition."""
+
+    def unit(v):
+        n = norm(v)
+        return [vi / (n + eps) for vi in v]
+
+    _, g0 = loss_and_grads(ref_model, w, x, y)
+    _, g1 = loss_and_grads(ref_model, [wi + t["rho_prime"] * u for wi, u, t in zip(w, unit(g0), per_tensor)], x, y)
+    w2 = [wi + t["rho"] * u for wi, u, t in zip(w, unit([a - b for a, b in zip(g1, g0)]), per_tensor)]
+    _, g2 = loss_and_grads(ref_model, w2, x, y)
+    _, g3 = loss_and_grads(ref_model, [wi + t["rho_prime"] * u for wi, u, t in zip(w2, unit(g2), per_tensor)], x, y)
+    d = [t["alpha"] * a + (1 - t["alpha"]) * b for a, b, t in zip(g1, g3, per_tensor)]
+    pm = [a + abs(1 - t["beta"]) * b for a, b, t in zip(g0, g2, per_tensor)]
+    cosine = dot(pm, d) / (norm(d) * norm(pm) + eps)
+    vertical = [p - cosine * norm(pm) * di / (norm(d) + eps) for p, di in zip(pm, d)]
+    return [di - t["gamma"] * v for di, v, t in zip(d, vertical, per_tensor)]
+
+
+def gam_groups(model):
+    return grouped(model, 2, rho=(0.2, 0.3), extra=(
+        {"rho_prime": 0.03, "alpha": 0.1, "beta": 0.1, "gamma": 0.05},
+        {"rho_prime": 0.05, "alpha": 0.6, "beta": 0.5, "gamma": 0.2},
+    ))
+
+
+def test_gam_matches_reference():
+    model, ref_model = tiny_mlp(), tiny_mlp()
+    groups, per_tensor = gam_groups(model)
+    opt = create_optimizer("gam", groups, **SGD)
+    sgd = SGDPerTensor(SGD["lr"], SGD["momentum"], [t["weight_decay"] for t in per_tensor])
+    w = weights_of(ref_model)
+    for x, y in batches(4):
+        closure = Counting(model, x, y)
+        opt.step(closure)
+        assert closure.calls == 4
+        w = sgd(w, gam_direction(ref_model, w, x, y, per_tensor))
+        assert_close(flat(model), as_flat(w), 1e-10)
+    assert opt.extra_state_bytes() == sum(p.numel() * p.element_size() for p in model.parameters())  # the backup only
+
+
+def test_gam_two_phase_form_takes_four_passes_or_warns():
+    x_y = batches(3)
+    full_model, step_model, short_model, sam_model = tiny_mlp(), tiny_mlp(), tiny_mlp(), tiny_mlp()
+    full, by_step = create_optimizer("gam", full_model, **SGD), create_optimizer("gam", step_model, **SGD)
+    short = create_optimizer("gam", short_model, **SGD)
+    sam = create_optimizer("sam", sam_model, rho=0.03, **SGD)  # GAM's rho' is 0.03
+    for x, y in x_y:
+        plain_closure(full_model, x, y)()
+        for _ in range(3):
+            full.perturb()
+            plain_closure(full_model, x, y)()
+        full.descend()
+        by_step.step(plain_closure(step_model, x, y))
+        plain_closure(short_model, x, y)()
+        short.perturb()
+        plain_closure(short_model, x, y)()
+        with pytest.warns(UserWarning, match="2 of its four passes"):
+            warnings.simplefilter("always")
+            short._warned.clear()
+            short.descend()
+        sam.step(plain_closure(sam_model, x, y))
+    assert torch.equal(flat(full_model), flat(step_model))
+    assert_close(flat(short_model), flat(sam_model), 1e-12)
+
+
+def test_gam_batchnorm_statistics_come_from_the_first_pass():
+    torch.manual_seed(0)
+    model = tiny_mlp(batchnorm=True)
+    opt = create_optimizer("gam", model, lr=0.1)
+    x, y = batches(1)[0]
+    opt.step(BatchClosure(model, ce, x, y))
+    assert model[1].num_batches_tracked.item() == 1 and model[1].track_running_stats
