@@ -22,6 +22,7 @@ from .sagm import SAGM
 from .sam import SAM, AdaptiveSAM
 from .sam_on import ASAMON, SAMON
 from .settings import Setting
+from .ss_sam import SSSAM
 from .vasso import VaSSO
 from .wsam import WSAM
 
@@ -130,5 +131,6 @@ register("asam_on", ASAMON)
 register("vasso", VaSSO)
 register("sagm", SAGM)
 register("gam", GAM)
+register("ss_sam", SSSAM)
 register("lookbehind_sam", LookbehindSAM)
 register("arwp", ARWP)

@@ -363,3 +363,44 @@ def test_gam_batchnorm_statistics_come_from_the_first_pass():
     x, y = batches(1)[0]
     opt.step(BatchClosure(model, ce, x, y))
     assert model[1].num_batches_tracked.item() == 1 and model[1].track_running_stats
+
+
+# -- SS-SAM -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", [{"p": 0.5}, {"p": 1.0, "p_end": 0.0, "total_steps": 6}], ids=["constant", "linear"])
+def test_ss_sam_matches_reference(schedule):
+    seed, steps = 11, 8
+    model, ref_model = tiny_mlp(), tiny_mlp()
+    groups, per_tensor = grouped(model, 2)
+    opt = create_optimizer("ss_sam", groups, seed=seed, **schedule, **SGD)
+    draws = torch.Generator().manual_seed(seed)
+    sgd = SGDPerTensor(SGD["lr"], SGD["momentum"], [t["weight_decay"] for t in per_tensor])
+    w, kinds = weights_of(ref_model), []
+    for t, (x, y) in enumerate(batches(steps)):
+        closure = Counting(model, x, y)
+        assert opt.perturbs_this_step == opt.perturbs_this_step  # one draw per step, whatever the queries
+        opt.step(closure)
+        p = schedule["p"] + (schedule.get("p_end", schedule["p"]) - schedule["p"]) * min(t / schedule.get("total_steps", 1), 1)
+        sam = torch.rand((), generator=draws).item() < p
+        kinds.append(sam)
+        assert closure.calls == 1 + sam
+        _, g = loss_and_grads(ref_model, w, x, y)
+        if sam:
+            _, g = loss_and_grads(ref_model, plus(w, sam_e(g, [r["rho"] for r in per_tensor])), x, y)
+        w = sgd(w, g)
+        assert_close(flat(model), as_flat(w), 1e-10)
+    assert any(kinds) and not all(kinds)
+    if "p_end" in schedule:
+        assert kinds[0] and not any(kinds[6:])  # p = 1 at the start, 0 from total_steps on
+    assert opt.logged_values()["sam_fraction"] == pytest.approx(sum(kinds) / steps)
+
+
+def test_ss_sam_abandoned_step_forgets_its_draw_but_not_the_stream():
+    opt = create_optimizer("ss_sam", tiny_mlp(), seed=2, lr=0.1)
+    reference = torch.Generator().manual_seed(2)
+    first = opt.perturbs_this_step
+    opt.restore()  # what the harness does when a pass is non-finite
+    second = opt.perturbs_this_step
+    assert [first, second] == [torch.rand((), generator=reference).item() < 0.5 for _ in range(2)]
+    assert opt.state["ss_sam"]["step"] == 0
