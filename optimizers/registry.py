@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .ae_sam import AESAM
 from .arwp import ARWP
 from .asam import ASAM
 from .base import BASE_OPTIMIZERS, SharpnessAwareOptimizer, split_params_and_model
@@ -132,5 +133,6 @@ register("vasso", VaSSO)
 register("sagm", SAGM)
 register("gam", GAM)
 register("ss_sam", SSSAM)
+register("ae_sam", AESAM)
 register("lookbehind_sam", LookbehindSAM)
 register("arwp", ARWP)

@@ -404,3 +404,59 @@ def test_ss_sam_abandoned_step_forgets_its_draw_but_not_the_stream():
     second = opt.perturbs_this_step
     assert [first, second] == [torch.rand((), generator=reference).item() < 0.5 for _ in range(2)]
     assert opt.state["ss_sam"]["step"] == 0
+
+
+# -- AE-SAM -------------------------------------------------------------------------------------------------
+
+
+def test_ae_sam_matches_reference():
+    steps, delta, lambda1, lambda2 = 10, 0.9, -1.0, 1.0
+    model, ref_model = tiny_mlp(), tiny_mlp()
+    groups, per_tensor = grouped(model, 2)
+    opt = create_optimizer("ae_sam", groups, total_steps=steps, **SGD)
+    sgd = SGDPerTensor(SGD["lr"], SGD["momentum"], [t["weight_decay"] for t in per_tensor])
+    w, mu, var, kinds = weights_of(ref_model), 0.0, 0.0, []
+    for t, (x, y) in enumerate(batches(steps, seed=4)):
+        closure = Counting(model, x, y)
+        opt.step(closure)
+        _, g = loss_and_grads(ref_model, w, x, y)
+        n = norm(g).item() ** 2
+        mu = delta * mu + (1 - delta) * n
+        var = delta * var + (1 - delta) * (n - mu) ** 2
+        c = t / steps * lambda1 + (1 - t / steps) * lambda2
+        sam = n >= mu + c * var**0.5
+        kinds.append(sam)
+        assert closure.calls == 1 + sam
+        if sam:
+            _, g = loss_and_grads(ref_model, plus(w, sam_e(g, [r["rho"] for r in per_tensor])), x, y)
+        w = sgd(w, g)
+        assert_close(flat(model), as_flat(w), 1e-10)
+        state = opt.state_dict()["state"]["ae_sam"]
+        assert state["step"] == t + 1 and state["mu"] == pytest.approx(mu, rel=1e-12)
+        assert state["var"] == pytest.approx(var, rel=1e-9)
+    assert any(kinds) and not all(kinds)
+
+
+def test_ae_sam_two_phase_form_decides_after_the_first_pass():
+    model, other = tiny_mlp(), tiny_mlp()
+    opt, by_step = create_optimizer("ae_sam", model, total_steps=6, **SGD), create_optimizer("ae_sam", other, total_steps=6, **SGD)
+    for x, y in batches(6, seed=4):
+        plain_closure(model, x, y)()
+        if opt.perturbs_this_step:
+            opt.perturb()
+            plain_closure(model, x, y)()
+        opt.descend()
+        by_step.step(plain_closure(other, x, y))
+    assert torch.equal(flat(model), flat(other))
+    assert opt.state["ae_sam"] == by_step.state["ae_sam"]
+
+
+def test_ae_sam_abandoned_step_changes_nothing():
+    model = tiny_mlp()
+    opt = create_optimizer("ae_sam", model, total_steps=4, lr=0.1)
+    x, y = batches(1)[0]
+    plain_closure(model, x, y)()
+    assert opt.perturbs_this_step  # mu = var = 0 at the start: the first step is a SAM step
+    opt.perturb()
+    opt.restore()  # a non-finite second pass: the harness restores and moves on
+    assert opt.state["ae_sam"] == {"mu": 0.0, "var": 0.0, "step": 0, "sam_steps": 0}
