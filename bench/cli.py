@@ -188,8 +188,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, list[str]]:
     """Map the flags onto a RunConfig; notes report flags that do not apply and renamed semantics."""
     given = {flag: getattr(args, flag) for flag in variant_flag_names() if getattr(args, flag) is not None}
     name, hyperparameters, notes = variant_hyperparameters(_variant_name(args), given)
-    if not getattr(optimizer_class(name), "uses_base_optimizer", True):
-        notes.append(f"{name} has its own update rule: --optimizer, --momentum, --weight_decay and --nesterov do not apply")
+    cls = optimizer_class(name)
+    if not getattr(cls, "uses_base_optimizer", True):
+        declared = {s.name for s in getattr(cls, "settings", ())}
+        unused = [f"--{f}" for f in ("optimizer", "momentum", "weight_decay", "nesterov") if f not in declared]
+        notes.append(f"{name} has its own update rule: {', '.join(unused)} do not apply")
     fields = {name_: getattr(args, name_) for name_, *_ in RUN_FLAGS} | {name_: getattr(args, name_) for name_, _ in SWITCHES}
     config = RunConfig(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, optimizer=name,
                        base_optimizer=args.optimizer, hyperparameters=hyperparameters, **fields)

@@ -89,6 +89,11 @@ class ConfigError(ValueError):
     """A bad value from the user: one line naming it and the valid choices."""
 
 
+def own_rule_settings(config: RunConfig) -> dict[str, Any]:
+    """The run settings a variant with its own update rule may take, if it declares them."""
+    return {"lr": config.lr, "momentum": config.momentum, "weight_decay": config.weight_decay}
+
+
 def _need(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -187,11 +192,17 @@ class RunConfig:
 
     def optimizer_settings(self, num_train: int) -> dict[str, Any]:
         """Keyword arguments for ``create_optimizer``: the base optimizer's (or, for a variant with
-        its own update rule, the learning rate), the quantities the harness fills in, then the variant's."""
+        its own update rule, the lr and the momentum and weight decay it declares), the quantities
+        the harness fills in (``Setting.filled_by``: the training-set size, the total step count),
+        then the variant's own."""
         cls = optimizer_class(self.optimizer)
-        filled = {s.name: num_train for s in getattr(cls, "settings", ()) if s.filled_by == "num_train"}
+        declared = {s.name: s for s in getattr(cls, "settings", ())}
+        fills = {"num_train": num_train, "total_steps": max(1, self.epochs * (num_train // self.batch_size))}
+        filled = {name: fills[s.filled_by] for name, s in declared.items() if s.filled_by in fills}
         if not getattr(cls, "uses_base_optimizer", True):
-            return {"lr": self.lr, **filled, **self.hyperparameters}
+            # an update rule of its own takes the run's lr, and its momentum and weight decay if it has them
+            own = {k: v for k, v in own_rule_settings(self).items() if k in declared or k == "lr"}
+            return {**own, **filled, **self.hyperparameters}
         base = self.optimizer if self.optimizer in BASE_OPTIMIZERS else self.base_optimizer
         if base == "sgd":
             settings = dict(lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov)
