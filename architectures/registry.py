@@ -4,7 +4,9 @@ Names are registered with the :func:`register` class decorator, which binds
 fixed constructor arguments (``register("resnet18", depth=18)``).  Families
 with a numeric naming scheme also register a template with
 :func:`register_pattern` (``"wrn{depth}_{widen_factor}"``); every ``{field}``
-matches a positive integer handed to the class as the keyword ``field``.
+matches a positive integer handed to the class as the keyword ``field``, next to
+the template's own fixed arguments (``register_pattern("vit_tiny_p{patch_size}", dim=64)``).
+``timm:NAME`` builds the timm model ``NAME`` (optional extra, see :mod:`.timm_models`).
 """
 import inspect
 import re
@@ -12,7 +14,8 @@ import re
 import torch.nn as nn
 
 _MODELS: dict[str, tuple[type[nn.Module], dict]] = {}
-_PATTERNS: dict[str, tuple[re.Pattern, type[nn.Module]]] = {}
+TIMM_PREFIX = "timm:"
+_PATTERNS: dict[str, tuple[re.Pattern, type[nn.Module], dict]] = {}
 
 
 def register(name: str, **fixed):
@@ -28,14 +31,14 @@ def register(name: str, **fixed):
     return decorator
 
 
-def register_pattern(template: str):
-    """Class decorator: resolve names matching ``template``, e.g. ``wrn{depth}_{widen_factor}``."""
+def register_pattern(template: str, **fixed):
+    """Class decorator: resolve names matching ``template``, e.g. ``wrn{depth}_{widen_factor}``. Stackable."""
     parts = re.split(r"\{(\w+)\}", template.lower())
     regex = re.compile("".join(
         rf"(?P<{part}>\d+)" if i % 2 else re.escape(part) for i, part in enumerate(parts)))
 
     def decorator(cls):
-        _PATTERNS[template] = (regex, cls)
+        _PATTERNS[template] = (regex, cls, fixed)
         return cls
 
     return decorator
@@ -50,13 +53,17 @@ def resolve(name: str) -> tuple[type[nn.Module], dict]:
     key = name.lower()
     if key in _MODELS:
         return _MODELS[key]
-    for regex, cls in _PATTERNS.values():
+    if key.startswith(TIMM_PREFIX):
+        from .timm_models import resolve_timm
+
+        return resolve_timm(key[len(TIMM_PREFIX):])
+    for regex, cls, fixed in _PATTERNS.values():
         match = regex.fullmatch(key)
         if match:
-            return cls, {field: int(value) for field, value in match.groupdict().items()}
+            return cls, {**fixed, **{field: int(value) for field, value in match.groupdict().items()}}
     raise ValueError(
         f"unknown architecture {name!r}; choose one of: {', '.join(available_architectures())} "
-        f"(or a name of the form {', '.join(_PATTERNS)})")
+        f"(or a name of the form {', '.join(_PATTERNS)}, or {TIMM_PREFIX}NAME for a timm model)")
 
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
