@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,7 +242,8 @@ class RunConfig:
     def run_id(self) -> str:
         """Deterministic name from the settings that change the result."""
         digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:8]
-        return f"{self.dataset}_{self.arch}_{self.optimizer}_s{self.seed}_{digest}"
+        arch = re.sub(r"[^A-Za-z0-9_.-]", "-", self.arch)  # timm:NAME: no colon in a folder name
+        return f"{self.dataset}_{arch}_{self.optimizer}_s{self.seed}_{digest}"
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / (self.run_name or self.run_id())
