@@ -31,10 +31,18 @@ class TrainClosure(BatchClosure):
     Training accuracy and loss count each sample at the first pass that sees it in a step: the
     step's own weights for a two-pass step, each sub-batch's first pass where a variant splits
     the batch, the only pass of a one-pass step.
+
+    With a loss ``regularizer`` (see :mod:`optimizers.regularizer`) every pass trains on
+    ``loss_fn(outputs, targets) + regularizer.extra_loss(outputs, ids, epoch, inputs)`` for the
+    samples of that pass (``sample_ids`` index the training set); the metrics keep ``loss_fn``.
     """
 
     def __init__(self, model, loss_fn, inputs, targets, *, accelerator, sync_ascent: bool,
-                 scaler: LossScaler | None, accumulation_steps: int = 1):
+                 scaler: LossScaler | None, accumulation_steps: int = 1, sample_ids=None, regularizer=None,
+                 epoch: int = 0):
+        self.task_loss, self.sample_ids, self.regularizer, self.epoch = loss_fn, sample_ids, regularizer, epoch
+        if regularizer is not None:
+            loss_fn = self._regularised_loss
         super().__init__(model, loss_fn, inputs, targets, backward=self._scaled_backward,
                          accumulation_steps=accumulation_steps)
         self.accelerator, self.sync_ascent, self.scaler = accelerator, sync_ascent, scaler
@@ -47,7 +55,21 @@ class TrainClosure(BatchClosure):
 
     def __call__(self, subset=None, **request):
         self._subset = subset
+        if self.regularizer is not None:
+            self._micro_batches = self._split(subset)
         return super().__call__(subset, **request)
+
+    def _split(self, subset) -> list:
+        """(inputs, sample ids) of each micro-batch of a pass, in the order BatchClosure runs them."""
+        x, ids = self.inputs, self.sample_ids
+        if subset is not None:
+            x, ids = x[subset], ids[subset]
+        parts = zip(x.tensor_split(self.accumulation_steps), ids.tensor_split(self.accumulation_steps))
+        return [(xi, i) for xi, i in parts if len(i)]
+
+    def _regularised_loss(self, outputs, targets):
+        inputs, ids = self._micro_batches.pop(0)
+        return self.task_loss(outputs, targets) + self.regularizer.extra_loss(outputs, ids, self.epoch, inputs)
 
     def context(self, phase: str, last_micro_batch: bool = True):
         if self.accelerator.num_processes > 1 and (not last_micro_batch or (phase == "ascent" and not self.sync_ascent)):
@@ -69,6 +91,8 @@ class TrainClosure(BatchClosure):
             raise NonFiniteGradient(f"non-finite loss or gradient in a {phase} pass")
 
     def observe(self, outputs, targets, losses, phase):
+        if self.regularizer is not None:  # the metrics report the task loss alone
+            losses = self.task_loss(outputs.to(torch.promote_types(outputs.dtype, torch.float32)), targets)
         index = torch.arange(self.batch_size, device=self._counted.device)
         if self._subset is not None:
             index = index[self._subset]

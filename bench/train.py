@@ -31,6 +31,7 @@ from torch import nn
 
 from architectures import create_model
 from optimizers import create_optimizer
+from optimizers.regularizer import build_regularizer
 
 from . import environment
 from .amp import LossScaler
@@ -127,6 +128,8 @@ class Run:
     load_at_end: float | None = None
     noisy_indices: torch.Tensor | None = None
     notes: list[str] = field(default_factory=list)
+    #: The extra loss term the optimizer's class declares (``loss_regularizer``), if any.
+    regularizer: Any = None
 
     @property
     def device(self) -> torch.device:
@@ -156,10 +159,11 @@ def epoch_order(config: RunConfig, num_train: int, epoch: int) -> torch.Tensor:
 
 
 def global_batch(train_set: ImageDataset, images, labels, order, i: int, batch_size: int, aug, generator):
-    """Step ``i``'s whole batch, augmented and normalised. Every process draws the augmentation of
-    the whole batch and keeps its shard, so what is trained on does not depend on the process count."""
+    """Step ``i``'s whole batch, augmented and normalised, its labels and its sample ids (indices into
+    the training set). Every process draws the augmentation of the whole batch and keeps its shard of
+    all three, so what is trained on does not depend on the process count."""
     batch = order[i * batch_size : (i + 1) * batch_size]
-    return normalize(augment(images[batch], aug, generator), train_set.mean, train_set.std), labels[batch]
+    return normalize(augment(images[batch], aug, generator), train_set.mean, train_set.std), labels[batch], batch
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -218,6 +222,9 @@ def setup(config: RunConfig, progress=None) -> Run:
     train_set = prepared.train
     model, optimizer, sync_ascent = build_model_and_optimizer(config, accelerator, train_set)
     num_params = sum(p.numel() for p in model.parameters())
+    # built from the bare model (a regulariser may copy it), before prepare() wraps it
+    regularizer = build_regularizer(optimizer, model, len(train_set), train_set.num_classes, device,
+                                    gather=accelerator.gather if accelerator.num_processes > 1 else None)
     model = accelerator.prepare(model)
     steps_per_epoch = len(train_set) // config.batch_size
     if steps_per_epoch == 0:
@@ -235,8 +242,8 @@ def setup(config: RunConfig, progress=None) -> Run:
         aug=default_augmentation(config.dataset, cutout=config.cutout), progress=progress,
     )
     run.load_at_start = environment.load_average()
-    accelerator.register_for_checkpointing(optimizer, run.scheduler, run.state)
-    run.noisy_indices = prepared.noisy_indices
+    accelerator.register_for_checkpointing(optimizer, run.scheduler, run.state, *[r for r in [regularizer] if r is not None])
+    run.noisy_indices, run.regularizer = prepared.noisy_indices, regularizer
     return run
 
 
@@ -284,13 +291,16 @@ def _host_sums(sums: dict[str, Any]) -> dict[str, Any]:
 def one_step(run: Run, order: torch.Tensor, i: int, sums: dict[str, Any]) -> bool:
     """Train on step ``i`` of the epoch; returns whether the step was skipped."""
     config, world, rank = run.config, run.accelerator.num_processes, run.accelerator.process_index
-    x, y = global_batch(run.train_set, run.train_images, run.train_labels, order, i, config.batch_size, run.aug,
-                        run.aug_generator)
+    x, y, ids = global_batch(run.train_set, run.train_images, run.train_labels, order, i, config.batch_size, run.aug,
+                             run.aug_generator)
     local_batch = config.batch_size // world
     shard = slice(rank * local_batch, (rank + 1) * local_batch)
     closure = TrainClosure(run.model, run.loss_fn, x[shard], y[shard], accelerator=run.accelerator,
-                           sync_ascent=run.sync_ascent, scaler=run.scaler, accumulation_steps=config.grad_accum_steps)
+                           sync_ascent=run.sync_ascent, scaler=run.scaler, accumulation_steps=config.grad_accum_steps,
+                           sample_ids=ids[shard], regularizer=run.regularizer, epoch=run.state.epoch)
     skipped = take_step(run.optimizer, closure)
+    if run.regularizer is not None:  # every process, taken or skipped: it may gather across processes
+        run.regularizer.after_step(run.accelerator.unwrap_model(run.model), skipped=skipped)
     if run.scaler is not None:
         run.scaler.update(skipped=skipped)
     run.scheduler.step()

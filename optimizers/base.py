@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .closure import accepts_requests
 from .settings import Setting
+
+if TYPE_CHECKING:
+    from .regularizer import LossRegularizer
 
 BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -129,6 +132,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     #: - ``"local"``: it must NOT be all-reduced: ESAM's ascent backward leaves tensors
     #:   out, and replicas that left out different tensors would wait on each other.
     ascent_sync: ClassVar[str] = "any"
+    #: An extra loss term the training loop must add, with the sample ids, inputs and state
+    #: it needs (SAF's past logits, MESA's EMA model); None for the usual loss. See
+    #: :mod:`optimizers.regularizer` for what a loop does with it.
+    loss_regularizer: ClassVar[type[LossRegularizer] | None] = None
 
     def __init__(
         self, params, base_optimizer="sgd", *, model: nn.Module | None = None, seed: int | None = None, **kwargs

@@ -19,6 +19,7 @@ from .gsam import GSAM
 from .lookbehind_sam import LookbehindSAM
 from .looksam import LookLayerSAM, LookSAM
 from .msam import MSAM
+from .saf import MESA, SAF
 from .sagm import SAGM
 from .sam import SAM, AdaptiveSAM
 from .sam_on import ASAMON, SAMON
@@ -125,6 +126,8 @@ register("bsam", BayesianSAM, aliases=("bayesian_sam",))
 register("friendly_sam", FriendlySAM)
 register("looksam", LookSAM)
 register("look_layer_sam", LookLayerSAM)
+register("saf", SAF)
+register("mesa", MESA)
 register("msam", MSAM, aliases=("momentum_sam",))
 register("wsam", WSAM, aliases=("weighted_sam",))
 register("sam_on", SAMON)

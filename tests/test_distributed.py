@@ -92,7 +92,7 @@ def test_local_sync_averages_per_replica_sam_gradients(tmp_path):
         return [p.grad.clone() for p in model.parameters()]
 
     for i in range(3):
-        x, y = global_batch(train_set, train_set.images, train_set.labels, order, i, 64, aug, generator)
+        x, y, _ = global_batch(train_set, train_set.images, train_set.labels, order, i, 64, aug, generator)
         sam_grads = []
         for shard in (slice(0, 32), slice(32, 64)):
             g = grad(x[shard], y[shard])
