@@ -19,8 +19,9 @@ Confirmed (two transcriptions): the two moving averages, the threshold, the line
 Not confirmed: the defaults delta 0.9, lambda1 -1, lambda2 1 (from memory in this
 project's reference notes; secondary sources report about half the steps being SAM steps), and
 the initial mu and var: both start at 0 here, the usual start of a moving average (so
-the first step is a SAM step unless c_0 > 3). Without ``total_steps`` (the harness does not fill it in)
-c_t stays at the middle of the schedule, (lambda1 + lambda2) / 2 (warned once).
+the first step is a SAM step unless c_0 > 3). ``total_steps`` is filled in by the harness
+(epochs x steps per epoch); through the Python API without it c_t stays at the middle of
+the schedule, (lambda1 + lambda2) / 2 (warned once).
 
 The decision needs ||g|| after the first pass: one host synchronisation per step. It
 is made at the first query of ``perturbs_this_step`` after the first backward pass and
@@ -50,7 +51,7 @@ class AESAM(SAM):
         Setting("lambda2", 1.0, range="[-10, 10]", per_group=False, source=NOT_CONFIRMED,
                 help="c_t at the start of training"),
         Setting("total_steps", None, kind=int, range="[1, inf)", optional=True, per_group=False, filled_by="total_steps",
-                source="none (c_t stays at (lambda1 + lambda2) / 2)", help="optimizer steps in the whole run (for c_t)"),
+                source="the run's length (unset: c_t stays at (lambda1 + lambda2) / 2)", help="optimizer steps in the whole run (for c_t)"),
     )
     paper = "Jiang et al., ICLR'23"
     rule = "SAM step iff ||g||² >= mu + c_t std (moving mean and std of ||g||²; c_t from lambda2 to lambda1), else a step with g"

@@ -12,9 +12,9 @@ trigonometric schedules; two are implemented:
 - constant: p_t = p (``p_end`` unset);
 - linear:   p_t = p + (p_end - p) min(t / total_steps, 1), t the steps taken so far.
 
-The linear schedule needs the length of training, ``total_steps``; without it the
-schedule stays at p (warned once). The harness does not fill it in (it fills only the
-training-set size): give it explicitly (epochs x steps per epoch).
+The linear schedule needs the length of training, ``total_steps``: the harness fills it
+in (epochs x steps per epoch); through the Python API without it the schedule stays at p
+(warned once).
 
 Draws come from the optimizer's own random stream (:meth:`generator`, saved in its state
 together with the step count), so a resumed run makes the same choices. The draw is made
@@ -51,7 +51,7 @@ class SSSAM(SAM):
         Setting("p_end", None, range="[0, 1]", optional=True, per_group=False, flag="ss_p_end",
                 source="p (a constant schedule)", help="probability at the end of training (linear schedule)"),
         Setting("total_steps", None, kind=int, range="[1, inf)", optional=True, per_group=False, filled_by="total_steps",
-                source="none (the schedule stays at p)", help="optimizer steps in the whole run (for the schedule)"),
+                source="the run's length (unset: the schedule stays at p)", help="optimizer steps in the whole run (for the schedule)"),
     )
     paper = "Zhao et al., arXiv'22"
     rule = "each step a SAM step with probability p_t (constant, or linear from p to p_end), else a plain step with g"
