@@ -252,7 +252,7 @@ def _rounded(value: float, digits: int) -> float | str:
 
 
 def _time_ratio(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> float | str:
-    """Mean training time over that of the completed ``baseline`` runs of the same budget; blank if none."""
+    """Step cost over that of the completed ``baseline`` runs of the same budget; blank if none."""
     if runs_of.status.iloc[0] != "completed":
         return ""
     identity = runs_of.identity.iloc[0]
@@ -263,7 +263,15 @@ def _time_ratio(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> flo
     base = same_step if len(same_step) else base  # a variant with its own lr (bSAM) still gets a ratio
     if not len(base):
         return ""
-    return _rounded(runs_of.train_time_s.mean() / base.train_time_s.mean(), 2)
+    return _rounded(_step_cost(runs_of) / _step_cost(base), 2)
+
+
+def _step_cost(runs: pd.DataFrame) -> float:
+    """The median over runs of each run's median step time (robust to a pause or a burst of other
+    work); runs written before step times were recorded fall back to the mean training time."""
+    if "step_time_median_s" in runs and runs.step_time_median_s.notna().all():
+        return float(runs.step_time_median_s.median())
+    return float(runs.train_time_s.mean())
 
 
 def _group_row(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import resource
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,11 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -278,7 +284,8 @@ def start_or_resume(run: Run, resume: bool) -> None:
 
 
 def _epoch_sums(run: Run) -> dict[str, Any]:
-    sums = run.state.epoch_sums or {"correct": 0.0, "loss_sum": 0.0, "seen": 0, "passes": 0, "sample_passes": 0.0, "time": 0.0}
+    sums = run.state.epoch_sums or {"correct": 0.0, "loss_sum": 0.0, "seen": 0, "passes": 0, "sample_passes": 0.0, "time": 0.0,
+                                    "step_times": []}
     return {**sums, "correct": torch.tensor(sums["correct"], device=run.device),
             "loss_sum": torch.tensor(sums["loss_sum"], device=run.device),
             "seen": torch.tensor(sums["seen"], device=run.device)}
@@ -316,7 +323,9 @@ def run_epoch(run: Run) -> tuple[dict[str, Any], int]:
     order = epoch_order(config, len(run.train_set), state.epoch).to(run.device)
     lap = time.perf_counter()
     for i in range(state.step_in_epoch, run.steps_per_epoch):
+        started = time.perf_counter()
         skipped = one_step(run, order, i, sums)
+        sums["step_times"].append(time.perf_counter() - started)
         state.skipped += skipped
         state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
         state.step, state.step_in_epoch = state.step + 1, i + 1
@@ -373,6 +382,8 @@ def epoch_row(run: Run, sums: dict[str, Any], epoch_steps: int) -> dict[str, Any
         "rho": None,
         **logged,
         "epoch_time_s": sums["time"],
+        # the median step: robust to a pause or a burst of other work on the machine
+        "step_time_median_s": statistics.median(sums["step_times"]) if sums.get("step_times") else None,
         "images_per_s": epoch_steps * run.config.batch_size / max(sums["time"], 1e-9),
         "passes_per_step": sums["passes"] / max(1, epoch_steps),
         "sample_passes_per_step": sums["sample_passes"] / max(1, epoch_steps),
@@ -431,6 +442,7 @@ def summary_of(run: Run) -> dict[str, Any]:
         "stopped_early": state.status == "stopped_early", "skipped_steps": state.skipped,
         "wall_time_s": state.wall_time_s, "cpu_time_s": state.cpu_time_s,
         "train_time_s": sum(r["epoch_time_s"] for r in rows),
+        "step_time_median_s": _median([r.get("step_time_median_s") for r in rows]),
         "images_per_s": sum(r["images_per_s"] for r in rows) / len(rows),
         "passes_per_step": sum(r["passes_per_step"] for r in rows) / len(rows),
         "sample_passes_per_step": sum(r["sample_passes_per_step"] for r in rows) / len(rows),

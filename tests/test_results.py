@@ -260,3 +260,15 @@ def test_plot_legends_follow_the_table_order(tmp_path, monkeypatch):
     table = table_of(tmp_path)
     assert list(table.optimizer) == optimizer_order(names) == ["sgd", "sam", "asam", "esam", "gsam", "look_layer_sam"]
     assert legends == [list(table.optimizer)] * 2
+
+
+def test_time_ratios_come_from_the_median_step_of_each_run(tmp_path):
+    """A run slowed by a burst of other work has a long train time but the same median step: the ratio
+    follows the median steps (0.03 / 0.01), not the train times (100 / 10)."""
+    for optimizer, seed, step, total in [("sgd", 0, 0.010, 10.0), ("sgd", 1, 0.011, 11.0), ("sam", 0, 0.030, 100.0),
+                                         ("sam", 1, 0.030, 30.0)]:
+        run = make_run(tmp_path, optimizer, seed, train_time=total)
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "step_time_median_s": step}))
+    table = table_of(tmp_path).set_index("optimizer")
+    assert table.loc["sam", "time vs sgd"] == round(0.030 / 0.0105, 2)
