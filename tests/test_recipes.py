@@ -80,7 +80,7 @@ def tiny_recipe(tmp_path) -> Path:
 
 def table_without_timing(path: Path) -> pd.DataFrame:
     table = pd.read_csv(path)
-    return table.drop(columns=[c for c in table.columns if "time" in c or "images/s" in c])
+    return table.drop(columns=[c for c in table.columns if "time" in c or "images/s" in c or c == "contended"])
 
 
 def test_a_sweep_skips_finished_runs_and_an_interrupted_one_gives_the_same_table(tmp_path, capsys):

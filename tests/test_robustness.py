@@ -21,7 +21,7 @@ from bench.train import train
 from optimizers import available_optimizers, create_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = ("epoch_time_s", "images_per_s")
+TIMING = ("epoch_time_s", "images_per_s", "step_time_median_s")
 VARIANTS = [n for n in available_optimizers() if n not in ("sgd", "adam", "adamw")]
 
 
