@@ -31,7 +31,7 @@ SEED_RANGE = "[0, 4294967295]"
 #: Settings that do not change a run's result (left out of its id).
 OPERATIONAL = (
     "output_dir", "run_name", "data_dir", "save_every_steps", "save_every_epochs", "keep_checkpoints", "cpu", "sharpness",
-    "sharpness_samples", "log_with", "threads",
+    "sharpness_samples", "sharpness_iterations", "sharpness_probes", "log_with", "threads",
 )
 
 #: Keys of a run's config.json that describe the run, not its settings.
@@ -57,6 +57,8 @@ FIELD_CHECKS = {
         Setting("split_seed", 0, int, SEED_RANGE),
         Setting("sharpness", False, bool),
         Setting("sharpness_samples", 1024, int, "[1, inf)"),
+        Setting("sharpness_iterations", 20, int, "[0, inf)"),
+        Setting("sharpness_probes", 10, int, "[0, inf)"),
         Setting("seed", 0, int, SEED_RANGE),
         Setting("sync_bn", False, bool),
         Setting("cpu", False, bool),
@@ -134,6 +136,9 @@ class RunConfig:
     split_seed: int = 0
     sharpness: bool = False
     sharpness_samples: int = 1024
+    #: power-iteration steps for the top Hessian eigenvalue, Rademacher probes for its trace
+    sharpness_iterations: int = 20
+    sharpness_probes: int = 10
     seed: int = 0
     mixed_precision: str = "no"
     sam_sync: str = "local"

@@ -178,14 +178,16 @@ def measure_sharpness(
 SHARPNESS_RHO = 0.05
 
 
-def final_sharpness(model: nn.Module, train_set, device, samples: int = 1024) -> dict[str, float]:
+def final_sharpness(model: nn.Module, train_set, device, samples: int = 1024, iterations: int = 20,
+                    probes: int = 10) -> dict[str, float]:
     """Sharpness of a trained model on a fixed subset of its (possibly noisy) training set, unaugmented."""
     keep = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:samples]
     x = normalize(train_set.images[keep].to(device), train_set.mean, train_set.std)
     y = train_set.labels[keep].to(device)
     batches = [(x[i : i + 256], y[i : i + 256]) for i in range(0, len(y), 256)]
-    result = measure_sharpness(model, nn.functional.cross_entropy, batches, rho=SHARPNESS_RHO, seed=0)
-    return {**result, "samples": len(y), "rho": SHARPNESS_RHO}
+    result = measure_sharpness(model, nn.functional.cross_entropy, batches, rho=SHARPNESS_RHO, seed=0,
+                               power_iterations=iterations, hutchinson_samples=probes)
+    return {**result, "samples": len(y), "rho": SHARPNESS_RHO, "power_iterations": iterations, "hutchinson_samples": probes}
 
 
 def measure_run_sharpness(run, samples: int | None = None) -> dict[str, float]:
@@ -197,6 +199,7 @@ def measure_run_sharpness(run, samples: int | None = None) -> dict[str, float]:
                                   val_fraction=config.val_fraction, split_seed=config.split_seed).train
     model = create_model(config.arch, num_classes=train_set.num_classes, in_channels=train_set.images.shape[1])
     model.load_state_dict(load_file(run / "model.safetensors"))
-    result = final_sharpness(model, train_set, torch.device("cpu"), samples or config.sharpness_samples)
+    result = final_sharpness(model, train_set, torch.device("cpu"), samples or config.sharpness_samples,
+                             config.sharpness_iterations, config.sharpness_probes)
     write_json(run / "sharpness.json", result)
     return result

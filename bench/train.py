@@ -469,7 +469,8 @@ def finish(run: Run) -> RunResult:
             note = export_model(model, run.run_dir)
             if config.sharpness and run.state.status != "diverged":
                 write_json(run.run_dir / "sharpness.json",
-                           final_sharpness(model, run.train_set, run.device, config.sharpness_samples))
+                           final_sharpness(model, run.train_set, run.device, config.sharpness_samples,
+                                           config.sharpness_iterations, config.sharpness_probes))
         summary["model_exported"] = (run.run_dir / MODEL_FILE).is_file()
         if note:
             run.notes.append(note)
