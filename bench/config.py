@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from architectures.registry import resolve as resolve_architecture
 from optimizers import available_optimizers, create_optimizer, optimizer_class
 from optimizers.base import BASE_OPTIMIZERS
@@ -218,8 +220,6 @@ class RunConfig:
 
     def _check_optimizer_settings(self) -> None:
         """Build the optimizer on a stand-in parameter, so a bad hyperparameter fails before any work."""
-        import torch
-
         try:
             create_optimizer(self.optimizer, [torch.zeros(1, requires_grad=True)], base=self.base_optimizer,
                              **self.optimizer_settings(num_train=1))

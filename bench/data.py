@@ -46,6 +46,7 @@ modification times of the source files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -64,6 +65,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from .io import atomic_path
 
@@ -316,9 +318,7 @@ def _cache_load(path: str, info: DatasetInfo):
     if not os.path.isfile(path):
         return None
     try:
-        from safetensors.torch import load_file
-
-        # copy out of the memory map: the tensors own their memory, whatever later
+            # copy out of the memory map: the tensors own their memory, whatever later
         # happens to the file
         t = {k: v.clone() for k, v in load_file(path).items()}
         if not all(k in t for k in _CACHE_KEYS):
@@ -335,8 +335,6 @@ def _cache_load(path: str, info: DatasetInfo):
 
 
 def _cache_save(path: str, train, test, sources: Sequence[str]) -> None:
-    from safetensors.torch import save_file
-
     tensors = {
         "train_images": torch.as_tensor(train[0]).contiguous(),
         "train_labels": torch.as_tensor(train[1]).to(torch.int64).contiguous(),
@@ -531,8 +529,6 @@ def _decode_hf_split(ds, image_col: str, label_col: str, info: DatasetInfo, wher
 
 def _quiet_datasets():
     """Context manager silencing ``datasets`` progress bars while we load."""
-    import contextlib
-
     import datasets
 
     @contextlib.contextmanager

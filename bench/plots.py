@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .io import atomic_path, read_json, read_jsonl  # noqa: E402
-from .results import RunSkipped, optimizer_order  # noqa: E402  (one optimizer order for tables and legends)
+from .results import RunSkipped, find_runs, optimizer_order  # noqa: E402  (one optimizer order for tables and legends)
 
 CURVE_COLUMNS = ["run_dir", "dataset", "arch", "optimizer", "seed", "label_noise", "epoch", "test_acc", "elapsed_s"]
 FIGSIZE = (7, 4.5)
@@ -290,8 +290,6 @@ def write_plots(run_dirs: Iterable[str | Path], out_prefix: str | Path) -> list[
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .results import find_runs
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="run directories or folders holding them")
     parser.add_argument("--out", required=True, help="output prefix, e.g. results/cifar10_cpu")

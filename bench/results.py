@@ -40,8 +40,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import pandas as pd
+from rich.console import Console
+from rich.table import Table
 
-from .io import read_json
+from optimizers import available_optimizers
+
+from .config import OPERATIONAL, RUN_METADATA, RunConfig
+from .io import read_json, write_text
 
 GROUP = ["dataset", "arch", "optimizer"]
 SHARPNESS = {"hessian_max_eigenvalue": "λ_max", "sam_sharpness": "SAM sharpness", "hessian_trace": "Hessian trace"}
@@ -161,10 +166,8 @@ def _read_checked(path: Path, problem_of) -> tuple[Any, str | None]:
 
 def _identity(config: dict) -> dict:
     """What makes a run's result: config.json (missing fields at RunConfig's defaults) less OPERATIONAL and PER_RUN."""
-    from . import config as config_module
-
-    left_out = {*config_module.OPERATIONAL, *PER_RUN, *getattr(config_module, "RUN_METADATA", ())}
-    defaults = json.loads(json.dumps(config_module.RunConfig().to_dict(), default=str))
+    left_out = {*OPERATIONAL, *PER_RUN, *RUN_METADATA}
+    defaults = json.loads(json.dumps(RunConfig().to_dict(), default=str))
     return {k: v for k, v in {**defaults, **config}.items() if k not in left_out}
 
 
@@ -226,8 +229,6 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
 def optimizer_order(names: Iterable[str] | None = None) -> list[str]:
     """The one order of optimizers in tables and plot legends: the registry's (sgd first, then the variants
     as registered); names it does not know follow in first-appearance order.  With ``names``: those, distinct."""
-    from optimizers import available_optimizers
-
     known = available_optimizers()
     if names is None:
         return known
@@ -415,8 +416,6 @@ def to_markdown(table: pd.DataFrame) -> str:
 def write_comparison(paths: list[str | Path], out_prefix: str | Path, preamble: str = "",
                      tuned: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Write ``{out_prefix}.csv/.md/.tex``; the table's ``.attrs["notes"]`` holds the skipped-run notes."""
-    from .io import write_text
-
     runs = load_runs(paths)
     table = comparison_table(runs, tuned=tuned)
     table.attrs["notes"] = runs.attrs.get("notes", [])
@@ -428,9 +427,6 @@ def write_comparison(paths: list[str | Path], out_prefix: str | Path, preamble: 
 
 
 def print_table(table: pd.DataFrame, title: str = "") -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     columns = ["dataset", "arch", "optimizer", "tuned", "settings", "status", "n", "final acc (%)", "best acc (%)", "time vs sgd",
                "contended", "passes/step"]
     columns = [c for c in columns if c in table]
