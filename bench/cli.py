@@ -288,15 +288,22 @@ def recipe_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 # -- the other commands ----------------------------------------------------------------------------
 
 
-def cmd_sweep(argv: list[str]) -> int:
-    p = Parser(prog="launch.py sweep", description="Run every configuration of a recipe, then write its tables.")
-    p.add_argument("recipe", help="recipe name or .toml path")
+def recipe_parser(command: str, description: str, recipe_help: str, output_help: str, print_help: str) -> Parser:
+    """The arguments of the commands that run a recipe's runs (sweep, tune)."""
+    p = Parser(prog=f"launch.py {command}", description=description)
+    p.add_argument("recipe", help=recipe_help)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE")
-    p.add_argument("--output_dir", default=None, help="default: runs/<recipe>")
+    p.add_argument("--output_dir", default=None, help=output_help)
     p.add_argument("--data_dir", default=None)
     p.add_argument("--results_dir", default="results")
     p.add_argument("--cpu", action="store_true")
-    p.add_argument("--print_commands", action="store_true", help="print one command per pending run instead of running")
+    p.add_argument("--print_commands", action="store_true", help=print_help)
+    return p
+
+
+def cmd_sweep(argv: list[str]) -> int:
+    p = recipe_parser("sweep", "Run every configuration of a recipe, then write its tables.", "recipe name or .toml path",
+                      "default: runs/<recipe>", "print one command per pending run instead of running")
     args = p.parse_args(argv)
     recipe = load_recipe(args.recipe)
     extra = [f"{k}={v}" for k, v in (("data_dir", args.data_dir), ("cpu", "true" if args.cpu else None)) if v]
@@ -324,16 +331,11 @@ def write_sweep_results(recipe, run_dirs, results_dir: Path, command: str) -> No
 
 
 def cmd_tune(argv: list[str]) -> int:
-    p = Parser(prog="launch.py tune", description="Tune every optimizer of a recipe's [tune] section on a validation split "
-               "with an equal budget, then run the chosen values on the full training set and write their tables.")
-    p.add_argument("recipe", help="recipe name or .toml path (with a [tune] section)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE")
-    p.add_argument("--output_dir", default=None, help="default: runs/<recipe>_tune (trials/ and final/ inside)")
-    p.add_argument("--data_dir", default=None)
-    p.add_argument("--results_dir", default="results")
-    p.add_argument("--cpu", action="store_true")
-    p.add_argument("--print_commands", action="store_true",
-                   help="print one command per pending trial (once they are done: per pending final run) instead of running")
+    p = recipe_parser("tune", "Tune every optimizer of a recipe's [tune] section on a validation split with an equal "
+                      "budget, then run the chosen values on the full training set and write their tables.",
+                      "recipe name or .toml path (with a [tune] section)",
+                      "default: runs/<recipe>_tune (trials/ and final/ inside)",
+                      "print one command per pending trial (once they are done: per pending final run) instead of running")
     args = p.parse_args(argv)
     recipe = load_recipe(args.recipe)
     extra = [f"{k}={v}" for k, v in (("data_dir", args.data_dir), ("cpu", "true" if args.cpu else None)) if v]
