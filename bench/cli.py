@@ -73,8 +73,8 @@ def variant_settings() -> dict[str, dict[str, Any]]:
 
 def _flag_type(settings: list) -> dict[str, Any]:
     kinds = {s.kind for s in settings}
-    if kinds == {bool}:
-        return {"action": "store_true", "default": None}
+    if kinds == {bool}:  # --adaptive sets true, --no-adaptive false; unset: the variant's default
+        return {"action": argparse.BooleanOptionalAction, "default": None}
     return {"type": int if kinds == {int} else float}
 
 

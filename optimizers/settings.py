@@ -100,11 +100,13 @@ class Setting:
         return above and below
 
     def _range_text(self) -> str:
-        return f" {self.range_text()}" if self.range else ""
+        return f" {self.range_text()}" if self.range and self.range_text() != "finite" else ""
 
     def range_text(self) -> str:
         """The range in words: ">= 0", "> 0", "in (0, 1]"."""
         left, low, high, _ = _RANGE.match(self.range).groups()
+        if low == "-inf" and high == "inf":
+            return "finite"
         if high == "inf":
             low_text = low if float(low) != int(float(low)) else str(int(float(low)))
             return f"{'>=' if left == '[' else '>'} {low_text}"
