@@ -96,11 +96,12 @@ class Recipe:
             settings.update(forced)  # the command line has the last word
             if output_dir is not None:
                 settings["output_dir"] = output_dir
-            configs.append(_to_config(settings, self.name))
+            configs.append(config_from_settings(settings, self.name))
         return configs
 
 
-def _to_config(settings: dict[str, Any], where: str) -> RunConfig:
+def config_from_settings(settings: dict[str, Any], where: str) -> RunConfig:
+    """A validated RunConfig from a recipe's flat settings (RunConfig fields, the rest hyperparameters)."""
     fields = {k: v for k, v in settings.items() if k in FIELDS}
     hyperparameters = {**fields.pop("hyperparameters", {}), **{k: v for k, v in settings.items() if k not in FIELDS}}
     if "step_milestones" in fields:

@@ -27,7 +27,7 @@ import pandas as pd
 
 from .config import ConfigError, RunConfig
 from .io import read_json, write_text
-from .recipes import Recipe, _to_config, parse_assignment
+from .recipes import Recipe, config_from_settings, parse_assignment
 from .results import frame_to_markdown, write_comparison
 from .sweep import commands, run_sweep, status
 
@@ -137,7 +137,7 @@ def plan(recipe: Recipe, sets: list[str], output_dir: str | Path) -> Plan:
         bases[optimizer] = {**recipe.config, "optimizer": optimizer, **recipe.optimizers.get(optimizer, {}), **forced}
         points[optimizer] = [
             Point(optimizer, values, tuple(
-                _to_config({**bases[optimizer], **values, "seed": seed, "val_fraction": spec["val_fraction"],
+                config_from_settings({**bases[optimizer], **values, "seed": seed, "val_fraction": spec["val_fraction"],
                             "output_dir": str(output_dir / "trials")}, recipe.name)
                 for seed in spec["seeds"]))
             for values in (dict(zip(grid, combo)) for combo in itertools.product(*grid.values()))
@@ -172,7 +172,7 @@ def choices(tuning: Plan) -> dict[str, Point]:
 def final_configs(tuning: Plan, chosen: dict[str, Point]) -> dict[str, list[RunConfig]]:
     """Per optimizer, the final seeds of its chosen point, on the full training set."""
     return {
-        optimizer: [_to_config({**tuning.bases[optimizer], **point.values, "seed": seed, "val_fraction": 0.0,
+        optimizer: [config_from_settings({**tuning.bases[optimizer], **point.values, "seed": seed, "val_fraction": 0.0,
                                 "output_dir": str(tuning.output_dir / "final")}, tuning.recipe.name)
                     for seed in tuning.final_seeds]
         for optimizer, point in chosen.items()
