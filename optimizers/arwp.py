@@ -48,7 +48,7 @@ import math
 
 import torch
 
-from .base import SharpnessAwareOptimizer, set_running_stats
+from .base import SharpnessAwareOptimizer
 from .settings import Setting
 
 SCRIPT = "official run_rwp.sh, CIFAR-100"
@@ -132,10 +132,7 @@ class ARWP(SharpnessAwareOptimizer):
     def perturb(self, zero_grad: bool = True) -> None:
         """Two-phase form: the first pass's gradient is not needed; w + e, BatchNorm frozen."""
         self._add_noise()
-        if self.freezes_batchnorm:
-            set_running_stats(self._batchnorms, False)
-        if zero_grad:
-            self.zero_grad()
+        self.enter_perturbed_pass(zero_grad)
 
     def adjust_gradient(self) -> None:
         """F <- beta F + g^2 with the gradient at w + e (which is also the descent gradient)."""

@@ -278,6 +278,18 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """
         raise NotImplementedError
 
+    @staticmethod
+    def scale_to_radius(groups, tensors: list[list[Tensor]], eps: float, radius=lambda group: group["rho"],
+                        norm: Tensor | None = None) -> list[list[Tensor]]:
+        """Scale each group's ``tensors`` in place by radius(group) / (||tensors|| + eps), the norm global
+        over all groups unless given: the step onto SAM's sphere that most variants end with."""
+        if norm is None:
+            norm = global_norm([t for ts in tensors for t in ts])
+        for (group, _), ts in zip(groups, tensors):
+            if ts:
+                torch._foreach_mul_(ts, radius(group) / (norm + eps))
+        return tensors
+
     def adjust_gradient(self) -> None:
         """Form the descent gradient in ``.grad`` from g_s (and whatever the variant kept)."""
 
@@ -296,6 +308,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         for (_, params), e in zip(groups, self.perturbation(groups)):
             if params:
                 torch._foreach_add_(params, e)
+        self.enter_perturbed_pass(zero_grad)
+
+    def enter_perturbed_pass(self, zero_grad: bool = True) -> None:
+        """The weights are at w + e: freeze BatchNorm statistics (where the variant does) and clear the grads."""
         if self.freezes_batchnorm:
             set_running_stats(self._batchnorms, False)
         if zero_grad:

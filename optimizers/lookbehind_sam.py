@@ -133,10 +133,7 @@ class LookbehindSAM(SharpnessAwareOptimizer):
         for group, params in groups:
             if params:
                 torch._foreach_add_(params, torch._foreach_mul(self.grads(params), group["rho"] / scale))
-        if self.freezes_batchnorm:
-            set_running_stats(self._batchnorms, False)
-        if zero_grad:
-            self.zero_grad()
+        self.enter_perturbed_pass(zero_grad)
 
     @torch.no_grad()
     def descend(self, zero_grad: bool = True) -> None:

@@ -61,12 +61,7 @@ class LookSAM(SharpnessAwareOptimizer):
         return self._scaled_gradients(groups)
 
     def _scaled_gradients(self, groups):
-        grads = [self.grads(params) for _, params in groups]
-        norm = global_norm([g for gs in grads for g in gs])
-        for (group, _), g in zip(groups, grads):
-            if g:
-                torch._foreach_mul_(g, group["rho"] / (norm + EPS))
-        return grads
+        return self.scale_to_radius(groups, [self.grads(params) for _, params in groups], EPS)
 
     def adjust_gradient(self):
         if self._params:  # a SAM step: turn the kept g into g_v, descend with g_s

@@ -37,12 +37,9 @@ class SAM(SharpnessAwareOptimizer):
         ]
         norm = global_norm([t for ts in weighted for t in ts])
         for (group, params), g in zip(groups, grads):
-            if not g:
-                continue
-            if self.is_adaptive(group):
+            if g and self.is_adaptive(group):
                 torch._foreach_mul_(g, torch._foreach_mul(params, params))
-            torch._foreach_mul_(g, self.radius(group) / (norm + EPS))
-        return grads
+        return self.scale_to_radius(groups, grads, EPS, self.radius, norm)
 
     def radius(self, group) -> float:
         """The perturbation radius for this step (GSAM's follows the learning rate)."""

@@ -105,16 +105,10 @@ class SAMON(SharpnessAwareOptimizer):
         for (_, pairs), e in zip(chosen, self.perturbation(chosen)):
             if pairs:
                 torch._foreach_add_([p for p, _ in pairs], e)
-        if zero_grad:
-            self.zero_grad()
+        self.enter_perturbed_pass(zero_grad)
 
     def perturbation(self, groups):
-        grads = [[p.grad for p, _ in pairs] for _, pairs in groups]
-        norm = global_norm([g for gs in grads for g in gs])
-        for (group, _), g in zip(groups, grads):
-            if g:
-                torch._foreach_mul_(g, group["rho"] / (norm + EPS))
-        return grads
+        return self.scale_to_radius(groups, [[p.grad for p, _ in pairs] for _, pairs in groups], EPS)
 
 
 class ASAMON(SAMON):

@@ -23,7 +23,7 @@ each replica then has its own d, and a checkpoint keeps the first process's).
 
 import torch
 
-from .base import SharpnessAwareOptimizer, global_norm
+from .base import SharpnessAwareOptimizer
 from .settings import Setting
 
 EPS = 1e-7
@@ -50,11 +50,8 @@ class VaSSO(SharpnessAwareOptimizer):
                     self.state[p]["d"] = p.grad.clone()
             if known:
                 torch._foreach_lerp_([self.state[p]["d"] for p in known], self.grads(known), group["theta"])
-        d = [[self.state[p]["d"] for p in params] for _, params in groups]
-        norm = global_norm([t for ts in d for t in ts])
         e = [self.grads(params) for _, params in groups]  # g is no longer needed: e goes where it was
-        for (group, _), ei, di in zip(groups, e, d):
+        for ei, (_, params) in zip(e, groups):
             if ei:
-                torch._foreach_copy_(ei, di)
-                torch._foreach_mul_(ei, group["rho"] / (norm + EPS))
-        return e
+                torch._foreach_copy_(ei, [self.state[p]["d"] for p in params])
+        return self.scale_to_radius(groups, e, EPS)
