@@ -16,7 +16,11 @@ from torch import nn
 from .augment import normalize
 from .data import ImageDataset
 
-EVAL_BATCH = 1024
+#: Evaluation batch size per device type. On a CPU a batch of 1024 32x32 images spills the
+#: activations out of cache: 10,000 CIFAR images through ResNet-8 take 12.2 s at 1024
+#: against 3.7 s at 128 (one thread); accelerators want large batches.
+EVAL_BATCH = {"cpu": 128}
+EVAL_BATCH_ACCELERATOR = 1024
 ECE_BINS = 15
 
 
@@ -34,12 +38,13 @@ def evaluate(model: nn.Module, data: ImageDataset, images: torch.Tensor, labels:
     _same_buffers_everywhere(model, accelerator)
     model.eval()
     device = images.device
+    batch = EVAL_BATCH.get(device.type, EVAL_BATCH_ACCELERATOR)
     loss_sum = torch.zeros((), device=device)
     bins = torch.zeros(3, ECE_BINS, device=device)  # count, confidence sum, correct sum per bin
-    starts = range(accelerator.process_index * EVAL_BATCH, len(labels), accelerator.num_processes * EVAL_BATCH)
+    starts = range(accelerator.process_index * batch, len(labels), accelerator.num_processes * batch)
     for start in starts:
-        x = normalize(images[start : start + EVAL_BATCH], data.mean, data.std)
-        y = labels[start : start + EVAL_BATCH]
+        x = normalize(images[start : start + batch], data.mean, data.std)
+        y = labels[start : start + batch]
         outputs = model(x).float()  # unwrap_model keeps the mixed-precision forward
         loss_sum += nn.functional.cross_entropy(outputs, y, reduction="sum")
         confidence, predicted = outputs.softmax(-1).max(-1)
