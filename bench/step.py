@@ -2,16 +2,26 @@
 
 The closure runs each pass the optimizer asks for under DDP's synchronisation rule for
 that pass (``--sam_sync``, or the variant's declared ``ascent_sync``), scales and
-unscales fp16 losses, and checks every pass for a non-finite loss or gradient. Every
-process must agree before a step is skipped, or one would wait forever in the next
-synchronised backward: the flag is summed across processes.
+unscales fp16 losses, and flags a non-finite loss or gradient on the device.
+
+A step costs at most one host synchronisation: the skip decision. A plain torch
+optimizer evaluates its closure once, before it changes anything, so its one pass
+decides there. A sharpness-aware step runs all its passes without looking (a non-finite
+ascent gradient makes the perturbed weights, and so every later pass, non-finite too),
+and is decided once at its end; a skipped step is then undone from a
+:class:`StepSnapshot` taken on the device before it began (weights, BatchNorm buffers and
+the optimizer's state as its ``state_dict`` holds it). Every process must agree before a
+step is skipped, or one would wait forever in the next synchronised backward: the flag is
+summed across processes, once per step, by every process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
+from torch import nn
 
 from optimizers import BatchClosure, SharpnessAwareOptimizer
 
@@ -39,7 +49,7 @@ class TrainClosure(BatchClosure):
 
     def __init__(self, model, loss_fn, inputs, targets, *, accelerator, sync_ascent: bool,
                  scaler: LossScaler | None, accumulation_steps: int = 1, sample_ids=None, regularizer=None,
-                 epoch: int = 0):
+                 epoch: int = 0, defer_check: bool = False):
         self.task_loss, self.sample_ids, self.regularizer, self.epoch = loss_fn, sample_ids, regularizer, epoch
         if regularizer is not None:
             loss_fn = self._regularised_loss
@@ -52,6 +62,10 @@ class TrainClosure(BatchClosure):
         self.seen = torch.zeros((), dtype=torch.long, device=inputs.device)
         self._counted = torch.zeros(len(targets), dtype=torch.bool, device=inputs.device)
         self._subset = None
+        #: Passes flag a non-finite loss or gradient here; with ``defer_check`` nothing reads it
+        #: until :meth:`nonfinite` (the step's one synchronisation), else each pass decides itself.
+        self.defer_check = defer_check
+        self.bad = torch.zeros((), device=inputs.device)
 
     def __call__(self, subset=None, **request):
         self._subset = subset
@@ -84,11 +98,17 @@ class TrainClosure(BatchClosure):
 
     def after_backward(self, loss, phase):
         inv_scale = 1.0 / self.scaler.scale if self.scaler is not None else 1.0
-        bad = (unscale_and_check(self.params, inv_scale).to(loss.device) + (~torch.isfinite(loss)).float()).reshape(1)
+        self.bad = self.bad + unscale_and_check(self.params, inv_scale).to(loss.device) + (~torch.isfinite(loss)).float()
+        if not self.defer_check and self.nonfinite():
+            raise NonFiniteGradient(f"non-finite loss or gradient in a {phase} pass")
+
+    def nonfinite(self) -> bool:
+        """Whether any pass so far, on any process, had a non-finite loss or gradient. Every process
+        must call it at the same point: one all-reduce and one host synchronisation."""
+        bad = self.bad.reshape(1)
         if self.accelerator.num_processes > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
-        if bad.item():
-            raise NonFiniteGradient(f"non-finite loss or gradient in a {phase} pass")
+        return bool(bad.item())
 
     def observe(self, outputs, targets, losses, phase):
         if self.regularizer is not None:  # the metrics report the task loss alone
@@ -110,13 +130,48 @@ def evaluation_weights(optimizer):
     return swap() if swap is not None else contextlib.nullcontext()
 
 
-def take_step(optimizer, closure) -> bool:
-    """One optimizer step; a non-finite pass skips it with the weights restored. Returns whether it was skipped."""
-    try:
-        optimizer.step(closure)
+class StepSnapshot:
+    """What a sharpness-aware step changes, copied on the device before it (no synchronisation), so a
+    step found non-finite at its end can be undone: the model's parameters and buffers (BatchNorm
+    statistics of a non-finite pass included) into buffers kept across steps, and the optimizer's
+    ``state_dict`` (momentum, the variant's state, its random streams)."""
+
+    def __init__(self, model: nn.Module):
+        self.live = [t for t in [*model.parameters(), *model.buffers()]]
+        self.saved = [torch.empty_like(t) for t in self.live]
+        self.optimizer_state = None
+
+    @torch.no_grad()
+    def save(self, optimizer) -> None:
+        if self.live:
+            torch._foreach_copy_(self.saved, self.live)
+        self.optimizer_state = copy.deepcopy(optimizer.state_dict())
+
+    @torch.no_grad()
+    def restore(self, optimizer) -> None:
+        if self.live:
+            torch._foreach_copy_(self.live, self.saved)
+        optimizer.load_state_dict(self.optimizer_state)
+
+
+def take_step(optimizer, closure: TrainClosure, snapshot: StepSnapshot | None = None) -> bool:
+    """One optimizer step with at most one host synchronisation; a non-finite pass skips it, leaving
+    weights and optimizer state as they were. Returns whether it was skipped."""
+    if not isinstance(optimizer, SharpnessAwareOptimizer):
+        closure.defer_check = False
+        try:
+            optimizer.step(closure)
+            return False
+        except NonFiniteGradient:
+            optimizer.zero_grad()
+            return True
+    snapshot = snapshot or StepSnapshot(closure.model)
+    snapshot.save(optimizer)
+    closure.defer_check = True
+    optimizer.step(closure)
+    if not closure.nonfinite():
         return False
-    except NonFiniteGradient:
-        if isinstance(optimizer, SharpnessAwareOptimizer):
-            optimizer.restore()
-        optimizer.zero_grad()
-        return True
+    optimizer.restore()  # drop a half-done step's bookkeeping (a perturbation still applied)
+    snapshot.restore(optimizer)
+    optimizer.zero_grad()
+    return True

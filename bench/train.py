@@ -31,7 +31,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from architectures import create_model
-from optimizers import create_optimizer
+from optimizers import SharpnessAwareOptimizer, create_optimizer
 from optimizers.regularizer import build_regularizer
 
 from . import environment
@@ -43,7 +43,7 @@ from .data import ImageDataset, load_dataset_splits, prepare_train_set
 from .evaluation import evaluate
 from .io import read_json, write_json, write_jsonl
 from .sharpness import final_sharpness
-from .step import TrainClosure, ascent_is_synchronised, evaluation_weights, take_step
+from .step import StepSnapshot, TrainClosure, ascent_is_synchronised, evaluation_weights, take_step
 from .sync_bn import convert_sync_batchnorm
 
 #: Tracker project name; TensorBoard writes under RUN_DIR/sam-bench/.
@@ -131,6 +131,8 @@ class Run:
     notes: list[str] = field(default_factory=list)
     #: The extra loss term the optimizer's class declares (``loss_regularizer``), if any.
     regularizer: Any = None
+    #: Where a skipped sharpness-aware step is undone from (see bench.step); None for plain optimizers.
+    snapshot: StepSnapshot | None = None
 
     @property
     def device(self) -> torch.device:
@@ -250,6 +252,8 @@ def setup(config: RunConfig, progress=None) -> Run:
     run.load_at_start = environment.load_average()
     accelerator.register_for_checkpointing(optimizer, run.scheduler, run.state, *[r for r in [regularizer] if r is not None])
     run.noisy_indices, run.regularizer = prepared.noisy_indices, regularizer
+    if isinstance(optimizer, SharpnessAwareOptimizer):
+        run.snapshot = StepSnapshot(accelerator.unwrap_model(model))
     return run
 
 
@@ -305,7 +309,7 @@ def one_step(run: Run, order: torch.Tensor, i: int, sums: dict[str, Any]) -> boo
     closure = TrainClosure(run.model, run.loss_fn, x[shard], y[shard], accelerator=run.accelerator,
                            sync_ascent=run.sync_ascent, scaler=run.scaler, accumulation_steps=config.grad_accum_steps,
                            sample_ids=ids[shard], regularizer=run.regularizer, epoch=run.state.epoch)
-    skipped = take_step(run.optimizer, closure)
+    skipped = take_step(run.optimizer, closure, run.snapshot)
     if run.regularizer is not None:  # every process, taken or skipped: it may gather across processes
         run.regularizer.after_step(run.accelerator.unwrap_model(run.model), skipped=skipped)
     if run.scaler is not None:

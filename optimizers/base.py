@@ -75,15 +75,42 @@ def global_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
     return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()
 
 
-def set_running_stats(modules: Iterable[_BatchNorm], enabled: bool) -> None:
-    """Stop (or resume) BatchNorm running-statistic updates.
+class RunningStatsFreeze:
+    """Keeps BatchNorm running statistics as they were before a perturbed pass.
 
-    With ``track_running_stats`` False a BatchNorm layer in train mode normalises by
-    the batch statistics and touches none of its buffers, ``num_batches_tracked``
-    included (zeroing ``momentum`` would still count the batch).
+    :meth:`freeze` copies every running buffer (``num_batches_tracked`` included) and
+    :meth:`release` copies them back, bit for bit: a layer in train mode normalises by the
+    batch statistics either way, so the passes compute what they would with tracking
+    switched off. No module attribute changes, so a compiled model (``torch.compile``)
+    sees one graph for every pass instead of recompiling when tracking is toggled.
     """
-    for module in modules:
-        module.track_running_stats = enabled
+
+    def __init__(self, modules: Iterable[_BatchNorm]):
+        self.modules = [m for m in modules if m.track_running_stats]
+        self.frozen = False
+        self._saved: list[Tensor] = []
+
+    def buffers(self) -> list[Tensor]:
+        found = []
+        for m in self.modules:
+            found += [b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        return found
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        if self.frozen or not self.modules:
+            return
+        live = self.buffers()
+        if len(self._saved) != len(live) or any(a.shape != b.shape or a.device != b.device for a, b in zip(self._saved, live)):
+            self._saved = [torch.empty_like(b) for b in live]
+        torch._foreach_copy_(self._saved, live)
+        self.frozen = True
+
+    @torch.no_grad()
+    def release(self) -> None:
+        if self.frozen:
+            torch._foreach_copy_(self.buffers(), self._saved)
+        self.frozen = False
 
 
 class SharpnessAwareOptimizer(torch.optim.Optimizer):
@@ -161,9 +188,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} has its own update rule and takes no {', '.join(sorted(kwargs))}; "
                 f"its settings are: {', '.join(s.name for s in self.settings)}"
             )
-        self._batchnorms = [
-            m for m in (model.modules() if model is not None else ()) if isinstance(m, _BatchNorm) and m.track_running_stats
-        ]
+        self._batchnorms = RunningStatsFreeze(m for m in (model.modules() if model is not None else ()) if isinstance(m, _BatchNorm))
         self._backup: dict[Tensor, Tensor] = {}
         self._perturbed: list[Tensor] = []
         self._seed = seed
@@ -250,7 +275,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if self._perturbed:
             torch._foreach_copy_(self._perturbed, [self._backup[p] for p in self._perturbed])
         self._perturbed = []
-        set_running_stats(self._batchnorms, True)
+        self._batchnorms.release()
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """The optimizer's own random stream on ``device``, saved in its state.
@@ -313,7 +338,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def enter_perturbed_pass(self, zero_grad: bool = True) -> None:
         """The weights are at w + e: freeze BatchNorm statistics (where the variant does) and clear the grads."""
         if self.freezes_batchnorm:
-            set_running_stats(self._batchnorms, False)
+            self._batchnorms.freeze()
         if zero_grad:
             self.zero_grad()
 

@@ -40,7 +40,7 @@ loop) gets a warning and a SAM step of radius rho' (descent with g1).
 
 import torch
 
-from .base import SharpnessAwareOptimizer, global_dot, global_norm, set_running_stats
+from .base import SharpnessAwareOptimizer, global_dot, global_norm
 from .settings import Setting
 
 EPS = 1e-12
@@ -85,7 +85,7 @@ class GAM(SharpnessAwareOptimizer):
         if self._stage == 0:
             self._groups = self.params_with_grad()
             self.save_weights([p for _, params in self._groups for p in params])
-            set_running_stats(self._batchnorms, False)
+            self._batchnorms.freeze()
         elif self._stage == 3:
             raise RuntimeError("GAM takes four passes: call descend() after the fourth")
         grads = self._take_grads()

@@ -55,7 +55,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .base import SharpnessAwareOptimizer, global_norm, set_running_stats
+from .base import SharpnessAwareOptimizer, global_norm
 from .settings import Setting
 
 EPS = 1e-16
@@ -113,7 +113,7 @@ class LookbehindSAM(SharpnessAwareOptimizer):
                 if key in self.state[p]:
                     self._spare.setdefault(p, {})[key] = self.state[p].pop(key)
         self.state["inner"] = 0
-        set_running_stats(self._batchnorms, True)
+        self._batchnorms.release()
 
     def extra_state_bytes(self) -> int:
         spare = [t for buffers in self._spare.values() for t in buffers.values()]
