@@ -142,11 +142,14 @@ RUN_FLAGS = [
     ("val_fraction", float, 0.0, "hold out this fraction of the training set (stratified) for validation"),
     ("split_seed", int, 0, "seed of the validation split (the same for every run seed)"),
     ("threads", int, None, "torch threads per process (default: the cores divided among the processes)"),
+    ("compile_backend", str, "inductor", "torch.compile backend used with --compile"),
     ("output_dir", str, "runs", None), ("run_name", str, None, None),
 ]
 SWITCHES = [
     ("nesterov", None), ("cutout", None), ("cpu", "train on the CPU even when a GPU is present"),
     ("sharpness", "measure the final model's sharpness (sharpness.json)"),
+    ("compile", "torch.compile the model (one graph serves every pass of every variant)"),
+    ("channels_last", "channels-last memory format for the model and its input batches"),
     ("sync_bn", "BatchNorm statistics over all processes (with --sam_sync global: equals one process on the whole batch)"),
 ]
 
@@ -267,7 +270,7 @@ def cmd_run(argv: list[str]) -> int:
 
 
 RECIPE_FLAGS = {"recipe", "sets", "output_dir", "data_dir", "resume", "cpu", "save_every_steps", "save_every_epochs",
-                "keep_checkpoints", "log_with", "threads"}
+                "keep_checkpoints", "log_with", "threads", "compile", "compile_backend", "channels_last"}
 
 
 def recipe_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunConfig:

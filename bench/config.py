@@ -33,7 +33,7 @@ SEED_RANGE = "[0, 4294967295]"
 #: Settings that do not change a run's result (left out of its id).
 OPERATIONAL = (
     "output_dir", "run_name", "data_dir", "save_every_steps", "save_every_epochs", "keep_checkpoints", "cpu", "sharpness",
-    "sharpness_samples", "sharpness_iterations", "sharpness_probes", "log_with", "threads",
+    "sharpness_samples", "sharpness_iterations", "sharpness_probes", "log_with", "threads", "compile", "compile_backend", "channels_last",
 )
 
 #: Keys of a run's config.json that describe the run, not its settings.
@@ -71,6 +71,8 @@ FIELD_CHECKS = {
         Setting("save_every_epochs", 1, int, "[0, inf)"),
         Setting("keep_checkpoints", 2, int, "[1, inf)"),
         Setting("threads", None, int, "[1, inf)", optional=True),
+        Setting("compile", False, bool),
+        Setting("channels_last", False, bool),
     )
 }
 
@@ -153,6 +155,9 @@ class RunConfig:
     save_every_epochs: int = 1
     keep_checkpoints: int = 2
     threads: int | None = None
+    compile: bool = False
+    compile_backend: str = "inductor"
+    channels_last: bool = False
     log_with: str | None = None
     output_dir: str = "runs"
     run_name: str | None = None
@@ -185,6 +190,10 @@ class RunConfig:
         _choice(self.schedule, SCHEDULES, "schedule")
         _choice(self.mixed_precision, MIXED_PRECISION, "mixed_precision")
         _choice(self.sam_sync, SAM_SYNC, "sam_sync")
+        if self.compile:
+            import torch._dynamo
+
+            _choice(self.compile_backend, torch._dynamo.list_backends(exclude_tags=()), "compile_backend")
         if self.log_with is not None:
             _choice(self.log_with, TRACKERS, "log_with")
             _need(importlib.util.find_spec(self.log_with) is not None,
@@ -225,6 +234,9 @@ class RunConfig:
                              **self.optimizer_settings(num_train=1))
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{self.optimizer}: {err}") from None
+        obstacle = getattr(optimizer_class(self.optimizer), "compile_obstacle", None)
+        reason = obstacle(self.hyperparameters) if self.compile and obstacle is not None else None
+        _need(reason is None, f"--compile: {reason}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -206,6 +206,8 @@ def make_accelerator(config: RunConfig) -> Accelerator:
 
 def build_model_and_optimizer(config: RunConfig, accelerator: Accelerator, train_set: ImageDataset):
     model = create_model(config.arch, num_classes=train_set.num_classes, in_channels=train_set.images.shape[1])
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if config.sync_bn and accelerator.num_processes > 1:
         model = convert_sync_batchnorm(model, accelerator.device)
     optimizer = create_optimizer(config.optimizer, model, base=config.base_optimizer,
@@ -233,6 +235,8 @@ def setup(config: RunConfig, progress=None) -> Run:
     # built from the bare model (a regulariser may copy it), before prepare() wraps it
     regularizer = build_regularizer(optimizer, model, len(train_set), train_set.num_classes, device,
                                     gather=accelerator.gather if accelerator.num_processes > 1 else None)
+    if config.compile:  # one graph for every pass: no module attribute changes between them (see RunningStatsFreeze)
+        model = torch.compile(model, backend=config.compile_backend)
     model = accelerator.prepare(model)
     steps_per_epoch = len(train_set) // config.batch_size
     if steps_per_epoch == 0:
@@ -304,6 +308,8 @@ def one_step(run: Run, order: torch.Tensor, i: int, sums: dict[str, Any]) -> boo
     config, world, rank = run.config, run.accelerator.num_processes, run.accelerator.process_index
     x, y, ids = global_batch(run.train_set, run.train_images, run.train_labels, order, i, config.batch_size, run.aug,
                              run.aug_generator)
+    if config.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
     local_batch = config.batch_size // world
     shard = slice(rank * local_batch, (rank + 1) * local_batch)
     closure = TrainClosure(run.model, run.loss_fn, x[shard], y[shard], accelerator=run.accelerator,

@@ -164,6 +164,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     #: :mod:`optimizers.regularizer` for what a loop does with it.
     loss_regularizer: ClassVar[type[LossRegularizer] | None] = None
 
+    @classmethod
+    def compile_obstacle(cls, settings: dict[str, Any]) -> str | None:
+        """Why a ``torch.compile``d model would recompile on every step with these settings, or None.
+        A compiled model guards on what its passes see (grad mode, which weights need a gradient);
+        the shared mechanics change none of it, so one graph serves every pass."""
+        return None
+
     def __init__(
         self, params, base_optimizer="sgd", *, model: nn.Module | None = None, seed: int | None = None, **kwargs
     ):

@@ -42,6 +42,14 @@ class ESAM(SharpnessAwareOptimizer):
     passes = "1 + 1 no-grad fwd + gamma"
     ascent_sync = "local"
 
+    @classmethod
+    def compile_obstacle(cls, settings):
+        beta = settings.get("beta", cls.setting("beta").default)
+        if beta < 1:
+            return (f"ESAM with beta {beta} drops a random set of tensors from each ascent backward (requires_grad), "
+                    "and a compiled model recompiles for every new set; use beta 1 or no --compile")
+        return None
+
     def __init__(self, params, base_optimizer="sgd", **kwargs):
         self._trainable: dict[Tensor, None] = {}  # filled by add_param_group, in order
         super().__init__(params, base_optimizer, **kwargs)

@@ -1,0 +1,84 @@
+"""--compile and --channels_last: every variant trains through a compiled, channels-last model
+with one graph for all its passes (no recompilation after the first step) and the same
+arithmetic as the eager model."""
+
+import pytest
+import torch
+import torch._dynamo
+from accelerate import Accelerator
+from torch import nn
+from torch._dynamo.utils import counters
+
+from bench.config import ConfigError, RunConfig
+from bench.io import read_jsonl
+from bench.step import StepSnapshot, TrainClosure, take_step
+from bench.train import train
+from optimizers import available_optimizers, create_optimizer
+
+#: ESAM's tensor dropping changes which weights need a gradient on every step (refused, below).
+SETTINGS = {"looksam": {"k": 2}, "esam": {"beta": 1.0}, "lookbehind_sam": {"k_steps": 2}}
+
+
+def bn_cnn(channels_last: bool):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                          nn.Flatten(), nn.Linear(32, 4))
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def train_steps(name: str, compiled: bool, channels_last: bool, steps: int = 3):
+    model = bn_cnn(channels_last)
+    runner = torch.compile(model, backend="eager") if compiled else model
+    seeded = {} if name in ("sgd", "adam", "adamw") else {"seed": 0}
+    opt = create_optimizer(name, model, lr=0.05, **seeded, **SETTINGS.get(name, {}))
+    snapshot = StepSnapshot(model)
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        closure = TrainClosure(runner, nn.CrossEntropyLoss(reduction="none"), x, y, accelerator=Accelerator(cpu=True),
+                               sync_ascent=False, scaler=None)
+        assert not take_step(opt, closure, snapshot)
+        if step == 0:  # every pass kind has run once: nothing may compile again
+            graphs = counters["stats"]["unique_graphs"]
+    return model, graphs
+
+
+@pytest.mark.parametrize("name", available_optimizers())
+def test_a_compiled_model_keeps_one_graph_and_the_eager_arithmetic(name):
+    torch._dynamo.reset()
+    counters.clear()
+    eager, _ = train_steps(name, compiled=False, channels_last=True)
+    compiled, graphs_after_first_step = train_steps(name, compiled=True, channels_last=True)
+    assert counters["stats"]["unique_graphs"] == graphs_after_first_step
+    for a, b in zip(eager.state_dict().values(), compiled.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_channels_last_trains_like_the_default_layout():
+    a, _ = train_steps("sam", compiled=False, channels_last=False)
+    b, _ = train_steps("sam", compiled=False, channels_last=True)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.allclose(x.float(), y.float(), atol=1e-5)
+
+
+def test_esam_dropping_tensors_refuses_compile_with_the_reason(tmp_path):
+    with pytest.raises(ConfigError, match="ESAM with beta 0.6 drops a random set of tensors"):
+        RunConfig(optimizer="esam", compile=True, output_dir=str(tmp_path)).validate()
+    RunConfig(optimizer="esam", compile=True, hyperparameters={"beta": 1.0}, output_dir=str(tmp_path)).validate()
+
+
+def test_a_compiled_channels_last_run_trains_like_an_eager_one(tmp_path):
+    """The whole loop with AOT-traced forward and backward graphs: the same losses, to float error."""
+    rows = {}
+    for compiled in (False, True):
+        config = RunConfig(optimizer="sam", epochs=3, batch_size=128, compile=compiled, compile_backend="aot_eager",
+                           channels_last=compiled, cpu=True, save_every_epochs=0,
+                           output_dir=str(tmp_path / str(compiled))).validate()
+        torch._dynamo.reset()
+        rows[compiled] = read_jsonl(train(config).run_dir / "metrics.jsonl")
+    assert rows[False][-1]["train_loss"] < 0.8 * rows[False][0]["train_loss"]
+    for eager, compiled in zip(rows[False], rows[True]):
+        assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=2e-3)
+        assert compiled["test_acc"] == pytest.approx(eager["test_acc"], abs=0.02)
