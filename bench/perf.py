@@ -185,8 +185,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--optimizers", nargs="+", default=None)
     p.add_argument("--no_external", action="store_true", help="skip pytorch-optimizer's implementations")
-    p.add_argument("--out", default="results/perf.md")
+    p.add_argument("--out", default=None, help="default: results/perf.md (results/perf_harness.md with --harness)")
+    p.add_argument("--harness", action="store_true",
+                   help="time the harness's step against a bare PyTorch loop, with and without --compile and "
+                        "--channels_last (for --optimizers, default sgd and sam) instead of every optimizer")
+    p.add_argument("--compile_backend", default="inductor", help="torch.compile backend for --harness")
     args = p.parse_args(argv)
+    command = "python launch.py perf" + "".join(
+        f" --{k} {v}" if not isinstance(v, bool) else f" --{k}" for k, v in vars(args).items()
+        if v != p.get_default(k) and k not in ("optimizers", "no_external")
+    )
+    if args.harness:
+        from .perf_harness import run
+
+        text = run(args, command)
+        write_text(Path(args.out or "results/perf_harness.md"), text)
+        print(text)
+        return 0
     names = args.optimizers
     if names and "sgd" not in names:
         names = ["sgd", *names]
@@ -194,10 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                    names, external=not args.no_external)
     settings = dict(vars(args), params=sum(p.numel() for p in create_model(args.arch).parameters()),
                     machine=platform.processor() or platform.machine(), threads=torch.get_num_threads())
-    command = "python launch.py perf" + "".join(
-        f" --{k} {v}" for k, v in vars(args).items() if v != p.get_default(k) and k not in ("optimizers", "no_external")
-    )
     text = to_markdown(rows, settings, command)
-    write_text(Path(args.out), text)
+    write_text(Path(args.out or "results/perf.md"), text)
     print(text)
     return 0

@@ -218,15 +218,19 @@ def build_model_and_optimizer(config: RunConfig, accelerator: Accelerator, train
     return model, optimizer, sync_ascent
 
 
-def setup(config: RunConfig, progress=None) -> Run:
+def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDataset] | None = None) -> Run:
+    """Everything a run holds, ready to train; ``data`` replaces the config's dataset (train, test)."""
     accelerator = make_accelerator(config)
     device = accelerator.device
     environment.set_threads(config.threads, accelerator.state.num_processes if device.type == "cpu" else 1)
     set_seed(config.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with accelerator.main_process_first():  # decode and cache once, then every process reads the cache
-        train_set, test_set = load_dataset_splits(config.dataset, config.data_dir)
+    if data is not None:
+        train_set, test_set = data
+    else:
+        with accelerator.main_process_first():  # decode and cache once, then every process reads the cache
+            train_set, test_set = load_dataset_splits(config.dataset, config.data_dir)
     prepared = prepare_train_set(train_set, subset=config.train_subset, label_noise=config.label_noise, seed=config.seed,
                                  val_fraction=config.val_fraction, split_seed=config.split_seed)
     train_set = prepared.train
@@ -305,9 +309,14 @@ def _host_sums(sums: dict[str, Any]) -> dict[str, Any]:
 
 def one_step(run: Run, order: torch.Tensor, i: int, sums: dict[str, Any]) -> bool:
     """Train on step ``i`` of the epoch; returns whether the step was skipped."""
-    config, world, rank = run.config, run.accelerator.num_processes, run.accelerator.process_index
-    x, y, ids = global_batch(run.train_set, run.train_images, run.train_labels, order, i, config.batch_size, run.aug,
+    x, y, ids = global_batch(run.train_set, run.train_images, run.train_labels, order, i, run.config.batch_size, run.aug,
                              run.aug_generator)
+    return train_on(run, x, y, ids, sums)
+
+
+def train_on(run: Run, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, sums: dict[str, Any]) -> bool:
+    """One optimizer step on a whole (global) batch, of which this process trains its shard."""
+    config, world, rank = run.config, run.accelerator.num_processes, run.accelerator.process_index
     if config.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     local_batch = config.batch_size // world

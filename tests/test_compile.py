@@ -82,3 +82,19 @@ def test_a_compiled_channels_last_run_trains_like_an_eager_one(tmp_path):
     for eager, compiled in zip(rows[False], rows[True]):
         assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=2e-3)
         assert compiled["test_acc"] == pytest.approx(eager["test_acc"], abs=0.02)
+
+
+def test_perf_harness_writes_its_table(tmp_path):
+    """The overhead mode runs the loop's own step function and a bare loop (their times are a benchmark's
+    business, not a test's): one row per contender, the bare loop first."""
+    from bench.perf import main as perf_main
+
+    out = tmp_path / "perf_harness.md"
+    assert perf_main(["--harness", "--arch", "smallcnn", "--image_size", "8", "--batch_size", "8", "--steps", "1",
+                      "--rounds", "1", "--warmup", "0", "--compile_backend", "eager", "--optimizers", "sam",
+                      "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| bare PyTorch loop (SGD)", "| harness (sam)", "| harness (sam, --channels_last)", "| harness (sam, --compile)",
+        "| harness (sam, --compile --channels_last)"]
+    assert rows[0].split(" | ")[2] == "1.000"
