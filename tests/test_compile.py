@@ -97,4 +97,4 @@ def test_perf_harness_writes_its_table(tmp_path):
     assert [r.split(" | ")[0] for r in rows] == [
         "| bare PyTorch loop (SGD)", "| harness (sam)", "| harness (sam, --channels_last)", "| harness (sam, --compile)",
         "| harness (sam, --compile --channels_last)"]
-    assert rows[0].split(" | ")[2] == "1.000"
+    assert rows[0].split(" | ")[3] == "1.000"
