@@ -197,6 +197,10 @@ class ImageDataset:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
 
 def available_datasets() -> list[str]:
     return sorted(DATASET_INFO)
