@@ -45,6 +45,7 @@ from .evaluation import evaluate
 from .io import read_json, write_json, write_jsonl
 from .sharpness import final_sharpness
 from .step import TrainClosure, ascent_is_synchronised, evaluation_weights, take_step
+from .streaming import LoaderBatches, LoaderSplit, is_loader_dataset, load_loader_splits
 from .sync_bn import convert_sync_batchnorm
 
 #: Tracker project name; TensorBoard writes under RUN_DIR/sam-bench/.
@@ -93,7 +94,8 @@ class RunResult:
 
 @dataclass
 class Split:
-    """A held-out split on the device, for evaluation."""
+    """A held-out split on the device, for evaluation (a split read by loader workers is a
+    :class:`bench.streaming.LoaderSplit`)."""
 
     name: str
     data: ImageDataset
@@ -115,9 +117,9 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: LossScaler | None
-    train_set: ImageDataset
+    train_set: Any  # an ImageDataset, or a dataset read by loader workers (bench.streaming)
     batches: TrainBatches
-    splits: list[Split]
+    splits: list[Any]  # Split or bench.streaming.LoaderSplit
     num_params: int
     sync_ascent: bool
     steps_per_epoch: int
@@ -211,7 +213,10 @@ def setup(config: RunConfig, progress=None) -> Run:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with accelerator.main_process_first():  # decode and cache once, then every process reads the cache
-        train_set, test_set = load_dataset_splits(config.dataset, config.data_dir)
+        if is_loader_dataset(config.dataset):
+            train_set, test_set = load_loader_splits(config)
+        else:
+            train_set, test_set = load_dataset_splits(config.dataset, config.data_dir)
     prepared = prepare_train_set(train_set, subset=config.train_subset, label_noise=config.label_noise, seed=config.seed,
                                  val_fraction=config.val_fraction, split_seed=config.split_seed)
     train_set = prepared.train
@@ -244,8 +249,12 @@ def setup(config: RunConfig, progress=None) -> Run:
 
 def data_access(config: RunConfig, accelerator: Accelerator, train_set, held_out: list[tuple[str, Any]],
                 steps_per_epoch: int, aug_generator: torch.Generator) -> tuple[TrainBatches, list[Any]]:
-    """The training batches and the held-out splits, on the device."""
-    device = accelerator.device
+    """The training batches and the held-out splits: on the device for an in-memory dataset,
+    read by loader workers for an imagefolder or hf: dataset."""
+    device, world = accelerator.device, accelerator.num_processes
+    if is_loader_dataset(config.dataset):
+        batches = LoaderBatches(config, train_set, steps_per_epoch, device, accelerator.process_index, world, config.workers)
+        return batches, [LoaderSplit(name, data, config.batch_size // world, batches.workers) for name, data in held_out]
     aug = default_augmentation(config.dataset, cutout=config.cutout)
     batches = MemoryBatches(config, train_set, device, aug, aug_generator)
     return batches, [Split(name, data, data.images.to(device), data.labels.to(device)) for name, data in held_out]
