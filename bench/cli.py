@@ -106,8 +106,10 @@ def variant_flag_names() -> list[str]:
 
 def run_parser() -> argparse.ArgumentParser:
     p = Parser(prog="launch.py", description="Train one model with SGD/AdamW or a SAM variant.")
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--data_dir", default=None, help="where cifar10/cifar100/tinyimagenet files are (or go)")
+    p.add_argument("--dataset", default="digits", help="digits, cifar10, cifar100, tinyimagenet (in memory), imagefolder "
+                   "(class folders under --data_dir) or hf:OWNER/NAME (a Hugging Face Hub dataset, streamed)")
+    p.add_argument("--data_dir", default=None, help="where cifar10/cifar100/tinyimagenet files are (or go); "
+                   "for imagefolder the folder holding train/<class>/ and val/<class>/")
     p.add_argument("--arch_type", "--arch", dest="arch", default="smallcnn")
     p.add_argument("--optimizer", default="sgd", help="base optimizer: sgd, adamw or adam")
     p.add_argument("--sam_type", default=None, help="SAM variant (case-insensitive); omit for the plain base optimizer")
@@ -143,6 +145,11 @@ RUN_FLAGS = [
     ("split_seed", int, 0, "seed of the validation split (the same for every run seed)"),
     ("threads", int, None, "torch threads per process (default: the cores divided among the processes)"),
     ("compile_backend", str, "inductor", "torch.compile backend used with --compile"),
+    ("image_size", int, None, "imagefolder and hf: datasets: side of the training crop and the evaluation view (default 224)"),
+    ("workers", int, None, "imagefolder and hf: datasets: decoding workers per process (0: in the training process; "
+     "default: the free cores, at most 8)"),
+    ("image_column", str, None, "hf: datasets: the image column (default: detected)"),
+    ("label_column", str, None, "hf: datasets: the label column (default: detected)"),
     ("output_dir", str, "runs", None), ("run_name", str, None, None),
 ]
 SWITCHES = [
@@ -270,7 +277,7 @@ def cmd_run(argv: list[str]) -> int:
 
 
 RECIPE_FLAGS = {"recipe", "sets", "output_dir", "data_dir", "resume", "cpu", "save_every_steps", "save_every_epochs",
-                "keep_checkpoints", "log_with", "threads", "compile", "compile_backend", "channels_last"}
+                "keep_checkpoints", "log_with", "threads", "workers", "compile", "compile_backend", "channels_last"}
 
 
 def recipe_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunConfig:

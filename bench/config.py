@@ -22,6 +22,7 @@ from optimizers.settings import Setting
 
 from .data import DataError, available_datasets
 from .data import canonical_name as dataset_name
+from .streaming import DEFAULT_IMAGE_SIZE, is_loader_dataset, loader_dataset_name
 
 SCHEDULES = ("cosine", "step", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -33,8 +34,13 @@ SEED_RANGE = "[0, 4294967295]"
 #: Settings that do not change a run's result (left out of its id).
 OPERATIONAL = (
     "output_dir", "run_name", "data_dir", "save_every_steps", "save_every_epochs", "keep_checkpoints", "cpu", "sharpness",
-    "sharpness_samples", "sharpness_iterations", "sharpness_probes", "log_with", "threads", "compile", "compile_backend", "channels_last",
+    "sharpness_samples", "sharpness_iterations", "sharpness_probes", "log_with", "threads", "workers", "compile",
+    "compile_backend", "channels_last",
 )
+
+#: Settings of the datasets read through loader workers, left out of a run's identity while unset
+#: (None), so that the ids of runs on the in-memory datasets, which never set them, stay as they are.
+UNSET_NOT_IDENTITY = ("image_size", "image_column", "label_column")
 
 #: Keys of a run's config.json that describe the run, not its settings.
 RUN_METADATA = ("run_id", "world_size", "device", "versions", "environment")
@@ -73,6 +79,8 @@ FIELD_CHECKS = {
         Setting("threads", None, int, "[1, inf)", optional=True),
         Setting("compile", False, bool),
         Setting("channels_last", False, bool),
+        Setting("image_size", None, int, "[8, inf)", optional=True),
+        Setting("workers", None, int, "[0, inf)", optional=True),
     )
 }
 
@@ -138,6 +146,11 @@ class RunConfig:
     label_noise: float = 0.0
     val_fraction: float = 0.0
     split_seed: int = 0
+    #: imagefolder and hf: datasets only: the side of the training crop and the evaluation view
+    #: (None: 224), and for hf: datasets the image and label columns (None: detected)
+    image_size: int | None = None
+    image_column: str | None = None
+    label_column: str | None = None
     sharpness: bool = False
     sharpness_samples: int = 1024
     #: power-iteration steps for the top Hessian eigenvalue, Rademacher probes for its trace
@@ -158,6 +171,8 @@ class RunConfig:
     compile: bool = False
     compile_backend: str = "inductor"
     channels_last: bool = False
+    #: imagefolder and hf: datasets only: decoding workers per process (None: the free cores, at most 8)
+    workers: int | None = None
     log_with: str | None = None
     output_dir: str = "runs"
     run_name: str | None = None
@@ -170,6 +185,7 @@ class RunConfig:
             except ValueError as err:
                 raise ConfigError(str(err)) from None
         self._check_relations()
+        self._check_data()
         self._check_optimizer_settings()
         return self
 
@@ -180,9 +196,13 @@ class RunConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(available_optimizers())}") from None
         self.base_optimizer = _choice(str(self.base_optimizer).lower(), tuple(BASE_OPTIMIZERS), "base optimizer")
         try:
-            self.dataset = dataset_name(self.dataset)
-        except DataError:
-            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(available_datasets())}") from None
+            loader_dataset = loader_dataset_name(self.dataset)
+            self.dataset = loader_dataset or dataset_name(self.dataset)
+        except DataError as err:
+            if str(self.dataset).strip().lower().startswith("hf:"):
+                raise ConfigError(str(err)) from None
+            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(available_datasets())}, "
+                              "imagefolder, hf:OWNER/NAME") from None
         try:
             resolve_architecture(self.arch)
         except ValueError as err:
@@ -206,6 +226,28 @@ class RunConfig:
         _need(all(isinstance(m, (int, float)) and 0 < m < 1 for m in milestones),
               f"step_milestones must be fractions in (0, 1), got {self.step_milestones}")
         self.step_milestones = milestones
+
+    def _check_data(self) -> None:
+        """The settings of the datasets read through loader workers: only for them, and what each allows."""
+        if not is_loader_dataset(self.dataset):
+            given = [f for f in ("image_size", "workers", "image_column", "label_column") if getattr(self, f) is not None]
+            _need(not given, f"{', '.join(given)}: only for the imagefolder and hf: datasets, not {self.dataset}")
+            return
+        if self.image_size is None:
+            self.image_size = DEFAULT_IMAGE_SIZE
+        _need(not self.cutout, f"cutout is for the in-memory datasets; {self.dataset} has its own augmentation")
+        if self.dataset == "imagefolder":
+            _need(bool(self.data_dir), "imagefolder needs --data_dir DIR holding train/<class>/ and val/<class>/ image folders")
+            columns = [f for f in ("image_column", "label_column") if getattr(self, f) is not None]
+            _need(not columns, f"{', '.join(columns)}: only for hf: datasets, not imagefolder")
+            return
+        random_access = [f"{f} {getattr(self, f)}" for f in ("train_subset", "val_fraction", "label_noise") if getattr(self, f)]
+        _need(not random_access, f"{', '.join(random_access)}: needs random access to the training set, which the "
+                                 f"streamed {self.dataset} does not give")
+        regularizer = getattr(optimizer_class(self.optimizer), "loss_regularizer", None)
+        _need(not getattr(regularizer, "needs_sample_ids", False),
+              f"{self.optimizer} keeps a value per training sample, which needs sample ids the streamed {self.dataset} "
+              "does not give")
 
     def optimizer_settings(self, num_train: int) -> dict[str, Any]:
         """Keyword arguments for ``create_optimizer``: the base optimizer's (or, for a variant with
@@ -254,13 +296,15 @@ class RunConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings that change the result."""
-        return {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL}
+        return {k: v for k, v in self.to_dict().items()
+                if k not in OPERATIONAL and not (k in UNSET_NOT_IDENTITY and v is None)}
 
     def run_id(self) -> str:
         """Deterministic name from the settings that change the result."""
         digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:8]
-        arch = re.sub(r"[^A-Za-z0-9_.-]", "-", self.arch)  # timm:NAME: no colon in a folder name
-        return f"{self.dataset}_{arch}_{self.optimizer}_s{self.seed}_{digest}"
+        # timm:NAME, hf:OWNER/NAME: no colon or slash in a folder name
+        arch, dataset = (re.sub(r"[^A-Za-z0-9_.-]", "-", name) for name in (self.arch, self.dataset))
+        return f"{dataset}_{arch}_{self.optimizer}_s{self.seed}_{digest}"
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / (self.run_name or self.run_id())

@@ -197,6 +197,10 @@ class ImageDataset:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
 
 def available_datasets() -> list[str]:
     return sorted(DATASET_INFO)
@@ -941,7 +945,7 @@ def training_subset(data: ImageDataset, size: int) -> ImageDataset:
     if not 0 < size <= len(data):
         raise DataError(f"train_subset must be in [1, {len(data)}] for {data.name}, got {size}")
     keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:size].sort().values
-    return dataclasses.replace(data, images=data.images[keep].contiguous(), labels=data.labels[keep].contiguous())
+    return _select(data, keep)
 
 
 def with_label_noise(data: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, torch.Tensor]:
@@ -985,6 +989,8 @@ def prepare_train_set(
 
     With ``val_fraction`` 0 the result is exactly that of the ``training_subset`` and
     ``with_label_noise`` calls on their own. Bad arguments raise a one-line :class:`DataError`.
+    The same applies to an image-folder dataset (``bench.streaming.FolderSplit``): it selects
+    file paths and labels instead of images.
     """
     for what, value in (("label_noise", label_noise), ("val_fraction", val_fraction)):
         if not 0 <= value < 1:
@@ -1054,4 +1060,7 @@ def _validation_split(data: ImageDataset, fraction: float, split_seed: int) -> t
 
 
 def _select(data: ImageDataset, indices: torch.Tensor) -> ImageDataset:
+    """The samples ``indices`` of ``data``; a dataset read from files (``bench.streaming.FolderSplit``) selects its own."""
+    if not isinstance(data, ImageDataset):
+        return data.select(indices)
     return dataclasses.replace(data, images=data.images[indices].contiguous(), labels=data.labels[indices].contiguous())

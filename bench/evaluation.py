@@ -5,9 +5,15 @@ ever issues a collective that another does not (a DDP-wrapped forward broadcasts
 a process with no batch would never join it). The sums are then reduced once, by every
 process. BatchNorm running statistics are first taken from process 0 on every process, so
 the processes evaluate the same model as the one exported.
+
+:func:`evaluate` takes a split held on the device; :func:`evaluate_batches` any source of
+batches, such as a split decoded by loader workers (``bench.streaming.LoaderSplit``), under the
+same rule.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -31,20 +37,17 @@ def _same_buffers_everywhere(model: nn.Module, accelerator) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageDataset, images: torch.Tensor, labels: torch.Tensor, accelerator,
-             prefix: str = "test") -> dict[str, float]:
-    """``{prefix}_loss``, ``{prefix}_acc`` and ``{prefix}_ece`` (15 equal-width confidence bins)."""
+def evaluate_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n: int, accelerator,
+                     device: torch.device, prefix: str = "test") -> dict[str, float]:
+    """``{prefix}_loss``, ``{prefix}_acc`` and ``{prefix}_ece`` (15 equal-width confidence bins) of a
+    split of ``n`` samples, this process's share of which ``batches`` yields as (normalised images,
+    labels) on ``device``; every process calls it once."""
     model = accelerator.unwrap_model(model)
     _same_buffers_everywhere(model, accelerator)
     model.eval()
-    device = images.device
-    batch = EVAL_BATCH.get(device.type, EVAL_BATCH_ACCELERATOR)
     loss_sum = torch.zeros((), device=device)
     bins = torch.zeros(3, ECE_BINS, device=device)  # count, confidence sum, correct sum per bin
-    starts = range(accelerator.process_index * batch, len(labels), accelerator.num_processes * batch)
-    for start in starts:
-        x = normalize(images[start : start + batch], data.mean, data.std)
-        y = labels[start : start + batch]
+    for x, y in batches:
         outputs = model(x).float()  # unwrap_model keeps the mixed-precision forward
         loss_sum += nn.functional.cross_entropy(outputs, y, reduction="sum")
         confidence, predicted = outputs.softmax(-1).max(-1)
@@ -56,9 +59,18 @@ def evaluate(model: nn.Module, data: ImageDataset, images: torch.Tensor, labels:
         totals = accelerator.reduce(totals, reduction="sum")
     count, confidence, correct = totals[1:].reshape(3, ECE_BINS)
     model.train()
-    n = len(labels)
     return {
         f"{prefix}_loss": (totals[0] / n).item(),
         f"{prefix}_acc": (correct.sum() / n).item(),
         f"{prefix}_ece": ((correct - confidence).abs().sum() / n).item(),
     }
+
+
+def evaluate(model: nn.Module, data: ImageDataset, images: torch.Tensor, labels: torch.Tensor, accelerator,
+             prefix: str = "test") -> dict[str, float]:
+    """:func:`evaluate_batches` of a split held on the device, in batches of ``EVAL_BATCH`` for its device, process r
+    taking batches r, r + world_size, ..."""
+    size = EVAL_BATCH.get(images.device.type, EVAL_BATCH_ACCELERATOR)
+    starts = range(accelerator.process_index * size, len(labels), accelerator.num_processes * size)
+    batches = ((normalize(images[s : s + size], data.mean, data.std), labels[s : s + size]) for s in starts)
+    return evaluate_batches(model, batches, len(labels), accelerator, images.device, prefix)

@@ -35,8 +35,9 @@ from architectures import create_model
 
 from .augment import normalize
 from .config import RUN_METADATA, RunConfig
-from .data import load_dataset_splits, prepare_train_set
+from .data import ImageDataset, load_dataset_splits, prepare_train_set
 from .io import read_json, write_json
+from .streaming import fixed_samples, is_loader_dataset, load_loader_splits
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -180,10 +181,14 @@ SHARPNESS_RHO = 0.05
 
 def final_sharpness(model: nn.Module, train_set, device, samples: int = 1024, iterations: int = 20,
                     probes: int = 10) -> dict[str, float]:
-    """Sharpness of a trained model on a fixed subset of its (possibly noisy) training set, unaugmented."""
-    keep = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:samples]
-    x = normalize(train_set.images[keep].to(device), train_set.mean, train_set.std)
-    y = train_set.labels[keep].to(device)
+    """Sharpness of a trained model on a fixed subset of its (possibly noisy) training set, unaugmented
+    (for a dataset read by loader workers: in the evaluation view, see ``bench.streaming.fixed_samples``)."""
+    if isinstance(train_set, ImageDataset):
+        keep = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:samples]
+        x = normalize(train_set.images[keep].to(device), train_set.mean, train_set.std)
+        y = train_set.labels[keep].to(device)
+    else:
+        x, y = fixed_samples(train_set, samples, device)
     batches = [(x[i : i + 256], y[i : i + 256]) for i in range(0, len(y), 256)]
     result = measure_sharpness(model, nn.functional.cross_entropy, batches, rho=SHARPNESS_RHO, seed=0,
                                power_iterations=iterations, hutchinson_samples=probes)
@@ -194,10 +199,13 @@ def measure_run_sharpness(run, samples: int | None = None) -> dict[str, float]:
     """Sharpness of a finished run's exported model; writes sharpness.json next to it."""
     run = Path(run)
     config = RunConfig.from_dict(read_json(run / "config.json"), ignore=RUN_METADATA)
-    train_set, _ = load_dataset_splits(config.dataset, config.data_dir)
+    if is_loader_dataset(config.dataset):
+        train_set, _ = load_loader_splits(config)
+    else:
+        train_set, _ = load_dataset_splits(config.dataset, config.data_dir)
     train_set = prepare_train_set(train_set, subset=config.train_subset, label_noise=config.label_noise, seed=config.seed,
                                   val_fraction=config.val_fraction, split_seed=config.split_seed).train
-    model = create_model(config.arch, num_classes=train_set.num_classes, in_channels=train_set.images.shape[1])
+    model = create_model(config.arch, num_classes=train_set.num_classes, in_channels=train_set.channels)
     model.load_state_dict(load_file(run / "model.safetensors"))
     result = final_sharpness(model, train_set, torch.device("cpu"), samples or config.sharpness_samples,
                              config.sharpness_iterations, config.sharpness_probes)

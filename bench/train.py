@@ -36,7 +36,8 @@ from optimizers.regularizer import build_regularizer
 
 from . import environment
 from .amp import LossScaler
-from .augment import augment, default_augmentation, normalize
+from .augment import default_augmentation
+from .batches import MemoryBatches, TrainBatches, epoch_order, global_batch  # noqa: F401 (re-exported)
 from .checkpoint import MODEL_FILE, checkpoints, export_model, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig
 from .data import ImageDataset, load_dataset_splits, prepare_train_set
@@ -44,6 +45,7 @@ from .evaluation import evaluate
 from .io import read_json, write_json, write_jsonl
 from .sharpness import final_sharpness
 from .step import StepSnapshot, TrainClosure, ascent_is_synchronised, evaluation_weights, take_step
+from .streaming import LoaderBatches, LoaderSplit, is_loader_dataset, load_loader_splits
 from .sync_bn import convert_sync_batchnorm
 
 #: Tracker project name; TensorBoard writes under RUN_DIR/sam-bench/.
@@ -92,12 +94,16 @@ class RunResult:
 
 @dataclass
 class Split:
-    """A held-out split on the device, for evaluation."""
+    """A held-out split on the device, for evaluation (a split read by loader workers is a
+    :class:`bench.streaming.LoaderSplit`)."""
 
     name: str
     data: ImageDataset
     images: torch.Tensor
     labels: torch.Tensor
+
+    def evaluate(self, model: nn.Module, accelerator: Accelerator) -> dict[str, float]:
+        return evaluate(model, self.data, self.images, self.labels, accelerator, prefix=self.name)
 
 
 @dataclass
@@ -111,17 +117,15 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: LossScaler | None
-    train_set: ImageDataset
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    splits: list[Split]
+    train_set: Any  # an ImageDataset, or a dataset read by loader workers (bench.streaming)
+    batches: TrainBatches
+    splits: list[Any]  # Split or bench.streaming.LoaderSplit
     num_params: int
     sync_ascent: bool
     steps_per_epoch: int
     aug_generator: torch.Generator
     state: TrainState = field(default_factory=TrainState)
     loss_fn: Any = None
-    aug: Any = None
     progress: Any = None
     task: Any = None
     segment_start: tuple[float, float] = (0.0, 0.0)
@@ -154,19 +158,6 @@ def lr_lambda(config: RunConfig, steps_per_epoch: int):
         return 1.0
 
     return factor
-
-
-def epoch_order(config: RunConfig, num_train: int, epoch: int) -> torch.Tensor:
-    """The sample order of an epoch: a function of the seed and the epoch only (so resumable)."""
-    return torch.randperm(num_train, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
-
-
-def global_batch(train_set: ImageDataset, images, labels, order, i: int, batch_size: int, aug, generator):
-    """Step ``i``'s whole batch, augmented and normalised, its labels and its sample ids (indices into
-    the training set). Every process draws the augmentation of the whole batch and keeps its shard of
-    all three, so what is trained on does not depend on the process count."""
-    batch = order[i * batch_size : (i + 1) * batch_size]
-    return normalize(augment(images[batch], aug, generator), train_set.mean, train_set.std), labels[batch], batch
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -204,8 +195,8 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     return accelerator
 
 
-def build_model_and_optimizer(config: RunConfig, accelerator: Accelerator, train_set: ImageDataset):
-    model = create_model(config.arch, num_classes=train_set.num_classes, in_channels=train_set.images.shape[1])
+def build_model_and_optimizer(config: RunConfig, accelerator: Accelerator, train_set):
+    model = create_model(config.arch, num_classes=train_set.num_classes, in_channels=train_set.channels)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.sync_bn and accelerator.num_processes > 1:
@@ -230,7 +221,10 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
         train_set, test_set = data
     else:
         with accelerator.main_process_first():  # decode and cache once, then every process reads the cache
-            train_set, test_set = load_dataset_splits(config.dataset, config.data_dir)
+            if is_loader_dataset(config.dataset):
+                train_set, test_set = load_loader_splits(config)
+            else:
+                train_set, test_set = load_dataset_splits(config.dataset, config.data_dir)
     prepared = prepare_train_set(train_set, subset=config.train_subset, label_noise=config.label_noise, seed=config.seed,
                                  val_fraction=config.val_fraction, split_seed=config.split_seed)
     train_set = prepared.train
@@ -246,16 +240,16 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
     if steps_per_epoch == 0:
         raise ConfigError(f"batch_size {config.batch_size} exceeds the {len(train_set)} training images")
     held_out = [("val", prepared.val)] if prepared.val is not None else []
-    splits = [Split(name, data, data.images.to(device), data.labels.to(device)) for name, data in [*held_out, ("test", test_set)]]
+    aug_generator = torch.Generator(device).manual_seed(config.seed)
+    batches, splits = data_access(config, accelerator, train_set, [*held_out, ("test", test_set)], steps_per_epoch,
+                                  aug_generator)
     run = Run(
         config=config, accelerator=accelerator, run_dir=config.run_dir(), model=model, optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps_per_epoch)),
-        scaler=LossScaler() if config.mixed_precision == "fp16" else None, train_set=train_set,
-        train_images=train_set.images.to(device), train_labels=train_set.labels.to(device), splits=splits,
-        num_params=num_params, sync_ascent=sync_ascent, steps_per_epoch=steps_per_epoch,
-        aug_generator=torch.Generator(device).manual_seed(config.seed),
-        loss_fn=nn.CrossEntropyLoss(reduction="none", label_smoothing=config.label_smoothing),
-        aug=default_augmentation(config.dataset, cutout=config.cutout), progress=progress,
+        scaler=LossScaler() if config.mixed_precision == "fp16" else None, train_set=train_set, batches=batches,
+        splits=splits, num_params=num_params, sync_ascent=sync_ascent, steps_per_epoch=steps_per_epoch,
+        aug_generator=aug_generator, loss_fn=nn.CrossEntropyLoss(reduction="none", label_smoothing=config.label_smoothing),
+        progress=progress,
     )
     run.load_at_start = environment.load_average()
     accelerator.register_for_checkpointing(optimizer, run.scheduler, run.state, *[r for r in [regularizer] if r is not None])
@@ -263,6 +257,19 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
     if isinstance(optimizer, SharpnessAwareOptimizer):
         run.snapshot = StepSnapshot(accelerator.unwrap_model(model))
     return run
+
+
+def data_access(config: RunConfig, accelerator: Accelerator, train_set, held_out: list[tuple[str, Any]],
+                steps_per_epoch: int, aug_generator: torch.Generator) -> tuple[TrainBatches, list[Any]]:
+    """The training batches and the held-out splits: on the device for an in-memory dataset,
+    read by loader workers for an imagefolder or hf: dataset."""
+    device, world = accelerator.device, accelerator.num_processes
+    if is_loader_dataset(config.dataset):
+        batches = LoaderBatches(config, train_set, steps_per_epoch, device, accelerator.process_index, world, config.workers)
+        return batches, [LoaderSplit(name, data, config.batch_size // world, batches.workers) for name, data in held_out]
+    aug = default_augmentation(config.dataset, cutout=config.cutout)
+    batches = MemoryBatches(config, train_set, device, aug, aug_generator)
+    return batches, [Split(name, data, data.images.to(device), data.labels.to(device)) for name, data in held_out]
 
 
 def start_or_resume(run: Run, resume: bool) -> None:
@@ -307,10 +314,9 @@ def _host_sums(sums: dict[str, Any]) -> dict[str, Any]:
     return {**sums, "correct": sums["correct"].item(), "loss_sum": sums["loss_sum"].item(), "seen": int(sums["seen"].item())}
 
 
-def one_step(run: Run, order: torch.Tensor, i: int, sums: dict[str, Any]) -> bool:
+def one_step(run: Run, i: int, sums: dict[str, Any]) -> bool:
     """Train on step ``i`` of the epoch; returns whether the step was skipped."""
-    x, y, ids = global_batch(run.train_set, run.train_images, run.train_labels, order, i, run.config.batch_size, run.aug,
-                             run.aug_generator)
+    x, y, ids = run.batches.batch(run.state.epoch, i)
     return train_on(run, x, y, ids, sums)
 
 
@@ -339,11 +345,10 @@ def run_epoch(run: Run) -> tuple[dict[str, Any], int]:
     """Train until the epoch ends or the run must stop; returns the epoch's sums and steps taken."""
     config, state = run.config, run.state
     sums = _epoch_sums(run)
-    order = epoch_order(config, len(run.train_set), state.epoch).to(run.device)
     lap = time.perf_counter()
     for i in range(state.step_in_epoch, run.steps_per_epoch):
         started = time.perf_counter()
-        skipped = one_step(run, order, i, sums)
+        skipped = one_step(run, i, sums)
         sums["step_times"].append(time.perf_counter() - started)
         state.skipped += skipped
         state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
@@ -362,6 +367,8 @@ def run_epoch(run: Run) -> tuple[dict[str, Any], int]:
             state.epoch_sums = _host_sums(sums)
             checkpoint(run)
     sums["time"] += time.perf_counter() - lap
+    if state.status != "running":
+        run.batches.close()
     return _host_sums(sums), state.step_in_epoch
 
 
@@ -388,7 +395,7 @@ def epoch_row(run: Run, sums: dict[str, Any], epoch_steps: int) -> dict[str, Any
     held_out = {}
     with evaluation_weights(run.optimizer):
         for split in run.splits:
-            held_out.update(evaluate(run.model, split.data, split.images, split.labels, run.accelerator, prefix=split.name))
+            held_out.update(split.evaluate(run.model, run.accelerator))
     logged = getattr(run.optimizer, "logged_values", dict)()
     return {
         "epoch": run.state.epoch + 1,

@@ -47,6 +47,10 @@ class LossRegularizer:
     identity in a single process). Subclasses take their settings as keyword arguments.
     """
 
+    #: Whether ``extra_loss`` reads ``sample_ids`` as stable indices into the training set (a
+    #: loop that cannot give them, such as one reading a shuffled stream, refuses the method).
+    needs_sample_ids = False
+
     def __init__(self, model: nn.Module, num_train: int, num_classes: int, device: torch.device | str,
                  *, gather: Callable[[Tensor], Tensor] | None = None, **settings: Any):
         if settings:

@@ -63,6 +63,8 @@ class SAFRegularizer(WindowedKL):
     the checkpoint the main process writes restores every process.
     """
 
+    needs_sample_ids = True
+
     def __init__(self, model, num_train, num_classes, device, *, past_epochs: int, **settings):
         super().__init__(model, num_train, num_classes, device, **settings)
         self.past_epochs = past_epochs
