@@ -3,8 +3,8 @@
 Every pass of a step uses the same scale; the gradients are unscaled right after
 each backward (the loop calls :meth:`LossScaler.unscale_`), so every variant sees
 true gradients (Fisher SAM, F-SAM and bSAM depend on their magnitude). A non-finite
-gradient in any pass makes the loop raise :class:`NonFiniteGradient`, restore the
-weights, skip the step and call ``update(skipped=True)``, which halves the scale.
+gradient in any pass makes the loop skip the step (see :mod:`bench.step`), leave the
+weights as they were and call ``update(skipped=True)``, which halves the scale.
 The scale doubles after ``growth_interval`` clean steps. ``torch.amp.GradScaler``
 does not fit: it allows one unscale per optimizer between updates, and a SAM step
 needs one per pass.
