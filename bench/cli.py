@@ -10,6 +10,7 @@
     python launch.py reproduction            reported against measured, for every recipe
     python launch.py sharpness RUN_DIRS...   measure the sharpness of finished runs
     python launch.py perf                    time one training step of every optimizer
+    python launch.py claims NAME=RUNS ...    published claims (SAM beats SGD, ...) against finished runs
     python launch.py variants                every optimizer, its settings and their flags
 
 The variant flags (``--rho``, ``--k``, ...) and their help are generated from the variants'
@@ -37,6 +38,7 @@ from optimizers.base import BASE_OPTIMIZERS
 from optimizers.registry import canonical_name, variants_markdown
 
 from .checkpoint import CheckpointError, checkpoints
+from .claims import main as claims_main
 from .config import RUN_METADATA, ConfigError, RunConfig
 from .data import DataError
 from .io import read_json, write_text
@@ -419,7 +421,7 @@ def cmd_variants(argv: list[str]) -> int:
 
 
 COMMANDS = {"sweep": cmd_sweep, "tune": cmd_tune, "table": cmd_table, "reproduction": cmd_reproduction, "sharpness": cmd_sharpness,
-            "perf": perf_main, "variants": cmd_variants}
+            "perf": perf_main, "variants": cmd_variants, "claims": claims_main}
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
