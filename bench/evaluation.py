@@ -5,6 +5,10 @@ ever issues a collective that another does not (a DDP-wrapped forward broadcasts
 a process with no batch would never join it). The sums are then reduced once, by every
 process. BatchNorm running statistics are first taken from process 0 on every process, so
 the processes evaluate the same model as the one exported.
+
+A sharded model (FSDP) gathers each layer's parameters from every process during its forward,
+so there every process runs as many forwards as the busiest one: a process out of batches
+runs the missing ones on one image and discards them.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from optimizers.base import is_sharded
 
 from .augment import normalize
 from .data import ImageDataset
@@ -46,6 +52,10 @@ def evaluate(model: nn.Module, data: ImageDataset, images: torch.Tensor, labels:
         index = (confidence.nan_to_num(0.0) * ECE_BINS).long().clamp_(0, ECE_BINS - 1)
         for row, values in enumerate((torch.ones_like(confidence), confidence, (predicted == y).float())):
             bins[row].index_add_(0, index, values)
+    if any(is_sharded(p) for p in model.parameters()):
+        rounds = -(-len(labels) // (accelerator.num_processes * EVAL_BATCH))
+        for _ in range(rounds - len(starts)):
+            model(normalize(images[:1], data.mean, data.std))
     totals = torch.cat([loss_sum.reshape(1), bins.reshape(-1)])
     if accelerator.num_processes > 1:
         totals = accelerator.reduce(totals, reduction="sum")
