@@ -17,6 +17,8 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+from optimizers.base import local_tensor
+
 
 class NonFiniteGradient(RuntimeError):
     pass
@@ -28,8 +30,9 @@ def unscale_and_check(params: list[Tensor], inv_scale: float = 1.0) -> Tensor:
     (device, dtype); no host synchronisation."""
     by_device: dict[tuple, list[Tensor]] = defaultdict(list)
     for p in params:
-        if p.grad is not None:
-            by_device[(p.grad.device, p.grad.dtype)].append(p.grad)
+        if p.grad is not None:  # a sharded gradient: this process's shard (the loop sums the flags over processes)
+            grad = local_tensor(p.grad)
+            by_device[(grad.device, grad.dtype)].append(grad)
     found = None
     for (device, _), grads in by_device.items():
         found_inf = torch.zeros((), device=device)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from optimizers import BatchClosure, SharpnessAwareOptimizer
+from optimizers.base import copy_tensors, local_tensor
 
 from .amp import LossScaler, NonFiniteGradient, unscale_and_check
 
@@ -137,20 +138,18 @@ class StepSnapshot:
     ``state_dict`` (momentum, the variant's state, its random streams)."""
 
     def __init__(self, model: nn.Module):
-        self.live = [t for t in [*model.parameters(), *model.buffers()]]
+        self.live = [local_tensor(t) for t in [*model.parameters(), *model.buffers()]]  # a shard, when sharded
         self.saved = [torch.empty_like(t) for t in self.live]
         self.optimizer_state = None
 
     @torch.no_grad()
     def save(self, optimizer) -> None:
-        if self.live:
-            torch._foreach_copy_(self.saved, self.live)
+        copy_tensors(self.saved, self.live)
         self.optimizer_state = copy.deepcopy(optimizer.state_dict())
 
     @torch.no_grad()
     def restore(self, optimizer) -> None:
-        if self.live:
-            torch._foreach_copy_(self.live, self.saved)
+        copy_tensors(self.live, self.saved)
         optimizer.load_state_dict(self.optimizer_state)
 
 

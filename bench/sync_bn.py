@@ -28,7 +28,7 @@ class CrossProcessBatchNorm(_BatchNorm):
             return super().forward(x)
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
-        local = x.float()
+        local = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in float32 at least
         count = torch.full((1,), local.numel() / channels, device=x.device)
         totals = dist_fn.all_reduce(torch.cat([local.sum(dims), (local * local).sum(dims), count]))
         n = totals[-1]
@@ -60,8 +60,11 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 def _convert(module: nn.Module) -> nn.Module:
     if isinstance(module, _BatchNorm) and not isinstance(module, CrossProcessBatchNorm):
+        like = next(iter(module.state_dict().values()), None)  # the layer's device and floating dtype
         synced = CrossProcessBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                       module.track_running_stats)
+                                       module.track_running_stats,
+                                       device=None if like is None else like.device,
+                                       dtype=like.dtype if like is not None and like.is_floating_point() else None)
         synced.load_state_dict(module.state_dict())
         synced.train(module.training)
         return synced

@@ -15,6 +15,7 @@ its settings) and read from there.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import shutil
@@ -34,7 +35,7 @@ from architectures import create_model
 from optimizers import SharpnessAwareOptimizer, create_optimizer
 from optimizers.regularizer import build_regularizer
 
-from . import environment
+from . import environment, sharding
 from .amp import LossScaler
 from .augment import default_augmentation
 from .batches import MemoryBatches, TrainBatches, epoch_order, global_batch  # noqa: F401 (re-exported)
@@ -137,6 +138,8 @@ class Run:
     regularizer: Any = None
     #: Where a skipped sharpness-aware step is undone from (see bench.step); None for plain optimizers.
     snapshot: StepSnapshot | None = None
+    #: The FSDP plugin when the model is sharded (see :mod:`bench.sharding`), else None.
+    fsdp: Any = None
 
     @property
     def device(self) -> torch.device:
@@ -195,15 +198,21 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     return accelerator
 
 
-def build_model_and_optimizer(config: RunConfig, accelerator: Accelerator, train_set):
+def build_model_and_optimizer(config: RunConfig, accelerator: Accelerator, train_set, fsdp=None):
+    """The model and the optimizer over its parameters; with an FSDP plugin the model is sharded first,
+    so the optimizer holds the sharded parameters."""
     model = create_model(config.arch, num_classes=train_set.num_classes, in_channels=train_set.channels)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.sync_bn and accelerator.num_processes > 1:
         model = convert_sync_batchnorm(model, accelerator.device)
+    if fsdp is not None:
+        model = sharding.shard_model(accelerator, model, fsdp)
     optimizer = create_optimizer(config.optimizer, model, base=config.base_optimizer,
                                  **config.optimizer_settings(len(train_set)))
     sync_ascent = ascent_is_synchronised(optimizer, config.sam_sync)
+    if fsdp is not None:
+        sharding.check_sharded_run(config.optimizer, optimizer, config.sam_sync)
     if accelerator.num_processes > 1 and config.sam_sync == "global" and getattr(type(optimizer), "ascent_sync", "any") == "local":
         raise ConfigError(f"{config.optimizer} needs --sam_sync local under data parallelism: its ascent pass leaves tensors out")
     return model, optimizer, sync_ascent
@@ -228,14 +237,21 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
     prepared = prepare_train_set(train_set, subset=config.train_subset, label_noise=config.label_noise, seed=config.seed,
                                  val_fraction=config.val_fraction, split_seed=config.split_seed)
     train_set = prepared.train
-    model, optimizer, sync_ascent = build_model_and_optimizer(config, accelerator, train_set)
+    fsdp = sharding.fsdp_plugin(accelerator, config.mixed_precision)
+    if fsdp is not None and config.compile:
+        raise ConfigError("--compile with FSDP sharding is not supported: the compiled graph would have to trace "
+                          "the shards' all-gathers (run sharded models without --compile)")
+    model, optimizer, sync_ascent = build_model_and_optimizer(config, accelerator, train_set, fsdp)
     num_params = sum(p.numel() for p in model.parameters())
     # built from the bare model (a regulariser may copy it), before prepare() wraps it
     regularizer = build_regularizer(optimizer, model, len(train_set), train_set.num_classes, device,
                                     gather=accelerator.gather if accelerator.num_processes > 1 else None)
     if config.compile:  # one graph for every pass: no module attribute changes between them (see RunningStatsFreeze)
         model = torch.compile(model, backend=config.compile_backend)
-    model = accelerator.prepare(model)
+    if fsdp is None:
+        model = accelerator.prepare(model)
+    else:  # sharded already; checkpoints hold the whole model and optimizer state (see bench.sharding)
+        sharding.register_model_checkpointing(accelerator, model)
     steps_per_epoch = len(train_set) // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"batch_size {config.batch_size} exceeds the {len(train_set)} training images")
@@ -252,7 +268,9 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
         progress=progress,
     )
     run.load_at_start = environment.load_average()
-    accelerator.register_for_checkpointing(optimizer, run.scheduler, run.state, *[r for r in [regularizer] if r is not None])
+    run.fsdp = fsdp
+    checkpointed = optimizer if fsdp is None else sharding.FullOptimizerState(optimizer, accelerator.is_main_process)
+    accelerator.register_for_checkpointing(checkpointed, run.scheduler, run.state, *[r for r in [regularizer] if r is not None])
     run.noisy_indices, run.regularizer = prepared.noisy_indices, regularizer
     if isinstance(optimizer, SharpnessAwareOptimizer):
         run.snapshot = StepSnapshot(accelerator.unwrap_model(model))
@@ -479,6 +497,18 @@ def summary_of(run: Run) -> dict[str, Any]:
     }
 
 
+def unsharded_model(run: Run) -> nn.Module | None:
+    """The sharded model's evaluation weights gathered into a plain copy on the CPU of process 0 (None
+    elsewhere); every process must call it."""
+    with evaluation_weights(run.optimizer):
+        state = sharding.full_model_state(run.model)
+    if not run.accelerator.is_main_process:
+        return None
+    model = create_model(run.config.arch, num_classes=run.train_set.num_classes, in_channels=run.train_set.images.shape[1])
+    model.load_state_dict(state)
+    return model
+
+
 def finish(run: Run) -> RunResult:
     """Write model.safetensors, sharpness.json and summary.json (last: its presence marks a finished run)."""
     accelerator, config = run.accelerator, run.config
@@ -489,13 +519,16 @@ def finish(run: Run) -> RunResult:
     summary = summary_of(run)
     if note := environment.busy_note(run.load_at_start, run.load_at_end):
         run.notes.append(note)
+    whole = unsharded_model(run) if run.fsdp is not None else None
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)
-        with evaluation_weights(run.optimizer):
+        model = whole if whole is not None else accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)
+        # a sharded model's copy already holds the evaluation weights, on the CPU
+        device = torch.device("cpu") if whole is not None else run.device
+        with evaluation_weights(run.optimizer) if whole is None else contextlib.nullcontext():
             note = export_model(model, run.run_dir)
             if config.sharpness and run.state.status != "diverged":
                 write_json(run.run_dir / "sharpness.json",
-                           final_sharpness(model, run.train_set, run.device, config.sharpness_samples,
+                           final_sharpness(model, run.train_set, device, config.sharpness_samples,
                                            config.sharpness_iterations, config.sharpness_probes))
         summary["model_exported"] = (run.run_dir / MODEL_FILE).is_file()
         if note:
@@ -503,6 +536,8 @@ def finish(run: Run) -> RunResult:
         write_json(run.run_dir / "summary.json", summary)
     if config.log_with:
         accelerator.end_training()
+    elif run.fsdp is not None:  # every process leaves a sharded run together
+        accelerator.wait_for_everyone()
     return RunResult(run.run_dir, summary, notes=run.notes)
 
 

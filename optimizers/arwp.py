@@ -99,7 +99,7 @@ class ARWP(SharpnessAwareOptimizer):
             s = self.noise_std(group)
             es = []
             for p in params:
-                e = torch.randn(p.shape, generator=self.generator(p.device), device=p.device, dtype=p.dtype)
+                e = self.standard_normal(p)
                 if p.dim() > 1:
                     filters = torch.linalg.vector_norm(p.reshape(p.shape[0], -1), dim=1)
                     e.mul_(((s + 1e-16) * filters).reshape(-1, *[1] * (p.dim() - 1)))

@@ -61,18 +61,89 @@ def split_params_and_model(params, model: nn.Module | None) -> tuple[Any, nn.Mod
     return params, model
 
 
+try:  # sharded parameters (FSDP2's fully_shard) are DTensors
+    from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
+except ImportError:  # a torch built without torch.distributed
+    DTensor = None
+
+
+def is_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (each process holds a part of it, e.g. an FSDP2 parameter or its gradient)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The part of ``t`` this process holds: a sharded tensor's local shard (writing to it writes ``t``), else ``t``."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def _sums_over_shards(tensors: list[Tensor], local_sums: Tensor) -> Tensor:
+    """``local_sums[i]`` is this process's part of a sum over the elements of ``tensors[i]``; returns
+    the whole sums, one per tensor. A sharded tensor's parts are added over the mesh dimensions it
+    is sharded along (one all-reduce per mesh and placement; replicated dimensions hold copies and
+    are not added); a plain tensor's part is its whole."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if not is_sharded(t):
+            continue
+        if not all(p.is_shard() or p.is_replicate() for p in t.placements):
+            raise ValueError(f"cannot sum over a tensor placed as {t.placements}: only sharded or replicated tensors")
+        if any(p.is_shard() for p in t.placements):
+            groups.setdefault((t.device_mesh, tuple(t.placements)), []).append(i)
+    if not groups:
+        return local_sums
+    local_sums = local_sums.clone()
+    for (mesh, placements), index in groups.items():
+        partial = [Partial("sum") if p.is_shard() else Replicate() for p in placements]
+        rows = torch.tensor(index, device=local_sums.device)
+        total = DTensor.from_local(local_sums[rows], mesh, partial, run_check=False).full_tensor()
+        local_sums[rows] = total.to(local_sums.dtype)
+    return local_sums
+
+
+def tensor_norms(tensors: list[Tensor]) -> Tensor:
+    """The L2 norm of each tensor, as a 1-dim tensor (a sharded tensor's norm is over all its shards)."""
+    if not tensors:
+        return torch.zeros(0)
+    if not any(is_sharded(t) for t in tensors):
+        return torch.stack(torch._foreach_norm(tensors))
+    squares = torch.stack(torch._foreach_norm([local_tensor(t) for t in tensors])).square()
+    return _sums_over_shards(tensors, squares).sqrt()
+
+
 def global_norm(tensors: list[Tensor]) -> Tensor:
-    """L2 norm over a list of tensors, as a 0-dim tensor (no host synchronisation)."""
+    """L2 norm over a list of tensors, as a 0-dim tensor (no host synchronisation; sharded
+    tensors: over every process's shards, the same on every process)."""
     if not tensors:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+    return torch.linalg.vector_norm(tensor_norms(tensors))
+
+
+def tensor_dots(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """The inner product of each pair of tensors, as a 1-dim tensor (a sharded pair's over all its shards)."""
+    if not a:
+        return torch.zeros(0)
+    if not any(is_sharded(x) or is_sharded(y) for x, y in zip(a, b)):
+        return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)])
+    for x, y in zip(a, b):
+        if is_sharded(x) != is_sharded(y) or (is_sharded(x) and tuple(x.placements) != tuple(y.placements)):
+            raise ValueError("a pair of tensors is sharded differently: their inner product needs them sharded alike")
+    local = torch.stack([torch.vdot(local_tensor(x).reshape(-1), local_tensor(y).reshape(-1)) for x, y in zip(a, b)])
+    return _sums_over_shards(a, local)
 
 
 def global_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """Inner product of two lists of tensors, as a 0-dim tensor."""
+    """Inner product of two lists of tensors, as a 0-dim tensor (sharded pairs: over every shard)."""
     if not a:
         return torch.zeros(())
-    return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()
+    return tensor_dots(a, b).sum()
+
+
+def copy_tensors(destinations: list[Tensor], sources: list[Tensor]) -> None:
+    """``destinations[i].copy_(sources[i])`` for every i in one fused call; sharded tensors copy
+    their local shards (both sides sharded alike)."""
+    if destinations:
+        torch._foreach_copy_([local_tensor(t) for t in destinations], [local_tensor(t) for t in sources])
 
 
 class RunningStatsFreeze:
@@ -159,6 +230,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     #: - ``"local"``: it must NOT be all-reduced: ESAM's ascent backward leaves tensors
     #:   out, and replicas that left out different tensors would wait on each other.
     ascent_sync: ClassVar[str] = "any"
+    #: Why the variant cannot work on sharded parameters (FSDP), in a few words; empty when it can.
+    #: The harness refuses a sharded run of a variant that gives a reason.
+    sharding_unsupported: ClassVar[str] = ""
     #: An extra loss term the training loop must add, with the sample ids, inputs and state
     #: it needs (SAF's past logits, MESA's EMA model); None for the usual loss. See
     #: :mod:`optimizers.regularizer` for what a loop does with it.
@@ -272,15 +346,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         for i, (p, b) in enumerate(zip(params, backups)):
             if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
                 backups[i] = self._backup[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-        if params:
-            torch._foreach_copy_(backups, params)
+        copy_tensors(backups, params)
         self._perturbed = params
 
     @torch.no_grad()
     def restore(self) -> None:
         """Copy the saved weights back, bit for bit, and resume BatchNorm statistics."""
         if self._perturbed:
-            torch._foreach_copy_(self._perturbed, [self._backup[p] for p in self._perturbed])
+            copy_tensors(self._perturbed, [self._backup[p] for p in self._perturbed])
         self._perturbed = []
         self._batchnorms.release()
 
@@ -294,6 +367,17 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             seed = self._seed if self._seed is not None else int(torch.randint(2**62, (1,)).item())
             self._generators[device] = torch.Generator(device).manual_seed(seed)
         return self._generators[device]
+
+    def standard_normal(self, like: Tensor) -> Tensor:
+        """Standard normal noise shaped like ``like`` from the optimizer's own stream (:meth:`generator`).
+
+        A sharded ``like`` gets its part of the draw the whole tensor would get: every process
+        draws the whole tensor and keeps its shard, so the noise does not depend on the sharding.
+        """
+        noise = torch.randn(like.shape, generator=self.generator(like.device), device=like.device, dtype=like.dtype)
+        if is_sharded(like):
+            noise = distribute_tensor(noise, like.device_mesh, like.placements, src_data_rank=None)
+        return noise
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -138,7 +138,7 @@ class BayesianSAM(SharpnessAwareOptimizer):
         for group, ps in groups:
             for p in ps:
                 s = self._state(group, p)["s"]
-                p.normal_(generator=self.generator(p.device)).div_((self.n_eff(group) * s).sqrt()).add_(self._backup[p])
+                p.copy_(self.standard_normal(p)).div_((self.n_eff(group) * s).sqrt()).add_(self._backup[p])
 
     @staticmethod
     def _chunks(batch_size: int, m: int) -> list[slice]:

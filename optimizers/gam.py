@@ -40,7 +40,7 @@ loop) gets a warning and a SAM step of radius rho' (descent with g1).
 
 import torch
 
-from .base import SharpnessAwareOptimizer, global_dot, global_norm
+from .base import SharpnessAwareOptimizer, copy_tensors, global_dot, global_norm
 from .settings import Setting
 
 EPS = 1e-12
@@ -92,7 +92,7 @@ class GAM(SharpnessAwareOptimizer):
         if self._stage == 1:  # h = g1 - g0 from w, not from the first perturbed point
             h = [torch._foreach_sub(g1, g0) if g1 else [] for g1, g0 in zip(grads, self._kept[0])]
             if self._perturbed:
-                torch._foreach_copy_(self._perturbed, [self._backup[p] for p in self._perturbed])
+                copy_tensors(self._perturbed, [self._backup[p] for p in self._perturbed])
             self._ascend(h, "rho")
         else:
             self._ascend(grads, "rho_prime")

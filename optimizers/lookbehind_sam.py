@@ -53,9 +53,8 @@ weight decay 5e-4, batch 128, 200 epochs, MultiStepLR at 50/100/150.
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
-from .base import SharpnessAwareOptimizer, global_norm
+from .base import SharpnessAwareOptimizer, copy_tensors, global_norm, tensor_dots, tensor_norms
 from .settings import Setting
 
 EPS = 1e-16
@@ -127,7 +126,7 @@ class LookbehindSAM(SharpnessAwareOptimizer):
         if self.state["inner"] == 0 and not self._in_cycle():
             params = self._cycle_params()
             if params:
-                torch._foreach_copy_(self._buffers(params, "slow"), params)
+                copy_tensors(self._buffers(params, "slow"), params)
         groups = self.params_with_grad()
         scale = global_norm([p.grad for _, ps in groups for p in ps]) + EPS
         for group, params in groups:
@@ -143,8 +142,8 @@ class LookbehindSAM(SharpnessAwareOptimizer):
         if params:
             last = j == k
             if not last:  # keep u_j for the next inner step
-                torch._foreach_copy_(self._buffers(params, "point"), params)
-            torch._foreach_copy_(params, self._buffers(params, "slow" if j == 1 else "fast"))
+                copy_tensors(self._buffers(params, "point"), params)
+            copy_tensors(params, self._buffers(params, "slow" if j == 1 else "fast"))
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
@@ -152,12 +151,12 @@ class LookbehindSAM(SharpnessAwareOptimizer):
             self.state["inner"] = 0 if j == k else j
             return
         if j < k:
-            torch._foreach_copy_(self._buffers(params, "fast"), params)
+            copy_tensors(self._buffers(params, "fast"), params)
             if j == 1 and self.alpha == -1.0 and k >= 3:  # phi_1 - s for the adaptive alpha ("fast" moves on)
                 first = self._buffers(params, "first")
-                torch._foreach_copy_(first, params)
+                copy_tensors(first, params)
                 torch._foreach_sub_(first, self._buffers(params, "slow"))
-            torch._foreach_copy_(params, self._buffers(params, "point"))
+            copy_tensors(params, self._buffers(params, "point"))
             self.state["inner"] = j
             return
         self._lookbehind(params)
@@ -176,18 +175,19 @@ class LookbehindSAM(SharpnessAwareOptimizer):
         if k == 2:  # "fast" still holds phi_1
             torch._foreach_sub_(first, slow)
         last = self._buffers(params, "point")  # free now: phi_k - s
-        torch._foreach_copy_(last, params)
+        copy_tensors(last, params)
         torch._foreach_sub_(last, slow)
-        for p, s, d1, dk in zip(params, slow, first, last):
-            alpha = (F.cosine_similarity(d1.reshape(-1), dk.reshape(-1), dim=0) + 1) / 2
-            p.lerp_(s, 1 - alpha)
+        # one cosine per tensor, over every shard of a sharded one (F.cosine_similarity's: each norm at least 1e-8)
+        cosines = tensor_dots(first, last) / (tensor_norms(first).clamp_min(1e-8) * tensor_norms(last).clamp_min(1e-8))
+        for p, s, cosine in zip(params, slow, cosines):
+            p.lerp_(s, 1 - (cosine + 1) / 2)
 
     @torch.no_grad()
     def restore(self) -> None:
         """After a failed pass: the slow weights back, bit for bit, and the cycle abandoned."""
         params = self._in_cycle()
         if params:
-            torch._foreach_copy_(params, self._buffers(params, "slow"))
+            copy_tensors(params, self._buffers(params, "slow"))
         self._end_cycle(params)
 
     # -- the whole step ------------------------------------------------------------------------------
@@ -217,9 +217,9 @@ class LookbehindSAM(SharpnessAwareOptimizer):
             return
         with torch.no_grad():
             kept = [p.detach().clone() for p in params]
-            torch._foreach_copy_(params, [self.state[p]["slow"] for p in params])
+            copy_tensors(params, [self.state[p]["slow"] for p in params])
         try:
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(params, kept)
+                copy_tensors(params, kept)

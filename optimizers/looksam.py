@@ -23,7 +23,7 @@ and on CPU-scale CIFAR-10).
 
 import torch
 
-from .base import SharpnessAwareOptimizer, global_dot, global_norm
+from .base import SharpnessAwareOptimizer, global_dot, global_norm, tensor_norms
 from .settings import Setting
 
 EPS = 1e-12
@@ -99,10 +99,10 @@ class LookLayerSAM(LookSAM):
         grads = [self.grads(params) for _, params in groups]
         if not self.normalized:
             return self._unnormalized(groups, grads)
-        g_norms = [torch.stack(torch._foreach_norm(g)) if g else None for g in grads]
+        g_norms = [tensor_norms(g) if g else None for g in grads]
         # ||w_i|| for the tensors that are perturbed (non-zero gradient), 0 for the others
         w_norms = [
-            torch.stack(torch._foreach_norm(params)) * (n > 0) if g else None
+            tensor_norms(params) * (n > 0) if g else None
             for (_, params), g, n in zip(groups, grads, g_norms)
         ]
         present = [w for w in w_norms if w is not None]
@@ -121,8 +121,8 @@ class LookLayerSAM(LookSAM):
         for (group, params), g in zip(groups, grads):
             if not g:
                 continue
-            w_norms = torch.stack(torch._foreach_norm(params))
-            g_norms = torch.stack(torch._foreach_norm(g))
+            w_norms = tensor_norms(params)
+            g_norms = tensor_norms(g)
             for gi, scale in zip(g, group["rho"] * w_norms / (g_norms * g_norms + EPS)):
                 gi.mul_(scale)
         return grads

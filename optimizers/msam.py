@@ -48,7 +48,7 @@ import contextlib
 
 import torch
 
-from .base import SharpnessAwareOptimizer, global_norm
+from .base import SharpnessAwareOptimizer, copy_tensors, global_norm
 from .settings import Setting
 
 EPS = 1e-12
@@ -143,4 +143,4 @@ class MSAM(SharpnessAwareOptimizer):
         finally:
             if params:
                 with torch.no_grad():
-                    torch._foreach_copy_(params, kept)
+                    copy_tensors(params, kept)

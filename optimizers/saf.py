@@ -208,6 +208,7 @@ class MESA(TrajectoryLossOptimizer):
     passes = "1 + 1 no-grad fwd (EMA model)"
     memory_note = "the regulariser's EMA copy of the model (1x parameters and buffers)"
     loss_regularizer = MESARegularizer
+    sharding_unsupported = "its EMA teacher is a whole, unsharded copy of the model"
 
 
 __all__ = ["MESA", "SAF", "MESARegularizer", "SAFRegularizer"]

@@ -23,7 +23,7 @@ each replica then has its own d, and a checkpoint keeps the first process's).
 
 import torch
 
-from .base import SharpnessAwareOptimizer
+from .base import SharpnessAwareOptimizer, copy_tensors
 from .settings import Setting
 
 EPS = 1e-7
@@ -53,5 +53,5 @@ class VaSSO(SharpnessAwareOptimizer):
         e = [self.grads(params) for _, params in groups]  # g is no longer needed: e goes where it was
         for ei, (_, params) in zip(e, groups):
             if ei:
-                torch._foreach_copy_(ei, [self.state[p]["d"] for p in params])
+                copy_tensors(ei, [self.state[p]["d"] for p in params])
         return self.scale_to_radius(groups, e, EPS)

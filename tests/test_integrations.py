@@ -11,7 +11,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "accelerate_configs").gl
 
 
 def test_every_kind_of_launch_has_a_config():
-    assert {p.stem for p in CONFIGS} == {"cpu", "single_gpu_bf16", "single_gpu_fp16", "multi_gpu_bf16", "multi_node"}
+    assert {p.stem for p in CONFIGS} == {"cpu", "single_gpu_bf16", "single_gpu_fp16", "multi_gpu_bf16", "multi_node", "fsdp",
+                                         "fsdp_cpu_test"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -23,9 +24,13 @@ def test_accelerate_parses_each_config(path):
         "single_gpu_fp16": ("NO", "fp16", 1, 1),
         "multi_gpu_bf16": ("MULTI_GPU", "bf16", 8, 1),
         "multi_node": ("MULTI_GPU", "bf16", 16, 2),
+        "fsdp": ("FSDP", "bf16", 8, 1),
+        "fsdp_cpu_test": ("FSDP", "no", 2, 1),
     }[path.stem]
     assert (config.distributed_type.value, config.mixed_precision, config.num_processes, config.num_machines) == expected
-    assert config.use_cpu == (path.stem == "cpu")
+    assert config.use_cpu == (path.stem in ("cpu", "fsdp_cpu_test"))
+    if expected[0] == "FSDP":  # the harness shards with FSDP2 only
+        assert config.fsdp_config["fsdp_version"] == 2
 
 
 def test_tensorboard_logs_every_epoch_offline(tmp_path):
