@@ -44,37 +44,38 @@ def _same_buffers_everywhere(model: nn.Module, accelerator) -> None:
 
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n: int, accelerator,
-                     device: torch.device, prefix: str = "test", filler: torch.Tensor | None = None) -> dict[str, float]:
+                     device: torch.device, prefix: str = "test", count: int | None = None,
+                     filler: torch.Tensor | None = None) -> dict[str, float]:
     """``{prefix}_loss``, ``{prefix}_acc`` and ``{prefix}_ece`` (15 equal-width confidence bins) of a
     split of ``n`` samples, this process's share of which ``batches`` yields as (normalised images,
-    labels) on ``device``; every process calls it once. A sharded model runs ``filler`` (one
-    normalised image) until every process has run as many forwards as the busiest one."""
+    labels) on ``device``; every process calls it once. A sharded model's forwards are collectives:
+    the processes agree first on the most batches any of them has (``count``: this process's), and
+    one with fewer then runs ``filler`` (one normalised image) for the missing forwards."""
     model = accelerator.unwrap_model(model)
     _same_buffers_everywhere(model, accelerator)
     model.eval()
     loss_sum = torch.zeros((), device=device)
     bins = torch.zeros(3, ECE_BINS, device=device)  # count, confidence sum, correct sum per bin
-    forwards = 0
+    missing = 0
+    if accelerator.num_processes > 1 and any(is_sharded(p) for p in model.parameters()):
+        if count is None or filler is None:
+            raise ValueError("evaluating a sharded model needs this process's batch count and a filler image")
+        most = torch.tensor([count], device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        missing = int(most.item()) - count
     for x, y in batches:
-        forwards += 1
         outputs = model(x).float()  # unwrap_model keeps the mixed-precision forward
         loss_sum += nn.functional.cross_entropy(outputs, y, reduction="sum")
         confidence, predicted = outputs.softmax(-1).max(-1)
         index = (confidence.nan_to_num(0.0) * ECE_BINS).long().clamp_(0, ECE_BINS - 1)
         for row, values in enumerate((torch.ones_like(confidence), confidence, (predicted == y).float())):
             bins[row].index_add_(0, index, values)
-    if accelerator.num_processes > 1 and any(is_sharded(p) for p in model.parameters()):
-        most = torch.tensor([forwards], device=device)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        missing = int(most.item()) - forwards
-        if missing and filler is None:
-            raise ValueError("a sharded model's evaluation needs a filler image for the processes with fewer batches")
-        for _ in range(missing):
-            model(filler)
+    for _ in range(missing):
+        model(filler)
     totals = torch.cat([loss_sum.reshape(1), bins.reshape(-1)])
     if accelerator.num_processes > 1:
         totals = accelerator.reduce(totals, reduction="sum")
-    count, confidence, correct = totals[1:].reshape(3, ECE_BINS)
+    _, confidence, correct = totals[1:].reshape(3, ECE_BINS)
     model.train()
     return {
         f"{prefix}_loss": (totals[0] / n).item(),
@@ -90,5 +91,5 @@ def evaluate(model: nn.Module, data: ImageDataset, images: torch.Tensor, labels:
     size = EVAL_BATCH.get(images.device.type, EVAL_BATCH_ACCELERATOR)
     starts = range(accelerator.process_index * size, len(labels), accelerator.num_processes * size)
     batches = ((normalize(images[s : s + size], data.mean, data.std), labels[s : s + size]) for s in starts)
-    return evaluate_batches(model, batches, len(labels), accelerator, images.device, prefix,
+    return evaluate_batches(model, batches, len(labels), accelerator, images.device, prefix, count=len(starts),
                             filler=normalize(images[:1], data.mean, data.std))

@@ -560,7 +560,10 @@ class LoaderSplit:
         plan = _Plan(lambda: _eval_plan(self.data.items(), self.batch_size, rank, world))
         loader = _loader(plan, View(self.data.image_size, train=False), self.data.name, self.workers, device)
         batches = ((normalize(x.to(device), self.data.mean, self.data.std), y.to(device)) for x, y, _ in loader)
-        return evaluate_batches(model, batches, len(self.data), accelerator, device, prefix=self.name)
+        count = len(range(rank, -(-len(self.data) // self.batch_size), world))
+        filler = torch.zeros(1, 3, self.data.image_size, self.data.image_size, device=device)
+        return evaluate_batches(model, batches, len(self.data), accelerator, device, prefix=self.name, count=count,
+                                filler=filler)
 
 
 def fixed_samples(data: FolderSplit | StreamSplit, samples: int, device: torch.device,
