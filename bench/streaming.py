@@ -37,7 +37,7 @@ Determinism:
   position in the epoch). Resuming skips the samples of the steps taken (they are read, not
   decoded). Not deterministic: a dataset changed on the Hub between two runs (the revision is not
   pinned). Training subsets, validation splits, label noise and methods that index the training
-  set by sample (SAF) need random access and are refused.
+  set by sample (a loss regulariser declaring needs_sample_ids) need random access and are refused.
 """
 
 from __future__ import annotations
