@@ -118,6 +118,12 @@ def test_print_commands_lists_pending_runs(tmp_path, capsys):
     capsys.readouterr()
     assert main(["sweep", str(recipe), "--output_dir", str(tmp_path / "runs"), "--print_commands"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 3
+    # tables from the one run done, naming the three missing, and nothing trained
+    assert main(["sweep", str(recipe), "--output_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path),
+                 "--tables_only"]) == 0
+    assert len(list((tmp_path / "runs").glob("*/summary.json"))) == 1
+    assert "Partial: 1 of 4 runs done; not run: " in (tmp_path / "tiny.md").read_text()
+    assert len(pd.read_csv(tmp_path / "tiny.csv")) == 1
 
 
 def test_reproduction_table_statuses(tmp_path):
