@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="time the harness's step against a bare PyTorch loop, with and without --compile and "
                         "--channels_last (for --optimizers, default sgd and sam) instead of every optimizer")
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend for --harness")
+    p.add_argument("--modes", default="eager,channels_last,compile,compile+channels_last",
+                   help="--harness: the layouts to time, comma-separated from eager, channels_last, compile, compile+channels_last")
     args = p.parse_args(argv)
     command = "python launch.py perf" + "".join(
         f" --{k} {v}" if not isinstance(v, bool) else f" --{k}" for k, v in vars(args).items()

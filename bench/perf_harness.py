@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import environment
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import ImageDataset
 from .perf import _sync
 from .train import setup, train_on
@@ -150,12 +150,24 @@ def to_markdown(rows: list[dict], settings: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+MODE_NAMES = {"eager": (False, False), "channels_last": (False, True), "compile": (True, False),
+              "compile+channels_last": (True, True)}
+
+
+def parse_modes(text: str) -> tuple[tuple[bool, bool], ...]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODE_NAMES]
+    if unknown or not names:
+        raise ConfigError(f"--modes takes a comma-separated list of {', '.join(MODE_NAMES)}; got {text!r}")
+    return tuple(MODE_NAMES[m] for m in names)
+
+
 def run(args, command: str) -> str:
     load_start = environment.load_average()
     with tempfile.TemporaryDirectory() as output_dir:
         found = contenders(args.arch, args.batch_size, args.image_size, args.device, args.optimizers or ["sgd", "sam"],
                            output_dir, args.compile_backend, getattr(args, "mixed_precision", "no"),
-                           getattr(args, "modes", MODES))
+                           parse_modes(args.modes) if isinstance(getattr(args, "modes", None), str) else MODES)
         rows = measure(found, args.steps, args.rounds, args.warmup, args.device)
     settings = dict(vars(args), machine=environment.processor(), threads=torch.get_num_threads(),
                     cores=environment.cpu_count(), load=(load_start or 0.0, environment.load_average() or 0.0))
