@@ -28,7 +28,7 @@ from . import environment
 from .config import ConfigError, RunConfig
 from .data import ImageDataset
 from .perf import _sync
-from .train import setup, train_on
+from .train import epoch_sums, setup, train_on
 
 
 @dataclass
@@ -69,8 +69,7 @@ def _bare(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: torc
 def _harness(config: RunConfig, data: ImageDataset, x, y, label: str) -> Contender:
     run = setup(config, data=(data, data))
     ids = torch.arange(len(y), device=run.device)
-    sums = {"correct": torch.zeros((), device=run.device), "loss_sum": torch.zeros((), device=run.device),
-            "seen": torch.zeros((), dtype=torch.long, device=run.device), "passes": 0, "sample_passes": 0.0}
+    sums = epoch_sums(run)
     return Contender(label, lambda: train_on(run, x.to(run.device), y.to(run.device), ids, sums))
 
 

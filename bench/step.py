@@ -22,6 +22,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from optimizers import BatchClosure, SharpnessAwareOptimizer
 from optimizers.base import copy_tensors, local_tensor
@@ -50,7 +51,7 @@ class TrainClosure(BatchClosure):
 
     def __init__(self, model, loss_fn, inputs, targets, *, accelerator, sync_ascent: bool,
                  scaler: LossScaler | None, accumulation_steps: int = 1, sample_ids=None, regularizer=None,
-                 epoch: int = 0, defer_check: bool = False):
+                 epoch: int = 0):
         self.task_loss, self.sample_ids, self.regularizer, self.epoch = loss_fn, sample_ids, regularizer, epoch
         if regularizer is not None:
             loss_fn = self._regularised_loss
@@ -63,9 +64,9 @@ class TrainClosure(BatchClosure):
         self.seen = torch.zeros((), dtype=torch.long, device=inputs.device)
         self._counted = torch.zeros(len(targets), dtype=torch.bool, device=inputs.device)
         self._subset = None
-        #: Passes flag a non-finite loss or gradient here; with ``defer_check`` nothing reads it
-        #: until :meth:`nonfinite` (the step's one synchronisation), else each pass decides itself.
-        self.defer_check = defer_check
+        #: Passes flag a non-finite loss or gradient here; with ``defer_check`` (set by take_step for
+        #: a sharpness-aware step) nothing reads it until :meth:`nonfinite`, else each pass decides.
+        self.defer_check = False
         self.bad = torch.zeros((), device=inputs.device)
 
     def __call__(self, subset=None, **request):
@@ -134,23 +135,39 @@ def evaluation_weights(optimizer):
 class StepSnapshot:
     """What a sharpness-aware step changes, copied on the device before it (no synchronisation), so a
     step found non-finite at its end can be undone: the model's parameters and buffers (BatchNorm
-    statistics of a non-finite pass included) into buffers kept across steps, and the optimizer's
-    ``state_dict`` (momentum, the variant's state, its random streams)."""
+    statistics of a non-finite pass included) and the optimizer's ``state_dict`` (momentum, the
+    variant's state, its random streams). The copies go into buffers kept across steps (one fused
+    copy, no allocation on the step's path); only an undo allocates."""
 
     def __init__(self, model: nn.Module):
         self.live = [local_tensor(t) for t in [*model.parameters(), *model.buffers()]]  # a shard, when sharded
         self.saved = [torch.empty_like(t) for t in self.live]
-        self.optimizer_state = None
+        self._buffers: list[torch.Tensor] = []  # one per tensor in the optimizer's state_dict
+        self._state_leaves: list = []
+        self._state_spec = None
 
     @torch.no_grad()
     def save(self, optimizer) -> None:
         copy_tensors(self.saved, self.live)
-        self.optimizer_state = copy.deepcopy(optimizer.state_dict())
+        leaves, self._state_spec = tree_flatten(optimizer.state_dict())
+        tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
+        if len(self._buffers) != len(tensors) or not all(map(_fits, self._buffers, tensors)):
+            self._buffers = [torch.empty_like(t) for t in tensors]
+        copy_tensors(self._buffers, tensors)
+        buffers = iter(self._buffers)
+        self._state_leaves = [next(buffers) if isinstance(v, torch.Tensor) else copy.deepcopy(v) for v in leaves]
 
     @torch.no_grad()
     def restore(self, optimizer) -> None:
         copy_tensors(self.live, self.saved)
-        optimizer.load_state_dict(self.optimizer_state)
+        # clones: the optimizer adopts the tensors it is given, and these buffers serve the next save
+        leaves = [v.clone() if isinstance(v, torch.Tensor) else v for v in self._state_leaves]
+        optimizer.load_state_dict(tree_unflatten(leaves, self._state_spec))
+
+
+def _fits(buffer: torch.Tensor, value: torch.Tensor) -> bool:
+    return (buffer.shape == value.shape and buffer.dtype == value.dtype and buffer.device == value.device
+            and type(buffer) is type(value))
 
 
 def take_step(optimizer, closure: TrainClosure, snapshot: StepSnapshot | None = None) -> bool:

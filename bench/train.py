@@ -320,7 +320,8 @@ def start_or_resume(run: Run, resume: bool) -> None:
 # -- one epoch ---------------------------------------------------------------------------------
 
 
-def _epoch_sums(run: Run) -> dict[str, Any]:
+def epoch_sums(run: Run) -> dict[str, Any]:
+    """The running sums of the current epoch (fresh ones at its start): metrics on the device, counts on the host."""
     sums = run.state.epoch_sums or {"correct": 0.0, "loss_sum": 0.0, "seen": 0, "passes": 0, "sample_passes": 0.0, "time": 0.0,
                                     "step_times": []}
     return {**sums, "correct": torch.tensor(sums["correct"], device=run.device),
@@ -362,7 +363,7 @@ def train_on(run: Run, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, sums
 def run_epoch(run: Run) -> tuple[dict[str, Any], int]:
     """Train until the epoch ends or the run must stop; returns the epoch's sums and steps taken."""
     config, state = run.config, run.state
-    sums = _epoch_sums(run)
+    sums = epoch_sums(run)
     lap = time.perf_counter()
     for i in range(state.step_in_epoch, run.steps_per_epoch):
         started = time.perf_counter()

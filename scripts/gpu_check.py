@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from bench import environment  # noqa: E402
 from bench.config import RunConfig  # noqa: E402
 from bench.perf_harness import contenders, measure, synthetic_dataset  # noqa: E402
-from bench.train import setup, train_on  # noqa: E402
+from bench.train import epoch_sums, setup, train_on  # noqa: E402
 from optimizers import available_optimizers, optimizer_class  # noqa: E402
 
 
@@ -43,11 +43,6 @@ class Report:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("\n".join(self.lines) + "\n")
         print(*lines, sep="\n", flush=True)
-
-
-def _sums(device):
-    return {"correct": torch.zeros((), device=device), "loss_sum": torch.zeros((), device=device),
-            "seen": torch.zeros((), dtype=torch.long, device=device), "passes": 0, "sample_passes": 0.0}
 
 
 def _overflowing(loss_fn, on_call: int):
@@ -76,7 +71,7 @@ def check_variant(name: str, precision: str, arch: str, batch: int, steps: int, 
     losses, skipped_ok, scale_halved = [], None, None
     for i in range(steps):
         xs, ys = x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]
-        sums = _sums(device)
+        sums = epoch_sums(run)
         inject = precision == "fp16" and i == 1
         if inject:
             clean_loss_fn, run.loss_fn = run.loss_fn, _overflowing(run.loss_fn, 1)
