@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from optimizers import BatchClosure, SharpnessAwareOptimizer
-from optimizers.base import copy_tensors, local_tensor
+from optimizers.base import copy_into_kept, copy_tensors, local_tensor
 
 from .amp import LossScaler, NonFiniteGradient, unscale_and_check
 
@@ -141,19 +141,17 @@ class StepSnapshot:
 
     def __init__(self, model: nn.Module):
         self.live = [local_tensor(t) for t in [*model.parameters(), *model.buffers()]]  # a shard, when sharded
-        self.saved = [torch.empty_like(t) for t in self.live]
+        self.saved: list[torch.Tensor] = []
         self._buffers: list[torch.Tensor] = []  # one per tensor in the optimizer's state_dict
         self._state_leaves: list = []
         self._state_spec = None
 
     @torch.no_grad()
     def save(self, optimizer) -> None:
-        copy_tensors(self.saved, self.live)
+        self.saved = copy_into_kept(self.saved, self.live)
         leaves, self._state_spec = tree_flatten(optimizer.state_dict())
         tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
-        if len(self._buffers) != len(tensors) or not all(map(_fits, self._buffers, tensors)):
-            self._buffers = [torch.empty_like(t) for t in tensors]
-        copy_tensors(self._buffers, tensors)
+        self._buffers = copy_into_kept(self._buffers, tensors)
         buffers = iter(self._buffers)
         self._state_leaves = [next(buffers) if isinstance(v, torch.Tensor) else copy.deepcopy(v) for v in leaves]
 
@@ -163,11 +161,6 @@ class StepSnapshot:
         # clones: the optimizer adopts the tensors it is given, and these buffers serve the next save
         leaves = [v.clone() if isinstance(v, torch.Tensor) else v for v in self._state_leaves]
         optimizer.load_state_dict(tree_unflatten(leaves, self._state_spec))
-
-
-def _fits(buffer: torch.Tensor, value: torch.Tensor) -> bool:
-    return (buffer.shape == value.shape and buffer.dtype == value.dtype and buffer.device == value.device
-            and type(buffer) is type(value))
 
 
 def take_step(optimizer, closure: TrainClosure, snapshot: StepSnapshot | None = None) -> bool:

@@ -146,6 +146,18 @@ def copy_tensors(destinations: list[Tensor], sources: list[Tensor]) -> None:
         torch._foreach_copy_([local_tensor(t) for t in destinations], [local_tensor(t) for t in sources])
 
 
+def copy_into_kept(kept: list[Tensor], tensors: list[Tensor]) -> list[Tensor]:
+    """Copy ``tensors`` into ``kept`` (buffers from an earlier call, reallocated when they no longer
+    fit) in one fused copy, and return the buffers: a snapshot that allocates only when shapes change."""
+    fits = len(kept) == len(tensors) and all(
+        k.shape == t.shape and k.dtype == t.dtype and k.device == t.device and type(k) is type(t) for k, t in zip(kept, tensors)
+    )
+    if not fits:
+        kept = [torch.empty_like(t) for t in tensors]
+    copy_tensors(kept, tensors)
+    return kept
+
+
 class RunningStatsFreeze:
     """Keeps BatchNorm running statistics as they were before a perturbed pass.
 
@@ -171,10 +183,7 @@ class RunningStatsFreeze:
     def freeze(self) -> None:
         if self.frozen or not self.modules:
             return
-        live = self.buffers()
-        if len(self._saved) != len(live) or any(a.shape != b.shape or a.device != b.device for a, b in zip(self._saved, live)):
-            self._saved = [torch.empty_like(b) for b in live]
-        torch._foreach_copy_(self._saved, live)
+        self._saved = copy_into_kept(self._saved, self.buffers())
         self.frozen = True
 
     @torch.no_grad()
