@@ -146,6 +146,7 @@ RUN_FLAGS = [
     ("label_noise", float, 0.0, "fraction of training labels replaced at random"),
     ("val_fraction", float, 0.0, "hold out this fraction of the training set (stratified) for validation"),
     ("split_seed", int, 0, "seed of the validation split (the same for every run seed)"),
+    ("test_every_epochs", int, 1, "evaluate the test set every N epochs and after the last (the validation split: every epoch)"),
     ("threads", int, None, "torch threads per process (default: the cores divided among the processes)"),
     ("compile_backend", str, "inductor", "torch.compile backend used with --compile"),
     ("image_size", int, None, "imagefolder and hf: datasets: side of the training crop and the evaluation view (default 224)"),
@@ -280,7 +281,8 @@ def cmd_run(argv: list[str]) -> int:
 
 
 RECIPE_FLAGS = {"recipe", "sets", "output_dir", "data_dir", "resume", "cpu", "save_every_steps", "save_every_epochs",
-                "keep_checkpoints", "log_with", "threads", "workers", "compile", "compile_backend", "channels_last"}
+                "keep_checkpoints", "log_with", "threads", "workers", "compile", "compile_backend", "channels_last",
+                "test_every_epochs"}
 
 
 def recipe_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunConfig:

@@ -35,7 +35,7 @@ SEED_RANGE = "[0, 4294967295]"
 OPERATIONAL = (
     "output_dir", "run_name", "data_dir", "save_every_steps", "save_every_epochs", "keep_checkpoints", "cpu", "sharpness",
     "sharpness_samples", "sharpness_iterations", "sharpness_probes", "log_with", "threads", "workers", "compile",
-    "compile_backend", "channels_last",
+    "compile_backend", "channels_last", "test_every_epochs",
 )
 
 #: Settings of the datasets read through loader workers, left out of a run's identity while unset
@@ -67,6 +67,7 @@ FIELD_CHECKS = {
         Setting("sharpness_samples", 1024, int, "[1, inf)"),
         Setting("sharpness_iterations", 20, int, "[0, inf)"),
         Setting("sharpness_probes", 10, int, "[0, inf)"),
+        Setting("test_every_epochs", 1, int, "[1, inf)"),
         Setting("seed", 0, int, SEED_RANGE),
         Setting("sync_bn", False, bool),
         Setting("cpu", False, bool),
@@ -156,6 +157,9 @@ class RunConfig:
     #: power-iteration steps for the top Hessian eigenvalue, Rademacher probes for its trace
     sharpness_iterations: int = 20
     sharpness_probes: int = 10
+    #: evaluate the test set every N epochs and always after the last (validation: every epoch);
+    #: with a small training set the test set costs more than the training
+    test_every_epochs: int = 1
     seed: int = 0
     mixed_precision: str = "no"
     sam_sync: str = "local"

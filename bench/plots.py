@@ -109,6 +109,7 @@ def load_curves(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
         frame = frame.drop_duplicates("epoch", keep="last").sort_values("epoch", kind="stable")
         frame["elapsed_s"] = pd.to_numeric(frame["epoch_time_s"], errors="coerce").fillna(0.0).cumsum()
         frame["test_acc"] = pd.to_numeric(frame["test_acc"], errors="coerce")
+        frame = frame[frame["test_acc"].notna()]  # epochs without a test evaluation (--test_every_epochs)
         for key, value in {"run_dir": str(run), **_run_meta(run)}.items():
             frame[key] = value
         frames.append(frame[CURVE_COLUMNS])

@@ -51,18 +51,23 @@ class TrainClosure(BatchClosure):
 
     def __init__(self, model, loss_fn, inputs, targets, *, accelerator, sync_ascent: bool,
                  scaler: LossScaler | None, accumulation_steps: int = 1, sample_ids=None, regularizer=None,
-                 epoch: int = 0):
+                 epoch: int = 0, totals: dict[str, torch.Tensor] | None = None):
         self.task_loss, self.sample_ids, self.regularizer, self.epoch = loss_fn, sample_ids, regularizer, epoch
         if regularizer is not None:
             loss_fn = self._regularised_loss
         super().__init__(model, loss_fn, inputs, targets, backward=self._scaled_backward,
                          accumulation_steps=accumulation_steps)
         self.accelerator, self.sync_ascent, self.scaler = accelerator, sync_ascent, scaler
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.correct = torch.zeros((), device=inputs.device)
-        self.loss_sum = torch.zeros((), device=inputs.device)
-        self.seen = torch.zeros((), dtype=torch.long, device=inputs.device)
-        self._counted = torch.zeros(len(targets), dtype=torch.bool, device=inputs.device)
+        # every parameter, not only those needing a gradient now: a variant may switch requires_grad
+        # between passes (ESAM), and each pass's gradients must be unscaled and checked
+        self.params = list(model.parameters())
+        #: The training metrics (sums over the samples counted) are added to ``totals`` (the loop's
+        #: running sums on the device), else to fresh zeros of this step.
+        if totals is None:
+            totals = {key: torch.zeros((), dtype=dtype, device=inputs.device)
+                      for key, dtype in (("correct", torch.float32), ("loss_sum", torch.float32), ("seen", torch.long))}
+        self.correct, self.loss_sum, self.seen = totals["correct"], totals["loss_sum"], totals["seen"]
+        self._counted = None  # which samples have been counted, once a pass runs on part of the batch
         self._subset = None
         #: Passes flag a non-finite loss or gradient here; with ``defer_check`` (set by take_step for
         #: a sharpness-aware step) nothing reads it until :meth:`nonfinite`, else each pass decides.
@@ -100,7 +105,7 @@ class TrainClosure(BatchClosure):
 
     def after_backward(self, loss, phase):
         inv_scale = 1.0 / self.scaler.scale if self.scaler is not None else 1.0
-        self.bad = self.bad + unscale_and_check(self.params, inv_scale).to(loss.device) + (~torch.isfinite(loss)).float()
+        unscale_and_check(self.params, inv_scale, found=self.bad, also_check=loss)
         if not self.defer_check and self.nonfinite():
             raise NonFiniteGradient(f"non-finite loss or gradient in a {phase} pass")
 
@@ -113,16 +118,29 @@ class TrainClosure(BatchClosure):
         return bool(bad.item())
 
     def observe(self, outputs, targets, losses, phase):
+        if self._subset is None and self._counted is None:
+            if self.passes > 1:  # a later pass over the whole batch: every sample is counted already
+                return
+            new = None  # the first pass, over the whole batch: every sample is new
+        else:  # a pass on part of the batch: count the samples no earlier pass has seen
+            if self._counted is None:
+                self._counted = torch.full((self.batch_size,), self.passes > 1, dtype=torch.bool, device=targets.device)
+            index = torch.arange(self.batch_size, device=targets.device)
+            if self._subset is not None:
+                index = index[self._subset]
+            new = ~self._counted[index]  # kept on the device: no host synchronisation here
+            self._counted[index] = True
         if self.regularizer is not None:  # the metrics report the task loss alone
             losses = self.task_loss(outputs.to(torch.promote_types(outputs.dtype, torch.float32)), targets)
-        index = torch.arange(self.batch_size, device=self._counted.device)
-        if self._subset is not None:
-            index = index[self._subset]
-        new = ~self._counted[index]  # kept on the device: no host synchronisation here
-        self._counted[index] = True
-        self.correct += ((outputs.argmax(-1) == targets) & new).sum()
-        self.loss_sum += torch.where(new, losses.float(), 0.0).sum()
-        self.seen += new.sum()
+        hits = outputs.argmax(-1) == targets
+        if new is None:
+            self.correct += hits.sum()
+            self.loss_sum += losses.float().sum()
+            self.seen += len(targets)
+        else:
+            self.correct += (hits & new).sum()
+            self.loss_sum += torch.where(new, losses.float(), 0.0).sum()
+            self.seen += new.sum()
 
 
 def evaluation_weights(optimizer):

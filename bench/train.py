@@ -348,15 +348,15 @@ def train_on(run: Run, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, sums
     shard = slice(rank * local_batch, (rank + 1) * local_batch)
     closure = TrainClosure(run.model, run.loss_fn, x[shard], y[shard], accelerator=run.accelerator,
                            sync_ascent=run.sync_ascent, scaler=run.scaler, accumulation_steps=config.grad_accum_steps,
-                           sample_ids=ids[shard], regularizer=run.regularizer, epoch=run.state.epoch)
+                           sample_ids=ids[shard], regularizer=run.regularizer, epoch=run.state.epoch, totals=sums)
     skipped = take_step(run.optimizer, closure, run.snapshot)
     if run.regularizer is not None:  # every process, taken or skipped: it may gather across processes
         run.regularizer.after_step(run.accelerator.unwrap_model(run.model), skipped=skipped)
     if run.scaler is not None:
         run.scaler.update(skipped=skipped)
     run.scheduler.step()
-    for key in ("correct", "loss_sum", "seen", "passes", "sample_passes"):
-        sums[key] += getattr(closure, key)
+    sums["passes"] += closure.passes  # the metrics went to sums["correct"], ... on the device
+    sums["sample_passes"] += closure.sample_passes
     return skipped
 
 
@@ -412,9 +412,12 @@ def epoch_row(run: Run, sums: dict[str, Any], epoch_steps: int) -> dict[str, Any
         totals = run.accelerator.reduce(totals, reduction="sum")
     correct, loss_sum, seen = totals.tolist()
     held_out = {}
+    epoch, every = run.state.epoch + 1, run.config.test_every_epochs
+    test_due = epoch % every == 0 or epoch >= run.config.epochs or run.state.status != "running"  # a last row
     with evaluation_weights(run.optimizer):
         for split in run.splits:
-            held_out.update(split.evaluate(run.model, run.accelerator))
+            if split.name != "test" or test_due:
+                held_out.update(split.evaluate(run.model, run.accelerator))
     logged = getattr(run.optimizer, "logged_values", dict)()
     return {
         "epoch": run.state.epoch + 1,
@@ -482,7 +485,7 @@ def summary_of(run: Run) -> dict[str, Any]:
         "run_id": config.run_id(), "status": state.status, "dataset": config.dataset, "arch": config.arch,
         "optimizer": config.optimizer, "base_optimizer": config.base_optimizer, "seed": config.seed,
         **held_out,
-        "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
+        "best_test_acc": best.get("test_acc"), "best_epoch": best["epoch"],
         "final_train_loss": last["train_loss"], "epochs_completed": len(rows), "steps": state.step,
         "stopped_early": state.status == "stopped_early", "skipped_steps": state.skipped,
         "wall_time_s": state.wall_time_s, "cpu_time_s": state.cpu_time_s,

@@ -111,7 +111,10 @@ class BatchClosure:
                 self._backward(micro_losses.sum() / len(targets))
             outputs.append(out.detach())
             losses.append(micro_losses.detach())
-        outputs, losses = torch.cat(outputs), torch.cat(losses)
+        if len(micro) > 1:  # one micro-batch: no copy
+            outputs, losses = torch.cat(outputs), torch.cat(losses)
+        else:
+            outputs, losses = outputs[0], losses[0]
         loss = losses.mean()
         self.after_backward(loss, phase)
         self.passes += 1

@@ -108,6 +108,24 @@ def test_max_steps_stops_the_run_and_says_so(tmp_path):
     assert summary["steps"] == 5 and summary["stopped_early"] and summary["epochs_completed"] == 1
 
 
+def test_test_every_epochs_skips_test_evaluations_and_changes_nothing_else(tmp_path):
+    common = ["--epochs", "3", "--batch_size", "64", "--val_fraction", "0.2", "--cpu"]
+    main(common + ["--output_dir", str(tmp_path / "every")])
+    main(common + ["--output_dir", str(tmp_path / "sparse"), "--test_every_epochs", "2"])
+    (every,), (sparse,) = (list((tmp_path / d).iterdir()) for d in ("every", "sparse"))
+    assert every.name == sparse.name  # an operational setting: the same run
+    rows, sparse_rows = read_jsonl(every / "metrics.jsonl"), read_jsonl(sparse / "metrics.jsonl")
+    assert [("test_acc" in r) for r in sparse_rows] == [False, True, True]  # epoch 2: due; 3: the last
+    for row, sparse_row in zip(rows, sparse_rows):
+        assert sparse_row["val_acc"] == row["val_acc"] and sparse_row["train_loss"] == row["train_loss"]
+        assert sparse_row.get("test_acc", row["test_acc"]) == row["test_acc"]
+    summary, sparse_summary = read_json(every / "summary.json"), read_json(sparse / "summary.json")
+    assert sparse_summary["final_test_acc"] == summary["final_test_acc"]
+    main(["--max_steps", "5", "--test_every_epochs", "2", "--output_dir", str(tmp_path / "stopped"), "--cpu"])
+    (stopped,) = list((tmp_path / "stopped").iterdir())
+    assert "test_acc" in read_jsonl(stopped / "metrics.jsonl")[-1]  # a run that stops early ends with a test row
+
+
 @pytest.mark.parametrize("name", [n for n in available_optimizers() if n not in ("adam", "adamw")])
 def test_every_optimizer_lowers_the_training_loss_on_digits(name, tmp_path):
     argv = ["--sam_type", name, "--epochs", "4", "--batch_size", "64", "--lr", "0.05", "--output_dir", str(tmp_path), "--cpu"]

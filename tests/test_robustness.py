@@ -19,6 +19,7 @@ from bench.io import read_json, read_jsonl
 from bench.step import TrainClosure, take_step
 from bench.train import train
 from optimizers import available_optimizers, create_optimizer
+from optimizers.regularizer import build_regularizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("epoch_time_s", "images_per_s", "step_time_median_s")
@@ -124,6 +125,37 @@ def test_a_non_finite_pass_skips_the_step_with_weights_restored(fail_on_pass, fp
                            scaler=scaler)
     assert not take_step(opt, closure)
     assert any(not torch.equal(before[k], model.state_dict()[k]) for k in before)
+
+
+#: settings under which every pass kind of the variant runs within the test's four steps
+SHORT = {"looksam": {"k": 2}, "look_layer_sam": {"k": 2}, "lookbehind_sam": {"k_steps": 2}, "bsam": {"msharpness": 2}}
+
+
+@pytest.mark.parametrize("name", available_optimizers())
+def test_fp16_loss_scaling_changes_no_step_of_any_optimizer(name):
+    """The loss scale is a power of two, so scaled-then-unscaled gradients are the true ones: four
+    steps with the scaler give the weights of four without. ESAM switches requires_grad between its
+    passes; the gradients of every pass must be unscaled all the same."""
+    from accelerate import Accelerator
+
+    weights = []
+    for scaler in (None, LossScaler(init_scale=2.0**10)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        seeded = {} if name in ("sgd", "adam", "adamw") else {"seed": 0}
+        opt = create_optimizer(name, model, lr=0.1, **seeded, **SHORT.get(name, {}))
+        regularizer = build_regularizer(opt, model, num_train=32, num_classes=3, device=torch.device("cpu"))
+        g = torch.Generator().manual_seed(1)
+        for step in range(4):
+            x, y = torch.randn(8, 1, 4, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+            closure = TrainClosure(model, nn.CrossEntropyLoss(reduction="none"), x, y, accelerator=Accelerator(cpu=True),
+                                   sync_ascent=False, scaler=scaler, sample_ids=torch.arange(8) + 8 * step,
+                                   regularizer=regularizer)
+            assert not take_step(opt, closure)
+            if regularizer is not None:
+                regularizer.after_step(model, skipped=False)
+        weights.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-6, atol=1e-7)
 
 
 def test_fp16_scaler_unscales_and_flags_infinite_gradients():
