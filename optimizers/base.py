@@ -140,10 +140,18 @@ def global_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
 
 
 def copy_tensors(destinations: list[Tensor], sources: list[Tensor]) -> None:
-    """``destinations[i].copy_(sources[i])`` for every i in one fused call; sharded tensors copy
-    their local shards (both sides sharded alike)."""
-    if destinations:
-        torch._foreach_copy_([local_tensor(t) for t in destinations], [local_tensor(t) for t in sources])
+    """``destinations[i].copy_(sources[i])`` for every i, one fused call per (device, dtype) pair;
+    sharded tensors copy their local shards (both sides sharded alike)."""
+    groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+    for d, s in zip(destinations, sources):
+        d, s = local_tensor(d), local_tensor(s)
+        # on a GPU the fused kernel needs one device and dtype per list; a mixed list (BatchNorm's
+        # integer counters among float buffers) falls back to one kernel per tensor
+        into, out_of = groups.setdefault((d.device, d.dtype, s.device, s.dtype), ([], []))
+        into.append(d)
+        out_of.append(s)
+    for into, out_of in groups.values():
+        torch._foreach_copy_(into, out_of)
 
 
 def copy_into_kept(kept: list[Tensor], tensors: list[Tensor]) -> list[Tensor]:
@@ -189,7 +197,7 @@ class RunningStatsFreeze:
     @torch.no_grad()
     def release(self) -> None:
         if self.frozen:
-            torch._foreach_copy_(self.buffers(), self._saved)
+            copy_tensors(self.buffers(), self._saved)
         self.frozen = False
 
 
