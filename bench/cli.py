@@ -250,7 +250,7 @@ def cmd_run(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.suite:
         return cmd_sweep([args.suite, *[f"--set={s}" for s in args.sets]])
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in a log
     if args.resume not in (None, "auto"):
         config, notes = resume_config(args.resume, argv), []
     elif args.recipe:
@@ -273,8 +273,12 @@ def cmd_run(argv: list[str]) -> int:
     if result.already_finished:
         console.print(f"{result.run_dir}: already finished ({s['status']}); nothing changed")
         return 0
+    # an accuracy is None where its split was not evaluated (a diverged run; --test_every_epochs)
+    scores = [f"{split} acc {s[f'final_{split}_acc']:.4f}" for split in ("val", "test") if s.get(f"final_{split}_acc") is not None]
+    if s.get("best_test_acc") is not None:
+        scores[-1] += f" (best {s['best_test_acc']:.4f})"
     console.print(
-        f"{result.run_dir}: test acc {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f}), "
+        f"{result.run_dir}: {', '.join(scores) or s['status']}, "
         f"{s['steps']} steps{' (stopped early at --max_steps)' if s['stopped_early'] else ''}, {s['wall_time_s']:.1f}s"
     )
     return 0
