@@ -381,7 +381,8 @@ def cmd_tune(argv: list[str]) -> int:
     results_dir = Path(args.results_dir)
     table = write_tuning_results(tuning, chosen, final_dirs, results_dir, "python launch.py tune " + shlex.join(argv))
     print_table(table, title=str(results_dir / f"{recipe.name}_tuned.md"))
-    print(f"wrote {results_dir / f'{recipe.name}_tuning.md'}")
+    for written in [results_dir / f"{recipe.name}_tuning.md", *write_plots(final_dirs, results_dir / f"{recipe.name}_tuned")]:
+        print(f"wrote {written}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Figures from run directories: test accuracy against epoch, training time and sharpness.
+"""Figures from run directories: test accuracy against epoch, training time and sharpness, and per optimizer.
 
 Reads only the run files (``config.json``, ``metrics.jsonl``, ``summary.json``, ``sharpness.json``), so
 it works on copied or finished runs without torch.  Figures are PNG (Agg backend, no display needed),
@@ -256,13 +256,51 @@ def plot_accuracy_vs_sharpness(run_dirs: Iterable[str | Path], path: str | Path,
     return _save(fig, path)
 
 
+def _load_finals(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """One row per finished run with a final test accuracy (summary.json)."""
+    rows = []
+    for run in map(Path, run_dirs):
+        acc = _read_json_or_empty(run / "summary.json").get("final_test_acc") if (run / "summary.json").is_file() else None
+        if _finite(acc):
+            rows.append({"run_dir": str(run), **_run_meta(run), "final_test_acc": float(acc)})
+    return pd.DataFrame(rows)
+
+
+def plot_final_accuracy(run_dirs: Iterable[str | Path], path: str | Path) -> Path | None:
+    """Final test accuracy (%) per optimizer: each seed a dot, the mean a bar with +-1 std, SGD's mean a
+    dashed line. Returns None and writes nothing when no run has finished."""
+    finals = _load_finals(run_dirs)
+    if finals.empty:
+        return None
+    dataset, arch = _single_pair(finals, "plot_final_accuracy")
+    series = _series(finals)
+    colors = _colors([label for label, _ in series])
+    fig, ax = plt.subplots(figsize=(FIGSIZE[0], max(2.5, 0.38 * len(series) + 1.2)), dpi=DPI)
+    for y, (label, rows) in enumerate(series):
+        acc = rows["final_test_acc"].to_numpy(dtype=float) * 100
+        std = acc.std(ddof=1) if len(acc) > 1 else 0.0
+        ax.barh(y, acc.mean(), xerr=std, color=colors[label], alpha=0.35, capsize=3)
+        ax.scatter(acc, np.full(len(acc), y), color=colors[label], edgecolors="black", linewidths=0.4, s=22, zorder=3)
+        if label == "sgd":
+            ax.axvline(acc.mean(), color="black", linestyle="--", linewidth=0.9, label="SGD mean")
+    ax.set_yticks(range(len(series)), [f"{label} (n={len(rows)})" for label, rows in series])
+    ax.invert_yaxis()  # the tables' order, top to bottom
+    low = finals["final_test_acc"].min() * 100
+    ax.set_xlim(left=max(0.0, low - 5))
+    ax.set_title(f"{dataset} / {arch}: final test accuracy (dots: seeds; bars: mean +- std)")
+    ax.set_xlabel("Final test accuracy (%)")
+    ax.grid(True, axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(text)).strip("-") or "x"
 
 
 def write_plots(run_dirs: Iterable[str | Path], out_prefix: str | Path) -> list[Path]:
-    """Write ``{out_prefix}_acc_epoch.png``, ``{out_prefix}_acc_time.png`` and, when some run has
-    sharpness.json, ``{out_prefix}_acc_sharpness.png``; returns the written paths.
+    """Write ``{out_prefix}_acc_epoch.png``, ``{out_prefix}_acc_time.png``, ``{out_prefix}_acc_final.png``
+    (when some run has finished) and, when some run has sharpness.json, ``{out_prefix}_acc_sharpness.png``;
+    returns the written paths.
 
     With several (dataset, arch) pairs each pair gets its own files, named
     ``{out_prefix}_acc_epoch_{dataset}_{arch}.png`` and so on.
@@ -284,9 +322,10 @@ def write_plots(run_dirs: Iterable[str | Path], out_prefix: str | Path) -> list[
         if not pair_curves.empty:
             written.append(plot_accuracy_vs_epoch(pair_curves, f"{out_prefix}_acc_epoch{suffix}.png"))
             written.append(plot_accuracy_vs_time(pair_curves, f"{out_prefix}_acc_time{suffix}.png"))
-        sharp = plot_accuracy_vs_sharpness(runs, f"{out_prefix}_acc_sharpness{suffix}.png")
-        if sharp is not None:
-            written.append(sharp)
+        for figure in (plot_final_accuracy(runs, f"{out_prefix}_acc_final{suffix}.png"),
+                       plot_accuracy_vs_sharpness(runs, f"{out_prefix}_acc_sharpness{suffix}.png")):
+            if figure is not None:
+                written.append(figure)
     return written
 
 

@@ -86,7 +86,7 @@ def test_malformed_run_files_are_named_and_left_out(tmp_path):
     named = " ".join(str(w.message) for w in caught)
     for bad in (runs[0] / "metrics.jsonl", runs[1] / "sharpness.json", runs[2] / "summary.json"):
         assert str(bad) in named
-    assert [p.name for p in written] == ["x_acc_epoch.png", "x_acc_time.png", "x_acc_sharpness.png"]
+    assert [p.name for p in written] == ["x_acc_epoch.png", "x_acc_time.png", "x_acc_final.png", "x_acc_sharpness.png"]
     with pytest.warns(RunSkipped):
         assert set(load_curves(runs)["run_dir"]) == {str(r) for r in runs[1:]}
 
@@ -95,7 +95,7 @@ def test_write_plots_without_sharpness(tmp_path):
     runs = make_grid(tmp_path / "runs")
     out = tmp_path / "figs"
     written = write_plots(runs, out / "cifar")
-    assert written == [out / "cifar_acc_epoch.png", out / "cifar_acc_time.png"]
+    assert written == [out / "cifar_acc_epoch.png", out / "cifar_acc_time.png", out / "cifar_acc_final.png"]
     for path in written:
         assert_png(path)
     assert not (out / "cifar_acc_sharpness.png").exists()
@@ -106,7 +106,8 @@ def test_write_plots_without_sharpness(tmp_path):
 def test_write_plots_with_sharpness(tmp_path):
     runs = make_grid(tmp_path / "runs", sharpness=True)
     written = write_plots(runs, tmp_path / "cifar")
-    assert [p.name for p in written] == ["cifar_acc_epoch.png", "cifar_acc_time.png", "cifar_acc_sharpness.png"]
+    assert [p.name for p in written] == ["cifar_acc_epoch.png", "cifar_acc_time.png", "cifar_acc_final.png",
+                                         "cifar_acc_sharpness.png"]
     for path in written:
         assert_png(path)
     other = plot_accuracy_vs_sharpness(runs, tmp_path / "trace.png", measure="hessian_trace")
@@ -121,9 +122,9 @@ def test_two_pairs_are_not_mixed(tmp_path):
     written = write_plots(runs, out)
     names = sorted(p.name for p in written)
     assert names == sorted([
-        "all_acc_epoch_cifar10_resnet8.png", "all_acc_time_cifar10_resnet8.png",
+        "all_acc_epoch_cifar10_resnet8.png", "all_acc_time_cifar10_resnet8.png", "all_acc_final_cifar10_resnet8.png",
         "all_acc_sharpness_cifar10_resnet8.png",  # only the cifar10 runs have sharpness.json
-        "all_acc_epoch_digits_mlp.png", "all_acc_time_digits_mlp.png",
+        "all_acc_epoch_digits_mlp.png", "all_acc_time_digits_mlp.png", "all_acc_final_digits_mlp.png",
     ])
     for path in written:
         assert_png(path)
@@ -138,6 +139,6 @@ def test_uneven_run_lengths_and_single_seed(tmp_path):
             make_run(tmp_path, "cifar10", "resnet8", "sgd", 1, epochs=2),  # stopped early
             make_run(tmp_path, "cifar10", "resnet8", "sam", 0)]  # one seed: no band
     written = write_plots(runs, tmp_path / "uneven")
-    assert len(written) == 2
+    assert len(written) == 3
     for path in written:
         assert_png(path)

@@ -94,6 +94,7 @@ def test_the_tuning_markdown_lists_every_trial_and_the_choice(tuned):
         for value in values:
             assert f"| {optimizer} | {key}={value:g} |" in text
     assert text.count("| yes |") == 2
+    assert (root / "results" / "tiny_tune_tuned_acc_final.png").stat().st_size > 0  # the final runs' figures
 
 
 def test_a_second_invocation_trains_nothing_and_has_no_pending_command(tuned, capsys):
