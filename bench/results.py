@@ -21,8 +21,9 @@ only when needed:
 
 ``time vs sgd`` compares a completed row's mean training time with that of the COMPLETED sgd runs of
 the same budget: the same settings except the optimizer's own (``OPTIMIZER_OWN``) and its step settings
-(``STEP_SETTINGS``: lr, momentum, ...), preferring sgd runs whose step settings match too.  No such run,
-or a row that did not complete: blank.
+(``STEP_SETTINGS``: lr, momentum, ...), preferring sgd runs whose step settings match too, and run with
+the same torch thread count and process count as every run of the row.  No such run, or a row that did
+not complete: blank.
 
 Problems: a missing path, a path that is not a folder, or a folder without any run raise ``ResultsError``
 (one line).  A run whose config.json or summary.json is malformed is skipped and named in a note
@@ -176,7 +177,7 @@ def _read_run(run: Path) -> tuple[dict | None, list[str]]:
     config, problem = _read_checked(run / "config.json", _config_problem)
     if problem:
         return None, [f"{problem}; run skipped"]
-    row: dict[str, Any] = {"status": "unfinished", "contended": False,
+    row: dict[str, Any] = {"status": "unfinished", "contended": False, "timing": None,
                            **{k: math.nan for k in SUMMARY_NUMBERS + SUMMARY_OPTIONAL}}
     if (run / "summary.json").exists():
         summary, problem = _read_checked(run / "summary.json", _summary_problem)
@@ -186,6 +187,7 @@ def _read_run(run: Path) -> tuple[dict | None, list[str]]:
         row.update({k: math.nan if summary.get(k) is None else float(summary[k])
                     for k in SUMMARY_NUMBERS + SUMMARY_OPTIONAL})
         row["contended"] = summary.get("contended") is True
+        row["timing"] = (summary.get("torch_threads"), summary.get("world_size"))  # what a step time depends on
     notes = []
     if (run / "sharpness.json").exists():
         sharpness, problem = _read_checked(run / "sharpness.json", _sharpness_problem)
@@ -262,6 +264,10 @@ def _time_ratio(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> flo
     base = base.loc[[_key(i, OPTIMIZER_OWN + STEP_SETTINGS) == budget for i in base.identity]]
     same_step = base.loc[[[i.get(k) for k in STEP_SETTINGS] == step for i in base.identity]]
     base = same_step if len(same_step) else base  # a variant with its own lr (bSAM) still gets a ratio
+    # step times compare only at the same thread count and process count (operational settings, so
+    # not part of a run's identity): a row whose runs differ there gets no ratio
+    timing = set(runs_of.timing)
+    base = base[base.timing == next(iter(timing))] if len(timing) == 1 else base.iloc[:0]
     if not len(base):
         return ""
     return _rounded(_step_cost(runs_of) / _step_cost(base), 2)

@@ -250,8 +250,10 @@ def test_plot_legends_follow_the_table_order(tmp_path, monkeypatch):
         runs.append(run)
     legends = []
 
-    def record(fig, path):
-        legends.append([t.get_text().split(" (n=")[0] for t in fig.axes[0].get_legend().get_texts()])
+    def record(fig, path):  # the per-optimizer figure names its rows on the y axis, the others in a legend
+        legend = fig.axes[0].get_legend()
+        texts = legend.get_texts() if legend is not None else fig.axes[0].get_yticklabels()
+        legends.append([t.get_text().split(" (n=")[0] for t in texts])
         plots.plt.close(fig)
         return Path(path)
 
@@ -259,7 +261,7 @@ def test_plot_legends_follow_the_table_order(tmp_path, monkeypatch):
     plots.write_plots(runs, tmp_path / "fig")
     table = table_of(tmp_path)
     assert list(table.optimizer) == optimizer_order(names) == ["sgd", "sam", "asam", "esam", "gsam", "look_layer_sam"]
-    assert legends == [list(table.optimizer)] * 2
+    assert legends == [list(table.optimizer)] * 3
 
 
 def test_time_ratios_come_from_the_median_step_of_each_run(tmp_path):
@@ -272,3 +274,17 @@ def test_time_ratios_come_from_the_median_step_of_each_run(tmp_path):
         (run / "summary.json").write_text(json.dumps({**summary, "step_time_median_s": step}))
     table = table_of(tmp_path).set_index("optimizer")
     assert table.loc["sam", "time vs sgd"] == round(0.030 / 0.0105, 2)
+
+
+def test_time_ratios_compare_runs_at_the_same_thread_count_only(tmp_path):
+    """Threads are operational (not in a run's identity), so an sgd run with 2 threads and a sam run with
+    1 are the same settings; their step times are not comparable: no ratio, rather than a wrong one."""
+    for optimizer, seed, threads, step in [("sgd", 0, 1, 0.010), ("sgd", 1, 2, 0.006), ("sam", 0, 1, 0.020),
+                                           ("sam", 1, 1, 0.022), ("asam", 0, 2, 0.012), ("asam", 1, 1, 0.021)]:
+        run = make_run(tmp_path, optimizer, seed)
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "step_time_median_s": step, "torch_threads": threads,
+                                                      "world_size": 1}))
+    table = table_of(tmp_path).set_index("optimizer")
+    assert table.loc["sam", "time vs sgd"] == 2.1  # against the 1-thread sgd run: median 0.021 / 0.010
+    assert table.loc["asam", "time vs sgd"] == ""  # its runs used 1 and 2 threads
