@@ -22,8 +22,8 @@ only when needed:
 ``time vs sgd`` compares a completed row's mean training time with that of the COMPLETED sgd runs of
 the same budget: the same settings except the optimizer's own (``OPTIMIZER_OWN``) and its step settings
 (``STEP_SETTINGS``: lr, momentum, ...), preferring sgd runs whose step settings match too, and run with
-the same torch thread count and process count as every run of the row.  No such run, or a row that did
-not complete: blank.
+the same torch thread count and process count as every run of the row, from the runs not flagged
+``contended`` on either side.  No such run, or a row that did not complete: blank.
 
 Problems: a missing path, a path that is not a folder, or a folder without any run raise ``ResultsError``
 (one line).  A run whose config.json or summary.json is malformed is skipped and named in a note
@@ -268,9 +268,11 @@ def _time_ratio(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> flo
     # not part of a run's identity): a row whose runs differ there gets no ratio
     timing = set(runs_of.timing)
     base = base[base.timing == next(iter(timing))] if len(timing) == 1 else base.iloc[:0]
-    if not len(base):
+    # a step time taken while other work shared the machine is inflated: only quiet runs on both sides
+    quiet, base = runs_of[~runs_of.contended.astype(bool)], base[~base.contended.astype(bool)]
+    if not len(base) or not len(quiet):
         return ""
-    return _rounded(_step_cost(runs_of) / _step_cost(base), 2)
+    return _rounded(_step_cost(quiet) / _step_cost(base), 2)
 
 
 def _step_cost(runs: pd.DataFrame) -> float:

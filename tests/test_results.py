@@ -179,11 +179,13 @@ def test_stopped_early_and_diverged_runs_are_rows_of_their_own(tmp_path):
 
 def test_runs_timed_on_a_busy_machine_are_counted_in_a_contended_column(tmp_path):
     make_run(tmp_path, "sgd", 0)
-    busy = make_run(tmp_path, "sgd", 1)
+    busy = make_run(tmp_path, "sgd", 1, train_time=30.0)
     summary = json.loads((busy / "summary.json").read_text())
     (busy / "summary.json").write_text(json.dumps({**summary, "contended": True}))
-    make_run(tmp_path, "sam", 0)
-    assert list(table_of(tmp_path).contended) == ["1/2", ""]
+    make_run(tmp_path, "sam", 0, train_time=3.0)
+    table = table_of(tmp_path)
+    assert list(table.contended) == ["1/2", ""]
+    assert table.set_index("optimizer").loc["sam", "time vs sgd"] == 0.3  # against the quiet sgd run alone
 
 
 def test_a_diverged_sgd_run_is_not_the_baseline(tmp_path):
