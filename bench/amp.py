@@ -31,8 +31,8 @@ def unscale_and_check(params: list[Tensor], inv_scale: float = 1.0, found: Tenso
     given (the flag is set in it, never cleared, so one tensor gathers a whole step), else a new one on
     the first gradient's device. One fused kernel per (device, dtype); no host synchronisation."""
     grads = [local_tensor(p.grad) for p in params if p.grad is not None]  # a sharded gradient: this process's shard
-    device = grads[0].device if grads else (also_check.device if also_check is not None else torch.device("cpu"))
     if found is None:
+        device = grads[0].device if grads else (also_check.device if also_check is not None else torch.device("cpu"))
         found = torch.zeros((), device=device)
     if also_check is not None:
         torch._amp_foreach_non_finite_check_and_unscale_([also_check.detach().reshape(1)], found, _one(found.device))

@@ -154,8 +154,8 @@ class StepSnapshot:
     """What a sharpness-aware step changes, copied on the device before it (no synchronisation), so a
     step found non-finite at its end can be undone: the model's parameters and buffers (BatchNorm
     statistics of a non-finite pass included) and the optimizer's ``state_dict`` (momentum, the
-    variant's state, its random streams). The copies go into buffers kept across steps (one fused
-    copy, no allocation on the step's path); only an undo allocates."""
+    variant's state, its random streams). The copies go into buffers kept across steps (fused
+    copies, no allocation on the step's path); only an undo allocates."""
 
     def __init__(self, model: nn.Module):
         self.live = [local_tensor(t) for t in [*model.parameters(), *model.buffers()]]  # a shard, when sharded

@@ -156,7 +156,7 @@ def copy_tensors(destinations: list[Tensor], sources: list[Tensor]) -> None:
 
 def copy_into_kept(kept: list[Tensor], tensors: list[Tensor]) -> list[Tensor]:
     """Copy ``tensors`` into ``kept`` (buffers from an earlier call, reallocated when they no longer
-    fit) in one fused copy, and return the buffers: a snapshot that allocates only when shapes change."""
+    fit) with :func:`copy_tensors`, and return the buffers: a snapshot that allocates only when shapes change."""
     fits = len(kept) == len(tensors) and all(
         k.shape == t.shape and k.dtype == t.dtype and k.device == t.device and type(k) is type(t) for k, t in zip(kept, tensors)
     )
