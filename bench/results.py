@@ -14,8 +14,9 @@ only when needed:
   left to the variant's default shows as ``rho=default``);
 * ``status``: only when some row is not "completed".  Unfinished rows count their runs (n) and leave
   the accuracies blank;
-* ``contended``: only when some run's summary says its timing was taken on a busy machine
-  (``"contended": true``): per row, how many of its runs ("1/3"); their times are inflated.
+* ``contended``: only when some run was timed while other work shared its machine (its summary says
+  ``"contended": true``, or its recorded loads do by ``bench.environment.contended``): per row, how
+  many of its runs ("1/3"); their times are inflated.
 * ``tuned``: only when the caller passes ``tuned`` (optimizer -> the values tuning chose, as
   ``bench.tune`` does): that text on the optimizer's rows (``rho=0.05``), blank on the others.
 
@@ -23,7 +24,9 @@ only when needed:
 the same budget: the same settings except the optimizer's own (``OPTIMIZER_OWN``) and its step settings
 (``STEP_SETTINGS``: lr, momentum, ...), preferring sgd runs whose step settings match too, and run with
 the same torch thread count and process count as every run of the row, from the runs not flagged
-``contended`` on either side.  No such run, or a row that did not complete: blank.
+``contended`` on both sides, else from runs that shared the machine with other work on both sides
+(the row's ``contended`` column then flags the ratio); never a quiet run against a contended one, and
+never a run on an oversubscribed machine.  No such pair, or a row that did not complete: blank.
 
 Problems: a missing path, a path that is not a folder, or a folder without any run raise ``ResultsError``
 (one line).  A run whose config.json or summary.json is malformed is skipped and named in a note
@@ -46,6 +49,7 @@ from rich.table import Table
 
 from optimizers import available_optimizers
 
+from . import environment
 from .config import OPERATIONAL, RUN_METADATA, RunConfig
 from .io import read_json, write_text
 
@@ -177,7 +181,7 @@ def _read_run(run: Path) -> tuple[dict | None, list[str]]:
     config, problem = _read_checked(run / "config.json", _config_problem)
     if problem:
         return None, [f"{problem}; run skipped"]
-    row: dict[str, Any] = {"status": "unfinished", "contended": False, "timing": None,
+    row: dict[str, Any] = {"status": "unfinished", "contended": False, "oversubscribed": False, "timing": None,
                            **{k: math.nan for k in SUMMARY_NUMBERS + SUMMARY_OPTIONAL}}
     if (run / "summary.json").exists():
         summary, problem = _read_checked(run / "summary.json", _summary_problem)
@@ -186,7 +190,12 @@ def _read_run(run: Path) -> tuple[dict | None, list[str]]:
         row.update(summary)
         row.update({k: math.nan if summary.get(k) is None else float(summary[k])
                     for k in SUMMARY_NUMBERS + SUMMARY_OPTIONAL})
-        row["contended"] = summary.get("contended") is True
+        # recomputed from the recorded loads, so runs written under an older rule are judged by this one
+        own = (summary.get("torch_threads") or 0) * (summary.get("world_size") or 1) or None
+        cores = (config.get("environment") or {}).get("cpu_count")
+        loads = (summary.get("load_at_start"), summary.get("load_at_end"))
+        row["contended"] = summary.get("contended") is True or environment.contended(loads, own, cores)
+        row["oversubscribed"] = environment.oversubscribed(loads, cores)
         row["timing"] = (summary.get("torch_threads"), summary.get("world_size"))  # what a step time depends on
     notes = []
     if (run / "sharpness.json").exists():
@@ -268,11 +277,15 @@ def _time_ratio(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> flo
     # not part of a run's identity): a row whose runs differ there gets no ratio
     timing = set(runs_of.timing)
     base = base[base.timing == next(iter(timing))] if len(timing) == 1 else base.iloc[:0]
-    # a step time taken while other work shared the machine is inflated: only quiet runs on both sides
-    quiet, base = runs_of[~runs_of.contended.astype(bool)], base[~base.contended.astype(bool)]
-    if not len(base) or not len(quiet):
-        return ""
-    return _rounded(_step_cost(quiet) / _step_cost(base), 2)
+    # a step time taken while other work shared the machine is inflated: quiet runs on both sides, else
+    # runs beside another on both sides (the row's contended column flags it), never one against the
+    # other, and never a run on an oversubscribed machine (inflated by an unknown factor)
+    runs_of, base = runs_of[~runs_of.oversubscribed.astype(bool)], base[~base.oversubscribed.astype(bool)]
+    for busy in (False, True):
+        mine, theirs = runs_of[runs_of.contended.astype(bool) == busy], base[base.contended.astype(bool) == busy]
+        if len(mine) and len(theirs):
+            return _rounded(_step_cost(mine) / _step_cost(theirs), 2)
+    return ""
 
 
 def _step_cost(runs: pd.DataFrame) -> float:

@@ -188,6 +188,43 @@ def test_runs_timed_on_a_busy_machine_are_counted_in_a_contended_column(tmp_path
     assert table.set_index("optimizer").loc["sam", "time vs sgd"] == 0.3  # against the quiet sgd run alone
 
 
+def timed(run: Path, **loads) -> Path:
+    """Record a run's thread count and loads in its summary (as bench.train does) and the machine's cores."""
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "world_size": 1, "contended": False, **loads}))
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "environment": {"cpu_count": 2}}))
+    return run
+
+
+def test_a_run_beside_another_is_contended_by_its_recorded_loads_though_its_summary_says_quiet(tmp_path):
+    # 2 cores: a one-thread run at load 2.0 had a second busy process beside it; a two-thread one did not
+    timed(make_run(tmp_path, "sgd", 0), torch_threads=2, load_at_start=2.0, load_at_end=2.1)
+    timed(make_run(tmp_path, "sgd", 1), torch_threads=1, load_at_start=1.0, load_at_end=2.0)
+    timed(make_run(tmp_path, "sam", 0), torch_threads=1, load_at_start=1.1, load_at_end=1.2)
+    runs = load_runs([tmp_path])
+    assert sorted(zip(runs.optimizer, runs.seed, runs.contended)) == [("sam", 0, False), ("sgd", 0, False), ("sgd", 1, True)]
+
+
+def test_time_ratios_pair_quiet_with_quiet_else_contended_with_contended_never_across(tmp_path):
+    base = dict(torch_threads=1)
+    timed(make_run(tmp_path / "a", "sgd", 0, train_time=10.0), **base, load_at_start=1.0, load_at_end=1.0)
+    timed(make_run(tmp_path / "a", "sgd", 1, train_time=15.0), **base, load_at_start=2.0, load_at_end=2.0)
+    timed(make_run(tmp_path / "a", "sam", 0, train_time=20.0), **base, load_at_start=1.0, load_at_end=1.0)
+    timed(make_run(tmp_path / "a", "sam", 1, train_time=36.0), **base, load_at_start=2.0, load_at_end=2.0)
+    table = table_of(tmp_path / "a").set_index("optimizer")
+    assert table.loc["sam", "time vs sgd"] == 2.0 and table.loc["sam", "contended"] == "1/2"  # the quiet pair
+    timed(make_run(tmp_path / "b", "sgd", 0, train_time=15.0), **base, load_at_start=2.0, load_at_end=2.0)
+    timed(make_run(tmp_path / "b", "sam", 0, train_time=36.0), **base, load_at_start=2.0, load_at_end=2.0)
+    timed(make_run(tmp_path / "b", "esam", 0, train_time=20.0), **base, load_at_start=1.0, load_at_end=1.0)
+    table = table_of(tmp_path / "b").set_index("optimizer")
+    assert table.loc["sam", "time vs sgd"] == 2.4 and table.loc["sam", "contended"] == "1/1"  # flagged
+    assert table.loc["esam", "time vs sgd"] == ""  # a quiet run against a contended baseline: no ratio
+    timed(make_run(tmp_path / "b", "sam", 1, train_time=300.0), **base, load_at_start=3.0, load_at_end=2.0)
+    table = table_of(tmp_path / "b").set_index("optimizer")
+    assert table.loc["sam", "time vs sgd"] == 2.4 and table.loc["sam", "contended"] == "2/2"  # oversubscribed: left out
+
+
 def test_a_diverged_sgd_run_is_not_the_baseline(tmp_path):
     make_run(tmp_path, "sgd", 0, acc=float("nan"), status="diverged", train_time=1.0)
     make_run(tmp_path, "sgd", 0, epochs=3, train_time=5.0)  # completed, but another budget
