@@ -98,3 +98,18 @@ def test_perf_harness_writes_its_table(tmp_path):
         "| bare PyTorch loop (SGD)", "| harness (sam)", "| harness (sam, --channels_last)", "| harness (sam, --compile)",
         "| harness (sam, --compile --channels_last)"]
     assert rows[0].split(" | ")[3] == "1.000"
+
+
+def test_perf_times_every_optimizer_asked_for_on_images_of_the_given_shape(tmp_path):
+    """One row per optimizer (sgd always, first), each with its passes per step; the shape in the header."""
+    from bench.perf import main as perf_main
+
+    out = tmp_path / "perf.md"
+    assert perf_main(["--arch", "smallcnn", "--image_size", "8", "--channels", "1", "--batch_size", "8", "--steps", "5",
+                      "--rounds", "1", "--warmup", "1", "--optimizers", "sam", "looksam", "--no_external",
+                      "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "batch 8 of 8x8x1 images" in text and "--channels 1" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [(r[0], r[3], r[4]) for r in rows] == [("| sgd", "1.00", "1.00"), ("| sam", rows[1][3], "2.00"),
+                                                  ("| looksam", rows[2][3], "1.20")]
