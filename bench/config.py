@@ -43,7 +43,7 @@ OPERATIONAL = (
 UNSET_NOT_IDENTITY = ("image_size", "image_column", "label_column")
 
 #: Keys of a run's config.json that describe the run, not its settings.
-RUN_METADATA = ("run_id", "world_size", "device", "versions", "environment")
+RUN_METADATA = ("run_id", "world_size", "device", "versions", "environment", "resolved_hyperparameters")
 
 #: Range and type of every numeric or boolean field (the same checks as a variant's settings).
 FIELD_CHECKS = {
@@ -283,6 +283,32 @@ class RunConfig:
         obstacle = getattr(optimizer_class(self.optimizer), "compile_obstacle", None)
         reason = obstacle(self.hyperparameters) if self.compile and obstacle is not None else None
         _need(reason is None, f"--compile: {reason}")
+
+    def resolved_hyperparameters(self) -> dict[str, Any]:
+        """The variant's own settings as it will use them, recorded in config.json: its declared defaults
+        (not those the harness fills in) overlaid with the given ones, as JSON values."""
+        declared = getattr(optimizer_class(self.optimizer), "settings", ())
+        defaults = {s.name: s.default for s in declared if s.filled_by is None}
+        return json.loads(json.dumps({**defaults, **self.hyperparameters}, default=str))
+
+    def check_recorded(self) -> None:
+        """Refuse to continue or reuse a run made with variant settings this version resolves otherwise.
+
+        A run's id holds only the settings it was given, so after a default changes, an old run has
+        the id of a new one; counting it as one would report the old setting as the new."""
+        path = self.run_dir() / "config.json"
+        try:
+            recorded = json.loads(path.read_text()).get("resolved_hyperparameters") if path.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            return  # an unreadable config.json is the resume's or the table's to report
+        if not isinstance(recorded, dict):
+            return  # written before the settings were recorded
+        now = self.resolved_hyperparameters()
+        changed = sorted(k for k in {*recorded, *now} if recorded.get(k, "unset") != now.get(k, "unset"))
+        then_values = ", ".join(f"{k}={recorded.get(k, 'unset')}" for k in changed)
+        now_values = ", ".join(f"{k}={now.get(k, 'unset')}" for k in changed)
+        _need(not changed, f"{self.run_dir()} was run with {then_values}, which this version resolves to {now_values} "
+                           "(a changed default): move that run aside, or set those values to continue it")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,8 +20,10 @@ from .train import TrainingStopped, train
 
 
 def status(config: RunConfig) -> str:
-    """"done" (summary written, diverged runs included), "interrupted" (checkpoints, no summary) or "pending"."""
+    """"done" (summary written, diverged runs included), "interrupted" (checkpoints, no summary) or "pending";
+    ConfigError for a run made with variant settings this version resolves otherwise."""
     directory = config.run_dir()
+    config.check_recorded()
     if (directory / "summary.json").is_file():
         return "done"
     if (directory / "checkpoints").is_dir() and any((directory / "checkpoints").glob("step_*")):

@@ -307,6 +307,7 @@ def start_or_resume(run: Run, resume: bool) -> None:
         write_json(run.run_dir / "config.json", {
             **config.to_dict(), "run_id": config.run_id(), "world_size": accelerator.num_processes,
             "device": str(run.device), "environment": environment.describe(run.device),
+            "resolved_hyperparameters": config.resolved_hyperparameters(),
         })
         if run.noisy_indices is not None:
             write_json(run.run_dir / "label_noise.json",
@@ -564,6 +565,8 @@ def train(config: RunConfig, progress=None, resume: bool = False) -> RunResult:
     summary.json, checkpoints and model.safetensors in its run directory. Resuming a run that
     already finished changes nothing."""
     config.validate()
+    if resume:
+        config.check_recorded()
     if resume and (done := finished_summary(config)) is not None:
         return RunResult(config.run_dir(), done, already_finished=True)
     run = setup(config, progress)

@@ -126,6 +126,27 @@ def test_print_commands_lists_pending_runs(tmp_path, capsys):
     assert len(pd.read_csv(tmp_path / "tiny.csv")) == 1
 
 
+def test_a_run_made_under_another_default_is_refused_not_reused(tmp_path, capsys):
+    """A run's id holds only the settings it was given; config.json records what the variant resolved
+    them to, so a run from before a default changed is named, never counted as the new default."""
+    recipe = tiny_recipe(tmp_path)
+    runs = tmp_path / "runs"
+    argv = ["--recipe", str(recipe), "--set", "optimizer=looksam", "--set", "seed=0", "--set", "max_steps=2",
+            "--output_dir", str(runs), "--resume", "auto"]
+    assert main(argv) == 0
+    (config_file,) = runs.glob("*looksam*/config.json")
+    recorded = read_json(config_file)["resolved_hyperparameters"]
+    assert recorded["alpha"] == 0.1 and recorded["k"] == 5  # the defaults, recorded
+    assert main(argv) == 0  # the same settings: reused
+    config_file.write_text(config_file.read_text().replace('"alpha": 0.1', '"alpha": 0.7'))  # as an older version wrote it
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "was run with alpha=0.7, which this version resolves to alpha=0.1 (a changed default)" in capsys.readouterr().err
+    assert main(["sweep", str(recipe), "--set", "optimizer=[\"looksam\"]", "--set", "seed=[0]", "--set", "max_steps=2",
+                 "--output_dir", str(runs), "--print_commands"]) == 2
+    assert "alpha=0.7, which this version resolves to alpha=0.1" in capsys.readouterr().err
+
+
 def test_reproduction_table_statuses(tmp_path):
     recipe_path = tiny_recipe(tmp_path)
     recipe = load_recipe(str(recipe_path))
