@@ -20,7 +20,7 @@ only when needed:
 * ``tuned``: only when the caller passes ``tuned`` (optimizer -> the values tuning chose, as
   ``bench.tune`` does): that text on the optimizer's rows (``rho=0.05``), blank on the others.
 
-``time vs sgd`` compares a completed row's mean training time with that of the COMPLETED sgd runs of
+``time vs sgd`` compares a completed row's step time (``_step_cost``) with that of the COMPLETED sgd runs of
 the same budget: the same settings except the optimizer's own (``OPTIMIZER_OWN``) and its step settings
 (``STEP_SETTINGS``: lr, momentum, ...), preferring sgd runs whose step settings match too, and run with
 the same torch thread count and process count as every run of the row, from the runs not flagged
@@ -64,7 +64,7 @@ STEP_SETTINGS = ("lr", "momentum", "weight_decay", "nesterov")
 STATUSES = ("completed", "stopped_early", "diverged", "unfinished")
 #: summary.json numbers the table reads: required keys, and optional ones (a null or absent value shows blank)
 SUMMARY_NUMBERS = ("final_test_acc", "best_test_acc", "train_time_s")
-SUMMARY_OPTIONAL = ("final_test_loss", "final_test_ece", "passes_per_step", "images_per_s")
+SUMMARY_OPTIONAL = ("final_test_loss", "final_test_ece", "passes_per_step", "images_per_s", "step_time_s")
 _DEFAULT = object()  # a hyperparameter a run does not set (the variant's default)
 
 
@@ -289,10 +289,12 @@ def _time_ratio(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> flo
 
 
 def _step_cost(runs: pd.DataFrame) -> float:
-    """The median over runs of each run's median step time (robust to a pause or a burst of other
-    work); runs written before step times were recorded fall back to the mean training time."""
-    if "step_time_median_s" in runs and runs.step_time_median_s.notna().all():
-        return float(runs.step_time_median_s.median())
+    """The median over runs of each run's step time: the median over epochs of the epoch's mean step,
+    which counts every kind of step (LookSAM's ascent every k-th one, which a median step would miss)
+    and confines a burst of other work to its epoch.  Runs written before that was recorded fall back
+    to the mean training time."""
+    if "step_time_s" in runs and runs.step_time_s.notna().all():
+        return float(runs.step_time_s.median())
     return float(runs.train_time_s.mean())
 
 
