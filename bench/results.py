@@ -23,7 +23,10 @@ only when needed:
 ``time vs sgd`` compares a completed row's step time (``_step_cost``) with that of the COMPLETED sgd runs of
 the same budget: the same settings except the optimizer's own (``OPTIMIZER_OWN``) and its step settings
 (``STEP_SETTINGS``: lr, momentum, ...), preferring sgd runs whose step settings match too, and run with
-the same torch thread count and process count as every run of the row, from the runs not flagged
+the same torch thread count and process count as every run of the row (step times: ``_step_times``;
+``time ± (%)``, shown when some ratio has two runs or more on each side, is its relative standard
+error from the seeds' spread of step times, which says whether a ratio can be trusted to 15%), from
+the runs not flagged
 ``contended`` on both sides, else from runs that shared the machine with other work on both sides
 (the row's ``contended`` column then flags the ratio); never a quiet run against a contended one, and
 never a run on an oversubscribed machine.  No such pair, or a row that did not complete: blank.
@@ -263,10 +266,12 @@ def _rounded(value: float, digits: int) -> float | str:
     return round(float(value), digits) if math.isfinite(value) else ""
 
 
-def _time_ratio(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> float | str:
-    """Step cost over that of the completed ``baseline`` runs of the same budget; blank if none."""
+def _time_ratio(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> tuple[float | str, float | str]:
+    """Step cost over that of the completed ``baseline`` runs of the same budget, and that ratio's
+    relative standard error in % from the seeds' spread of step times on both sides; blank if none
+    (the error also when a side has one run)."""
     if runs_of.status.iloc[0] != "completed":
-        return ""
+        return "", ""
     identity = runs_of.identity.iloc[0]
     budget, step = _key(identity, OPTIMIZER_OWN + STEP_SETTINGS), [identity.get(k) for k in STEP_SETTINGS]
     base = runs[(runs.optimizer == baseline) & (runs.status == "completed")]
@@ -284,18 +289,24 @@ def _time_ratio(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> flo
     for busy in (False, True):
         mine, theirs = runs_of[runs_of.contended.astype(bool) == busy], base[base.contended.astype(bool) == busy]
         if len(mine) and len(theirs):
-            return _rounded(_step_cost(mine) / _step_cost(theirs), 2)
-    return ""
+            a, b = _step_times(mine), _step_times(theirs)
+            error = math.hypot(_relative_se(a), _relative_se(b)) * 100
+            return _rounded(a.median() / b.median(), 2), _rounded(error, 1)
+    return "", ""
 
 
-def _step_cost(runs: pd.DataFrame) -> float:
-    """The median over runs of each run's step time: the median over epochs of the epoch's mean step,
-    which counts every kind of step (LookSAM's ascent every k-th one, which a median step would miss)
-    and confines a burst of other work to its epoch.  Runs written before that was recorded fall back
-    to the mean training time."""
+def _step_times(runs: pd.DataFrame) -> pd.Series:
+    """Each run's step time: the median over epochs of the epoch's mean step, which counts every kind
+    of step (LookSAM's ascent every k-th one, which a median step would miss) and confines a burst of
+    other work to its epoch.  Runs written before that was recorded give their training time."""
     if "step_time_s" in runs and runs.step_time_s.notna().all():
-        return float(runs.step_time_s.median())
-    return float(runs.train_time_s.mean())
+        return runs.step_time_s.astype(float)
+    return runs.train_time_s.astype(float)
+
+
+def _relative_se(times: pd.Series) -> float:
+    """The standard error of the mean over the mean (NaN for one run): how well the runs pin a time."""
+    return times.std(ddof=1) / times.mean() / math.sqrt(len(times)) if len(times) > 1 else math.nan
 
 
 def _group_row(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> dict[str, Any]:
@@ -311,7 +322,7 @@ def _group_row(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> dict
         "test loss": _rounded(runs_of.final_test_loss.mean(skipna=False), 4),
         "ECE (%)": _mean_std(runs_of.final_test_ece, 100),
         **{label: _mean_std(runs_of[key], digits=3) if key in runs_of else "" for key, label in SHARPNESS.items()},
-        f"time vs {baseline}": _time_ratio(runs_of, runs, baseline),
+        **dict(zip((f"time vs {baseline}", "time ± (%)"), _time_ratio(runs_of, runs, baseline))),
         "passes/step": _rounded(runs_of.passes_per_step.mean(skipna=False), 2),
         "images/s": _rounded(runs_of.images_per_s.mean(skipna=False), 1),
         "contended": f"{int(runs_of.contended.sum())}/{len(runs_of)}" if runs_of.contended.any() else "",
@@ -381,7 +392,8 @@ def comparison_table(runs: pd.DataFrame, baseline: str = "sgd", tuned: Mapping[s
         order = (row["dataset"], row["arch"], rank[row["optimizer"]], sort_key, STATUSES.index(row["status"]))
         rows.append((order, row))
     table = pd.DataFrame([row for _, row in sorted(rows, key=lambda pair: pair[0])])
-    needed = {"settings": any(labels), "status": (table.status != "completed").any(), "contended": (table.contended != "").any()}
+    needed = {"settings": any(labels), "status": (table.status != "completed").any(), "contended": (table.contended != "").any(),
+              "time ± (%)": (table["time ± (%)"] != "").any()}
     unused = [column for column, keep in needed.items() if not keep]
     if tuned is not None:
         table.insert(table.columns.get_loc("optimizer") + 1, "tuned", [tuned.get(name, "") for name in table.optimizer])
@@ -451,7 +463,7 @@ def write_comparison(paths: list[str | Path], out_prefix: str | Path, preamble: 
 
 def print_table(table: pd.DataFrame, title: str = "") -> None:
     columns = ["dataset", "arch", "optimizer", "tuned", "settings", "status", "n", "final acc (%)", "best acc (%)", "time vs sgd",
-               "contended", "passes/step"]
+               "time ± (%)", "contended", "passes/step"]
     columns = [c for c in columns if c in table]
     rich_table = Table(title=title)
     for column in columns:

@@ -314,6 +314,8 @@ def test_time_ratios_come_from_each_runs_step_time_not_its_train_time(tmp_path):
         (run / "summary.json").write_text(json.dumps({**summary, "step_time_s": step}))
     table = table_of(tmp_path).set_index("optimizer")
     assert table.loc["sam", "time vs sgd"] == round(0.030 / 0.0105, 2)
+    # its relative standard error: sgd's two step times differ by 10% (se of the mean 4.76% of it), sam's agree
+    assert table.loc["sam", "time ± (%)"] == round(100 * (0.001 / 2 ** 0.5) / 0.0105 / 2 ** 0.5, 1) == 4.8
 
 
 def test_a_runs_step_time_counts_every_kind_of_step(tmp_path):
