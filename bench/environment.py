@@ -67,6 +67,11 @@ def set_threads(threads: int | None, processes_per_machine: int = 1) -> int:
     return torch.get_num_threads()
 
 
+def own_threads(torch_threads: int | None, processes: int | None) -> int | None:
+    """The busy threads a run itself puts on its machine, what its load is compared with (None if unknown)."""
+    return (torch_threads or 0) * (processes or 1) or None
+
+
 def oversubscribed(loads: tuple[float | None, ...], cores: int | None = None) -> bool:
     """Whether a run's 1-minute load averages (at start and end) exceeded 1.25x the cores: more busy
     threads than cores, so its times are inflated by an unknown factor (up to tenfold here)."""
@@ -85,9 +90,8 @@ def contended(loads: tuple[float | None, ...], own: float | None = None, cores: 
     return shared or oversubscribed(loads, cores)
 
 
-def busy_note(loads: tuple[float | None, ...], own: float) -> str | None:
-    if contended(loads, own):
-        shown = ", ".join(f"{v:.1f}" for v in loads if v is not None)
-        return (f"other work shared the machine (1-minute load {shown} on {cpu_count()} cores, this run's own "
-                f"threads {own:g}): this run's times are inflated and its table rows are flagged as contended")
-    return None
+def busy_note(loads: tuple[float | None, ...], own: float) -> str:
+    """The note of a run found ``contended``."""
+    shown = ", ".join(f"{v:.1f}" for v in loads if v is not None)
+    return (f"other work shared the machine (1-minute load {shown} on {cpu_count()} cores, this run's own "
+            f"threads {own:g}): this run's times are inflated and its table rows are flagged as contended")

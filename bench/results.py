@@ -20,16 +20,15 @@ only when needed:
 * ``tuned``: only when the caller passes ``tuned`` (optimizer -> the values tuning chose, as
   ``bench.tune`` does): that text on the optimizer's rows (``rho=0.05``), blank on the others.
 
-``time vs sgd`` compares a completed row's step time (``_step_cost``) with that of the COMPLETED sgd runs of
+``time vs sgd`` compares a completed row's step time (``_step_times``) with that of the COMPLETED sgd runs of
 the same budget: the same settings except the optimizer's own (``OPTIMIZER_OWN``) and its step settings
 (``STEP_SETTINGS``: lr, momentum, ...), preferring sgd runs whose step settings match too, and run with
-the same torch thread count and process count as every run of the row (step times: ``_step_times``;
-``time ± (%)``, shown when some ratio has two runs or more on each side, is its relative standard
-error from the seeds' spread of step times, which says whether a ratio can be trusted to 15%), from
-the runs not flagged
+the same torch thread count and process count as every run of the row, from the runs not flagged
 ``contended`` on both sides, else from runs that shared the machine with other work on both sides
 (the row's ``contended`` column then flags the ratio); never a quiet run against a contended one, and
 never a run on an oversubscribed machine.  No such pair, or a row that did not complete: blank.
+``time ± (%)``, shown when some ratio has two runs or more on each side, is the ratio's relative
+standard error from the seeds' spread of step times: whether it can be trusted to 15%.
 
 Problems: a missing path, a path that is not a folder, or a folder without any run raise ``ResultsError``
 (one line).  A run whose config.json or summary.json is malformed is skipped and named in a note
@@ -194,7 +193,7 @@ def _read_run(run: Path) -> tuple[dict | None, list[str]]:
         row.update({k: math.nan if summary.get(k) is None else float(summary[k])
                     for k in SUMMARY_NUMBERS + SUMMARY_OPTIONAL})
         # recomputed from the recorded loads, so runs written under an older rule are judged by this one
-        own = (summary.get("torch_threads") or 0) * (summary.get("world_size") or 1) or None
+        own = environment.own_threads(summary.get("torch_threads"), summary.get("world_size"))
         cores = (config.get("environment") or {}).get("cpu_count")
         loads = (summary.get("load_at_start"), summary.get("load_at_end"))
         row["contended"] = summary.get("contended") is True or environment.contended(loads, own, cores)

@@ -502,13 +502,12 @@ def summary_of(run: Run) -> dict[str, Any]:
         "peak_memory_bytes": _peak_memory(run.device), "num_params": run.num_params,
         "world_size": run.accelerator.num_processes, "torch_threads": torch.get_num_threads(),
         "load_at_start": run.load_at_start, "load_at_end": run.load_at_end,
-        "contended": environment.contended((run.load_at_start, run.load_at_end), own_threads(run)),
+        "contended": environment.contended((run.load_at_start, run.load_at_end), _own_threads(run)),
     }
 
 
-def own_threads(run: Run) -> int:
-    """The busy threads a run itself puts on its machine (what its load average is compared with)."""
-    return torch.get_num_threads() * run.accelerator.num_processes
+def _own_threads(run: Run) -> int | None:
+    return environment.own_threads(torch.get_num_threads(), run.accelerator.num_processes)
 
 
 def unsharded_model(run: Run) -> nn.Module | None:
@@ -531,8 +530,8 @@ def finish(run: Run) -> RunResult:
     run.state.cpu_time_s += now[1] - run.segment_start[1]
     run.load_at_end = environment.load_average()
     summary = summary_of(run)
-    if note := environment.busy_note((run.load_at_start, run.load_at_end), own_threads(run)):
-        run.notes.append(note)
+    if summary["contended"]:
+        run.notes.append(environment.busy_note((run.load_at_start, run.load_at_end), _own_threads(run)))
     whole = unsharded_model(run) if run.fsdp is not None else None
     if accelerator.is_main_process:
         model = whole if whole is not None else accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)
