@@ -24,6 +24,7 @@ from torch import nn
 from architectures import create_model
 from optimizers import BatchClosure, SharpnessAwareOptimizer, available_optimizers, create_optimizer, optimizer_class
 
+from .config import ConfigError
 from .io import write_text
 from .usage import Parser
 
@@ -190,14 +191,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--harness", action="store_true",
                    help="time the harness's step against a bare PyTorch loop, with and without --compile and "
                         "--channels_last (for --optimizers, default sgd and sam) instead of every optimizer")
+    p.add_argument("--recipe", default=None,
+                   help="time the loop's own step for every optimizer of this recipe's grid (or --optimizers), on "
+                        "its real batches, relative to its sgd step: the work its table's `time vs sgd` measures")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="--recipe: override a recipe field")
+    p.add_argument("--data_dir", default=None, help="--recipe: where its dataset is")
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend for --harness")
     p.add_argument("--modes", default="eager,channels_last,compile,compile+channels_last",
                    help="--harness: the layouts to time, comma-separated from eager, channels_last, compile, compile+channels_last")
     args = p.parse_args(argv)
     command = "python launch.py perf" + "".join(
         f" --{k} {v}" if not isinstance(v, bool) else f" --{k}" for k, v in vars(args).items()
-        if v != p.get_default(k) and k not in ("optimizers", "no_external")
-    )
+        if v != p.get_default(k) and k not in ("optimizers", "no_external", "set", "data_dir")
+    ) + "".join(f" --set {s}" for s in args.set)
+    if args.recipe and args.harness:
+        raise ConfigError("perf takes --recipe or --harness, not both")
+    if args.recipe:
+        from .perf_harness import run_recipe
+
+        text = run_recipe(args, command)
+        write_text(Path(args.out or f"results/perf_loop_{Path(args.recipe).stem}.md"), text)
+        print(text)
+        return 0
     if args.harness:
         from .perf_harness import run
 

@@ -1,5 +1,6 @@
 """``python launch.py perf --harness``: what the training loop costs on top of a bare PyTorch loop,
-and what ``--compile`` and ``--channels_last`` buy.
+and what ``--compile`` and ``--channels_last`` buy; ``python launch.py perf --recipe NAME``: what the
+loop's step costs for every optimizer of a recipe, the cost its table's ``time vs sgd`` measures.
 
 The harness contenders are real runs (:func:`bench.train.setup` on a synthetic dataset of the
 requested shape) stepped with :func:`bench.train.train_on`, the function the loop calls every
@@ -9,6 +10,13 @@ copy of the same model and the same batch. Contenders are timed in rounds in a s
 (drift in machine load hits them alike); reported are the median step time, and the median
 over rounds of the ratio to the bare loop's time in the same round. The first step of a
 compiled contender (the compilation) is reported apart and left out of the timing.
+
+With ``--recipe``, the contenders are the recipe's own runs (one per optimizer of its grid, its first
+seed), set up as the loop sets them up (its data, subset, label noise, model, regulariser) and
+stepped with :func:`bench.train.one_step` on the recipe's real, augmented batches: the very step a
+run of that recipe times, a variant's data-dependent decisions and its loss regulariser included. The ratio is to the recipe's SGD step in the same round. Where a table's runs are too short
+to time (a few seconds each: their ratios vary between runs by more than 15%), this is the quiet,
+interleaved measurement of the same work.
 """
 
 from __future__ import annotations
@@ -26,9 +34,11 @@ from torch import nn
 
 from . import environment
 from .config import ConfigError, RunConfig
-from .data import ImageDataset
+from .data import ImageDataset, load_dataset_splits
 from .perf import _sync
-from .train import epoch_sums, setup, train_on
+from .recipes import load_recipe
+from .streaming import is_loader_dataset
+from .train import epoch_sums, one_step, setup, train_on
 
 
 @dataclass
@@ -36,6 +46,7 @@ class Contender:
     name: str
     step: Callable[[], None]
     first_step_s: float = 0.0
+    passes: Callable[[], float] | None = None  # forward-backward passes per timed step
 
 
 def synthetic_dataset(n: int, image_size: int, num_classes: int = 10, seed: int = 0) -> ImageDataset:
@@ -43,6 +54,57 @@ def synthetic_dataset(n: int, image_size: int, num_classes: int = 10, seed: int 
     images = torch.randint(0, 256, (n, 3, image_size, image_size), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, num_classes, (n,), generator=g)
     return ImageDataset(images, labels, num_classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "synthetic")
+
+
+def recipe_contenders(recipe_name: str, sets: list[str], output_dir: str, data_dir: str | None = None,
+                      optimizers: list[str] | None = None) -> tuple[list[Contender], torch.device]:
+    """One contender per optimizer of the recipe's grid (its first seed; ``optimizers`` narrows them),
+    SGD first: the loop's own step on the recipe's batches, each run trained to the middle of its
+    schedule first (the steady state: every variant's terms and schedules active as in most epochs)."""
+    recipe = load_recipe(recipe_name)
+    extra = [f"data_dir={data_dir}"] if data_dir else []
+    configs: dict[str, RunConfig] = {}
+    for config in recipe.runs([*sets, *extra], output_dir=output_dir):
+        configs.setdefault(config.optimizer, config)
+    wanted = optimizers or list(configs)
+    missing = [name for name in ["sgd", *wanted] if name not in configs]
+    if missing:
+        raise ConfigError(f"perf --recipe {recipe.name}: its grid has no {', '.join(missing)} "
+                          f"(it has {', '.join(configs)}); the ratios are to its sgd runs")
+    found, data, device = [], None, torch.device("cpu")
+    for name in dict.fromkeys(["sgd", *wanted]):
+        config = dataclasses.replace(configs[name], threads=torch.get_num_threads(), sharpness=False).validate()
+        if data is None and not is_loader_dataset(config.dataset):  # decoded once, shared by every contender
+            data = load_dataset_splits(config.dataset, config.data_dir)
+        run = setup(config, data=data)
+        step = LoopStep(run)
+        for _ in range(run.steps_per_epoch * (config.epochs // 2)):
+            step()
+        step.restart_count()
+        found.append(Contender(name, step, passes=step.passes))
+        device = run.device
+    return found, device
+
+
+class LoopStep:
+    """The loop's step of one run, on through the epochs (a trajectory loss or a schedule that starts
+    at some epoch acts as in a run), counting forward-backward passes since ``restart_count``."""
+
+    def __init__(self, run):
+        self.run, self.sums, self.taken, self.counted_from = run, epoch_sums(run), 0, 0
+
+    def __call__(self) -> None:
+        i = self.taken % self.run.steps_per_epoch
+        if self.taken and i == 0:
+            self.run.state.epoch += 1
+        one_step(self.run, i, self.sums)
+        self.taken += 1
+
+    def restart_count(self) -> None:
+        self.sums["passes"], self.counted_from = 0, self.taken
+
+    def passes(self) -> float:
+        return self.sums["passes"] / max(1, self.taken - self.counted_from)
 
 
 def _bare(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Contender:
@@ -98,6 +160,7 @@ def contenders(arch: str, batch_size: int, image_size: int, device: str, optimiz
 
 
 def measure(contenders: list[Contender], steps: int, rounds: int, warmup: int, device: str) -> list[dict]:
+    """Median step time and median per-round ratio to the first contender."""
     dev = torch.device(device)
     for c in contenders:
         _sync(dev)
@@ -124,7 +187,8 @@ def measure(contenders: list[Contender], steps: int, rounds: int, warmup: int, d
             times[name].append(seconds)
             ratios[name].append(seconds / this_round[bare])
     return [{"contender": c.name, "step_ms": statistics.median(times[c.name]) * 1e3,
-             "ratio_to_bare": statistics.median(ratios[c.name]), "first_step_s": c.first_step_s} for c in contenders]
+             "ratio_to_bare": statistics.median(ratios[c.name]), "first_step_s": c.first_step_s,
+             "passes_per_step": c.passes() if c.passes is not None else None} for c in contenders]
 
 
 def to_markdown(rows: list[dict], settings: dict, command: str) -> str:
@@ -159,6 +223,37 @@ def parse_modes(text: str) -> tuple[tuple[bool, bool], ...]:
     if unknown or not names:
         raise ConfigError(f"--modes takes a comma-separated list of {', '.join(MODE_NAMES)}; got {text!r}")
     return tuple(MODE_NAMES[m] for m in names)
+
+
+def recipe_to_markdown(rows: list[dict], settings: dict, command: str) -> str:
+    load_start, load_end = settings["load"]
+    lines = [
+        f"# The loop's step cost for every optimizer of {settings['recipe']}, relative to SGD", "",
+        f"Generated by `{command}`.", "",
+        f"Each optimizer's run of the recipe (its first seed), set up as the loop sets it up, trained to the middle of "
+        f"its schedule, then stepped on with the loop's own step on the recipe's real batches, on {settings['device']} ({settings['machine']}, "
+        f"{settings['threads']} threads), torch {torch.__version__}. {settings['rounds']} rounds of {settings['steps']} "
+        f"steps per optimizer in shuffled order after {settings['warmup']} warm-up steps: median step time, and median "
+        "over rounds of the ratio to SGD's step in the same round (what the recipe's table calls `time vs sgd`). "
+        f"1-minute load average {load_start:.2f} before, {load_end:.2f} after, on {settings['cores']} cores.", "",
+        "Passes: forward-backward passes per step from the middle of the schedule on.", "",
+        "| optimizer | step (ms) | x SGD | fwd-bwd passes / step |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['contender']} | {r['step_ms']:.1f} | {r['ratio_to_bare']:.2f} | {r['passes_per_step']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_recipe(args, command: str) -> str:
+    load_start = environment.load_average()
+    with tempfile.TemporaryDirectory() as output_dir:
+        found, device = recipe_contenders(args.recipe, args.set, output_dir, args.data_dir, args.optimizers)
+        rows = measure(found, args.steps, args.rounds, args.warmup, str(device))
+    settings = dict(vars(args), machine=environment.processor(), threads=torch.get_num_threads(),
+                    cores=environment.cpu_count(), device=str(device),
+                    load=(load_start or 0.0, environment.load_average() or 0.0))
+    return recipe_to_markdown(rows, settings, command)
 
 
 def run(args, command: str) -> str:

@@ -28,7 +28,9 @@ the same torch thread count and process count as every run of the row, from the 
 (the row's ``contended`` column then flags the ratio); never a quiet run against a contended one, and
 never a run on an oversubscribed machine.  No such pair, or a row that did not complete: blank.
 ``time ± (%)``, shown when some ratio has two runs or more on each side, is the ratio's relative
-standard error from the seeds' spread of step times: whether it can be trusted to 15%.
+standard error from the seeds' spread of step times; ``imprecise`` (shown when some row has it) marks a
+ratio whose two standard errors exceed 15% (``PRECISION``): runs too short, or too unevenly timed, to
+pin a step cost that closely (``python launch.py perf --recipe NAME`` times the same step quietly).
 
 Problems: a missing path, a path that is not a folder, or a folder without any run raise ``ResultsError``
 (one line).  A run whose config.json or summary.json is malformed is skipped and named in a note
@@ -68,6 +70,8 @@ STATUSES = ("completed", "stopped_early", "diverged", "unfinished")
 SUMMARY_NUMBERS = ("final_test_acc", "best_test_acc", "train_time_s")
 SUMMARY_OPTIONAL = ("final_test_loss", "final_test_ece", "passes_per_step", "images_per_s", "step_time_s")
 _DEFAULT = object()  # a hyperparameter a run does not set (the variant's default)
+#: the relative error within which a time ratio is trusted: two standard errors (about 95%) must fit
+PRECISION = 0.15
 
 
 class ResultsError(ValueError):
@@ -311,6 +315,7 @@ def _relative_se(times: pd.Series) -> float:
 def _group_row(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> dict[str, Any]:
     first = runs_of.iloc[0]
     acc = runs_of.final_test_acc
+    ratio, error = _time_ratio(runs_of, runs, baseline)
     return {
         "dataset": first.dataset, "arch": first.arch, "optimizer": first.optimizer, "settings": "",
         "status": first.status, "n": len(runs_of),
@@ -321,7 +326,9 @@ def _group_row(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> dict
         "test loss": _rounded(runs_of.final_test_loss.mean(skipna=False), 4),
         "ECE (%)": _mean_std(runs_of.final_test_ece, 100),
         **{label: _mean_std(runs_of[key], digits=3) if key in runs_of else "" for key, label in SHARPNESS.items()},
-        **dict(zip((f"time vs {baseline}", "time ± (%)"), _time_ratio(runs_of, runs, baseline))),
+        f"time vs {baseline}": ratio, "time ± (%)": error,
+        # the baseline's own row is 1 by definition, however its runs were timed
+        "imprecise": "yes" if error != "" and 2 * error > PRECISION * 100 and first.optimizer != baseline else "",
         "passes/step": _rounded(runs_of.passes_per_step.mean(skipna=False), 2),
         "images/s": _rounded(runs_of.images_per_s.mean(skipna=False), 1),
         "contended": f"{int(runs_of.contended.sum())}/{len(runs_of)}" if runs_of.contended.any() else "",
@@ -392,7 +399,7 @@ def comparison_table(runs: pd.DataFrame, baseline: str = "sgd", tuned: Mapping[s
         rows.append((order, row))
     table = pd.DataFrame([row for _, row in sorted(rows, key=lambda pair: pair[0])])
     needed = {"settings": any(labels), "status": (table.status != "completed").any(), "contended": (table.contended != "").any(),
-              "time ± (%)": (table["time ± (%)"] != "").any()}
+              "time ± (%)": (table["time ± (%)"] != "").any(), "imprecise": (table.imprecise != "").any()}
     unused = [column for column, keep in needed.items() if not keep]
     if tuned is not None:
         table.insert(table.columns.get_loc("optimizer") + 1, "tuned", [tuned.get(name, "") for name in table.optimizer])
@@ -462,7 +469,7 @@ def write_comparison(paths: list[str | Path], out_prefix: str | Path, preamble: 
 
 def print_table(table: pd.DataFrame, title: str = "") -> None:
     columns = ["dataset", "arch", "optimizer", "tuned", "settings", "status", "n", "final acc (%)", "best acc (%)", "time vs sgd",
-               "time ± (%)", "contended", "passes/step"]
+               "time ± (%)", "imprecise", "contended", "passes/step"]
     columns = [c for c in columns if c in table]
     rich_table = Table(title=title)
     for column in columns:

@@ -323,8 +323,7 @@ def start_or_resume(run: Run, resume: bool) -> None:
 
 def epoch_sums(run: Run) -> dict[str, Any]:
     """The running sums of the current epoch (fresh ones at its start): metrics on the device, counts on the host."""
-    sums = run.state.epoch_sums or {"correct": 0.0, "loss_sum": 0.0, "seen": 0, "passes": 0, "sample_passes": 0.0, "time": 0.0,
-                                    "step_times": []}
+    sums = run.state.epoch_sums or {"correct": 0.0, "loss_sum": 0.0, "seen": 0, "passes": 0, "sample_passes": 0.0, "time": 0.0}
     return {**sums, "correct": torch.tensor(sums["correct"], device=run.device),
             "loss_sum": torch.tensor(sums["loss_sum"], device=run.device),
             "seen": torch.tensor(sums["seen"], device=run.device)}
@@ -367,9 +366,7 @@ def run_epoch(run: Run) -> tuple[dict[str, Any], int]:
     sums = epoch_sums(run)
     lap = time.perf_counter()
     for i in range(state.step_in_epoch, run.steps_per_epoch):
-        started = time.perf_counter()
         skipped = one_step(run, i, sums)
-        sums["step_times"].append(time.perf_counter() - started)
         state.skipped += skipped
         state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
         state.step, state.step_in_epoch = state.step + 1, i + 1
@@ -431,9 +428,6 @@ def epoch_row(run: Run, sums: dict[str, Any], epoch_steps: int) -> dict[str, Any
         "rho": None,
         **logged,
         "epoch_time_s": sums["time"],
-        # the median step: robust to a pause or a burst of other work on the machine, but blind to the
-        # costly steps of a variant whose steps differ (LookSAM's ascent every k-th step)
-        "step_time_median_s": statistics.median(sums["step_times"]) if sums.get("step_times") else None,
         "step_time_mean_s": sums["time"] / epoch_steps if epoch_steps else None,
         "images_per_s": epoch_steps * run.config.batch_size / max(sums["time"], 1e-9),
         "passes_per_step": sums["passes"] / max(1, epoch_steps),
@@ -493,7 +487,6 @@ def summary_of(run: Run) -> dict[str, Any]:
         "stopped_early": state.status == "stopped_early", "skipped_steps": state.skipped,
         "wall_time_s": state.wall_time_s, "cpu_time_s": state.cpu_time_s,
         "train_time_s": sum(r["epoch_time_s"] for r in rows),
-        "step_time_median_s": _median([r.get("step_time_median_s") for r in rows]),
         # what a table's time ratio uses: every kind of step counted, a burst confined to its epoch
         "step_time_s": _median([r.get("step_time_mean_s") for r in rows]),
         "images_per_s": sum(r["images_per_s"] for r in rows) / len(rows),

@@ -113,3 +113,23 @@ def test_perf_times_every_optimizer_asked_for_on_images_of_the_given_shape(tmp_p
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [(r[0], r[3], r[4]) for r in rows] == [("| sgd", "1.00", "1.00"), ("| sam", rows[1][3], "2.00"),
                                                   ("| looksam", rows[2][3], "1.20")]
+
+
+def test_perf_recipe_steps_each_optimizer_of_a_recipe_with_the_loops_own_step(tmp_path):
+    """The loop's step on the recipe's real batches, one row per optimizer asked for, sgd first (the
+    ratios' reference); each counts the passes the loop made: bSAM's 8 sub-batches twice, LookSAM's
+    ascent one step in 5. Unknown optimizers are refused in one line."""
+    from bench.config import ConfigError
+    from bench.perf import main as perf_main
+
+    out = tmp_path / "perf_loop.md"
+    # passes count from the middle of the schedule: the first step, 4 warm-up steps, 5 timed ones
+    assert perf_main(["--recipe", "digits", "--set", "epochs=2", "--steps", "5", "--rounds", "1", "--warmup", "4",
+                      "--optimizers", "bsam", "looksam", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "every optimizer of digits" in text and "--set epochs=2" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [(r[0], r[2], r[3]) for r in rows] == [("| sgd", "1.00", "1.00 |"), ("| bsam", rows[1][2], "16.00 |"),
+                                                  ("| looksam", rows[2][2], "1.20 |")]
+    with pytest.raises(ConfigError, match="^perf --recipe digits: its grid has no nope "):
+        perf_main(["--recipe", "digits", "--optimizers", "nope", "--out", str(out)])

@@ -27,7 +27,7 @@ from optimizers.regularizer import LossRegularizer, WindowedKL, build_regularize
 from optimizers.saf import MESARegularizer, SAFRegularizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = ("epoch_time_s", "images_per_s", "step_time_median_s", "step_time_mean_s")
+TIMING = ("epoch_time_s", "images_per_s", "step_time_mean_s")
 
 
 # -- the term --------------------------------------------------------------------------------------

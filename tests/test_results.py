@@ -318,6 +318,25 @@ def test_time_ratios_come_from_each_runs_step_time_not_its_train_time(tmp_path):
     assert table.loc["sam", "time ± (%)"] == round(100 * (0.001 / 2 ** 0.5) / 0.0105 / 2 ** 0.5, 1) == 4.8
 
 
+def test_a_ratio_its_runs_cannot_pin_to_15_percent_is_flagged_imprecise(tmp_path):
+    """Two standard errors over 15%: flagged. sgd's step times 0.010 and 0.013 (se of the mean 11.5% of
+    it) make every ratio imprecise; the baseline's own row, 1 by definition, is not flagged."""
+    for optimizer, seed, step in [("sgd", 0, 0.010), ("sgd", 1, 0.013), ("sam", 0, 0.023), ("sam", 1, 0.023)]:
+        run = make_run(tmp_path / "short", optimizer, seed)
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "step_time_s": step}))
+    table = table_of(tmp_path / "short").set_index("optimizer")
+    assert table.loc["sam", "time ± (%)"] == round(100 * (0.003 / 2) / 0.0115, 1) == 13.0
+    assert list(table.imprecise) == ["", "yes"]
+    # the same ratio from runs that agree to 5%: trusted, and no column at all
+    for optimizer, seed, step in [("sgd", 0, 0.0112), ("sgd", 1, 0.0118), ("sam", 0, 0.023), ("sam", 1, 0.023)]:
+        run = make_run(tmp_path / "long", optimizer, seed)
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "step_time_s": step}))
+    table = table_of(tmp_path / "long").set_index("optimizer")
+    assert table.loc["sam", "time ± (%)"] == round(100 * (0.0006 / 2) / 0.0115, 1) == 2.6 and "imprecise" not in table
+
+
 def test_a_runs_step_time_counts_every_kind_of_step(tmp_path):
     """LookSAM ascends on one step in k: its median step costs what an SGD step does, its mean step
     (1 + 1/k) times as much.  The summary's step time is the median over epochs of the mean step."""

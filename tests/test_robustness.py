@@ -22,7 +22,7 @@ from optimizers import available_optimizers, create_optimizer
 from optimizers.regularizer import build_regularizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = ("epoch_time_s", "images_per_s", "step_time_median_s", "step_time_mean_s")
+TIMING = ("epoch_time_s", "images_per_s", "step_time_mean_s")
 VARIANTS = [n for n in available_optimizers() if n not in ("sgd", "adam", "adamw")]
 
 
