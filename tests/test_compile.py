@@ -123,11 +123,11 @@ def test_perf_recipe_steps_each_optimizer_of_a_recipe_with_the_loops_own_step(tm
     from bench.perf import main as perf_main
 
     out = tmp_path / "perf_loop.md"
-    # passes count from the middle of the schedule: the first step, 4 warm-up steps, 5 timed ones
+    # passes count over the first step, 4 warm-up steps and 5 timed ones (22 steps in all: from step 6 on)
     assert perf_main(["--recipe", "digits", "--set", "epochs=2", "--steps", "5", "--rounds", "1", "--warmup", "4",
                       "--optimizers", "bsam", "looksam", "--out", str(out)]) == 0
     text = out.read_text()
-    assert "every optimizer of digits" in text and "--set epochs=2" in text
+    assert "every optimizer of digits" in text and "--set epochs=2" in text and "trained for 6 steps" in text
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [(r[0], r[2], r[3]) for r in rows] == [("| sgd", "1.00", "1.00 |"), ("| bsam", rows[1][2], "16.00 |"),
                                                   ("| looksam", rows[2][2], "1.20 |")]
