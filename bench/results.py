@@ -292,19 +292,19 @@ def _time_ratio(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> tup
     for busy in (False, True):
         mine, theirs = runs_of[runs_of.contended.astype(bool) == busy], base[base.contended.astype(bool) == busy]
         if len(mine) and len(theirs):
-            a, b = _step_times(mine), _step_times(theirs)
+            a, b = _step_times(mine, theirs)
             error = math.hypot(_relative_se(a), _relative_se(b)) * 100
             return _rounded(a.median() / b.median(), 2), _rounded(error, 1)
     return "", ""
 
 
-def _step_times(runs: pd.DataFrame) -> pd.Series:
+def _step_times(*sides: pd.DataFrame) -> list[pd.Series]:
     """Each run's step time: the median over epochs of the epoch's mean step, which counts every kind
     of step (LookSAM's ascent every k-th one, which a median step would miss) and confines a burst of
-    other work to its epoch.  Runs written before that was recorded give their training time."""
-    if "step_time_s" in runs and runs.step_time_s.notna().all():
-        return runs.step_time_s.astype(float)
-    return runs.train_time_s.astype(float)
+    other work to its epoch.  When a run on any side was written before that was recorded, every side
+    gives its training time instead: one measure for all, never a step time against a training time."""
+    recorded = all("step_time_s" in runs and runs.step_time_s.notna().all() for runs in sides)
+    return [(runs.step_time_s if recorded else runs.train_time_s).astype(float) for runs in sides]
 
 
 def _relative_se(times: pd.Series) -> float:
