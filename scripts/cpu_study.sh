@@ -3,7 +3,8 @@
 # and two run side by side (the fastest use of 2 cores; nothing else should run). Their tables
 # flag the time ratios as contended: results/perf_resnet8.md has the quiet ones.
 #   bash scripts/cpu_study.sh CIFAR10_DIR [STEP ...]     # CIFAR10_DIR e.g. ../shared/data/cifar10
-# Steps (default: all, in this order; about 3 h 20 min on 2 cores, 75 min of it cifar10_overfit_cpu):
+# Steps (default: all, in this order; about 3 h 50 min on 2 cores: cifar10_noisy_cpu 78 min,
+# cifar10_overfit_cpu 75 min, the other three about 75 min together):
 #   cifar10_small_cpu, cifar10_noisy_cpu, cifar10_overfit_cpu: tuned with `launch.py tune` (trials,
 #     then the final seeds), their tables and plots;
 #   looksam_cifar10_cpu: LookSAM's alpha x k grid; digits_noisy: every optimizer (swept).
