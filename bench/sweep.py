@@ -5,12 +5,18 @@ Run directories are named by their configuration's id, so a sweep can be stopped
 started again, run piecewise on several machines (``--print_commands``) into one
 results directory, and it never runs, loses or counts a configuration twice. Runs go
 one at a time: two trainings sharing the CPU would slow each other and spoil the times.
+They go seed by seed (``execution_order``): every configuration's first seed before any
+configuration's second, so that a slow spell of the machine falls on one seed of many
+configurations, which the median over seeds and its spread then show, rather than on
+every seed of the few configurations that happened to run during it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -31,12 +37,23 @@ def status(config: RunConfig) -> str:
     return "pending"
 
 
+def execution_order(configs: list[RunConfig]) -> list[RunConfig]:
+    """The runs seed by seed: a configuration's n-th seed after every configuration's (n-1)-th,
+    otherwise in the given order."""
+    rank, seen = [], Counter()
+    for config in configs:
+        settings = dataclasses.replace(config, seed=0).run_id()
+        rank.append(seen[settings])
+        seen[settings] += 1
+    return [config for _, config in sorted(zip(rank, configs), key=lambda pair: pair[0])]
+
+
 def commands(recipe: Recipe, sets: list[str], configs: list[RunConfig], keys: Iterable[str] | None = None) -> list[str]:
     """One `accelerate launch` command per run that is not done; each spells out its values of ``keys``
     (default: the recipe's grid axes) with ``--set``."""
     lines = []
     keys = list(recipe.grid if keys is None else keys)
-    for config in configs:
+    for config in execution_order(configs):
         if status(config) == "done":
             continue
         chosen = [f"{key}={_toml(getattr(config, key, None) if key in config.__dataclass_fields__ else config.hyperparameters[key])}"
@@ -72,7 +89,7 @@ def run_sweep(recipe: Recipe, configs: list[RunConfig], progress=None, label: st
     overall = progress.add_task(label, total=len(configs)) if progress else None
     start, trained = time.perf_counter(), 0
     pending = sum(status(c) != "done" for c in configs)
-    for i, config in enumerate(configs, 1):
+    for i, config in enumerate(execution_order(configs), 1):
         if status(config) != "done":
             try:
                 summary = train(config, progress=progress, resume=True).summary
