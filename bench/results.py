@@ -29,8 +29,9 @@ the same torch thread count and process count as every run of the row, from the 
 never a run on an oversubscribed machine.  No such pair, or a row that did not complete: blank.
 ``time ± (%)``, shown when some ratio has two runs or more on each side, is the ratio's relative
 standard error from the seeds' spread of step times; ``imprecise`` (shown when some row has it) marks a
-ratio whose two standard errors exceed 15% (``PRECISION``): runs too short, or too unevenly timed, to
-pin a step cost that closely (``python launch.py perf --recipe NAME`` times the same step quietly).
+ratio whose two standard errors exceed 15% (``PRECISION``), or whose runs trained for less than
+``MIN_TIMED_S`` each: runs too unevenly timed, or too short, to pin a step cost that closely
+(``python launch.py perf --recipe NAME`` times the same step quietly).
 
 Problems: a missing path, a path that is not a folder, or a folder without any run raise ``ResultsError``
 (one line).  A run whose config.json or summary.json is malformed is skipped and named in a note
@@ -72,6 +73,11 @@ SUMMARY_OPTIONAL = ("final_test_loss", "final_test_ece", "passes_per_step", "ima
 _DEFAULT = object()  # a hyperparameter a run does not set (the variant's default)
 #: the relative error within which a time ratio is trusted: two standard errors (about 95%) must fit
 PRECISION = 0.15
+#: the training time below which a run's step time is not trusted to PRECISION, whatever its seeds'
+#: spread: a slow spell of a shared machine outlasts such a run and can slow two of three seeds alike
+#: (three sweeps of the 1-5 s digits runs put ratios 20-40% off with standard errors of 5-8%; runs of a
+#: minute or more stayed within 18% even beside another run)
+MIN_TIMED_S = 30.0
 
 
 class ResultsError(ValueError):
@@ -328,7 +334,8 @@ def _group_row(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> dict
         **{label: _mean_std(runs_of[key], digits=3) if key in runs_of else "" for key, label in SHARPNESS.items()},
         f"time vs {baseline}": ratio, "time ± (%)": error,
         # the baseline's own row is 1 by definition, however its runs were timed
-        "imprecise": "yes" if error != "" and 2 * error > PRECISION * 100 and first.optimizer != baseline else "",
+        "imprecise": "yes" if ratio != "" and first.optimizer != baseline and (
+            (error != "" and 2 * error > PRECISION * 100) or runs_of.train_time_s.median() < MIN_TIMED_S) else "",
         "passes/step": _rounded(runs_of.passes_per_step.mean(skipna=False), 2),
         "images/s": _rounded(runs_of.images_per_s.mean(skipna=False), 1),
         "contended": f"{int(runs_of.contended.sum())}/{len(runs_of)}" if runs_of.contended.any() else "",
