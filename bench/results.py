@@ -318,6 +318,11 @@ def _relative_se(times: pd.Series) -> float:
     return times.std(ddof=1) / times.mean() / math.sqrt(len(times)) if len(times) > 1 else math.nan
 
 
+def _imprecise(error: float | str, runs_of: pd.DataFrame) -> bool:
+    """Whether a ratio cannot be trusted to PRECISION: two standard errors beyond it, or runs too short."""
+    return (error != "" and 2 * error > PRECISION * 100) or runs_of.train_time_s.median() < MIN_TIMED_S
+
+
 def _group_row(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> dict[str, Any]:
     first = runs_of.iloc[0]
     acc = runs_of.final_test_acc
@@ -334,8 +339,7 @@ def _group_row(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> dict
         **{label: _mean_std(runs_of[key], digits=3) if key in runs_of else "" for key, label in SHARPNESS.items()},
         f"time vs {baseline}": ratio, "time ± (%)": error,
         # the baseline's own row is 1 by definition, however its runs were timed
-        "imprecise": "yes" if ratio != "" and first.optimizer != baseline and (
-            (error != "" and 2 * error > PRECISION * 100) or runs_of.train_time_s.median() < MIN_TIMED_S) else "",
+        "imprecise": "yes" if ratio != "" and first.optimizer != baseline and _imprecise(error, runs_of) else "",
         "passes/step": _rounded(runs_of.passes_per_step.mean(skipna=False), 2),
         "images/s": _rounded(runs_of.images_per_s.mean(skipna=False), 1),
         "contended": f"{int(runs_of.contended.sum())}/{len(runs_of)}" if runs_of.contended.any() else "",

@@ -129,7 +129,7 @@ def section_speed(report: Report, arch: str, batch: int, deadline: float) -> Non
     for r in rows:
         ratio = r["step_ms"] / sgd[r["contender"].replace("sam", "X")] if "(sam" in r["contender"] else None
         report.add(f"| {r['contender']} | {r['step_ms']:.2f} | {batch / (r['step_ms'] / 1e3):.0f} | "
-                   f"{r['ratio_to_bare']:.3f} | {'' if ratio is None else f'{ratio:.2f}'} | {r['first_step_s']:.1f} |")
+                   f"{r['ratio_to_first']:.3f} | {'' if ratio is None else f'{ratio:.2f}'} | {r['first_step_s']:.1f} |")
     report.add("")
 
 
