@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ) + "".join(f" --set {s}" for s in args.set)
     if args.recipe and args.harness:
         raise ConfigError("perf takes --recipe or --harness, not both")
+    if (args.set or args.data_dir) and not args.recipe:
+        raise ConfigError("perf: --set and --data_dir apply to --recipe only")
     if args.recipe:
         from .perf_harness import run_recipe
 

@@ -133,3 +133,5 @@ def test_perf_recipe_steps_each_optimizer_of_a_recipe_with_the_loops_own_step(tm
                                                   ("| looksam", rows[2][2], "1.20 |")]
     with pytest.raises(ConfigError, match="^perf --recipe digits: its grid has no nope "):
         perf_main(["--recipe", "digits", "--optimizers", "nope", "--out", str(out)])
+    with pytest.raises(ConfigError, match="^perf: --set and --data_dir apply to --recipe only$"):
+        perf_main(["--set", "epochs=2", "--out", str(out)])
