@@ -4,7 +4,9 @@
 Every optimizer with a grid gets the same trials: each of its grid points (the same number for
 all, unless the recipe sets ``equal_budget = false``) with the same trial seeds, trained on the
 training set less a stratified validation split (``val_fraction``, fixed by ``split_seed``, the
-same for every seed and optimizer).  Per optimizer, the point with the best mean final validation
+same for every seed and optimizer), for the recipe's epochs or, where ``trial_epochs`` is set, for
+that many (a shorter schedule of their own: a cheaper, lower-fidelity search, the same for every
+optimizer).  Per optimizer, the point with the best mean final validation
 accuracy over the trial seeds is chosen, the earlier point among equals; the chooser reads the
 trials' ``final_val_acc`` and nothing else, so the test set never enters the choice.  The chosen
 values are then run with the final seeds on the full training set (``val_fraction`` 0) and
@@ -31,7 +33,7 @@ from .recipes import Recipe, config_from_settings, parse_assignment
 from .results import frame_to_markdown, write_comparison
 from .sweep import commands, run_sweep, status
 
-SECTION_KEYS = ("val_fraction", "seeds", "final_seeds", "equal_budget", "grid")
+SECTION_KEYS = ("val_fraction", "seeds", "final_seeds", "trial_epochs", "equal_budget", "grid")
 #: set per run by the tuning: neither a grid key nor a --set may change them
 CONTROLLED = ("optimizer", "seed", "val_fraction")
 #: the only [grid] axes a tunable recipe may have (they serve `sweep`, the untuned comparison)
@@ -58,6 +60,7 @@ class Plan:
     recipe: Recipe
     output_dir: Path
     val_fraction: float
+    trial_epochs: int | None  # None: the trials train for the recipe's epochs
     seeds: list[int]
     final_seeds: list[int]
     equal_budget: bool
@@ -111,9 +114,12 @@ def _section(recipe: Recipe) -> dict[str, Any]:
     _need(isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction < 1,
           f"{where}: val_fraction must be in (0, 1), got {fraction!r}")
     _need(isinstance(section.get("equal_budget", True), bool), f"{where}: equal_budget must be true or false")
+    trial_epochs = section.get("trial_epochs")
+    _need(trial_epochs is None or (isinstance(trial_epochs, int) and not isinstance(trial_epochs, bool) and trial_epochs >= 1),
+          f"{where}: trial_epochs must be a positive integer, got {trial_epochs!r}")
     axes = sorted(set(recipe.grid) - set(SWEEP_AXES))
     _need(not axes, f"recipe {recipe.name}: tune takes no [grid] axis but {' and '.join(SWEEP_AXES)} (got {', '.join(axes)})")
-    return {"val_fraction": float(fraction), "seeds": _seeds(section, "seeds", where),
+    return {"val_fraction": float(fraction), "trial_epochs": trial_epochs, "seeds": _seeds(section, "seeds", where),
             "final_seeds": _seeds(section, "final_seeds", where), "equal_budget": section.get("equal_budget", True),
             "grid": _grids(section, where)}
 
@@ -132,17 +138,25 @@ def plan(recipe: Recipe, sets: list[str], output_dir: str | Path) -> Plan:
     """Every trial of ``recipe``'s [tune] section, validated, with ``key=value`` overrides applied."""
     spec, output_dir = _section(recipe), Path(output_dir)
     forced = _forced(sets, spec["grid"])
+    trial_epochs = spec["trial_epochs"]
+    shorter = {} if trial_epochs is None else {"epochs": trial_epochs}
     points, bases = {}, {}
     for optimizer, grid in spec["grid"].items():
         bases[optimizer] = {**recipe.config, "optimizer": optimizer, **recipe.optimizers.get(optimizer, {}), **forced}
+        epochs = bases[optimizer].get("epochs", RunConfig.epochs)
+        _need(trial_epochs is None or ("epochs" not in grid and trial_epochs <= epochs),
+              f"recipe {recipe.name} [tune]: trial_epochs {trial_epochs} " + (
+                  f"and grid.{optimizer}.epochs both set the trials' epochs" if "epochs" in grid
+                  else f"exceeds the final runs' {epochs} epochs ({optimizer})"))
         points[optimizer] = [
             Point(optimizer, values, tuple(
-                config_from_settings({**bases[optimizer], **values, "seed": seed, "val_fraction": spec["val_fraction"],
-                            "output_dir": str(output_dir / "trials")}, recipe.name)
+                config_from_settings({**bases[optimizer], **values, **shorter, "seed": seed,
+                                      "val_fraction": spec["val_fraction"], "output_dir": str(output_dir / "trials")},
+                                     recipe.name)
                 for seed in spec["seeds"]))
             for values in (dict(zip(grid, combo)) for combo in itertools.product(*grid.values()))
         ]
-    return Plan(recipe, output_dir, spec["val_fraction"], spec["seeds"], spec["final_seeds"], spec["equal_budget"],
+    return Plan(recipe, output_dir, spec["val_fraction"], trial_epochs, spec["seeds"], spec["final_seeds"], spec["equal_budget"],
                 spec["grid"], points, bases)
 
 
@@ -185,8 +199,9 @@ def final_configs(tuning: Plan, chosen: dict[str, Point]) -> dict[str, list[RunC
 def pending_commands(tuning: Plan, sets: list[str]) -> list[str]:
     """One command per pending trial; once every trial is done, one per pending final run."""
     keys = {optimizer: [*CONTROLLED, *grid] for optimizer, grid in tuning.grids.items()}
+    shorter = [] if tuning.trial_epochs is None else ["epochs"]
     lines = [line for optimizer, points in tuning.points.items()
-             for line in commands(tuning.recipe, sets, [c for p in points for c in p.trials], keys[optimizer])]
+             for line in commands(tuning.recipe, sets, [c for p in points for c in p.trials], keys[optimizer] + shorter)]
     if lines:
         return lines
     return [line for optimizer, finals in final_configs(tuning, choices(tuning)).items()
@@ -214,6 +229,9 @@ def run_tuning(tuning: Plan, progress=None) -> tuple[dict[str, Point], list[Path
 def budget(tuning: Plan) -> str:
     trials = {name: len(points) * len(tuning.seeds) for name, points in tuning.points.items()}
     seeds = f"trial seeds {tuning.seeds}"
+    if tuning.trial_epochs is not None:
+        final = sorted({base.get("epochs", RunConfig.epochs) for base in tuning.bases.values()})
+        seeds += f", trials of {tuning.trial_epochs} epochs (final runs: {'/'.join(map(str, final))})"
     if len(set(trials.values())) == 1:
         n = next(iter(trials.values()))
         return f"equal budget: {n} trials per optimizer, {n // len(tuning.seeds)} grid points × {seeds}"

@@ -3,19 +3,21 @@
 # and two run side by side (the fastest use of 2 cores; nothing else should run). Their tables
 # flag the time ratios as contended: results/perf_resnet8.md has the quiet ones.
 #   bash scripts/cpu_study.sh CIFAR10_DIR [STEP ...]     # CIFAR10_DIR e.g. ../shared/data/cifar10
-# Steps (default: all, in this order; about 3 h 50 min on 2 cores: cifar10_noisy_cpu 78 min,
-# cifar10_overfit_cpu 75 min, the other three about 75 min together):
-#   cifar10_small_cpu, cifar10_noisy_cpu, cifar10_overfit_cpu: tuned with `launch.py tune` (trials,
-#     then the final seeds), their tables and plots;
-#   looksam_cifar10_cpu: LookSAM's alpha x k grid; digits_noisy: every optimizer (swept).
-# Then `python launch.py claims ...` (its command is at the top of results/claims.md).
+# Steps (default: the study, in this order, then the claims; about 2 hours on 2 cores):
+#   cifar10_noisy_cpu, cifar10_overfit_cpu: tuned with `launch.py tune` (trials of 40 epochs, then
+#     the final seeds of 100), their tables and plots;
+#   digits_noisy: every optimizer (swept).
+# Named only (not in the default): cifar10_small_cpu (tuned, about 45 min) and
+# looksam_cifar10_cpu (LookSAM's alpha x k grid, about 20 min).
+# Last, `python launch.py claims` over every setting whose runs are on this machine, into
+# results/claims.md (its command is at the top of that file).
 # Interrupted, it resumes: finished runs are kept and never trained twice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:?usage: bash scripts/cpu_study.sh CIFAR10_DIR [STEP ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(cifar10_small_cpu cifar10_noisy_cpu cifar10_overfit_cpu looksam_cifar10_cpu digits_noisy)
+[ ${#steps[@]} -gt 0 ] || steps=(cifar10_noisy_cpu cifar10_overfit_cpu digits_noisy)
 log=${STUDY_LOG:-runs/cpu_study.log}
 mkdir -p "$(dirname "$log")"
 start=$(date +%s)
@@ -40,4 +42,11 @@ for step in "${steps[@]}"; do
       python launch.py tune "$step" --data_dir "$data" ;;
   esac
 done
+settings=()
+for setting in digits=runs/digits digits_noisy=runs/digits_noisy cifar10_cpu=runs/cifar10_cpu \
+    cifar10_small_cpu_tuned=runs/cifar10_small_cpu_tune/final cifar10_noisy_cpu_tuned=runs/cifar10_noisy_cpu_tune/final \
+    cifar10_overfit_cpu_tuned=runs/cifar10_overfit_cpu_tune/final; do
+  [ -d "${setting#*=}" ] && settings+=("$setting")
+done
+python launch.py claims "${settings[@]}"
 echo "[$(( ($(date +%s) - start) / 60 )) min] study done"

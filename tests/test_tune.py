@@ -181,3 +181,32 @@ def test_the_digits_tuning_recipe_has_equal_budgets(tmp_path):
     sizes = {name: len(points) for name, points in tuning.points.items()}
     assert set(sizes) >= {"sgd", "sam", "asam", "looksam"} and len(set(sizes.values())) == 1
     assert json.dumps(tuning.grids["looksam"]) == '{"alpha": [0.5, 0.9], "k": [2, 5]}'
+
+
+def test_trial_epochs_shortens_the_trials_and_their_commands_only(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, TINY.replace("epochs = 1", "epochs = 3").replace("[tune]\n", "[tune]\ntrial_epochs = 2\n"))
+    tuning = plan(load_recipe(str(recipe)), [], tmp_path / "runs")
+    assert {c.epochs for c in tuning.trials()} == {2}
+    for point in tuning.points["sam"]:
+        plant(point.trials[0], val=0.5, test=0.5)
+    assert main(["tune", str(recipe), "--output_dir", str(tmp_path / "runs"), "--print_commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and {command_config(line).epochs for line in lines} == {2}  # the sgd trials
+    assert {command_config(line).run_id() for line in lines} == {c.run_id() for p in tuning.points["sgd"] for c in p.trials}
+    for point in tuning.points["sgd"]:
+        plant(point.trials[0], val=0.5, test=0.5)
+    assert main(["tune", str(recipe), "--output_dir", str(tmp_path / "runs"), "--print_commands"]) == 0
+    finals = capsys.readouterr().out.strip().splitlines()
+    assert len(finals) == 2 and {command_config(line).epochs for line in finals} == {3}  # the final runs: the recipe's
+    assert "trials of 2 epochs (final runs: 3)" in budget(tuning)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("trial_epochs = 0\n", "trial_epochs must be a positive integer, got 0"),
+    ("trial_epochs = 5\n", "trial_epochs 5 exceeds the final runs' 1 epochs (sgd)"),
+])
+def test_bad_trial_epochs_are_refused_in_one_line(tmp_path, capsys, edit, message):
+    recipe = write_recipe(tmp_path, TINY.replace("[tune]\n", "[tune]\n" + edit))
+    assert main(["tune", str(recipe), "--output_dir", str(tmp_path / "runs"), "--print_commands"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
