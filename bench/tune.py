@@ -31,7 +31,7 @@ from .config import ConfigError, RunConfig
 from .io import read_json, write_text
 from .recipes import Recipe, config_from_settings, parse_assignment
 from .results import frame_to_markdown, write_comparison
-from .sweep import commands, run_sweep, status
+from .sweep import commands, execution_order, run_sweep, status
 
 SECTION_KEYS = ("val_fraction", "seeds", "final_seeds", "trial_epochs", "equal_budget", "grid")
 #: set per run by the tuning: neither a grid key nor a --set may change them
@@ -197,15 +197,19 @@ def final_configs(tuning: Plan, chosen: dict[str, Point]) -> dict[str, list[RunC
 
 
 def pending_commands(tuning: Plan, sets: list[str]) -> list[str]:
-    """One command per pending trial; once every trial is done, one per pending final run."""
-    keys = {optimizer: [*CONTROLLED, *grid] for optimizer, grid in tuning.grids.items()}
+    """One command per pending trial; once every trial is done, one per pending final run; seed by seed
+    across optimizers, as ``run_tuning`` trains them."""
     shorter = [] if tuning.trial_epochs is None else ["epochs"]
-    lines = [line for optimizer, points in tuning.points.items()
-             for line in commands(tuning.recipe, sets, [c for p in points for c in p.trials], keys[optimizer] + shorter)]
-    if lines:
-        return lines
-    return [line for optimizer, finals in final_configs(tuning, choices(tuning)).items()
-            for line in commands(tuning.recipe, sets, finals, keys[optimizer])]
+    lines = _commands(tuning, sets, {name: [c for p in points for c in p.trials] for name, points in tuning.points.items()},
+                      shorter)
+    return lines or _commands(tuning, sets, final_configs(tuning, choices(tuning)), [])
+
+
+def _commands(tuning: Plan, sets: list[str], runs: dict[str, list[RunConfig]], extra_keys: list[str]) -> list[str]:
+    """Each run's command spells out what the tuning sets (and its optimizer's grid keys)."""
+    keys = {config.run_dir(): [*CONTROLLED, *tuning.grids[name], *extra_keys] for name, configs in runs.items() for config in configs}
+    ordered = execution_order([config for configs in runs.values() for config in configs])
+    return [line for config in ordered for line in commands(tuning.recipe, sets, [config], keys[config.run_dir()])]
 
 
 def optimizer_of(tuning: Plan, optimizer: str) -> str:

@@ -210,3 +210,13 @@ def test_bad_trial_epochs_are_refused_in_one_line(tmp_path, capsys, edit, messag
     assert main(["tune", str(recipe), "--output_dir", str(tmp_path / "runs"), "--print_commands"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+def test_printed_final_runs_go_seed_by_seed_across_optimizers(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, TINY.replace("final_seeds = [1]", "final_seeds = [0, 1]"))
+    tuning = plan(load_recipe(str(recipe)), [], tmp_path / "runs")
+    for config in tuning.trials():
+        plant(config, val=0.5, test=0.5)
+    assert main(["tune", str(recipe), "--output_dir", str(tmp_path / "runs"), "--print_commands"]) == 0
+    runs = [command_config(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [(c.optimizer, c.seed) for c in runs] == [("sgd", 0), ("sam", 0), ("sgd", 1), ("sam", 1)]
