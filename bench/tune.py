@@ -6,8 +6,8 @@ all, unless the recipe sets ``equal_budget = false``) with the same trial seeds,
 training set less a stratified validation split (``val_fraction``, fixed by ``split_seed``, the
 same for every seed and optimizer), for the recipe's epochs or, where ``trial_epochs`` is set, for
 that many (a shorter schedule of their own: a cheaper, lower-fidelity search, the same for every
-optimizer).  Per optimizer, the point with the best mean final validation
-accuracy over the trial seeds is chosen, the earlier point among equals; the chooser reads the
+optimizer).  Per optimizer, the point with the best mean final validation accuracy over the
+trial seeds is chosen, the earlier point among equals; the chooser reads the
 trials' ``final_val_acc`` and nothing else, so the test set never enters the choice.  The chosen
 values are then run with the final seeds on the full training set (``val_fraction`` 0) and
 tabulated, the tuned values marked.
@@ -232,14 +232,14 @@ def run_tuning(tuning: Plan, progress=None) -> tuple[dict[str, Point], list[Path
 
 def budget(tuning: Plan) -> str:
     trials = {name: len(points) * len(tuning.seeds) for name, points in tuning.points.items()}
-    seeds = f"trial seeds {tuning.seeds}"
+    each = f"trial seeds {tuning.seeds}"  # what every optimizer's trials share
     if tuning.trial_epochs is not None:
         final = sorted({base.get("epochs", RunConfig.epochs) for base in tuning.bases.values()})
-        seeds += f", trials of {tuning.trial_epochs} epochs (final runs: {'/'.join(map(str, final))})"
+        each += f", trials of {tuning.trial_epochs} epochs (final runs: {'/'.join(map(str, final))})"
     if len(set(trials.values())) == 1:
         n = next(iter(trials.values()))
-        return f"equal budget: {n} trials per optimizer, {n // len(tuning.seeds)} grid points × {seeds}"
-    return f"budgets differ (equal_budget = false): {', '.join(f'{k} {v} trials' for k, v in trials.items())}, {seeds}"
+        return f"equal budget: {n} trials per optimizer, {n // len(tuning.seeds)} grid points × {each}"
+    return f"budgets differ (equal_budget = false): {', '.join(f'{k} {v} trials' for k, v in trials.items())}, {each}"
 
 
 def _percent(values: list[float]) -> str:
