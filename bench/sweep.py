@@ -17,7 +17,7 @@ import dataclasses
 import shlex
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .config import RunConfig
@@ -48,16 +48,17 @@ def execution_order(configs: list[RunConfig]) -> list[RunConfig]:
     return [config for _, config in sorted(zip(rank, configs), key=lambda pair: pair[0])]
 
 
-def commands(recipe: Recipe, sets: list[str], configs: list[RunConfig], keys: Iterable[str] | None = None) -> list[str]:
-    """One `accelerate launch` command per run that is not done; each spells out its values of ``keys``
-    (default: the recipe's grid axes) with ``--set``."""
+def commands(recipe: Recipe, sets: list[str], configs: list[RunConfig],
+             keys: Iterable[str] | Callable[[RunConfig], Iterable[str]] | None = None) -> list[str]:
+    """One `accelerate launch` command per run that is not done, in ``execution_order``; each spells out
+    its values of ``keys`` (default: the recipe's grid axes; a function: each run's own) with ``--set``."""
     lines = []
-    keys = list(recipe.grid if keys is None else keys)
+    fixed = list(recipe.grid if keys is None or callable(keys) else keys)
     for config in execution_order(configs):
         if status(config) == "done":
             continue
         chosen = [f"{key}={_toml(getattr(config, key, None) if key in config.__dataclass_fields__ else config.hyperparameters[key])}"
-                  for key in keys]
+                  for key in (keys(config) if callable(keys) else fixed)]
         scalar_sets = [s for s in sets if not s.partition("=")[2].lstrip().startswith("[")]
         argv = ["accelerate", "launch", "launch.py", "--recipe", str(recipe.path)]
         for item in [*scalar_sets, *chosen]:

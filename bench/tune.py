@@ -31,7 +31,7 @@ from .config import ConfigError, RunConfig
 from .io import read_json, write_text
 from .recipes import Recipe, config_from_settings, parse_assignment
 from .results import frame_to_markdown, write_comparison
-from .sweep import commands, execution_order, run_sweep, status
+from .sweep import commands, run_sweep, status
 
 SECTION_KEYS = ("val_fraction", "seeds", "final_seeds", "trial_epochs", "equal_budget", "grid")
 #: set per run by the tuning: neither a grid key nor a --set may change them
@@ -208,8 +208,8 @@ def pending_commands(tuning: Plan, sets: list[str]) -> list[str]:
 def _commands(tuning: Plan, sets: list[str], runs: dict[str, list[RunConfig]], extra_keys: list[str]) -> list[str]:
     """Each run's command spells out what the tuning sets (and its optimizer's grid keys)."""
     keys = {config.run_dir(): [*CONTROLLED, *tuning.grids[name], *extra_keys] for name, configs in runs.items() for config in configs}
-    ordered = execution_order([config for configs in runs.values() for config in configs])
-    return [line for config in ordered for line in commands(tuning.recipe, sets, [config], keys[config.run_dir()])]
+    return commands(tuning.recipe, sets, [config for configs in runs.values() for config in configs],
+                    lambda config: keys[config.run_dir()])
 
 
 def optimizer_of(tuning: Plan, optimizer: str) -> str:
