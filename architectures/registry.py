@@ -13,8 +13,10 @@ import re
 
 import torch.nn as nn
 
+from .timm_models import PREFIX as TIMM_PREFIX
+from .timm_models import resolve_timm
+
 _MODELS: dict[str, tuple[type[nn.Module], dict]] = {}
-TIMM_PREFIX = "timm:"
 _PATTERNS: dict[str, tuple[re.Pattern, type[nn.Module], dict]] = {}
 
 
@@ -44,6 +46,11 @@ def register_pattern(template: str, **fixed):
     return decorator
 
 
+def architecture_patterns() -> list[str]:
+    """The registered name patterns (``wrn{depth}_{widen_factor}``), each resolving a family of names."""
+    return list(_PATTERNS)
+
+
 def available_architectures() -> list[str]:
     """Sorted list of the explicitly registered names (patterns are not expanded)."""
     return sorted(_MODELS)
@@ -54,7 +61,6 @@ def resolve(name: str) -> tuple[type[nn.Module], dict]:
     if key in _MODELS:
         return _MODELS[key]
     if key.startswith(TIMM_PREFIX):
-        from .timm_models import resolve_timm
 
         return resolve_timm(key[len(TIMM_PREFIX):])
     for regex, cls, fixed in _PATTERNS.values():

@@ -21,7 +21,8 @@ import difflib
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import TIMM_PREFIX as PREFIX
+#: ``--arch timm:NAME`` builds timm's model NAME
+PREFIX = "timm:"
 
 
 def _timm(model_name: str):

@@ -1,10 +1,15 @@
-"""Typed run configuration, validated at the boundary: one line per bad value."""
+"""Typed run configuration, validated at the boundary: one line per bad value.
+
+A leaf: :meth:`RunConfig.validate` checks values (types, ranges, choices, relations between
+fields) and reads no registry. Resolving a configuration against the registries (the
+variant and its settings, the model, the dataset) is :func:`bench.resolve.resolve`'s job,
+done once before a run starts.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import re
 import tempfile
@@ -12,17 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from architectures.registry import resolve as resolve_architecture
-from optimizers import available_optimizers, create_optimizer, optimizer_class
-from optimizers.base import BASE_OPTIMIZERS
-from optimizers.registry import canonical_name
+from bench.errors import UserError
 from optimizers.settings import Setting
-
-from .data import DataError, available_datasets
-from .data import canonical_name as dataset_name
-from .streaming import DEFAULT_IMAGE_SIZE, is_loader_dataset, loader_dataset_name
 
 SCHEDULES = ("cosine", "step", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -101,13 +97,8 @@ def _writable(path: str) -> bool:
         return False
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad value from the user: one line naming it and the valid choices."""
-
-
-def own_rule_settings(config: RunConfig) -> dict[str, Any]:
-    """The run settings a variant with its own update rule may take, if it declares them."""
-    return {"lr": config.lr, "momentum": config.momentum, "weight_decay": config.weight_decay}
 
 
 def _need(ok: bool, message: str) -> None:
@@ -182,47 +173,20 @@ class RunConfig:
     run_name: str | None = None
 
     def validate(self) -> RunConfig:
-        self._check_names()
+        """Check every value (in place; ints widened where a float is expected); ConfigError, one line, for the first bad one."""
         for name, check in FIELD_CHECKS.items():
             try:
                 setattr(self, name, check.check(getattr(self, name)))
             except ValueError as err:
                 raise ConfigError(str(err)) from None
-        self._check_relations()
-        self._check_data()
-        self._check_optimizer_settings()
-        return self
-
-    def _check_names(self) -> None:
-        try:
-            self.optimizer = canonical_name(self.optimizer)
-        except ValueError:
-            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(available_optimizers())}") from None
-        self.base_optimizer = _choice(str(self.base_optimizer).lower(), tuple(BASE_OPTIMIZERS), "base optimizer")
-        try:
-            loader_dataset = loader_dataset_name(self.dataset)
-            self.dataset = loader_dataset or dataset_name(self.dataset)
-        except DataError as err:
-            if str(self.dataset).strip().lower().startswith("hf:"):
-                raise ConfigError(str(err)) from None
-            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(available_datasets())}, "
-                              "imagefolder, hf:OWNER/NAME") from None
-        try:
-            resolve_architecture(self.arch)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
         _choice(self.schedule, SCHEDULES, "schedule")
         _choice(self.mixed_precision, MIXED_PRECISION, "mixed_precision")
         _choice(self.sam_sync, SAM_SYNC, "sam_sync")
-        if self.compile:
-            import torch._dynamo
-
-            _choice(self.compile_backend, torch._dynamo.list_backends(exclude_tags=()), "compile_backend")
         if self.log_with is not None:
             _choice(self.log_with, TRACKERS, "log_with")
-            _need(importlib.util.find_spec(self.log_with) is not None,
-                  f"log_with {self.log_with} needs the {self.log_with} package: pip install {self.log_with}")
         _need(_writable(self.output_dir), f"output_dir {self.output_dir!r} is not writable")
+        self._check_relations()
+        return self
 
     def _check_relations(self) -> None:
         _need(self.warmup_epochs < self.epochs, f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
@@ -230,85 +194,6 @@ class RunConfig:
         _need(all(isinstance(m, (int, float)) and 0 < m < 1 for m in milestones),
               f"step_milestones must be fractions in (0, 1), got {self.step_milestones}")
         self.step_milestones = milestones
-
-    def _check_data(self) -> None:
-        """The settings of the datasets read through loader workers: only for them, and what each allows."""
-        if not is_loader_dataset(self.dataset):
-            given = [f for f in ("image_size", "workers", "image_column", "label_column") if getattr(self, f) is not None]
-            _need(not given, f"{', '.join(given)}: only for the imagefolder and hf: datasets, not {self.dataset}")
-            return
-        if self.image_size is None:
-            self.image_size = DEFAULT_IMAGE_SIZE
-        _need(not self.cutout, f"cutout is for the in-memory datasets; {self.dataset} has its own augmentation")
-        if self.dataset == "imagefolder":
-            _need(bool(self.data_dir), "imagefolder needs --data_dir DIR holding train/<class>/ and val/<class>/ image folders")
-            columns = [f for f in ("image_column", "label_column") if getattr(self, f) is not None]
-            _need(not columns, f"{', '.join(columns)}: only for hf: datasets, not imagefolder")
-            return
-        random_access = [f"{f} {getattr(self, f)}" for f in ("train_subset", "val_fraction", "label_noise") if getattr(self, f)]
-        _need(not random_access, f"{', '.join(random_access)}: needs random access to the training set, which the "
-                                 f"streamed {self.dataset} does not give")
-        regularizer = getattr(optimizer_class(self.optimizer), "loss_regularizer", None)
-        _need(not getattr(regularizer, "needs_sample_ids", False),
-              f"{self.optimizer} keeps a value per training sample, which needs sample ids the streamed {self.dataset} "
-              "does not give")
-
-    def optimizer_settings(self, num_train: int) -> dict[str, Any]:
-        """Keyword arguments for ``create_optimizer``: the base optimizer's (or, for a variant with
-        its own update rule, the lr and the momentum and weight decay it declares), the quantities
-        the harness fills in (``Setting.filled_by``: the training-set size, the total step count),
-        then the variant's own."""
-        cls = optimizer_class(self.optimizer)
-        declared = {s.name: s for s in getattr(cls, "settings", ())}
-        fills = {"num_train": num_train, "total_steps": max(1, self.epochs * (num_train // self.batch_size))}
-        filled = {name: fills[s.filled_by] for name, s in declared.items() if s.filled_by in fills}
-        if not getattr(cls, "uses_base_optimizer", True):
-            # an update rule of its own takes the run's lr, and its momentum and weight decay if it has them
-            own = {k: v for k, v in own_rule_settings(self).items() if k in declared or k == "lr"}
-            return {**own, **filled, **self.hyperparameters}
-        base = self.optimizer if self.optimizer in BASE_OPTIMIZERS else self.base_optimizer
-        if base == "sgd":
-            settings = dict(lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov)
-        else:
-            settings = dict(lr=self.lr, weight_decay=self.weight_decay)
-        return {**settings, **filled, **self.hyperparameters}
-
-    def _check_optimizer_settings(self) -> None:
-        """Build the optimizer on a stand-in parameter, so a bad hyperparameter fails before any work."""
-        try:
-            create_optimizer(self.optimizer, [torch.zeros(1, requires_grad=True)], base=self.base_optimizer,
-                             **self.optimizer_settings(num_train=1))
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"{self.optimizer}: {err}") from None
-        obstacle = getattr(optimizer_class(self.optimizer), "compile_obstacle", None)
-        reason = obstacle(self.hyperparameters) if self.compile and obstacle is not None else None
-        _need(reason is None, f"--compile: {reason}")
-
-    def resolved_hyperparameters(self) -> dict[str, Any]:
-        """The variant's own settings as it will use them, recorded in config.json: its declared defaults
-        (not those the harness fills in) overlaid with the given ones, as JSON values."""
-        declared = getattr(optimizer_class(self.optimizer), "settings", ())
-        defaults = {s.name: s.default for s in declared if s.filled_by is None}
-        return json.loads(json.dumps({**defaults, **self.hyperparameters}, default=str))
-
-    def check_recorded(self) -> None:
-        """Refuse to continue or reuse a run made with variant settings this version resolves otherwise.
-
-        A run's id holds only the settings it was given, so after a default changes, an old run has
-        the id of a new one; counting it as one would report the old setting as the new."""
-        path = self.run_dir() / "config.json"
-        try:
-            recorded = json.loads(path.read_text()).get("resolved_hyperparameters") if path.is_file() else None
-        except (OSError, ValueError, AttributeError):
-            return  # an unreadable config.json is the resume's or the table's to report
-        if not isinstance(recorded, dict):
-            return  # written before the settings were recorded
-        now = self.resolved_hyperparameters()
-        changed = sorted(k for k in {*recorded, *now} if recorded.get(k, "unset") != now.get(k, "unset"))
-        then_values = ", ".join(f"{k}={recorded.get(k, 'unset')}" for k in changed)
-        now_values = ", ".join(f"{k}={now.get(k, 'unset')}" for k in changed)
-        _need(not changed, f"{self.run_dir()} was run with {then_values}, which this version resolves to {now_values} "
-                           "(a changed default): move that run aside, or set those values to continue it")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

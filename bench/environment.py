@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import platform
+from importlib.metadata import version
 
-import accelerate
 import numpy
 import torch
 
@@ -55,7 +55,7 @@ def describe(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "accelerate": accelerate.__version__,
+        "accelerate": version("accelerate"),
         "numpy": numpy.__version__,
         "platform": platform.platform(),
     }
@@ -95,3 +95,9 @@ def busy_note(loads: tuple[float | None, ...], own: float) -> str:
     shown = ", ".join(f"{v:.1f}" for v in loads if v is not None)
     return (f"other work shared the machine (1-minute load {shown} on {cpu_count()} cores, this run's own "
             f"threads {own:g}): this run's times are inflated and its table rows are flagged as contended")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that a timer reads finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

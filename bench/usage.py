@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from bench.errors import UserError
 
-class UsageError(Exception):
+
+class UsageError(UserError):
     """Reported as one line, exit code 2."""
 
 

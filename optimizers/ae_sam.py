@@ -33,10 +33,10 @@ ascent gradient ("global"): every replica then takes the same decision.
 
 import torch
 
-from .base import global_norm
 from .sam import SAM
 from .settings import Setting
 from .ss_sam import allocate_backup
+from .tensors import global_norm
 
 NOT_CONFIRMED = "not confirmed against the paper"
 

@@ -7,8 +7,9 @@ e = rho * T_w^2 * g / ||T_w * g||.
 
 import torch
 
-from .base import SharpnessAwareOptimizer, global_norm
+from .base import SharpnessAwareOptimizer
 from .settings import Setting
+from .tensors import global_norm
 
 EPS = 1e-16
 

@@ -32,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .closure import accepts_requests
 from .settings import Setting
+from .tensors import copy_into_kept, copy_tensors, global_norm, is_sharded, shard_like
 
 if TYPE_CHECKING:
     from .regularizer import LossRegularizer
@@ -59,111 +60,6 @@ def split_params_and_model(params, model: nn.Module | None) -> tuple[Any, nn.Mod
     if isinstance(params, nn.Module):
         return list(params.named_parameters()), model or params
     return params, model
-
-
-try:  # sharded parameters (FSDP2's fully_shard) are DTensors
-    from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
-except ImportError:  # a torch built without torch.distributed
-    DTensor = None
-
-
-def is_sharded(t: Tensor) -> bool:
-    """Whether ``t`` is a DTensor (each process holds a part of it, e.g. an FSDP2 parameter or its gradient)."""
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def local_tensor(t: Tensor) -> Tensor:
-    """The part of ``t`` this process holds: a sharded tensor's local shard (writing to it writes ``t``), else ``t``."""
-    return t.to_local() if is_sharded(t) else t
-
-
-def _sums_over_shards(tensors: list[Tensor], local_sums: Tensor) -> Tensor:
-    """``local_sums[i]`` is this process's part of a sum over the elements of ``tensors[i]``; returns
-    the whole sums, one per tensor. A sharded tensor's parts are added over the mesh dimensions it
-    is sharded along (one all-reduce per mesh and placement; replicated dimensions hold copies and
-    are not added); a plain tensor's part is its whole."""
-    groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
-        if not is_sharded(t):
-            continue
-        if not all(p.is_shard() or p.is_replicate() for p in t.placements):
-            raise ValueError(f"cannot sum over a tensor placed as {t.placements}: only sharded or replicated tensors")
-        if any(p.is_shard() for p in t.placements):
-            groups.setdefault((t.device_mesh, tuple(t.placements)), []).append(i)
-    if not groups:
-        return local_sums
-    local_sums = local_sums.clone()
-    for (mesh, placements), index in groups.items():
-        partial = [Partial("sum") if p.is_shard() else Replicate() for p in placements]
-        rows = torch.tensor(index, device=local_sums.device)
-        total = DTensor.from_local(local_sums[rows], mesh, partial, run_check=False).full_tensor()
-        local_sums[rows] = total.to(local_sums.dtype)
-    return local_sums
-
-
-def tensor_norms(tensors: list[Tensor]) -> Tensor:
-    """The L2 norm of each tensor, as a 1-dim tensor (a sharded tensor's norm is over all its shards)."""
-    if not tensors:
-        return torch.zeros(0)
-    if not any(is_sharded(t) for t in tensors):
-        return torch.stack(torch._foreach_norm(tensors))
-    squares = torch.stack(torch._foreach_norm([local_tensor(t) for t in tensors])).square()
-    return _sums_over_shards(tensors, squares).sqrt()
-
-
-def global_norm(tensors: list[Tensor]) -> Tensor:
-    """L2 norm over a list of tensors, as a 0-dim tensor (no host synchronisation; sharded
-    tensors: over every process's shards, the same on every process)."""
-    if not tensors:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(tensor_norms(tensors))
-
-
-def tensor_dots(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """The inner product of each pair of tensors, as a 1-dim tensor (a sharded pair's over all its shards)."""
-    if not a:
-        return torch.zeros(0)
-    if not any(is_sharded(x) or is_sharded(y) for x, y in zip(a, b)):
-        return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)])
-    for x, y in zip(a, b):
-        if is_sharded(x) != is_sharded(y) or (is_sharded(x) and tuple(x.placements) != tuple(y.placements)):
-            raise ValueError("a pair of tensors is sharded differently: their inner product needs them sharded alike")
-    local = torch.stack([torch.vdot(local_tensor(x).reshape(-1), local_tensor(y).reshape(-1)) for x, y in zip(a, b)])
-    return _sums_over_shards(a, local)
-
-
-def global_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """Inner product of two lists of tensors, as a 0-dim tensor (sharded pairs: over every shard)."""
-    if not a:
-        return torch.zeros(())
-    return tensor_dots(a, b).sum()
-
-
-def copy_tensors(destinations: list[Tensor], sources: list[Tensor]) -> None:
-    """``destinations[i].copy_(sources[i])`` for every i, one fused call per (device, dtype) pair;
-    sharded tensors copy their local shards (both sides sharded alike)."""
-    groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
-    for d, s in zip(destinations, sources):
-        d, s = local_tensor(d), local_tensor(s)
-        # on a GPU the fused kernel needs one device and dtype per list; a mixed list (BatchNorm's
-        # integer counters among float buffers) falls back to one kernel per tensor
-        into, out_of = groups.setdefault((d.device, d.dtype, s.device, s.dtype), ([], []))
-        into.append(d)
-        out_of.append(s)
-    for into, out_of in groups.values():
-        torch._foreach_copy_(into, out_of)
-
-
-def copy_into_kept(kept: list[Tensor], tensors: list[Tensor]) -> list[Tensor]:
-    """Copy ``tensors`` into ``kept`` (buffers from an earlier call, reallocated when they no longer
-    fit) with :func:`copy_tensors`, and return the buffers: a snapshot that allocates only when shapes change."""
-    fits = len(kept) == len(tensors) and all(
-        k.shape == t.shape and k.dtype == t.dtype and k.device == t.device and type(k) is type(t) for k, t in zip(kept, tensors)
-    )
-    if not fits:
-        kept = [torch.empty_like(t) for t in tensors]
-    copy_tensors(kept, tensors)
-    return kept
 
 
 class RunningStatsFreeze:
@@ -273,6 +169,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         own = {name: kwargs.pop(name) for name in list(kwargs) if name in defaults}
         super().__init__(params, {**defaults, **own})
         self.base_optimizer: torch.optim.Optimizer | None = None
+        #: the loss term this optimizer declares, once attached by optimizers.regularizer.build_regularizer
+        self.regularizer = None
         if self.uses_base_optimizer:
             base_cls = resolve_base_optimizer(base_optimizer)
             try:
@@ -393,7 +291,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """
         noise = torch.randn(like.shape, generator=self.generator(like.device), device=like.device, dtype=like.dtype)
         if is_sharded(like):
-            noise = distribute_tensor(noise, like.device_mesh, like.placements, src_data_rank=None)
+            noise = shard_like(noise, like)
         return noise
 
     def warn_once(self, key: str, message: str) -> None:

@@ -18,7 +18,7 @@ declares ``accepts_requests = True`` is asked:
   ``"descent"`` for a pass whose gradient the update uses, ``"select"`` for a
   gradient-free evaluation. A plain call is a descent pass (what a torch optimizer
   asks for). Distributed loops use the phase to decide where gradients are
-  all-reduced (see ``bench.train``); single-process closures may ignore it.
+  all-reduced (see ``bench.loop``); single-process closures may ignore it.
 
 :class:`BatchClosure` implements the contract for the usual (model, loss, batch) case.
 """

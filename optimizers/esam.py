@@ -17,8 +17,9 @@ two-phase form (perturb/descend) only SWP applies.
 import torch
 from torch import Tensor
 
-from .base import SharpnessAwareOptimizer, global_norm
+from .base import SharpnessAwareOptimizer
 from .settings import Setting
+from .tensors import global_norm
 
 EPS = 1e-7
 

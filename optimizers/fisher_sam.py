@@ -8,8 +8,9 @@ f = 1 + eta * g^2 from the batch gradient:
 
 import torch
 
-from .base import SharpnessAwareOptimizer, global_dot
+from .base import SharpnessAwareOptimizer
 from .settings import Setting
+from .tensors import global_dot
 
 EPS = 1e-12
 

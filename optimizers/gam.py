@@ -29,9 +29,14 @@ rho' (``grad_rho``) 0.03, alpha 0.1, beta 0.1, gamma 0.05 (CIFAR-100 ResNet: 0.2
 0.6, 0.5, 0.03). Both radii are constant there (a ProportionScheduler with equal max and
 min). The official ``adaptive`` option is not implemented.
 
-g0 and g2 reach the update ("global" ascent). BatchNorm statistics come from the first
-pass (frozen from the second on, as the official code). g0, g1 and g2 are held only
-within a step: the persistent extra memory is the weight backup.
+g0 and g2 reach the update, so a data-parallel loop must all-reduce the gradients of
+all four passes ("global" ascent): every replica computes the same points and d. The
+official code does not: it runs the four passes without gradient synchronisation (DDP
+``no_sync``), each replica moving along its own local gradients, and averages only the
+final d across workers, before the base step (the same on one process, not with
+several). BatchNorm statistics come from the first pass (frozen from the second on, as
+the official code). g0, g1 and g2 are held only within a step: the persistent extra
+memory is the weight backup.
 
 Two-phase form: call ``perturb()`` after each of the first three backward passes, then
 ``descend()`` after the fourth. A loop that calls ``perturb()`` once (the generic SAM
@@ -40,8 +45,9 @@ loop) gets a warning and a SAM step of radius rho' (descent with g1).
 
 import torch
 
-from .base import SharpnessAwareOptimizer, copy_tensors, global_dot, global_norm
+from .base import SharpnessAwareOptimizer
 from .settings import Setting
+from .tensors import copy_tensors, global_dot, global_norm
 
 EPS = 1e-12
 GAM_SOURCE = "official main_cifar.py, CIFAR-10 ResNet"

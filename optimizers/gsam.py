@@ -13,9 +13,9 @@ given, and rho_min = rho (a constant radius) unless given.
 
 import torch
 
-from .base import global_dot, global_norm
 from .sam import SAM
 from .settings import Setting
+from .tensors import global_dot, global_norm
 
 EPS = 1e-12
 

@@ -54,8 +54,9 @@ import contextlib
 
 import torch
 
-from .base import SharpnessAwareOptimizer, copy_tensors, global_norm, tensor_dots, tensor_norms
+from .base import SharpnessAwareOptimizer
 from .settings import Setting
+from .tensors import copy_tensors, global_norm, tensor_dots, tensor_norms
 
 EPS = 1e-16
 README = "official README, CIFAR"

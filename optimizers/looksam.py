@@ -23,8 +23,9 @@ and on CPU-scale CIFAR-10).
 
 import torch
 
-from .base import SharpnessAwareOptimizer, global_dot, global_norm, tensor_norms
+from .base import SharpnessAwareOptimizer
 from .settings import Setting
+from .tensors import global_dot, global_norm, tensor_norms
 
 EPS = 1e-12
 LOOKSAM_SOURCE = "unofficial defaults; no official code"

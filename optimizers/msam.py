@@ -34,10 +34,13 @@ The AdamW variant (``optimizer/adamW_msam.py``) is not implemented.
 
 Defaults: the authors' CIFAR-100 WRN-16-4 config (``configs/CIFAR100_WRN16_4.ini``, and
 the README's MSAM command): rho 3, lr 0.5, momentum 0.9, weight decay 5e-4 (the
-ResNet-50 config: lr 0.1, weight decay 1e-3; the class default rho is 0.3). The harness
-passes only ``--lr`` to a variant with its own update rule: momentum and weight decay
-are this variant's settings (no flags: ``--momentum`` and ``--weight_decay`` belong to
-the base optimizers).
+ResNet-50 config: lr 0.1, weight decay 1e-3; the class default rho is 0.3). Through the
+harness (``bench.resolve.optimizer_settings``) a variant with its own update rule gets the
+run's ``--lr``, and the run's ``--momentum`` and ``--weight_decay`` where it declares
+them, as this one does: an MSAM run takes all three from the run's flags (the flags'
+defaults when not given, not the class defaults above), and its own flag ``--rho`` on
+top; ``--optimizer`` and ``--nesterov`` do not apply. Through the Python API the class
+defaults hold unless given.
 
 BatchNorm: the one pass updates the running statistics, at w~, as in the official loop
 (nothing is frozen: ``freezes_batchnorm`` is False). The official ``main.py`` re-estimates
@@ -48,8 +51,9 @@ import contextlib
 
 import torch
 
-from .base import SharpnessAwareOptimizer, copy_tensors, global_norm
+from .base import SharpnessAwareOptimizer
 from .settings import Setting
+from .tensors import copy_tensors, global_norm
 
 EPS = 1e-12
 CONFIG = "authors' CIFAR-100 WRN-16-4 config"

@@ -28,6 +28,9 @@ from .ss_sam import SSSAM
 from .vasso import VaSSO
 from .wsam import WSAM
 
+#: The method the variants are measured against (Foret et al.'s SAM).
+REFERENCE = "sam"
+
 #: canonical name -> class, in registration order
 _REGISTRY: dict[str, type[torch.optim.Optimizer]] = {}
 _ALIASES: dict[str, str] = {}
@@ -38,6 +41,11 @@ def _key(name: str) -> str:
 
 
 def register(name: str, cls: type[torch.optim.Optimizer], aliases: tuple[str, ...] = ()) -> None:
+    """Register ``cls`` under ``name`` (and ``aliases``); a name or alias already taken is an error, never overwritten."""
+    taken = [alias for alias in (name, *aliases) if _key(alias) in _ALIASES]
+    if taken:
+        raise ValueError(f"optimizer name(s) {', '.join(map(repr, taken))} already registered "
+                         f"(to {', '.join(sorted({_ALIASES[_key(a)] for a in taken}))}); choose another name")
     _REGISTRY[name] = cls
     for alias in (name, *aliases):
         _ALIASES[_key(alias)] = name

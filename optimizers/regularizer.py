@@ -13,7 +13,8 @@ A training loop that supports regularisers does, without naming any method:
 
 1. after building the model (before wrapping it for data parallelism) and the optimizer,
    :func:`build_regularizer` builds ``type(optimizer).loss_regularizer`` (``None``: there
-   is nothing to do) from the model, the training-set size, the number of classes, the
+   is nothing to do) and attaches it to the optimizer (``optimizer.regularizer``: an
+   optimizer that declares a term refuses to step without it) from the model, the training-set size, the number of classes, the
    device, the optimizer's global (not per-group) settings and, with several processes,
    a ``gather`` that concatenates a tensor over processes (``accelerator.gather``);
 2. in every pass, adds ``extra_loss(outputs, sample_ids, epoch, inputs)`` to the
@@ -83,7 +84,9 @@ def build_regularizer(optimizer, model: nn.Module, num_train: int, num_classes: 
     if cls is None:
         return None
     settings = {s.name: getattr(optimizer, s.name) for s in type(optimizer).settings if not s.per_group}
-    return cls(model, num_train, num_classes, device, gather=gather, **settings)
+    regularizer = cls(model, num_train, num_classes, device, gather=gather, **settings)
+    optimizer.regularizer = regularizer  # the optimizer steps only with its term attached
+    return regularizer
 
 
 def distillation_kl(outputs: Tensor, reference: Tensor, tau: float) -> Tensor:

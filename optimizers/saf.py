@@ -14,7 +14,7 @@ differ in the reference z_ref:
   entry, decay ``ema_decay``, updated after every step), in eval mode, on the same inputs.
 
 The term lives in a :class:`~optimizers.regularizer.LossRegularizer` that the classes
-declare in ``loss_regularizer``; a loop that supports regularisers (``bench.train``)
+declare in ``loss_regularizer``; a loop that supports regularisers (``bench.loop``)
 builds it and feeds it the sample ids. Driven without one (a bare ``opt.step(closure)``)
 the classes are their base optimizer.
 
@@ -158,7 +158,12 @@ def _window_settings(lam: float, lam_source: str) -> tuple[Setting, ...]:
 
 
 class TrajectoryLossOptimizer(SharpnessAwareOptimizer):
-    """Plain base-optimizer steps (one pass); the method is the loss term of ``loss_regularizer``."""
+    """Plain base-optimizer steps (one pass); the method is the loss term of ``loss_regularizer``.
+
+    Stepped without that term it would silently be its base optimizer, so it refuses to: the
+    term is attached by :func:`~optimizers.regularizer.build_regularizer` (which sets
+    ``self.regularizer``), and the loop adds its ``extra_loss`` to every pass's loss.
+    """
 
     settings = _window_settings(0.3, README)
     passes = "1"
@@ -174,6 +179,18 @@ class TrajectoryLossOptimizer(SharpnessAwareOptimizer):
     @property
     def perturbs_this_step(self) -> bool:
         return False
+
+    @torch.no_grad()
+    def descend(self, zero_grad: bool = True) -> None:
+        if getattr(self, "regularizer", None) is None:
+            name = type(self).__name__
+            raise RuntimeError(
+                f"{name} is a loss term, not an update rule: without it this step would be a plain {type(self.base_optimizer).__name__} step. Build the "
+                f"term with optimizers.regularizer.build_regularizer(optimizer, model, num_train, num_classes, device), add "
+                f"its extra_loss(outputs, sample_ids, epoch, inputs) to each pass's per-sample loss and call "
+                f"after_step(model) after each step (see optimizers/regularizer.py)"
+            )
+        super().descend(zero_grad)
 
     def perturbation(self, groups):
         raise RuntimeError(f"{type(self).__name__} takes no perturbation: perturbs_this_step is always False")

@@ -16,19 +16,26 @@ is a LinearScheduler whose start and end are both 0.05 (a constant; ``hparams["r
 is not read by SAGM_DG), next to a constant learning rate.
 
 Defaults: rho 0.05 (the constant hard-coded in SAGM_DG), alpha 0.001 (the hparams
-default and every README command). Both come from DomainBed (ResNet-50, Adam, lr 1e-5
+default, and the README's commands for PACS, VLCS and TerraIncognita; its OfficeHome
+and DomainNet commands use 0.0005). Both come from DomainBed (ResNet-50, Adam, lr 1e-5
 to 3e-5), not from CIFAR. The official ``adaptive`` option is not implemented.
 
 g reaches the update, so a data-parallel loop must all-reduce the ascent gradient
-("global"); the official code averages (g + g_adv)/2 across workers instead, which is
-the same average. BatchNorm statistics come from the first pass, as the official step
-zeroes BN momentum for the second. g is kept only within a step.
+("global"): every replica then perturbs along the global g, and the descent gradient
+(g + g_adv)/2 is averaged as usual. The official code does not do that: it runs both
+passes without gradient synchronisation (DDP ``no_sync``), so each replica perturbs
+its weights along its own local gradient and takes g_adv there, and only the final
+(g + g_adv)/2 is averaged across workers, before the base step. The two agree on one
+process; with several, the official g_adv comes from per-replica perturbations, which
+this project does not offer for SAGM. BatchNorm statistics come from the first pass,
+as the official step zeroes BN momentum for the second. g is kept only within a step.
 """
 
 import torch
 
-from .base import SharpnessAwareOptimizer, global_norm
+from .base import SharpnessAwareOptimizer
 from .settings import Setting
+from .tensors import global_norm
 
 EPS = 1e-12
 

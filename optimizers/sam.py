@@ -11,8 +11,9 @@ g_s (weight decay and momentum only, if g_s is zero too).
 
 import torch
 
-from .base import SharpnessAwareOptimizer, global_norm
+from .base import SharpnessAwareOptimizer
 from .settings import Setting
+from .tensors import global_norm
 
 EPS = 1e-12
 

@@ -46,8 +46,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from .base import SharpnessAwareOptimizer, global_norm, split_params_and_model
+from .base import SharpnessAwareOptimizer, split_params_and_model
 from .settings import Setting
+from .tensors import global_norm
 
 EPS = 1e-16
 NORM_LAYERS = tuple(t for t in (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t)

@@ -23,8 +23,9 @@ each replica then has its own d, and a checkpoint keeps the first process's).
 
 import torch
 
-from .base import SharpnessAwareOptimizer, copy_tensors
+from .base import SharpnessAwareOptimizer
 from .settings import Setting
+from .tensors import copy_tensors
 
 EPS = 1e-7
 VASSO_SOURCE = "official config default; train.sh runs rho 0.2 on CIFAR-100"

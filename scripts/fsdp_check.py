@@ -39,10 +39,16 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 from bench.config import RunConfig  # noqa: E402
-from bench.sharding import FullOptimizerState, full_model_state, load_full_model_state  # noqa: E402
-from bench.sync_bn import convert_sync_batchnorm  # noqa: E402
+from bench.loop.sharding import (
+    FullOptimizerState,  # noqa: E402
+    full_model_state,  # noqa: E402
+    load_full_model_state,  # noqa: E402
+)
+from bench.loop.sync_bn import convert_sync_batchnorm  # noqa: E402
+from bench.resolve import optimizer_settings  # noqa: E402
 from optimizers import BatchClosure, SharpnessAwareOptimizer, available_optimizers, create_optimizer, optimizer_class  # noqa: E402
-from optimizers.base import global_dot, global_norm, tensor_norms  # noqa: E402
+from optimizers.regularizer import build_regularizer  # noqa: E402
+from optimizers.tensors import global_dot, global_norm, tensor_norms  # noqa: E402
 
 TOLERANCE = 1e-10
 STEPS = 4
@@ -83,7 +89,7 @@ def shard(model: nn.Module, mesh, sync_bn: bool) -> nn.Module:
 
 
 def settings(name: str) -> dict:
-    return {**RunConfig(optimizer=name, batch_size=16).optimizer_settings(num_train=64), **ORACLE_SETTINGS.get(name, {})}
+    return {**optimizer_settings(RunConfig(optimizer=name, batch_size=16), num_train=64), **ORACLE_SETTINGS.get(name, {})}
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,18 +101,26 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def make(name: str, model: nn.Module, device) -> torch.optim.Optimizer:
+    """The optimizer, with the loss term its class declares attached (this check's loss is the task loss alone:
+    it compares the sharded update with the unsharded one; the terms are checked in tests/test_regularizers.py)."""
+    opt = create_optimizer(name, model, seed=0, **settings(name))
+    build_regularizer(opt, model, 64, 10, device)
+    return opt
+
+
 def check_variant(name: str, kind: str, mesh, device, rank: int, world: int) -> str:
     build = mlp if kind == "mlp" else cnn
     data = batches(kind, device)
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     reference = build().to(device)
-    opt = create_optimizer(name, reference, seed=0, **settings(name))
+    opt = make(name, reference, device)
     for x, y in data:
         opt.step(BatchClosure(reference, loss_fn, x, y))
 
     def sharded():
         model = shard(build().to(device), mesh, sync_bn=kind == "cnn")
-        return model, create_optimizer(name, model, seed=0, **settings(name))
+        return model, make(name, model, device)
 
     model, opt = sharded()
     part = len(data[0][1]) // world

@@ -28,9 +28,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import environment  # noqa: E402
-from bench.config import RunConfig  # noqa: E402
-from bench.perf_harness import contenders, measure, synthetic_dataset  # noqa: E402
-from bench.train import epoch_sums, setup, train_on  # noqa: E402
+from bench.config import RunConfig
+from bench.loop.epoch import (
+    epoch_sums,  # noqa: E402
+    train_on,  # noqa: E402
+)
+from bench.loop.setup import setup  # noqa: E402
+from bench.resolve import resolve  # noqa: E402
+from bench.studies.perf_harness import (
+    contenders,  # noqa: E402
+    measure,  # noqa: E402
+    synthetic_dataset,  # noqa: E402
+)
 from optimizers import available_optimizers, optimizer_class  # noqa: E402
 
 
@@ -61,8 +70,8 @@ def check_variant(name: str, precision: str, arch: str, batch: int, steps: int, 
     """A few steps; in fp16 the second step's first pass overflows and must be skipped."""
     data = synthetic_dataset(batch * steps, 32)
     settings = {"total_steps": steps} if any(s.filled_by == "total_steps" for s in getattr(optimizer_class(name), "settings", ())) else {}
-    config = RunConfig(arch=arch, optimizer=name, batch_size=batch, epochs=1, lr=0.05, mixed_precision=precision,
-                       output_dir=output_dir, save_every_epochs=0, hyperparameters=settings).validate()
+    config = resolve(RunConfig(arch=arch, optimizer=name, batch_size=batch, epochs=1, lr=0.05, mixed_precision=precision,
+                               output_dir=output_dir, save_every_epochs=0, hyperparameters=settings))
     run = setup(config, data=(data, data))
     device = run.device
     torch.cuda.reset_peak_memory_stats(device)

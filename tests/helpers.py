@@ -56,3 +56,13 @@ def flat(model: nn.Module) -> torch.Tensor:
 def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-6):
     err = ((a - b).norm() / b.norm()).item()
     assert err < rtol, f"relative error {err:.2e} >= {rtol:.0e}"
+
+
+def with_loss_term(opt, model: nn.Module | None = None, num_train: int = 64, num_classes: int = 3):
+    """``opt`` with the loss term its class declares attached (SAF's and MESA's; a no-op for the others), as a loop
+    that supports loss terms does (``optimizers.regularizer.build_regularizer``). The tests that use it exercise
+    the optimizer's protocol; the term's own arithmetic is tested in test_regularizers.py."""
+    from optimizers.regularizer import build_regularizer
+
+    build_regularizer(opt, model if model is not None else nn.Module(), num_train, num_classes, "cpu")
+    return opt

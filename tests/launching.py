@@ -3,10 +3,10 @@
 #: launch.py, with the process killing itself (SIGKILL) after the N-th training step.
 KILLED_AFTER = """
 import os, signal, sys
-import bench.train
+import bench.loop.epoch
 from bench.cli import main
 
-steps, one_step = 0, bench.train.one_step
+steps, one_step = 0, bench.loop.epoch.one_step
 
 def counted(*args, **kwargs):
     global steps
@@ -16,6 +16,6 @@ def counted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return skipped
 
-bench.train.one_step = counted
+bench.loop.epoch.one_step = counted
 sys.exit(main(sys.argv[1:]))
 """

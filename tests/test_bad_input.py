@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bench.checkpoint import export_model
-from bench.cli import main
+from bench.cli.main import main
 from bench.io import read_json, read_jsonl
-from bench.step import TrainClosure, take_step
+from bench.loop.checkpoint import export_model
+from bench.loop.step import TrainClosure, take_step
 from optimizers import create_optimizer
 
 FAST = ["--arch", "mlp", "--epochs", "1", "--batch_size", "64", "--cpu"]
@@ -130,8 +130,8 @@ def test_flags_that_contradict_the_resumed_run_are_refused(capsys, tmp_path):
     capsys.readouterr()
     assert main(["--resume", str(run), "--lr", "0.2", "--sam_type", "SAM", "--batch_size", "64"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "settings differ from its config.json" in err and "lr (0.1 there, 0.2 given)" in err
-    assert "optimizer ('sgd' there, 'sam' given)" in err and "batch_size" not in err and "\n" not in err
+    assert "settings differ from its config.json" in err and "--lr (0.1 there, 0.2 given)" in err
+    assert "--sam_type ('sgd' there, 'sam' given)" in err and "batch_size" not in err and "\n" not in err
     assert snapshot(tmp_path) == before
 
 

@@ -2,10 +2,11 @@
 
 import json
 
+import pytest
 from test_results import make_run
 
-from bench.claims import claims_table, main
-from bench.results import load_runs
+from bench.report.claims import METRICS, claims_table, load_claims, main
+from bench.report.runs import ResultsError, load_runs
 
 
 def runs_of(root, optimizer, accs, sample_passes):
@@ -39,3 +40,42 @@ def test_the_command_writes_one_section_per_setting(tmp_path):
     assert main([f"small={tmp_path / 'a'}", "--out", str(out)]) == 0
     text = out.read_text()
     assert "## small" in text and "| SAM beats SGD |" in text and "| -1.00 ± 0.82 |" in text and "inconclusive" in text
+
+
+def runs_with(root, optimizer, metric, values):
+    for seed, value in enumerate(values):
+        run = make_run(root, optimizer, seed=seed, acc=0.8)
+        summary = json.loads((run / "summary.json").read_text())
+        summary.update({metric: value, "sample_passes_per_step": 1.0})
+        (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_every_claim_metric_has_its_direction():
+    """Higher accuracy is better; lower ECE and lower loss are better: the direction belongs to the metric."""
+    assert {m: higher for m, (_, _, higher) in METRICS.items()} == {
+        "final_test_acc": True, "final_test_ece": False, "final_test_loss": False}
+    assert all(c.higher_is_better == METRICS[c.metric][2] for c in load_claims())
+    assert {c.metric for c in load_claims()} <= set(METRICS)
+
+
+def test_a_lower_ece_reproduces_better_calibration(tmp_path):
+    """bSAM's ECE 2 points below SAM's and 3 below SGD's: lower is better, so both calibration claims reproduce."""
+    runs_with(tmp_path, "sgd", "final_test_ece", [0.050, 0.051, 0.049])
+    runs_with(tmp_path, "sam", "final_test_ece", [0.040, 0.041, 0.039])
+    runs_with(tmp_path, "bsam", "final_test_ece", [0.020, 0.021, 0.019])
+    table = claims_table(load_runs([tmp_path])).set_index("claim")
+    assert table.loc["bSAM is better calibrated than SAM", "verdict"] == "reproduced"
+    assert table.loc["bSAM is better calibrated than SAM", "difference (for A) ± se"] == "+2.00 ± 0.08"  # std 0.1 point: se = 0.1 sqrt(2/3)
+    assert table.loc["bSAM is better calibrated than SGD", "verdict"] == "reproduced"
+
+
+def test_a_bad_claims_file_is_one_line(tmp_path):
+    path = tmp_path / "claims.toml"
+    path.write_text('[[claim]]\ntext = "x"\na = "sam"\nb = "sgd"\nkind = "beats"\nmetric = "final_test_ece"\n')
+    with pytest.raises(ResultsError, match="expected exactly the keys"):
+        load_claims(path)
+    path.write_text(path.read_text() + 'source = "s"\n')
+    assert load_claims(path)[0].higher_is_better is False
+    path.write_text(path.read_text().replace('"final_test_ece"', '"final_train_acc"'))
+    with pytest.raises(ResultsError, match="metric 'final_train_acc' is not one of"):
+        load_claims(path)

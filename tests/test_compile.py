@@ -6,13 +6,15 @@ import pytest
 import torch
 import torch._dynamo
 from accelerate import Accelerator
+from helpers import with_loss_term
 from torch import nn
 from torch._dynamo.utils import counters
 
 from bench.config import ConfigError, RunConfig
 from bench.io import read_jsonl
-from bench.step import StepSnapshot, TrainClosure, take_step
-from bench.train import train
+from bench.loop.step import StepSnapshot, TrainClosure, take_step
+from bench.loop.train import train
+from bench.resolve import resolve
 from optimizers import available_optimizers, create_optimizer
 
 #: ESAM's tensor dropping changes which weights need a gradient on every step (refused, below).
@@ -30,7 +32,7 @@ def train_steps(name: str, compiled: bool, channels_last: bool, steps: int = 3):
     model = bn_cnn(channels_last)
     runner = torch.compile(model, backend="eager") if compiled else model
     seeded = {} if name in ("sgd", "adam", "adamw") else {"seed": 0}
-    opt = create_optimizer(name, model, lr=0.05, **seeded, **SETTINGS.get(name, {}))
+    opt = with_loss_term(create_optimizer(name, model, lr=0.05, **seeded, **SETTINGS.get(name, {})), model)
     snapshot = StepSnapshot(model)
     for step in range(steps):
         g = torch.Generator().manual_seed(step)
@@ -65,8 +67,8 @@ def test_channels_last_trains_like_the_default_layout():
 
 def test_esam_dropping_tensors_refuses_compile_with_the_reason(tmp_path):
     with pytest.raises(ConfigError, match="ESAM with beta 0.6 drops a random set of tensors"):
-        RunConfig(optimizer="esam", compile=True, output_dir=str(tmp_path)).validate()
-    RunConfig(optimizer="esam", compile=True, hyperparameters={"beta": 1.0}, output_dir=str(tmp_path)).validate()
+        resolve(RunConfig(optimizer="esam", compile=True, output_dir=str(tmp_path)))
+    resolve(RunConfig(optimizer="esam", compile=True, hyperparameters={"beta": 1.0}, output_dir=str(tmp_path)))
 
 
 def test_a_compiled_channels_last_run_trains_like_an_eager_one(tmp_path):
@@ -87,7 +89,7 @@ def test_a_compiled_channels_last_run_trains_like_an_eager_one(tmp_path):
 def test_perf_harness_writes_its_table(tmp_path):
     """The overhead mode runs the loop's own step function and a bare loop (their times are a benchmark's
     business, not a test's): one row per contender, the bare loop first."""
-    from bench.perf import main as perf_main
+    from bench.studies.perf import main as perf_main
 
     out = tmp_path / "perf_harness.md"
     assert perf_main(["--harness", "--arch", "smallcnn", "--image_size", "8", "--batch_size", "8", "--steps", "1",
@@ -102,7 +104,7 @@ def test_perf_harness_writes_its_table(tmp_path):
 
 def test_perf_times_every_optimizer_asked_for_on_images_of_the_given_shape(tmp_path):
     """One row per optimizer (sgd always, first), each with its passes per step; the shape in the header."""
-    from bench.perf import main as perf_main
+    from bench.studies.perf import main as perf_main
 
     out = tmp_path / "perf.md"
     assert perf_main(["--arch", "smallcnn", "--image_size", "8", "--channels", "1", "--batch_size", "8", "--steps", "5",
@@ -120,7 +122,7 @@ def test_perf_recipe_steps_each_optimizer_of_a_recipe_with_the_loops_own_step(tm
     ratios' reference); each counts the passes the loop made: bSAM's 8 sub-batches twice, LookSAM's
     ascent one step in 5. Unknown optimizers are refused in one line."""
     from bench.config import ConfigError
-    from bench.perf import main as perf_main
+    from bench.studies.perf import main as perf_main
 
     out = tmp_path / "perf_loop.md"
     # passes count over the first step, 4 warm-up steps and 5 timed ones (22 steps in all: from step 6 on)

@@ -12,15 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close, batches, flat, plain_closure, tiny_mlp
+from helpers import assert_close, batches, flat, plain_closure, tiny_mlp, with_loss_term
 from torch import nn
 
-from optimizers import BatchClosure, available_optimizers, create_optimizer, optimizer_class, variants_markdown
+from optimizers import BatchClosure, available_optimizers, optimizer_class, variants_markdown
+from optimizers import create_optimizer as create_bare
 from optimizers.registry import canonical_name, is_sharpness_aware
 
 NAMES = available_optimizers()
 VARIANTS = [n for n in NAMES if is_sharpness_aware(n)]
 ce = nn.CrossEntropyLoss(reduction="none")
+
+
+def create_optimizer(name, params, **settings):
+    """The optimizer, with the loss term its class declares attached (the protocol tests step every name)."""
+    return with_loss_term(create_bare(name, params, **settings), params if isinstance(params, nn.Module) else None)
 
 
 def settings_for(name: str, **extra) -> dict:
@@ -292,7 +298,8 @@ def test_the_seed_projects_variants_take_its_flags(name):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_every_declared_flag_sets_its_setting_through_the_command_line(name):
     """Each flag a variant declares reaches that setting (and a selecting flag switches variant)."""
-    from bench.cli import config_from_args, run_parser
+    from bench.cli.flags import run_parser
+    from bench.cli.run import config_from_args
 
     for setting in optimizer_class(name).settings:
         for flag in setting.flags:
@@ -334,7 +341,7 @@ def test_every_name_describes_itself():
 
 
 def test_the_loop_syncs_the_ascent_pass_as_each_class_declares():
-    from bench.step import ascent_is_synchronised
+    from bench.loop.step import ascent_is_synchronised
 
     for name in VARIANTS:
         opt = create_optimizer(name, tiny_mlp())

@@ -1,4 +1,4 @@
-"""Tests for bench.data (dataset loading, training-set preparation) and bench.augment (batch augmentation).
+"""Tests for bench.data (dataset loading, training-set preparation) and bench.data.augment (batch augmentation).
 
 Every fixture is written into tmp_path in the genuine on-disk formats; nothing
 here needs the network or any shared data.
@@ -6,7 +6,6 @@ here needs the network or any shared data.
 
 from __future__ import annotations
 
-import ast
 import os
 import pickle
 import urllib.error
@@ -17,19 +16,15 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-import bench.data as bd
-from bench.augment import Augmentation, augment, default_augmentation, normalize
-from bench.data import (
-    DATASET_INFO,
-    DataError,
-    ImageDataset,
-    PreparedData,
-    available_datasets,
-    load_dataset_splits,
-    prepare_train_set,
-    training_subset,
-    with_label_noise,
-)
+import bench.data.cifar
+import bench.data.parquet
+import bench.data.tinyimagenet
+from bench.data.augment import Augmentation, augment, default_augmentation, normalize
+from bench.data.cache import default_cache_dir
+from bench.data.datasets import DATASET_INFO, ImageDataset, available_datasets, canonical_name
+from bench.data.load import load_dataset_splits
+from bench.data.names import DataError
+from bench.data.prepare import PreparedData, prepare_train_set, training_subset, with_label_noise
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -183,7 +178,7 @@ def test_available_and_aliases():
         ("tiny-imagenet-200", "tinyimagenet"),
         ("Digits", "digits"),
     ]:
-        assert bd.canonical_name(alias) == name
+        assert canonical_name(alias) == name
 
 
 def test_unknown_name_lists_valid_names():
@@ -319,7 +314,7 @@ def test_parquet_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("decoder called although the cache is valid")
 
-    monkeypatch.setattr(bd, "_decode_images", boom)
+    monkeypatch.setattr(bench.data.parquet, "decode_images", boom)
     second, test = load_dataset_splits("cifar10", data_dir=str(data), download=False, cache_dir=str(cache))
     assert torch.equal(second.images, first.images) and torch.equal(second.labels, first.labels)
     assert second.images.dtype == torch.uint8 and second.labels.dtype == torch.int64
@@ -335,7 +330,7 @@ def test_parquet_cache_is_used_and_invalidated(tmp_path, monkeypatch):
 
 def test_default_cache_dir_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("SAM_BENCH_CACHE", str(tmp_path / "envcache"))
-    assert bd.default_cache_dir() == str(tmp_path / "envcache")
+    assert default_cache_dir() == str(tmp_path / "envcache")
     _write_cifar10_parquet(tmp_path / "d")
     load_dataset_splits("cifar10", data_dir=str(tmp_path / "d"), download=False)
     assert list((tmp_path / "envcache").glob("cifar10-*.safetensors"))
@@ -384,7 +379,7 @@ def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
         calls.append((name, root))
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(bd, "_torchvision_download", no_network)
+    monkeypatch.setattr(bench.data.cifar, "_torchvision_download", no_network)
     with pytest.raises(DataError) as ei:
         load_dataset_splits("cifar100", data_dir=str(tmp_path), download=True, cache_dir=str(tmp_path / "c"))
     msg = str(ei.value)
@@ -397,11 +392,10 @@ def test_download_then_read_pickles(tmp_path, monkeypatch):
     expected = {}
 
     def fake_download(name, root):
-        from pathlib import Path
 
         expected["data"] = _write_cifar10_pickles(Path(root))
 
-    monkeypatch.setattr(bd, "_torchvision_download", fake_download)
+    monkeypatch.setattr(bench.data.cifar, "_torchvision_download", fake_download)
     train, test = load_dataset_splits("cifar10", data_dir=str(tmp_path), download=True, cache_dir=str(tmp_path / "c"))
     (x, y), (xt, _) = expected["data"]
     assert torch.equal(train.images, torch.from_numpy(x)) and torch.equal(test.images, torch.from_numpy(xt))
@@ -411,7 +405,7 @@ def test_missing_tinyimagenet(tmp_path, monkeypatch):
     def offline(repo_id):
         raise ConnectionError(f"cannot reach the hub for {repo_id}")
 
-    monkeypatch.setattr(bd, "_hf_download", offline)
+    monkeypatch.setattr(bench.data.tinyimagenet, "_hf_download", offline)
     with pytest.raises(DataError) as ei:
         load_dataset_splits("tiny-imagenet", data_dir=str(tmp_path), download=True, cache_dir=str(tmp_path / "c"))
     msg = str(ei.value)
@@ -436,8 +430,8 @@ def downloads(monkeypatch):
         calls.append(("hub", repo_id))
         raise ConnectionError("offline")
 
-    monkeypatch.setattr(bd, "_torchvision_download", tv)
-    monkeypatch.setattr(bd, "_hf_download", hub)
+    monkeypatch.setattr(bench.data.cifar, "_torchvision_download", tv)
+    monkeypatch.setattr(bench.data.tinyimagenet, "_hf_download", hub)
     return calls
 
 
@@ -604,7 +598,7 @@ def test_tinyimagenet_folder(tmp_path, monkeypatch):
     gray = train.images[3]  # n02_1 (last in class order) is grayscale: the three channels are equal
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
 
-    monkeypatch.setattr(bd, "_decode_images", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded")))
+    monkeypatch.setattr(bench.data.tinyimagenet, "decode_images", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded")))
     train2, _ = load_dataset_splits("tinyimagenet", data_dir=str(tmp_path / "tiny-imagenet-200"), cache_dir=str(cache))
     assert torch.equal(train2.images, train.images)
 
@@ -790,23 +784,6 @@ def test_default_augmentation():
     info = DATASET_INFO["tinyimagenet"]
     assert shape(default_augmentation(info)) == (info.crop_padding, info.flip, 0)
 
-
-def _imported_modules(path: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = ".".join(filter(None, ["bench" if node.level else "", node.module or ""]))
-            names |= {base} | {f"{base}.{a.name}" for a in node.names}
-    return names
-
-
-def test_imports_run_one_way():
-    """bench.augment uses bench.data; bench.data never imports bench.augment, not even lazily."""
-    bench_dir = Path(bd.__file__).parent
-    assert not any(m == "bench.augment" or m.startswith("bench.augment.") for m in _imported_modules(bench_dir / "data.py"))
-    assert "bench.data" in _imported_modules(bench_dir / "augment.py")
 
 
 def test_cutout_is_zero_after_normalisation():

@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from architectures import create_model
-from bench.augment import default_augmentation
 from bench.config import RunConfig
-from bench.data import load_dataset_splits
+from bench.data.augment import default_augmentation
+from bench.data.batches import epoch_order, global_batch
+from bench.data.load import load_dataset_splits
 from bench.io import read_json, read_jsonl
-from bench.train import epoch_order, global_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--arch_type", "mlp", "--epochs", "1", "--max_steps", "3", "--batch_size", "64", "--schedule", "constant",
@@ -39,7 +39,7 @@ def launch_two(args, out: Path) -> Path:
 
 
 def one_process(args, out: Path) -> Path:
-    from bench.cli import main
+    from bench.cli.main import main
 
     assert main([*args, "--cpu", "--output_dir", str(out)]) == 0
     (run,) = list(out.iterdir())

@@ -20,10 +20,11 @@ from launching import KILLED_AFTER
 from safetensors.torch import load_file
 
 from architectures import create_model
-from bench.cli import main
+from bench.cli.main import main
 from bench.config import ConfigError, RunConfig
 from bench.io import read_json, read_jsonl
-from bench.sharding import check_sharded_run, fsdp_plugin
+from bench.loop.sharding import check_sharded_run, fsdp_plugin
+from bench.resolve import optimizer_settings
 from optimizers import SharpnessAwareOptimizer, available_optimizers, create_optimizer, optimizer_class
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +155,7 @@ def test_fsdp_run_killed_and_resumed_equals_one_process(tmp_path):
 
 
 def build(name: str):
-    return create_optimizer(name, [torch.zeros(2, requires_grad=True)], **RunConfig(optimizer=name).optimizer_settings(10))
+    return create_optimizer(name, [torch.zeros(2, requires_grad=True)], **optimizer_settings(RunConfig(optimizer=name), 10))
 
 
 @pytest.mark.parametrize("name, sync, message", [
@@ -186,3 +187,25 @@ def test_fsdp1_is_refused_in_one_line(monkeypatch):
     with pytest.raises(ConfigError, match="^the harness shards with FSDP2 only") as err:
         fsdp_plugin(Launch())
     assert "\n" not in str(err.value)
+
+
+def test_the_unsharded_export_of_a_loader_dataset_run(monkeypatch):
+    """A sharded run on an image folder (no in-memory images) exports its whole model: the copy is built from the
+    dataset's declared channels and classes."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from bench.data.folders import FolderSplit
+    from bench.loop import finish
+
+    trained = create_model("smallcnn", num_classes=3, in_channels=3)
+    monkeypatch.setattr(finish.sharding, "full_model_state", lambda model: model.state_dict())
+    folders = FolderSplit(root="/nowhere", files=np.array(["a.png"] * 3, dtype=object), labels=torch.tensor([0, 1, 2]),
+                          classes=("a", "b", "c"))
+    run = SimpleNamespace(optimizer=torch.optim.SGD(trained.parameters(), lr=0.1), model=trained,
+                          accelerator=SimpleNamespace(is_main_process=True), config=RunConfig(arch="smallcnn"),
+                          train_set=folders)
+    copy = finish.unsharded_model(run)
+    assert copy is not trained and copy.state_dict().keys() == trained.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), trained.state_dict().values()))

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import config_from_args, main, run_parser
+from bench.cli.flags import run_parser
+from bench.cli.main import main
+from bench.cli.run import config_from_args
 from bench.io import read_json, read_jsonl
 from optimizers import available_optimizers
 
@@ -146,7 +148,7 @@ def test_every_optimizer_lowers_the_training_loss_on_digits(name, tmp_path):
         (["--sam_type", "ESAM", "--gamma", "0"], "gamma must be in (0, 1]"),
         (["--dataset", "mnist"], "unknown dataset 'mnist'; choose one of: cifar10"),
         (["--arch_type", "resnet19"], "unknown architecture 'resnet19'; choose one of:"),
-        (["--optimizer", "lion"], "unknown base optimizer 'lion'; choose one of: sgd"),
+        (["--optimizer", "lion"], "unknown --optimizer 'lion' (the base optimizer); choose one of: sgd"),
         (["--mixed_precision", "fp8"], "unknown mixed_precision 'fp8'; choose one of: no, bf16, fp16"),
         (["--epochs", "x"], "invalid int value"),
     ],
@@ -159,9 +161,9 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys, tmp_path):
 
 
 def test_missing_dataset_is_one_clear_line(tmp_path, capsys, monkeypatch):
-    import bench.data
+    import bench.data.cifar
 
-    monkeypatch.setattr(bench.data, "_torchvision_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(bench.data.cifar, "_torchvision_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     assert main(["--dataset", "cifar10", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "CIFAR-10 not found" in err and str(tmp_path) in err and "\n" not in err

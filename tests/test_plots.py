@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.plots import load_curves, plot_accuracy_vs_epoch, plot_accuracy_vs_sharpness, write_plots
-from bench.results import RunSkipped, optimizer_order
+from bench.report.plots import load_curves, plot_accuracy_vs_epoch, plot_accuracy_vs_sharpness, write_plots
+from bench.report.runs import RunSkipped, optimizer_order
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EPOCHS = 4
@@ -71,7 +71,7 @@ def test_load_curves_rows_and_cumulative_time(tmp_path):
 
 
 def test_optimizer_order_puts_sgd_first():
-    # one order for tables and legends (bench.results); tests/test_results.py checks the legends follow it
+    # one order for tables and legends (bench.report.tables); tests/test_results.py checks the legends follow it
     assert optimizer_order(["sam", "asam", "sam", "sgd", "gsam"]) == ["sgd", "sam", "asam", "gsam"]
     assert optimizer_order(["sam", "asam"]) == ["sam", "asam"]
 

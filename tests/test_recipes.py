@@ -11,12 +11,14 @@ import pytest
 import torch
 from launching import KILLED_AFTER
 
-from bench.cli import main
+from bench.cli.main import main
 from bench.config import ConfigError
-from bench.data import ImageDataset, with_label_noise
+from bench.data.datasets import ImageDataset
+from bench.data.prepare import with_label_noise
 from bench.io import read_json
-from bench.recipes import available_recipes, load_recipe, parse_assignment
-from bench.results import load_runs, reproduction_table
+from bench.report.runs import load_runs
+from bench.report.tables import reproduction_table
+from bench.studies.recipes import available_recipes, load_recipe, parse_assignment
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """
@@ -181,7 +183,7 @@ def test_label_noise_is_symmetric_seeded_and_recorded(tmp_path):
 def test_expected_calibration_error_by_hand():
     from accelerate import Accelerator
 
-    from bench.evaluation import evaluate
+    from bench.loop.evaluation import evaluate
 
     # two classes; logits give confidence 0.9 on 10 samples (8 right) and 0.6 on 10 samples (3 right)
     logit = lambda p: torch.log(torch.tensor([p, 1 - p]))  # noqa: E731

@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_mlp
+from helpers import batches, tiny_mlp, with_loss_term
 from launching import KILLED_AFTER
 from safetensors.torch import load_file
 from torch import nn
 
-from bench.cli import main
+from bench.cli.main import main
 from bench.config import RunConfig
 from bench.io import read_jsonl
-from bench.step import TrainClosure, take_step
-from bench.train import train
+from bench.loop.step import TrainClosure, take_step
+from bench.loop.train import train
 from optimizers import create_optimizer, optimizer_class
 from optimizers.regularizer import LossRegularizer, WindowedKL, build_regularizer, distillation_kl
 from optimizers.saf import MESARegularizer, SAFRegularizer
@@ -150,6 +150,7 @@ def test_mesa_ema_update_by_hand():
     reg = MESARegularizer(model, 10, 3, "cpu", ema_decay=decay, lam=0.8, tau=5.0, kl_start=0)
     assert not reg.ema.training and not any(p.requires_grad for p in reg.ema.parameters())
     opt = create_optimizer("mesa", model, lr=0.1)
+    opt.regularizer = reg  # attached, as build_regularizer does
     x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     def closure():
@@ -190,6 +191,24 @@ def test_build_regularizer_takes_the_optimizers_settings():
         LossRegularizer(model, 10, 3, "cpu", rho=1.0)
 
 
+@pytest.mark.parametrize("name", ["saf", "mesa"])
+def test_a_loss_term_method_refuses_to_step_without_its_term(name):
+    """Without its loss term SAF (MESA) would silently be SGD: it refuses, in one line saying how to attach the term,
+    and changes nothing; with the term attached it steps."""
+    model = tiny_mlp()
+    x, y = batches(1)[0]
+    opt = create_optimizer(name, model, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="is a loss term, not an update rule") as err:
+        opt.step(lambda: F.cross_entropy(model(x), y).backward())
+    assert "\n" not in str(err.value) and "build_regularizer" in str(err.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    build_regularizer(opt, model, 16, 3, "cpu")
+    opt.zero_grad()
+    opt.step(lambda: F.cross_entropy(model(x), y).backward())
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 # -- the harness ----------------------------------------------------------------------------------
 
 
@@ -219,11 +238,11 @@ def test_the_closure_hands_each_pass_its_ids_and_inputs():
     task = F.cross_entropy(model(x[subset]), y[subset])
     torch.testing.assert_close(loss, task + 1.0)  # the step trains on the regularised loss
     torch.testing.assert_close(closure.loss_sum / closure.seen, task.detach())  # the metrics keep the task loss
-    assert not take_step(create_optimizer("saf", model, lr=0.1), closure)
+    assert not take_step(with_loss_term(create_optimizer("saf", model, lr=0.1), model, num_train=10), closure)
 
 
 def test_the_harness_names_no_variant():
-    for path in (ROOT / "bench").glob("*.py"):
+    for path in (ROOT / "bench").rglob("*.py"):
         assert not re.search(r"\b(saf|mesa)\b", path.read_text(), re.IGNORECASE), path
 
 

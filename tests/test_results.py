@@ -6,27 +6,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench import plots
 from bench.config import RunConfig
-from bench.results import (
-    MIN_TIMED_S,
-    ResultsError,
-    RunSkipped,
-    comparison_table,
-    find_run_dirs,
-    load_runs,
-    optimizer_order,
-    read_runs,
-    to_markdown,
-    write_comparison,
-)
+from bench.report import plots
+from bench.report.runs import ResultsError, RunSkipped, find_run_dirs, load_runs, optimizer_order, read_runs
+from bench.report.tables import MIN_TIMED_S, comparison_table, to_markdown, write_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_run(root: Path, optimizer: str = "sgd", seed: int = 0, acc: float | None = 0.9, status: str = "completed",
              train_time: float = 10.0, name: str | None = None, **settings) -> Path:
-    """A run directory as bench.train leaves it: config.json always, summary.json unless ``acc`` is None."""
+    """A run directory as bench.loop leaves it: config.json always, summary.json unless ``acc`` is None."""
     config = RunConfig(dataset="digits", arch="smallcnn", optimizer=optimizer, seed=seed, **settings)
     run = root / (name or f"{config.run_id()}_{status}")
     run.mkdir(parents=True)
@@ -191,7 +181,7 @@ def test_runs_timed_on_a_busy_machine_are_counted_in_a_contended_column(tmp_path
 
 
 def timed(run: Path, **loads) -> Path:
-    """Record a run's thread count and loads in its summary (as bench.train does) and the machine's cores."""
+    """Record a run's thread count and loads in its summary (as bench.loop does) and the machine's cores."""
     summary = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps({**summary, "world_size": 1, "contended": False, **loads}))
     config = json.loads((run / "config.json").read_text())
@@ -356,7 +346,7 @@ def test_a_ratio_its_runs_cannot_pin_to_15_percent_is_flagged_imprecise(tmp_path
 def test_a_runs_step_time_counts_every_kind_of_step(tmp_path):
     """LookSAM ascends on one step in k: its median step costs what an SGD step does, its mean step
     (1 + 1/k) times as much.  The summary's step time is the median over epochs of the mean step."""
-    from bench.train import train
+    from bench.loop.train import train
 
     config = RunConfig(dataset="digits", arch="mlp", optimizer="looksam", epochs=3, batch_size=128, cpu=True,
                        output_dir=str(tmp_path), save_every_epochs=0)

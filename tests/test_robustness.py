@@ -12,12 +12,12 @@ from launching import KILLED_AFTER
 from safetensors.torch import load_file
 from torch import nn
 
-from bench.amp import LossScaler
-from bench.cli import main
+from bench.cli.main import main
 from bench.config import RunConfig
 from bench.io import read_json, read_jsonl
-from bench.step import TrainClosure, take_step
-from bench.train import train
+from bench.loop.precision import LossScaler
+from bench.loop.step import TrainClosure, take_step
+from bench.loop.train import train
 from optimizers import available_optimizers, create_optimizer
 from optimizers.regularizer import build_regularizer
 

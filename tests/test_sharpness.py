@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.sharpness import measure_sharpness
+from bench.loop.sharpness import measure_sharpness
 
 EIGENVALUES = torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5, 0.1], dtype=torch.float64)
 

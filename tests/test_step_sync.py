@@ -9,8 +9,8 @@ from accelerate import Accelerator
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from bench.amp import LossScaler
-from bench.step import StepSnapshot, TrainClosure, take_step
+from bench.loop.precision import LossScaler
+from bench.loop.step import StepSnapshot, TrainClosure, take_step
 from optimizers import create_optimizer
 
 #: Tensor methods that copy a device value to the host (each one waits for the device).

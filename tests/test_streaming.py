@@ -14,14 +14,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import bench.streaming as streaming
-import bench.train
-from bench.cli import main
+import bench.data.loader
+import bench.data.views
+import bench.loop.epoch
+from bench.cli.main import main
 from bench.config import ConfigError, RunConfig
-from bench.data import DataError, prepare_train_set
+from bench.data.batches import epoch_order
+from bench.data.folders import load_image_folders
+from bench.data.hub import open_hub_dataset
+from bench.data.loader import LoaderBatches
+from bench.data.names import DataError
+from bench.data.prepare import prepare_train_set
+from bench.data.views import View
 from bench.io import read_jsonl
-from bench.streaming import LoaderBatches, View, load_image_folders, open_hub_dataset
-from bench.train import epoch_order, train
+from bench.loop.splits import LoaderSplit
+from bench.loop.train import train
+from bench.resolve import resolve
 
 CLASSES = ("cat", "dog", "fox")
 TIMING = ("epoch_time_s", "images_per_s", "step_time_mean_s")
@@ -121,7 +129,7 @@ def run(tmp_path: Path, name: str, stop_after: int | None = None, resume: bool =
     config = RunConfig(**{**FAST, **settings}, output_dir=str(tmp_path), run_name=name)
     if stop_after is None:
         return train(config, resume=resume).run_dir
-    one_step, calls = bench.train.one_step, []
+    one_step, calls = bench.loop.epoch.one_step, []
 
     def dying(*args, **kwargs):
         if len(calls) == stop_after:
@@ -129,12 +137,12 @@ def run(tmp_path: Path, name: str, stop_after: int | None = None, resume: bool =
         calls.append(1)
         return one_step(*args, **kwargs)
 
-    bench.train.one_step = dying
+    bench.loop.epoch.one_step = dying
     try:
         with pytest.raises(Killed):
             train(config, resume=resume)
     finally:
-        bench.train.one_step = one_step
+        bench.loop.epoch.one_step = one_step
     return config.run_dir()
 
 
@@ -180,14 +188,14 @@ def test_folder_errors_are_one_line(folder, tmp_path):
     (tmp_path / "val" / "cat" / "b.png").write_bytes(b"not a png")
     _, val = load_image_folders(str(tmp_path))
     with pytest.raises(DataError, match=r"cannot decode .*val/cat/b\.png \(UnidentifiedImageError") as info:
-        streaming.fixed_samples(val, 1, torch.device("cpu"), workers=2)
+        bench.data.loader.fixed_samples(val, 1, torch.device("cpu"), workers=2)
     assert "\n" not in str(info.value)
 
 
 def test_bad_settings_are_one_line(tmp_path, capsys, folder):
     def refused(match: str, **settings):
         with pytest.raises(ConfigError, match=match) as info:
-            RunConfig(**settings, output_dir=str(tmp_path)).validate()
+            resolve(RunConfig(**settings, output_dir=str(tmp_path)))
         assert "\n" not in str(info.value)
 
     refused(r"image_size must be an integer >= 8, got 4", dataset="imagefolder", data_dir=str(folder), image_size=4)
@@ -226,8 +234,8 @@ def test_views_are_seeded_by_seed_epoch_and_sample():
 
 
 def test_loader_batches_follow_the_epoch_order_and_leave_the_global_rng_alone(folder):
-    config = RunConfig(**FAST, dataset="imagefolder", data_dir=str(folder)).validate()
-    train_set, _ = streaming.load_loader_splits(config)
+    config = resolve(RunConfig(**FAST, dataset="imagefolder", data_dir=str(folder)))
+    train_set, _ = bench.data.loader.load_loader_splits(config)
     batches = LoaderBatches(config, train_set, 3, torch.device("cpu"), workers=0)
     state = torch.get_rng_state()
     x, y, ids = batches.batch(1, 1)
@@ -254,8 +262,8 @@ def test_workers_do_not_change_a_run_and_a_killed_run_resumes_bit_identically(op
         return
     # 3 steps per epoch: killed as step 5 starts (epoch 2, step 2), resumed from the step-4 checkpoint
     killed = run(tmp_path, "killed", stop_after=4, workers=0, **data)
-    decode, decoded = streaming._decode, []
-    monkeypatch.setattr(streaming, "_decode", lambda image, where: decoded.append(image) or decode(image, where))
+    decode, decoded = bench.data.views._decode, []
+    monkeypatch.setattr(bench.data.views, "_decode", lambda image, where: decoded.append(image) or decode(image, where))
     run(tmp_path, "killed", resume=True, workers=0, **data)
     assert_same_run(whole, killed)
     # the resumed run decodes the last 2 steps of epoch 2 (16 images) and the 12 val images, nothing skipped
@@ -279,8 +287,8 @@ def test_the_loader_evaluation_equals_the_in_memory_one(folder):
     from PIL import Image
 
     from architectures import create_model
-    from bench.data import ImageDataset
-    from bench.evaluation import evaluate
+    from bench.data.datasets import ImageDataset
+    from bench.loop.evaluation import evaluate
 
     _, val = load_image_folders(str(folder))
     val = dataclasses.replace(val, image_size=32)
@@ -292,5 +300,5 @@ def test_the_loader_evaluation_equals_the_in_memory_one(folder):
     model = create_model("smallcnn", num_classes=3)
     accelerator = Accelerator(cpu=True)
     expected = evaluate(model, in_memory, images, val.labels, accelerator, prefix="test")
-    measured = streaming.LoaderSplit("test", val, batch_size=5, workers=0).evaluate(model, accelerator)
+    measured = LoaderSplit("test", val, batch_size=5, workers=0).evaluate(model, accelerator)
     assert measured.keys() == expected.keys() and measured == pytest.approx(expected, rel=1e-5)

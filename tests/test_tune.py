@@ -8,10 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.cli import main, recipe_config, run_parser
+from bench.cli.flags import run_parser
+from bench.cli.main import main
+from bench.cli.run import recipe_config
 from bench.io import read_json, write_json
-from bench.recipes import load_recipe
-from bench.tune import budget, choices, plan
+from bench.studies.recipes import load_recipe
+from bench.studies.tune import budget, choices, plan
 
 TINY = """
 name = "tiny_tune"

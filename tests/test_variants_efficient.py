@@ -127,9 +127,9 @@ def test_msam_has_its_own_rule():
 
 def test_msam_through_the_harness_exports_the_unperturbed_weights(tmp_path):
     """The checkpoint holds w~ and (v, c); model.safetensors must hold w = w~ + rho c v, bit for bit."""
-    from bench.checkpoint import checkpoints
     from bench.config import RunConfig
-    from bench.train import train
+    from bench.loop.checkpoint import checkpoints
+    from bench.loop.train import train
 
     result = train(RunConfig(optimizer="msam", epochs=1, max_steps=4, batch_size=64, cpu=True, output_dir=str(tmp_path)))
     assert result.summary["steps"] == 4 and result.summary["model_exported"]

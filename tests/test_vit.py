@@ -9,6 +9,7 @@ import torch.nn as nn
 from architectures import VisionTransformer, create_model
 from architectures.registry import resolve
 from bench.config import ConfigError, RunConfig
+from bench.resolve import resolve as resolve_config
 from optimizers import create_optimizer
 
 
@@ -93,7 +94,7 @@ def test_bad_arguments_give_one_line_value_error(name, kwargs, fragment):
 
 
 def test_sam_through_the_harness_lowers_the_loss(tmp_path):
-    from bench.train import train
+    from bench.loop.train import train
 
     config = RunConfig(arch="vit_tiny_p4", optimizer="sam", epochs=2, batch_size=64, cpu=True, threads=1, output_dir=str(tmp_path))
     result = train(config)
@@ -115,7 +116,7 @@ def test_missing_timm_is_a_one_line_error(monkeypatch):
             call()
         assert str(info.value) == line
     with pytest.raises(ConfigError) as info:
-        RunConfig(arch="timm:vit_tiny_patch16_224", cpu=True).validate()
+        resolve_config(RunConfig(arch="timm:vit_tiny_patch16_224", cpu=True))
     assert line in str(info.value) and "\n" not in str(info.value)
 
 
@@ -124,7 +125,7 @@ def test_timm_names_resolve_and_unknown_names_fail_in_one_line():
     from architectures import TimmModel
 
     assert resolve("timm:vit_tiny_patch16_224") == (TimmModel, {"model_name": "vit_tiny_patch16_224"})
-    assert RunConfig(arch="timm:resnet10t", cpu=True).validate().arch == "timm:resnet10t"
+    assert resolve_config(RunConfig(arch="timm:resnet10t", cpu=True)).arch == "timm:resnet10t"
     with pytest.raises(ValueError) as info:
         resolve("timm:vit_tiny_patch16")
     message = str(info.value)

@@ -1,0 +1,70 @@
+"""Command line: ``python launch.py`` (or ``sam-bench``).
+
+    python launch.py                         the default suite: ``sweep digits``
+    python launch.py --suite NAME            the same as ``sweep NAME``
+    python launch.py sweep RECIPE [--set k=v] every run of a recipe (resumable), then its tables and plots
+    python launch.py tune RECIPE [--set k=v]  tune every optimizer on a validation split (equal budget), then run the choice
+    python launch.py --recipe RECIPE [--set k=v]   one run of a recipe
+    python launch.py [run flags]             one run (the seed project's flags work verbatim)
+    python launch.py table [RUN_DIRS...]     aggregate finished runs into a results table
+    python launch.py reproduction            reported against measured, for every recipe
+    python launch.py sharpness RUN_DIRS...   measure the sharpness of finished runs
+    python launch.py perf                    time one training step of every optimizer
+    python launch.py claims NAME=RUNS ...    published claims (SAM beats SGD, ...) against finished runs
+    python launch.py variants                every optimizer, its settings and their flags
+
+The variant flags (``--rho``, ``--k``, ...) and their help are generated from the variants'
+declared settings (``optimizers.settings.Setting``): a new variant's flags appear here
+without a change to this file.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from importlib import import_module
+
+from bench.cli.flags import run_parser
+from bench.errors import RunStopped, UserError
+
+#: subcommand -> "module:function", imported only when asked for (``--help`` imports neither torch nor accelerate)
+COMMANDS = {
+    "sweep": "bench.cli.studies:cmd_sweep", "tune": "bench.cli.studies:cmd_tune", "table": "bench.cli.reports:cmd_table",
+    "reproduction": "bench.cli.reports:cmd_reproduction", "sharpness": "bench.cli.studies:cmd_sharpness",
+    "perf": "bench.studies.perf:main", "variants": "bench.cli.reports:cmd_variants", "claims": "bench.report.claims:main",
+}
+
+
+def _command(spec: str):
+    module, function = spec.split(":")
+    return getattr(import_module(module), function)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    warnings.formatwarning = _one_line_warning
+    try:
+        if not argv:
+            return _command(COMMANDS["sweep"])(["digits"])
+        if argv[0] in COMMANDS:
+            return _command(COMMANDS[argv[0]])(argv[1:])
+        if "-h" in argv or "--help" in argv:  # answered from the flag table alone, before any heavy import
+            run_parser().parse_args(argv)
+        return _command("bench.cli.run:cmd_run")(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RunStopped as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

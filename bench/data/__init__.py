@@ -1,0 +1,1 @@
+"""Stage 1, data: datasets in memory (``load``), read by loader workers (``loader``), prepared for a run."""

@@ -1,0 +1,168 @@
+"""One epoch of training: the steps, the periodic checkpoints, the epoch's metrics row."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from bench.data.batches import (
+    MemoryBatches,  # noqa: F401 (re-exported)
+    TrainBatches,  # noqa: F401 (re-exported)
+    epoch_order,  # noqa: F401 (re-exported)
+    global_batch,  # noqa: F401 (re-exported)
+)
+from bench.io import write_jsonl
+from bench.loop.checkpoint import save_checkpoint
+from bench.loop.state import Run
+from bench.loop.step import TrainClosure, evaluation_weights, take_step
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+# -- one epoch ---------------------------------------------------------------------------------
+
+
+def epoch_sums(run: Run) -> dict[str, Any]:
+    """The running sums of the current epoch (fresh ones at its start): metrics on the device, counts on the host."""
+    sums = run.state.epoch_sums or {"correct": 0.0, "loss_sum": 0.0, "seen": 0, "passes": 0, "sample_passes": 0.0, "time": 0.0}
+    return {**sums, "correct": torch.tensor(sums["correct"], device=run.device),
+            "loss_sum": torch.tensor(sums["loss_sum"], device=run.device),
+            "seen": torch.tensor(sums["seen"], device=run.device)}
+
+
+def _host_sums(sums: dict[str, Any]) -> dict[str, Any]:
+    return {**sums, "correct": sums["correct"].item(), "loss_sum": sums["loss_sum"].item(), "seen": int(sums["seen"].item())}
+
+
+def one_step(run: Run, i: int, sums: dict[str, Any]) -> bool:
+    """Train on step ``i`` of the epoch; returns whether the step was skipped."""
+    x, y, ids = run.batches.batch(run.state.epoch, i)
+    return train_on(run, x, y, ids, sums)
+
+
+def train_on(run: Run, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, sums: dict[str, Any]) -> bool:
+    """One optimizer step on a whole (global) batch, of which this process trains its shard."""
+    config, world, rank = run.config, run.accelerator.num_processes, run.accelerator.process_index
+    if config.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    local_batch = config.batch_size // world
+    shard = slice(rank * local_batch, (rank + 1) * local_batch)
+    closure = TrainClosure(run.model, run.loss_fn, x[shard], y[shard], accelerator=run.accelerator,
+                           sync_ascent=run.sync_ascent, scaler=run.scaler, accumulation_steps=config.grad_accum_steps,
+                           sample_ids=ids[shard], regularizer=run.regularizer, epoch=run.state.epoch, totals=sums)
+    skipped = take_step(run.optimizer, closure, run.snapshot)
+    if run.regularizer is not None:  # every process, taken or skipped: it may gather across processes
+        run.regularizer.after_step(run.accelerator.unwrap_model(run.model), skipped=skipped)
+    if run.scaler is not None:
+        run.scaler.update(skipped=skipped)
+    run.scheduler.step()
+    sums["passes"] += closure.passes  # the metrics went to sums["correct"], ... on the device
+    sums["sample_passes"] += closure.sample_passes
+    return skipped
+
+
+def run_epoch(run: Run) -> tuple[dict[str, Any], int]:
+    """Train until the epoch ends or the run must stop; returns the epoch's sums and steps taken."""
+    config, state = run.config, run.state
+    sums = epoch_sums(run)
+    lap = time.perf_counter()
+    for i in range(state.step_in_epoch, run.steps_per_epoch):
+        skipped = one_step(run, i, sums)
+        state.skipped += skipped
+        state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
+        state.step, state.step_in_epoch = state.step + 1, i + 1
+        if run.task is not None:
+            run.progress.advance(run.task)
+        if state.consecutive_skips >= config.max_consecutive_skips:
+            state.status = "diverged"
+        elif config.max_steps is not None and state.step >= config.max_steps:
+            state.status = "stopped_early"
+        if state.status != "running" or state.step_in_epoch == run.steps_per_epoch:
+            break
+        if config.save_every_steps and state.step % config.save_every_steps == 0:
+            sums["time"] += time.perf_counter() - lap
+            lap = time.perf_counter()
+            state.epoch_sums = _host_sums(sums)
+            checkpoint(run)
+    sums["time"] += time.perf_counter() - lap
+    if state.status != "running":
+        run.batches.close()
+    return _host_sums(sums), state.step_in_epoch
+
+
+def checkpoint(run: Run) -> None:
+    state = run.state
+    now = (time.perf_counter(), time.process_time())
+    state.wall_time_s += now[0] - run.segment_start[0]
+    state.cpu_time_s += now[1] - run.segment_start[1]
+    run.segment_start = now
+    state.augmentation_rng = run.aug_generator.get_state()
+    state.loss_scale = run.scaler.state_dict() if run.scaler is not None else None
+    save_checkpoint(run.accelerator, run.run_dir, state.step, run.config.keep_checkpoints)
+
+
+# -- end of an epoch ---------------------------------------------------------------------------
+
+
+def epoch_row(run: Run, sums: dict[str, Any], epoch_steps: int) -> dict[str, Any]:
+    """The epoch's metrics: training sums reduced over processes, then every held-out split."""
+    totals = torch.tensor([sums["correct"], sums["loss_sum"], float(sums["seen"])], device=run.device)
+    if run.accelerator.num_processes > 1:
+        totals = run.accelerator.reduce(totals, reduction="sum")
+    correct, loss_sum, seen = totals.tolist()
+    held_out = {}
+    epoch, every = run.state.epoch + 1, run.config.test_every_epochs
+    test_due = epoch % every == 0 or epoch >= run.config.epochs or run.state.status != "running"  # a last row
+    with evaluation_weights(run.optimizer):
+        for split in run.splits:
+            if split.name != "test" or test_due:
+                held_out.update(split.evaluate(run.model, run.accelerator))
+    logged = getattr(run.optimizer, "logged_values", dict)()
+    return {
+        "epoch": run.state.epoch + 1,
+        "step": run.state.step,
+        # no sample counted (every step skipped): no training metric, rather than a made-up 0
+        "train_loss": finite_or_none(loss_sum / seen) if seen else None,
+        "train_acc": correct / seen if seen else None,
+        **{k: finite_or_none(v) for k, v in held_out.items()},
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "rho": None,
+        **logged,
+        "epoch_time_s": sums["time"],
+        "step_time_mean_s": sums["time"] / epoch_steps if epoch_steps else None,
+        "images_per_s": epoch_steps * run.config.batch_size / max(sums["time"], 1e-9),
+        "passes_per_step": sums["passes"] / max(1, epoch_steps),
+        "sample_passes_per_step": sums["sample_passes"] / max(1, epoch_steps),
+        "skipped_steps": run.state.skipped,
+    }
+
+
+def end_epoch(run: Run, sums: dict[str, Any], epoch_steps: int) -> None:
+    config, state = run.config, run.state
+    state.rows.append(epoch_row(run, sums, epoch_steps))
+    state.epoch, state.step_in_epoch, state.epoch_sums = state.epoch + 1, 0, {}
+    if run.accelerator.is_main_process:
+        write_jsonl(run.run_dir / "metrics.jsonl", state.rows)
+    if config.log_with:
+        run.accelerator.log({k: v for k, v in state.rows[-1].items() if v is not None}, step=state.step)
+    if run.progress is not None and sums["time"] >= 5.0:
+        _print_epoch(run, sums["time"])
+    if state.status == "running" and state.epoch == config.epochs:
+        state.status = "completed"
+    at_interval = (config.save_every_epochs and state.epoch % config.save_every_epochs == 0) or (
+        config.save_every_steps and state.step % config.save_every_steps == 0
+    )
+    if state.status != "diverged" and (at_interval or state.status != "running"):
+        checkpoint(run)
+
+
+def _print_epoch(run: Run, epoch_time: float) -> None:
+    row, state, total = run.state.rows[-1], run.state, run.config.epochs
+    left = epoch_time * (total - state.epoch)
+    score = " ".join(f"{k} {row[k]:.4f}" for k in ("val_acc", "test_acc") if row.get(k) is not None)
+    run.progress.print(f"{run.run_dir.name}: epoch {state.epoch}/{total}, {score}, {epoch_time:.1f} s, about {left:.0f} s left")

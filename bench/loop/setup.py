@@ -1,0 +1,183 @@
+"""Building a run: the accelerator, the data, the model and the optimizer; starting it or resuming it."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from torch import nn
+
+from architectures import create_model
+from bench import environment
+from bench.config import ConfigError, RunConfig
+from bench.data.augment import default_augmentation
+from bench.data.batches import (
+    MemoryBatches,  # noqa: F401 (re-exported)
+    TrainBatches,  # noqa: F401 (re-exported)
+    epoch_order,  # noqa: F401 (re-exported)
+    global_batch,  # noqa: F401 (re-exported)
+)
+from bench.data.datasets import ImageDataset
+from bench.data.load import load_dataset_splits
+from bench.data.loader import LoaderBatches, load_loader_splits
+from bench.data.names import is_loader_dataset
+from bench.data.prepare import prepare_train_set
+from bench.io import write_json
+from bench.loop import sharding
+from bench.loop.checkpoint import checkpoints, load_checkpoint
+from bench.loop.precision import LossScaler
+from bench.loop.splits import LoaderSplit, Split
+from bench.loop.state import Run, lr_lambda
+from bench.loop.step import StepSnapshot, ascent_is_synchronised
+from bench.loop.sync_bn import convert_sync_batchnorm
+from bench.resolve import optimizer_settings, resolved_hyperparameters
+from optimizers import SharpnessAwareOptimizer, create_optimizer
+from optimizers.regularizer import build_regularizer
+
+#: Tracker project name; TensorBoard writes under RUN_DIR/sam-bench/.
+TRACKER_PROJECT = "sam-bench"
+#: Files of a previous run that a fresh run in the same directory replaces.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "model.safetensors", "label_noise.json", "sharpness.json",
+             TRACKER_PROJECT)
+
+
+# -- setup -------------------------------------------------------------------------------------
+
+
+def make_accelerator(config: RunConfig) -> Accelerator:
+    AcceleratorState._reset_state()  # runs in one process may differ in mixed precision
+    accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision, log_with=config.log_with,
+                              project_dir=str(config.run_dir()) if config.log_with else None)
+    device = accelerator.device
+    if config.mixed_precision == "fp16" and device.type != "cuda":
+        raise ConfigError("mixed_precision fp16 needs a CUDA GPU (Accelerate applies no fp16 autocast on CPU); use bf16 on CPU")
+    if config.mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("mixed_precision bf16 is not supported by this GPU; use fp16")
+    world = accelerator.num_processes
+    if config.batch_size % (world * config.grad_accum_steps):
+        raise ConfigError(
+            f"batch_size {config.batch_size} must be divisible by processes x grad_accum_steps = {world * config.grad_accum_steps}"
+        )
+    return accelerator
+
+
+def build_model_and_optimizer(config: RunConfig, accelerator: Accelerator, train_set, fsdp=None):
+    """The model and the optimizer over its parameters; with an FSDP plugin the model is sharded first,
+    so the optimizer holds the sharded parameters."""
+    model = create_model(config.arch, num_classes=train_set.num_classes, in_channels=train_set.channels)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if config.sync_bn and accelerator.num_processes > 1:
+        model = convert_sync_batchnorm(model, accelerator.device)
+    if fsdp is not None:
+        model = sharding.shard_model(accelerator, model, fsdp)
+    optimizer = create_optimizer(config.optimizer, model, base=config.base_optimizer,
+                                 **optimizer_settings(config, len(train_set)))
+    sync_ascent = ascent_is_synchronised(optimizer, config.sam_sync)
+    if fsdp is not None:
+        sharding.check_sharded_run(config.optimizer, optimizer, config.sam_sync)
+    if accelerator.num_processes > 1 and config.sam_sync == "global" and getattr(type(optimizer), "ascent_sync", "any") == "local":
+        raise ConfigError(f"{config.optimizer} needs --sam_sync local under data parallelism: its ascent pass leaves tensors out")
+    return model, optimizer, sync_ascent
+
+
+def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDataset] | None = None) -> Run:
+    """Everything a run holds, ready to train; ``data`` replaces the config's dataset (train, test)."""
+    accelerator = make_accelerator(config)
+    device = accelerator.device
+    environment.set_threads(config.threads, accelerator.state.num_processes if device.type == "cpu" else 1)
+    set_seed(config.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if data is not None:
+        train_set, test_set = data
+    else:
+        with accelerator.main_process_first():  # decode and cache once, then every process reads the cache
+            if is_loader_dataset(config.dataset):
+                train_set, test_set = load_loader_splits(config)
+            else:
+                train_set, test_set = load_dataset_splits(config.dataset, config.data_dir)
+    prepared = prepare_train_set(train_set, subset=config.train_subset, label_noise=config.label_noise, seed=config.seed,
+                                 val_fraction=config.val_fraction, split_seed=config.split_seed)
+    train_set = prepared.train
+    fsdp = sharding.fsdp_plugin(accelerator, config.mixed_precision)
+    if fsdp is not None and config.compile:
+        raise ConfigError("--compile with FSDP sharding is not supported: the compiled graph would have to trace "
+                          "the shards' all-gathers (run sharded models without --compile)")
+    model, optimizer, sync_ascent = build_model_and_optimizer(config, accelerator, train_set, fsdp)
+    num_params = sum(p.numel() for p in model.parameters())
+    # built from the bare model (a regulariser may copy it), before prepare() wraps it
+    regularizer = build_regularizer(optimizer, model, len(train_set), train_set.num_classes, device,
+                                    gather=accelerator.gather if accelerator.num_processes > 1 else None)
+    if config.compile:  # one graph for every pass: no module attribute changes between them (see RunningStatsFreeze)
+        model = torch.compile(model, backend=config.compile_backend)
+    if fsdp is None:
+        model = accelerator.prepare(model)
+    else:  # sharded already; checkpoints hold the whole model and optimizer state (see bench.loop.sharding)
+        sharding.register_model_checkpointing(accelerator, model)
+    steps_per_epoch = len(train_set) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"batch_size {config.batch_size} exceeds the {len(train_set)} training images")
+    held_out = [("val", prepared.val)] if prepared.val is not None else []
+    aug_generator = torch.Generator(device).manual_seed(config.seed)
+    batches, splits = data_access(config, accelerator, train_set, [*held_out, ("test", test_set)], steps_per_epoch,
+                                  aug_generator)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps_per_epoch))
+    snapshot = StepSnapshot(accelerator.unwrap_model(model)) if isinstance(optimizer, SharpnessAwareOptimizer) else None
+    run = Run(
+        config=config, accelerator=accelerator, run_dir=config.run_dir(), model=model, optimizer=optimizer,
+        scheduler=scheduler, scaler=LossScaler() if config.mixed_precision == "fp16" else None, train_set=train_set,
+        batches=batches, splits=splits, num_params=num_params, sync_ascent=sync_ascent, steps_per_epoch=steps_per_epoch,
+        aug_generator=aug_generator, loss_fn=nn.CrossEntropyLoss(reduction="none", label_smoothing=config.label_smoothing),
+        noisy_indices=prepared.noisy_indices, regularizer=regularizer, snapshot=snapshot, fsdp=fsdp,
+        load_at_start=environment.load_average(), progress=progress,
+    )
+    checkpointed = optimizer if fsdp is None else sharding.FullOptimizerState(optimizer, accelerator.is_main_process)
+    accelerator.register_for_checkpointing(checkpointed, run.scheduler, run.state, *[r for r in [regularizer] if r is not None])
+    return run
+
+
+def data_access(config: RunConfig, accelerator: Accelerator, train_set, held_out: list[tuple[str, Any]],
+                steps_per_epoch: int, aug_generator: torch.Generator) -> tuple[TrainBatches, list[Any]]:
+    """The training batches and the held-out splits: on the device for an in-memory dataset,
+    read by loader workers for an imagefolder or hf: dataset."""
+    device, world = accelerator.device, accelerator.num_processes
+    if is_loader_dataset(config.dataset):
+        batches = LoaderBatches(config, train_set, steps_per_epoch, device, accelerator.process_index, world, config.workers)
+        return batches, [LoaderSplit(name, data, config.batch_size // world, batches.workers) for name, data in held_out]
+    aug = default_augmentation(config.dataset, cutout=config.cutout)
+    batches = MemoryBatches(config, train_set, device, aug, aug_generator)
+    return batches, [Split(name, data, data.images.to(device), data.labels.to(device)) for name, data in held_out]
+
+
+def start_or_resume(run: Run, resume: bool) -> None:
+    """Load the newest checkpoint (resume), or clear a previous run's files; then write config.json."""
+    config, accelerator = run.config, run.accelerator
+    if resume and checkpoints(run.run_dir):
+        load_checkpoint(accelerator, checkpoints(run.run_dir)[-1])
+        rng = run.state.augmentation_rng
+        run.aug_generator.set_state(rng.cpu() if run.device.type == "cpu" else rng)
+        if run.scaler is not None and run.state.loss_scale:
+            run.scaler.load_state_dict(run.state.loss_scale)
+    elif accelerator.is_main_process:
+        for stale in RUN_FILES:
+            path = run.run_dir / stale
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if accelerator.is_main_process:
+        write_json(run.run_dir / "config.json", {
+            **config.to_dict(), "run_id": config.run_id(), "world_size": accelerator.num_processes,
+            "device": str(run.device), "environment": environment.describe(run.device),
+            "resolved_hyperparameters": resolved_hyperparameters(config),
+        })
+        if run.noisy_indices is not None:
+            write_json(run.run_dir / "label_noise.json",
+                       {"fraction": config.label_noise, "seed": config.seed, "changed": run.noisy_indices.tolist()})
+    if config.log_with:
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
+        accelerator.init_trackers(TRACKER_PROJECT, config={**flat, **{f"hp_{k}": v for k, v in config.hyperparameters.items()}})
+    run.segment_start = (time.perf_counter(), time.process_time())

@@ -1,0 +1,215 @@
+"""Sharpness of a trained model, measured on a fixed set of batches.
+
+L(w) is the mean loss over the union of the batches (each batch's mean loss weighted
+by its size), with the model in eval mode (BatchNorm uses its running statistics,
+dropout is off), so L is a deterministic function of the parameters w that require
+grad. Every quantity is accumulated batch by batch, so memory stays at one batch's
+graph (a double-backward graph for the Hessian-vector products).
+
+- ``hessian_max_eigenvalue``: power iteration on Hessian-vector products (double
+  backward) from a seeded Gaussian start; the Rayleigh quotient v^T H v of the last
+  normalised vector. Power iteration converges to the eigenvalue largest in
+  *magnitude*; for a trained network that is the top (positive) one, but near a
+  saddle it may be a negative eigenvalue. NaN when ``power_iterations`` is 0.
+- ``hessian_trace``: Hutchinson's estimate, the mean of v^T H v over Rademacher v
+  (unbiased; exact for a diagonal Hessian). NaN when ``hutchinson_samples`` is 0.
+- ``sam_sharpness``: max_{||e|| <= rho} L(w + e) - L(w), approximated by one
+  normalised gradient-ascent step e = rho g / ||g|| (0 where g = 0).
+- ``loss``: L(w).
+
+Random vectors come from a CPU ``torch.Generator`` seeded by ``seed`` (first the
+power-iteration start, then the Rademacher vectors), so the result does not depend
+on the device or on the global RNG, which is left untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from architectures import create_model
+from bench.config import RUN_METADATA, RunConfig
+from bench.data.augment import normalize
+from bench.data.datasets import ImageDataset
+from bench.data.load import load_dataset_splits
+from bench.data.loader import fixed_samples, load_loader_splits
+from bench.data.names import is_loader_dataset
+from bench.data.prepare import prepare_train_set
+from bench.io import read_json, write_json
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _weighted(batches: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor, float]]:
+    sizes = [y.shape[0] for _, y in batches]
+    total = sum(sizes)
+    if total == 0:
+        raise ValueError("measure_sharpness needs at least one non-empty batch")
+    return [(x, y, n / total) for (x, y), n in zip(batches, sizes) if n > 0]
+
+
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    return sum((x * y).sum() for x, y in zip(a, b))
+
+
+def _loss_and_grad(model, loss_fn, batches, params) -> tuple[Tensor, list[Tensor]]:
+    """L(w) and grad L(w), one batch's graph at a time."""
+    loss: Tensor | float = 0.0
+    grad = [torch.zeros_like(p) for p in params]
+    for x, y, weight in batches:
+        batch_loss = loss_fn(model(x), y)
+        for acc, g in zip(grad, torch.autograd.grad(batch_loss, params, allow_unused=True)):
+            if g is not None:
+                acc.add_(g, alpha=weight)
+        loss = loss + weight * batch_loss.detach()
+    return loss, grad
+
+
+def _loss(model, loss_fn, batches) -> Tensor:
+    with torch.no_grad():
+        return sum(weight * loss_fn(model(x), y) for x, y, weight in batches)
+
+
+def _hvp(model, loss_fn, batches, params, v: Sequence[Tensor]) -> list[Tensor]:
+    """H v for the Hessian of L: per batch, the gradient of <grad loss_b, v>, weighted."""
+    out = [torch.zeros_like(p) for p in params]
+    for x, y, weight in batches:
+        grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True, allow_unused=True)
+        # A gradient that is None or constant in w contributes nothing to H v.
+        terms = [(g * vi).sum() for g, vi in zip(grads, v) if g is not None and g.requires_grad]
+        if not terms:
+            continue
+        hv = torch.autograd.grad(sum(terms), params, allow_unused=True)
+        for acc, h in zip(out, hv):
+            if h is not None:
+                acc.add_(h, alpha=weight)
+    return out
+
+
+def _top_eigenvalue(model, loss_fn, weighted, params, iterations: int, generator) -> Tensor | float:
+    """Power iteration on Hessian-vector products from a seeded Gaussian start (NaN for 0 iterations)."""
+    eigenvalue: Tensor | float = float("nan")
+    if iterations <= 0:
+        return eigenvalue
+    v = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
+    for _ in range(iterations):
+        norm = _dot(v, v).sqrt()
+        # H v = 0 (H = 0 for a random start) leaves v = 0 and the quotient 0, not NaN.
+        inverse = torch.where(norm > 0, 1 / norm, torch.zeros_like(norm))
+        v = [t * inverse.to(t.device, t.dtype) for t in v]
+        hv = _hvp(model, loss_fn, weighted, params, v)
+        eigenvalue = _dot(v, hv)  # Rayleigh quotient of the normalised v
+        v = hv
+    return eigenvalue
+
+
+def _hutchinson_trace(model, loss_fn, weighted, params, samples: int, generator) -> Tensor | float:
+    """Mean of z^T H z over Rademacher z (NaN for 0 samples)."""
+    if samples <= 0:
+        return float("nan")
+    total = 0.0
+    for _ in range(samples):
+        z = [(torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p.device, p.dtype) for p in params]
+        total = total + _dot(z, _hvp(model, loss_fn, weighted, params, z))
+    return total / samples
+
+
+def _ascent_loss(model, loss_fn, weighted, params, grad, rho: float) -> Tensor:
+    """L(w + rho g / ||g||) (L(w) where g = 0); the caller restores w."""
+    with torch.no_grad():
+        grad_norm = _dot(grad, grad).sqrt()
+        scale = torch.where(grad_norm > 0, rho / grad_norm, torch.zeros_like(grad_norm))
+        for p, g in zip(params, grad):
+            p.add_(g * scale.to(g.device, g.dtype))
+    return _loss(model, loss_fn, weighted)
+
+
+def _value(t: Tensor | float) -> float:
+    return float(t.item()) if isinstance(t, Tensor) else float(t)
+
+
+def measure_sharpness(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: list[tuple[Tensor, Tensor]],
+    *,
+    rho: float = 0.05,
+    power_iterations: int = 20,
+    hutchinson_samples: int = 10,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Returns {"hessian_max_eigenvalue", "hessian_trace", "sam_sharpness", "loss"}.
+
+    ``loss_fn(outputs, targets)`` returns a batch's mean loss. The model is measured in
+    eval mode; its train/eval mode and its weights are restored afterwards, bit for bit
+    (``.grad`` fields are never touched).
+    """
+    weighted = _weighted(batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("measure_sharpness: the model has no parameter that requires grad")
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    saved = [p.detach().clone() for p in params]
+    model.eval()
+    try:
+        with torch.enable_grad():
+            loss, grad = _loss_and_grad(model, loss_fn, weighted, params)
+            eigenvalue = _top_eigenvalue(model, loss_fn, weighted, params, power_iterations, generator)
+            trace = _hutchinson_trace(model, loss_fn, weighted, params, hutchinson_samples, generator)
+        perturbed = _ascent_loss(model, loss_fn, weighted, params, grad, rho)
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        model.train(was_training)
+    return {
+        "hessian_max_eigenvalue": _value(eigenvalue),
+        "hessian_trace": _value(trace),
+        "sam_sharpness": _value(perturbed - loss),
+        "loss": _value(loss),
+    }
+
+
+# -- sharpness of a trained model in the harness ----------------------------------------------
+
+#: One radius for every optimizer, so the SAM sharpness of their models is comparable.
+SHARPNESS_RHO = 0.05
+
+
+def final_sharpness(model: nn.Module, train_set, device, samples: int = 1024, iterations: int = 20,
+                    probes: int = 10) -> dict[str, float]:
+    """Sharpness of a trained model on a fixed subset of its (possibly noisy) training set, unaugmented
+    (for a dataset read by loader workers: in the evaluation view, see ``bench.data.loader.fixed_samples``)."""
+    if isinstance(train_set, ImageDataset):
+        keep = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:samples]
+        x = normalize(train_set.images[keep].to(device), train_set.mean, train_set.std)
+        y = train_set.labels[keep].to(device)
+    else:
+        x, y = fixed_samples(train_set, samples, device)
+    batches = [(x[i : i + 256], y[i : i + 256]) for i in range(0, len(y), 256)]
+    result = measure_sharpness(model, nn.functional.cross_entropy, batches, rho=SHARPNESS_RHO, seed=0,
+                               power_iterations=iterations, hutchinson_samples=probes)
+    return {**result, "samples": len(y), "rho": SHARPNESS_RHO, "power_iterations": iterations, "hutchinson_samples": probes}
+
+
+def measure_run_sharpness(run, samples: int | None = None) -> dict[str, float]:
+    """Sharpness of a finished run's exported model; writes sharpness.json next to it."""
+    run = Path(run)
+    config = RunConfig.from_dict(read_json(run / "config.json"), ignore=RUN_METADATA)
+    if is_loader_dataset(config.dataset):
+        train_set, _ = load_loader_splits(config)
+    else:
+        train_set, _ = load_dataset_splits(config.dataset, config.data_dir)
+    train_set = prepare_train_set(train_set, subset=config.train_subset, label_noise=config.label_noise, seed=config.seed,
+                                  val_fraction=config.val_fraction, split_seed=config.split_seed).train
+    model = create_model(config.arch, num_classes=train_set.num_classes, in_channels=train_set.channels)
+    model.load_state_dict(load_file(run / "model.safetensors"))
+    result = final_sharpness(model, train_set, torch.device("cpu"), samples or config.sharpness_samples,
+                             config.sharpness_iterations, config.sharpness_probes)
+    write_json(run / "sharpness.json", result)
+    return result

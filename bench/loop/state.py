@@ -1,0 +1,123 @@
+"""What one training job holds: :class:`Run` (built whole by ``bench.loop.setup``), :class:`TrainState`
+(where the run is, checkpointed with it) and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from bench.config import RunConfig
+from bench.data.batches import TrainBatches
+from bench.loop.precision import LossScaler
+from bench.loop.step import StepSnapshot
+
+if TYPE_CHECKING:
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from rich.progress import Progress, TaskID
+
+    from bench.data.datasets import ImageDataset
+    from bench.data.folders import FolderSplit
+    from bench.data.hub import StreamSplit
+    from bench.loop.splits import LoaderSplit, Split
+    from optimizers.regularizer import LossRegularizer
+
+#: a training set: in memory, or read by loader workers
+TrainSet = Union["ImageDataset", "FolderSplit", "StreamSplit"]
+
+
+@dataclass
+class TrainState:
+    """Where the run is: everything a resumed run needs beyond model, optimizer and scheduler."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0
+    skipped: int = 0
+    consecutive_skips: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    epoch_sums: dict[str, float] = field(default_factory=dict)
+    augmentation_rng: torch.Tensor | None = None
+    loss_scale: dict[str, Any] | None = None
+    wall_time_s: float = 0.0
+    cpu_time_s: float = 0.0
+    status: str = "running"
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    #: True when a resumed run had already finished: nothing was trained or rewritten.
+    already_finished: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """Everything one training job holds, built whole by :func:`bench.loop.setup.setup`. What changes as it
+    trains: ``state`` (checkpointed), ``task`` (its progress bar), the time and load bookkeeping, ``notes``."""
+
+    config: RunConfig
+    accelerator: Accelerator
+    run_dir: Path
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: LossScaler | None
+    train_set: TrainSet
+    batches: TrainBatches
+    splits: list[Split | LoaderSplit]
+    num_params: int
+    #: whether the ascent pass's gradient is all-reduced (bench.loop.step.ascent_is_synchronised)
+    sync_ascent: bool
+    steps_per_epoch: int
+    aug_generator: torch.Generator
+    loss_fn: nn.Module
+    #: the training images whose labels label noise replaced (None: no label noise)
+    noisy_indices: torch.Tensor | None
+    #: The extra loss term the optimizer's class declares (``loss_regularizer``), if any.
+    regularizer: LossRegularizer | None
+    #: Where a skipped sharpness-aware step is undone from (see bench.loop.step); None for plain optimizers.
+    snapshot: StepSnapshot | None
+    #: The FSDP plugin when the model is sharded (see :mod:`bench.loop.sharding`), else None.
+    fsdp: FullyShardedDataParallelPlugin | None
+    load_at_start: float | None
+    progress: Progress | None = None
+    state: TrainState = field(default_factory=TrainState)
+    task: TaskID | None = None
+    segment_start: tuple[float, float] = (0.0, 0.0)
+    load_at_end: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def lr_lambda(config: RunConfig, steps_per_epoch: int):
+    total = config.epochs * steps_per_epoch
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    milestones = [round(m * total) for m in config.step_milestones]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        if config.schedule == "step":
+            return config.step_factor ** sum(step >= m for m in milestones)
+        return 1.0
+
+    return factor

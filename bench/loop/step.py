@@ -1,0 +1,203 @@
+"""One optimizer step inside the Accelerate loop: the harness's closure and the skip rule.
+
+The closure runs each pass the optimizer asks for under DDP's synchronisation rule for
+that pass (``--sam_sync``, or the variant's declared ``ascent_sync``), scales and
+unscales fp16 losses, and flags a non-finite loss or gradient on the device.
+
+A step costs at most one host synchronisation: the skip decision. A plain torch
+optimizer evaluates its closure once, before it changes anything, so its one pass
+decides there. A sharpness-aware step runs all its passes without looking (a non-finite
+ascent gradient makes the perturbed weights, and so every later pass, non-finite too),
+and is decided once at its end; a skipped step is then undone from a
+:class:`StepSnapshot` taken on the device before it began (weights, BatchNorm buffers and
+the optimizer's state as its ``state_dict`` holds it). Every process must agree before a
+step is skipped, or one would wait forever in the next synchronised backward: the flag is
+summed across processes, once per step, by every process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from bench.loop.precision import LossScaler, NonFiniteGradient, unscale_and_check
+from optimizers import BatchClosure, SharpnessAwareOptimizer
+from optimizers.tensors import copy_into_kept, copy_tensors, local_tensor
+
+
+def ascent_is_synchronised(optimizer, sam_sync: str) -> bool:
+    """Whether the ascent pass's gradient is all-reduced: the variant's declaration decides where it
+    has one ("global": its ascent gradient reaches the update; "local": it must stay per replica)."""
+    declared = getattr(type(optimizer), "ascent_sync", "any")
+    return declared == "global" or (declared == "any" and sam_sync == "global")
+
+
+class TrainClosure(BatchClosure):
+    """The harness's closure: DDP sync per pass, fp16 scaling, finiteness checks, training metrics.
+
+    Training accuracy and loss count each sample at the first pass that sees it in a step: the
+    step's own weights for a two-pass step, each sub-batch's first pass where a variant splits
+    the batch, the only pass of a one-pass step.
+
+    With a loss ``regularizer`` (see :mod:`optimizers.regularizer`) every pass trains on
+    ``loss_fn(outputs, targets) + regularizer.extra_loss(outputs, ids, epoch, inputs)`` for the
+    samples of that pass (``sample_ids`` index the training set); the metrics keep ``loss_fn``.
+    """
+
+    def __init__(self, model, loss_fn, inputs, targets, *, accelerator, sync_ascent: bool,
+                 scaler: LossScaler | None, accumulation_steps: int = 1, sample_ids=None, regularizer=None,
+                 epoch: int = 0, totals: dict[str, torch.Tensor] | None = None):
+        self.task_loss, self.sample_ids, self.regularizer, self.epoch = loss_fn, sample_ids, regularizer, epoch
+        if regularizer is not None:
+            loss_fn = self._regularised_loss
+        super().__init__(model, loss_fn, inputs, targets, backward=self._scaled_backward,
+                         accumulation_steps=accumulation_steps)
+        self.accelerator, self.sync_ascent, self.scaler = accelerator, sync_ascent, scaler
+        # every parameter, not only those needing a gradient now: a variant may switch requires_grad
+        # between passes (ESAM), and each pass's gradients must be unscaled and checked
+        self.params = list(model.parameters())
+        #: The training metrics (sums over the samples counted) are added to ``totals`` (the loop's
+        #: running sums on the device), else to fresh zeros of this step.
+        if totals is None:
+            totals = {key: torch.zeros((), dtype=dtype, device=inputs.device)
+                      for key, dtype in (("correct", torch.float32), ("loss_sum", torch.float32), ("seen", torch.long))}
+        self.correct, self.loss_sum, self.seen = totals["correct"], totals["loss_sum"], totals["seen"]
+        self._counted = None  # which samples have been counted, once a pass runs on part of the batch
+        self._subset = None
+        #: Passes flag a non-finite loss or gradient here; with ``defer_check`` (set by take_step for
+        #: a sharpness-aware step) nothing reads it until :meth:`nonfinite`, else each pass decides.
+        self.defer_check = False
+        self.bad = torch.zeros((), device=inputs.device)
+
+    def __call__(self, subset=None, **request):
+        self._subset = subset
+        if self.regularizer is not None:
+            self._micro_batches = self._split(subset)
+        return super().__call__(subset, **request)
+
+    def _split(self, subset) -> list:
+        """(inputs, sample ids) of each micro-batch of a pass, in the order BatchClosure runs them."""
+        x, ids = self.inputs, self.sample_ids
+        if subset is not None:
+            x, ids = x[subset], ids[subset]
+        parts = zip(x.tensor_split(self.accumulation_steps), ids.tensor_split(self.accumulation_steps))
+        return [(xi, i) for xi, i in parts if len(i)]
+
+    def _regularised_loss(self, outputs, targets):
+        inputs, ids = self._micro_batches.pop(0)
+        return self.task_loss(outputs, targets) + self.regularizer.extra_loss(outputs, ids, self.epoch, inputs)
+
+    def context(self, phase: str, last_micro_batch: bool = True):
+        if self.accelerator.num_processes > 1 and (not last_micro_batch or (phase == "ascent" and not self.sync_ascent)):
+            return self.accelerator.no_sync(self.model)
+        return contextlib.nullcontext()
+
+    def _scaled_backward(self, loss):
+        if self.scaler is None:
+            self.accelerator.backward(loss)
+        else:
+            self.scaler.backward(loss)
+
+    def after_backward(self, loss, phase):
+        inv_scale = 1.0 / self.scaler.scale if self.scaler is not None else 1.0
+        unscale_and_check(self.params, inv_scale, found=self.bad, also_check=loss)
+        if not self.defer_check and self.nonfinite():
+            raise NonFiniteGradient(f"non-finite loss or gradient in a {phase} pass")
+
+    def nonfinite(self) -> bool:
+        """Whether any pass so far, on any process, had a non-finite loss or gradient. Every process
+        must call it at the same point: one all-reduce and one host synchronisation."""
+        bad = self.bad.reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        return bool(bad.item())
+
+    def observe(self, outputs, targets, losses, phase):
+        if self._subset is None and self._counted is None:
+            if self.passes > 1:  # a later pass over the whole batch: every sample is counted already
+                return
+            new = None  # the first pass, over the whole batch: every sample is new
+        else:  # a pass on part of the batch: count the samples no earlier pass has seen
+            if self._counted is None:
+                self._counted = torch.full((self.batch_size,), self.passes > 1, dtype=torch.bool, device=targets.device)
+            index = torch.arange(self.batch_size, device=targets.device)
+            if self._subset is not None:
+                index = index[self._subset]
+            new = ~self._counted[index]  # kept on the device: no host synchronisation here
+            self._counted[index] = True
+        if self.regularizer is not None:  # the metrics report the task loss alone
+            losses = self.task_loss(outputs.to(torch.promote_types(outputs.dtype, torch.float32)), targets)
+        hits = outputs.argmax(-1) == targets
+        if new is None:
+            self.correct += hits.sum()
+            self.loss_sum += losses.float().sum()
+            self.seen += len(targets)
+        else:
+            self.correct += (hits & new).sum()
+            self.loss_sum += torch.where(new, losses.float(), 0.0).sum()
+            self.seen += new.sum()
+
+
+def evaluation_weights(optimizer):
+    """The context in which the model holds the weights to evaluate and export (see
+    ``SharpnessAwareOptimizer.evaluation_weights``); plain torch optimizers have nothing to swap."""
+    swap = getattr(optimizer, "evaluation_weights", None)
+    return swap() if swap is not None else contextlib.nullcontext()
+
+
+class StepSnapshot:
+    """What a sharpness-aware step changes, copied on the device before it (no synchronisation), so a
+    step found non-finite at its end can be undone: the model's parameters and buffers (BatchNorm
+    statistics of a non-finite pass included) and the optimizer's ``state_dict`` (momentum, the
+    variant's state, its random streams). The copies go into buffers kept across steps (fused
+    copies, no allocation on the step's path); only an undo allocates."""
+
+    def __init__(self, model: nn.Module):
+        self.live = [local_tensor(t) for t in [*model.parameters(), *model.buffers()]]  # a shard, when sharded
+        self.saved: list[torch.Tensor] = []
+        self._buffers: list[torch.Tensor] = []  # one per tensor in the optimizer's state_dict
+        self._state_leaves: list = []
+        self._state_spec = None
+
+    @torch.no_grad()
+    def save(self, optimizer) -> None:
+        self.saved = copy_into_kept(self.saved, self.live)
+        leaves, self._state_spec = tree_flatten(optimizer.state_dict())
+        tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
+        self._buffers = copy_into_kept(self._buffers, tensors)
+        buffers = iter(self._buffers)
+        self._state_leaves = [next(buffers) if isinstance(v, torch.Tensor) else copy.deepcopy(v) for v in leaves]
+
+    @torch.no_grad()
+    def restore(self, optimizer) -> None:
+        copy_tensors(self.live, self.saved)
+        # clones: the optimizer adopts the tensors it is given, and these buffers serve the next save
+        leaves = [v.clone() if isinstance(v, torch.Tensor) else v for v in self._state_leaves]
+        optimizer.load_state_dict(tree_unflatten(leaves, self._state_spec))
+
+
+def take_step(optimizer, closure: TrainClosure, snapshot: StepSnapshot | None = None) -> bool:
+    """One optimizer step with at most one host synchronisation; a non-finite pass skips it, leaving
+    weights and optimizer state as they were. Returns whether it was skipped."""
+    if not isinstance(optimizer, SharpnessAwareOptimizer):
+        closure.defer_check = False
+        try:
+            optimizer.step(closure)
+            return False
+        except NonFiniteGradient:
+            optimizer.zero_grad()
+            return True
+    snapshot = snapshot or StepSnapshot(closure.model)
+    snapshot.save(optimizer)
+    closure.defer_check = True
+    optimizer.step(closure)
+    if not closure.nonfinite():
+        return False
+    optimizer.restore()  # drop a half-done step's bookkeeping (a perturbation still applied)
+    snapshot.restore(optimizer)
+    optimizer.zero_grad()
+    return True

@@ -1,0 +1,1 @@
+"""Stage 3, reporting: run files to tables, plots and claims."""

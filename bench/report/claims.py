@@ -1,0 +1,150 @@
+"""Published claims about SAM-style optimizers, checked against finished runs.
+
+``python launch.py claims NAME=RUNS_DIR ... --out results/claims.md`` reads each folder of runs
+(one setting: same data, model and schedule, several seeds per optimizer) and, for each claim
+whose optimizers ran there, compares the two with their seed spread:
+
+- d = mean(A) - mean(B) of the claim's metric (lower-is-better metrics are flipped, so d > 0
+  always favours A), se = sqrt(s_A^2 / n_A + s_B^2 / n_B) from the seed standard deviations;
+- "beats" claims: **reproduced** if d > 2 se, **contradicted** if d < -2 se, else
+  **inconclusive**;
+- "matches at a lower cost" claims: **reproduced** if d > -2 se (not measurably worse) and A
+  takes fewer forward-backward passes per step than B; **contradicted** if d < -2 se or the cost
+  is not lower.
+
+Two standard errors over three seeds is a coarse test; the table says so and gives the
+numbers, so a reader can apply another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from bench.report.runs import ResultsError, load_runs
+
+#: The metrics a claim may name: label, unit scale, and whether higher is better. The direction is the
+#: metric's: a lower ECE is better calibration, whatever the claim.
+METRICS = {
+    "final_test_acc": ("test acc (%)", 100.0, True),
+    "final_test_ece": ("test ECE (%)", 100.0, False),
+    "final_test_loss": ("test loss", 1.0, False),
+}
+KINDS = ("beats", "matches_cheaper")
+CLAIMS_FILE = Path(__file__).with_name("claims.toml")
+
+
+@dataclass(frozen=True)
+class Claim:
+    text: str
+    a: str
+    b: str
+    kind: str  # one of KINDS
+    metric: str  # one of METRICS
+    source: str
+
+    @property
+    def higher_is_better(self) -> bool:
+        return METRICS[self.metric][2]
+
+
+def load_claims(path: Path = CLAIMS_FILE) -> tuple[Claim, ...]:
+    """The claims of a TOML file (``[[claim]]`` tables), checked: one line per bad entry."""
+    try:
+        entries = tomllib.loads(path.read_text()).get("claim", [])
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ResultsError(f"{path}: {err}") from None
+    fields = {f.name for f in dataclasses.fields(Claim)}
+    claims = []
+    for i, entry in enumerate(entries, 1):
+        where = f"{path.name}, claim {i}"
+        if not isinstance(entry, dict) or set(entry) != fields:
+            raise ResultsError(f"{where}: expected exactly the keys {', '.join(sorted(fields))}")
+        if not all(isinstance(v, str) for v in entry.values()):
+            raise ResultsError(f"{where}: every value must be a string")
+        if entry["kind"] not in KINDS:
+            raise ResultsError(f"{where}: kind {entry['kind']!r} is not one of {', '.join(KINDS)}")
+        if entry["metric"] not in METRICS:
+            raise ResultsError(f"{where}: metric {entry['metric']!r} is not one of {', '.join(METRICS)}")
+        claims.append(Claim(**entry))
+    return tuple(claims)
+
+
+def _finished(runs: pd.DataFrame, optimizer: str) -> pd.DataFrame:
+    return runs[(runs["optimizer"] == optimizer) & (runs["status"] == "completed")]
+
+
+def check(claim: Claim, runs: pd.DataFrame) -> dict | None:
+    """The claim's row for one setting's runs, or None if either optimizer has fewer than two finished runs."""
+    a, b = _finished(runs, claim.a), _finished(runs, claim.b)
+    if len(a) < 2 or len(b) < 2:
+        return None
+    label, scale, _ = METRICS[claim.metric]
+    va, vb = a[claim.metric].astype(float) * scale, b[claim.metric].astype(float) * scale
+    sign = 1.0 if claim.higher_is_better else -1.0
+    d = sign * (va.mean() - vb.mean())
+    se = math.sqrt(va.var(ddof=1) / len(va) + vb.var(ddof=1) / len(vb))
+    cost_a, cost_b = a["sample_passes_per_step"].mean(), b["sample_passes_per_step"].mean()
+    if claim.kind == "beats":
+        verdict = "reproduced" if d > 2 * se else "contradicted" if d < -2 * se else "inconclusive"
+    else:
+        verdict = "reproduced" if d > -2 * se and cost_a < cost_b else "contradicted"
+    return {
+        "claim": claim.text, "source": claim.source, "metric": label,
+        "A": f"{claim.a}: {va.mean():.2f} ± {va.std(ddof=1):.2f} (n={len(va)})",
+        "B": f"{claim.b}: {vb.mean():.2f} ± {vb.std(ddof=1):.2f} (n={len(vb)})",
+        "difference (for A) ± se": f"{d:+.2f} ± {se:.2f}",
+        "sample passes/step A vs B": f"{cost_a:.2f} vs {cost_b:.2f}",
+        "verdict": verdict,
+    }
+
+
+def claims_table(runs: pd.DataFrame) -> pd.DataFrame:
+    rows = [row for row in (check(c, runs) for c in load_claims()) if row is not None]
+    return pd.DataFrame(rows)
+
+
+def to_markdown(settings: list[tuple[str, str, pd.DataFrame]], command: str) -> str:
+    lines = ["# Published claims against measured runs", "", f"Generated by `{command}` from the run files.", "",
+             __doc__.split("\n\n", 1)[1].strip(), ""]
+    for name, folder, table in settings:
+        lines += [f"## {name}", "", f"Runs: `{folder}`.", ""]
+        if table.empty:
+            lines += ["No claim has both of its optimizers with two or more finished runs here.", ""]
+            continue
+        columns = list(table.columns)
+        lines += ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+        lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    from bench.io import write_text
+    from bench.usage import Parser
+
+    p = Parser(prog="launch.py claims", description="Check published claims against finished runs.")
+    p.add_argument("settings", nargs="+", metavar="NAME=RUNS_DIR", help="a setting's name and its folder of runs")
+    p.add_argument("--out", default="results/claims.md")
+    args = p.parse_args(argv)
+    settings = []
+    for item in args.settings:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ResultsError(f"expected NAME=RUNS_DIR, got {item!r}")
+        settings.append((name, folder, claims_table(load_runs([folder]))))
+    command = "python launch.py claims " + " ".join(args.settings) + ("" if args.out == "results/claims.md" else f" --out {args.out}")
+    text = to_markdown(settings, command)
+    write_text(Path(args.out), text)
+    print(text)
+    return 0

@@ -1,0 +1,160 @@
+"""A configuration resolved against the registries, once, before a run starts.
+
+:meth:`bench.config.RunConfig.validate` checks values alone. :func:`resolve` then gives every
+name its canonical spelling (the optimizer, the base optimizer, the dataset), checks that the
+model exists, that the data settings fit the dataset, and that the variant accepts its
+settings (by building it on a stand-in parameter, so a bad value fails before any work), in
+one line per problem. The settings a run hands its optimizer (:func:`optimizer_settings`) and
+those it records (:func:`resolved_hyperparameters`) are derived here too, from the variant's
+declarations.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from typing import Any
+
+import torch
+
+from architectures.registry import resolve as resolve_architecture
+from bench.config import ConfigError, RunConfig
+from bench.data.datasets import available_datasets
+from bench.data.datasets import canonical_name as dataset_name
+from bench.data.names import DEFAULT_IMAGE_SIZE, DataError, is_loader_dataset, loader_dataset_name
+from optimizers import available_optimizers, create_optimizer, optimizer_class
+from optimizers.base import BASE_OPTIMIZERS
+from optimizers.registry import canonical_name
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def resolve(config: RunConfig) -> RunConfig:
+    """``config`` checked and resolved in place (and returned); ConfigError, one line, for the first problem."""
+    _resolve_names(config)
+    config.validate()
+    _check_data(config)
+    _check_optimizer(config)
+    return config
+
+
+def _resolve_names(config: RunConfig) -> None:
+    try:
+        config.optimizer = canonical_name(config.optimizer)
+    except ValueError:
+        raise ConfigError(f"unknown optimizer {config.optimizer!r}; choose one of: {', '.join(available_optimizers())}") from None
+    base = str(config.base_optimizer).lower()
+    _need(base in BASE_OPTIMIZERS, f"unknown base optimizer {config.base_optimizer!r}; choose one of: {', '.join(BASE_OPTIMIZERS)}")
+    config.base_optimizer = base
+    try:
+        config.dataset = loader_dataset_name(config.dataset) or dataset_name(config.dataset)
+    except DataError as err:
+        if str(config.dataset).strip().lower().startswith("hf:"):
+            raise ConfigError(str(err)) from None
+        raise ConfigError(f"unknown dataset {config.dataset!r}; choose one of: {', '.join(available_datasets())}, "
+                          "imagefolder, hf:OWNER/NAME") from None
+    try:
+        resolve_architecture(config.arch)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if config.compile:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        _need(config.compile_backend in backends,
+              f"unknown compile_backend {config.compile_backend!r}; choose one of: {', '.join(backends)}")
+    if config.log_with is not None:
+        _need(importlib.util.find_spec(config.log_with) is not None,
+              f"log_with {config.log_with} needs the {config.log_with} package: pip install {config.log_with}")
+
+
+def _check_data(config: RunConfig) -> None:
+    """The settings of the datasets read through loader workers: only for them, and what each allows."""
+    if not is_loader_dataset(config.dataset):
+        given = [f for f in ("image_size", "workers", "image_column", "label_column") if getattr(config, f) is not None]
+        _need(not given, f"{', '.join(given)}: only for the imagefolder and hf: datasets, not {config.dataset}")
+        return
+    if config.image_size is None:
+        config.image_size = DEFAULT_IMAGE_SIZE
+    _need(not config.cutout, f"cutout is for the in-memory datasets; {config.dataset} has its own augmentation")
+    if config.dataset == "imagefolder":
+        _need(bool(config.data_dir), "imagefolder needs --data_dir DIR holding train/<class>/ and val/<class>/ image folders")
+        columns = [f for f in ("image_column", "label_column") if getattr(config, f) is not None]
+        _need(not columns, f"{', '.join(columns)}: only for hf: datasets, not imagefolder")
+        return
+    random_access = [f"{f} {getattr(config, f)}" for f in ("train_subset", "val_fraction", "label_noise") if getattr(config, f)]
+    _need(not random_access, f"{', '.join(random_access)}: needs random access to the training set, which the "
+                             f"streamed {config.dataset} does not give")
+    regularizer = getattr(optimizer_class(config.optimizer), "loss_regularizer", None)
+    _need(not getattr(regularizer, "needs_sample_ids", False),
+          f"{config.optimizer} keeps a value per training sample, which needs sample ids the streamed {config.dataset} "
+          "does not give")
+
+
+def own_rule_settings(config: RunConfig) -> dict[str, Any]:
+    """The run settings a variant with its own update rule may take, if it declares them."""
+    return {"lr": config.lr, "momentum": config.momentum, "weight_decay": config.weight_decay}
+
+
+def optimizer_settings(config: RunConfig, num_train: int) -> dict[str, Any]:
+    """Keyword arguments for ``create_optimizer``: the base optimizer's (or, for a variant with
+    its own update rule, the lr and the momentum and weight decay it declares), the quantities
+    the harness fills in (``Setting.filled_by``: the training-set size, the total step count),
+    then the variant's own."""
+    cls = optimizer_class(config.optimizer)
+    declared = {s.name: s for s in getattr(cls, "settings", ())}
+    fills = {"num_train": num_train, "total_steps": max(1, config.epochs * (num_train // config.batch_size))}
+    filled = {name: fills[s.filled_by] for name, s in declared.items() if s.filled_by in fills}
+    if not getattr(cls, "uses_base_optimizer", True):
+        # an update rule of its own takes the run's lr, and its momentum and weight decay if it has them
+        own = {k: v for k, v in own_rule_settings(config).items() if k in declared or k == "lr"}
+        return {**own, **filled, **config.hyperparameters}
+    base = config.optimizer if config.optimizer in BASE_OPTIMIZERS else config.base_optimizer
+    if base == "sgd":
+        settings = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov)
+    else:
+        settings = dict(lr=config.lr, weight_decay=config.weight_decay)
+    return {**settings, **filled, **config.hyperparameters}
+
+
+def _check_optimizer(config: RunConfig) -> None:
+    """Build the optimizer on a stand-in parameter, so a bad hyperparameter fails before any work."""
+    try:
+        create_optimizer(config.optimizer, [torch.zeros(1, requires_grad=True)], base=config.base_optimizer,
+                         **optimizer_settings(config, num_train=1))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{config.optimizer}: {err}") from None
+    obstacle = getattr(optimizer_class(config.optimizer), "compile_obstacle", None)
+    reason = obstacle(config.hyperparameters) if config.compile and obstacle is not None else None
+    _need(reason is None, f"--compile: {reason}")
+
+
+def resolved_hyperparameters(config: RunConfig) -> dict[str, Any]:
+    """The variant's own settings as it will use them, recorded in config.json: its declared defaults
+    (not those the harness fills in) overlaid with the given ones, as JSON values."""
+    declared = getattr(optimizer_class(config.optimizer), "settings", ())
+    defaults = {s.name: s.default for s in declared if s.filled_by is None}
+    return json.loads(json.dumps({**defaults, **config.hyperparameters}, default=str))
+
+
+def check_recorded(config: RunConfig) -> None:
+    """Refuse to continue or reuse a run made with variant settings this version resolves otherwise.
+
+    A run's id holds only the settings it was given, so after a default changes, an old run has
+    the id of a new one; counting it as one would report the old setting as the new."""
+    path = config.run_dir() / "config.json"
+    try:
+        recorded = json.loads(path.read_text()).get("resolved_hyperparameters") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable config.json is the resume's or the table's to report
+    if not isinstance(recorded, dict):
+        return  # written before the settings were recorded
+    now = resolved_hyperparameters(config)
+    changed = sorted(k for k in {*recorded, *now} if recorded.get(k, "unset") != now.get(k, "unset"))
+    then_values = ", ".join(f"{k}={recorded.get(k, 'unset')}" for k in changed)
+    now_values = ", ".join(f"{k}={now.get(k, 'unset')}" for k in changed)
+    _need(not changed, f"{config.run_dir()} was run with {then_values}, which this version resolves to {now_values} "
+                       "(a changed default): move that run aside, or set those values to continue it")

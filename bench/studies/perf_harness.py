@@ -1,0 +1,280 @@
+"""``python launch.py perf --harness``: what the training loop costs on top of a bare PyTorch loop,
+and what ``--compile`` and ``--channels_last`` buy; ``python launch.py perf --recipe NAME``: what the
+loop's step costs for every optimizer of a recipe, the cost its table's ``time vs sgd`` measures.
+
+The harness contenders are real runs (:func:`bench.loop.setup.setup` on a synthetic dataset of the
+requested shape) stepped with :func:`bench.loop.epoch.train_on`, the function the loop calls every
+step: the closure, the skip decision, the training metrics, the schedule. The bare loop is
+``zero_grad``, forward, ``cross_entropy``, ``backward``, ``SGD.step``, ``scheduler.step`` on a
+copy of the same model and the same batch. Contenders are timed in rounds in a shuffled order
+(drift in machine load hits them alike); reported are the median step time, and the median
+over rounds of the ratio to the bare loop's time in the same round. The first step of a
+compiled contender (the compilation) is reported apart and left out of the timing.
+
+With ``--recipe``, the contenders are the recipe's own runs (one per optimizer of its grid, its first
+seed), set up as the loop sets them up (its data, subset, label noise, model, regulariser) and
+stepped with :func:`bench.loop.epoch.one_step` on the recipe's real, augmented batches: the very step a
+run of that recipe times, a variant's data-dependent decisions and its loss regulariser included.
+The steps timed lie in the middle of the recipe's schedule (a variant's terms that start at some
+epoch act as in most of a run). The ratio is to the recipe's SGD step in the same round. Where a
+table's runs are too short to time (a few seconds each: their ratios vary between runs by more
+than 15%), this is the quiet, interleaved measurement of the same work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bench import environment
+from bench.config import ConfigError, RunConfig
+from bench.data.datasets import ImageDataset
+from bench.data.load import load_dataset_splits
+from bench.data.names import is_loader_dataset
+from bench.environment import synchronize
+from bench.loop.epoch import epoch_sums, one_step, train_on
+from bench.loop.setup import setup
+from bench.resolve import resolve
+from bench.studies.recipes import load_recipe
+from optimizers.registry import REFERENCE
+
+
+@dataclass
+class Contender:
+    name: str
+    step: Callable[[], None]
+    first_step_s: float = 0.0
+    passes: Callable[[], float] | None = None  # forward-backward passes per timed step
+
+
+def synthetic_dataset(n: int, image_size: int, num_classes: int = 10, seed: int = 0) -> ImageDataset:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, image_size, image_size), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    return ImageDataset(images, labels, num_classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "synthetic")
+
+
+def recipe_contenders(recipe_name: str, sets: list[str], output_dir: str, data_dir: str | None = None,
+                      optimizers: list[str] | None = None, steps_taken: int = 0) -> tuple[list[Contender], int]:
+    """One contender per optimizer of the recipe's grid (its first seed; ``optimizers`` narrows them),
+    SGD first: the loop's own step on the recipe's batches, each run trained first to where the
+    ``steps_taken`` steps still to come are centred in its schedule. Returns them and that step."""
+    recipe = load_recipe(recipe_name)
+    extra = [f"data_dir={data_dir}"] if data_dir else []
+    configs: dict[str, RunConfig] = {}
+    for config in recipe.runs([*sets, *extra], output_dir=output_dir):
+        configs.setdefault(config.optimizer, config)
+    wanted = optimizers or list(configs)
+    missing = [name for name in ["sgd", *wanted] if name not in configs]
+    if missing:
+        raise ConfigError(f"perf --recipe {recipe.name}: its grid has no {', '.join(missing)} "
+                          f"(it has {', '.join(configs)}); the ratios are to its sgd runs")
+    found, data, start = [], None, 0
+    for name in dict.fromkeys(["sgd", *wanted]):
+        config = resolve(dataclasses.replace(configs[name], threads=torch.get_num_threads(), sharpness=False))
+        if data is None and not is_loader_dataset(config.dataset):  # decoded once, shared by every contender
+            data = load_dataset_splits(config.dataset, config.data_dir)
+        run = setup(config, data=data)
+        step = LoopStep(run)
+        start = max(0, (run.steps_per_epoch * config.epochs - steps_taken) // 2)
+        for _ in range(start):
+            step()
+        step.restart_count()
+        found.append(Contender(name, step, passes=step.passes))
+    return found, start
+
+
+class LoopStep:
+    """The loop's step of one run, on through the epochs (a trajectory loss or a schedule that starts
+    at some epoch acts as in a run), counting forward-backward passes since ``restart_count``."""
+
+    def __init__(self, run):
+        self.run, self.sums, self.taken, self.counted_from = run, epoch_sums(run), 0, 0
+
+    def __call__(self) -> None:
+        i = self.taken % self.run.steps_per_epoch
+        if self.taken and i == 0:
+            self.run.state.epoch += 1
+        one_step(self.run, i, self.sums)
+        self.taken += 1
+
+    def restart_count(self) -> None:
+        self.sums["passes"], self.counted_from = 0, self.taken
+
+    def passes(self) -> float:
+        return self.sums["passes"] / max(1, self.taken - self.counted_from)
+
+
+def _bare(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Contender:
+    from architectures import create_model
+
+    torch.manual_seed(arch_config.seed)
+    model = create_model(arch_config.arch, num_classes=10, in_channels=3).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=arch_config.lr, momentum=arch_config.momentum,
+                          weight_decay=arch_config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    bf16 = arch_config.mixed_precision == "bf16"
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        scheduler.step()
+
+    return Contender("bare PyTorch loop (SGD)", step)
+
+
+def _harness(config: RunConfig, data: ImageDataset, x, y, label: str) -> Contender:
+    run = setup(config, data=(data, data))
+    ids = torch.arange(len(y), device=run.device)
+    sums = epoch_sums(run)
+    return Contender(label, lambda: train_on(run, x.to(run.device), y.to(run.device), ids, sums))
+
+
+#: (--compile, --channels_last) combinations timed for each optimizer.
+MODES = ((False, False), (False, True), (True, False), (True, True))
+
+
+def contenders(arch: str, batch_size: int, image_size: int, device: str, optimizers: list[str], output_dir: str,
+               compile_backend: str = "inductor", mixed_precision: str = "no", modes=MODES) -> list[Contender]:
+    if mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"perf --harness times mixed_precision no or bf16, got {mixed_precision!r}")
+    dev = torch.device(device)
+    data = synthetic_dataset(batch_size, image_size)
+    base = RunConfig(arch=arch, batch_size=batch_size, epochs=1, lr=0.01, cpu=dev.type == "cpu", output_dir=output_dir,
+                     threads=torch.get_num_threads(), compile_backend=compile_backend, save_every_epochs=0,
+                     mixed_precision=mixed_precision)
+    x = ((data.images.float() / 255 - 0.5) / 0.25).to(dev)
+    y = data.labels.to(dev)
+    found = [_bare(base, x, y, dev)]
+    for name in optimizers:
+        for compiled, channels_last in modes:
+            flags = " ".join(f for f, on in (("--compile", compiled), ("--channels_last", channels_last)) if on)
+            config = resolve(dataclasses.replace(base, optimizer=name, compile=compiled, channels_last=channels_last))
+            found.append(_harness(config, data, x, y, f"harness ({name}{', ' + flags if flags else ''})"))
+    return found
+
+
+def measure(contenders: list[Contender], steps: int, rounds: int, warmup: int, device: str) -> list[dict]:
+    """Median step time and median per-round ratio to the first contender."""
+    dev = torch.device(device)
+    for c in contenders:
+        synchronize(dev)
+        start = time.perf_counter()
+        c.step()
+        synchronize(dev)
+        c.first_step_s = time.perf_counter() - start
+        for _ in range(warmup):
+            c.step()
+    times: dict[str, list[float]] = {c.name: [] for c in contenders}
+    ratios: dict[str, list[float]] = {c.name: [] for c in contenders}
+    order = random.Random(0)
+    reference = contenders[0].name
+    for _ in range(rounds):
+        this_round = {}
+        for c in order.sample(contenders, len(contenders)):
+            synchronize(dev)
+            start = time.perf_counter()
+            for _ in range(steps):
+                c.step()
+            synchronize(dev)
+            this_round[c.name] = (time.perf_counter() - start) / steps
+        for name, seconds in this_round.items():
+            times[name].append(seconds)
+            ratios[name].append(seconds / this_round[reference])
+    return [{"contender": c.name, "step_ms": statistics.median(times[c.name]) * 1e3,
+             "ratio_to_first": statistics.median(ratios[c.name]), "first_step_s": c.first_step_s,
+             "passes_per_step": c.passes() if c.passes is not None else None} for c in contenders]
+
+
+def _settings(args, load_start: float | None, **extra) -> dict:
+    """What a harness table's header states: the arguments, the machine, and its load before and now."""
+    return dict(vars(args), machine=environment.processor(), threads=torch.get_num_threads(), cores=environment.cpu_count(),
+                load=(load_start or 0.0, environment.load_average() or 0.0), **extra)
+
+
+def _load_line(settings: dict) -> str:
+    load_start, load_end = settings["load"]
+    return f"1-minute load average {load_start:.2f} before, {load_end:.2f} after, on {settings['cores']} cores."
+
+
+def to_markdown(rows: list[dict], settings: dict, command: str) -> str:
+    lines = [
+        "# Harness overhead, --compile and --channels_last", "",
+        f"Generated by `{command}`.", "",
+        f"Model {settings['arch']}, batch {settings['batch_size']} of {settings['image_size']}x{settings['image_size']} "
+        f"images, {'bf16 autocast' if settings.get('mixed_precision', 'no') == 'bf16' else 'fp32'}, {settings['device']} ({settings['machine']}, {settings['threads']} threads), torch "
+        f"{torch.__version__}, compile backend {settings['compile_backend']}. {settings['rounds']} rounds of "
+        f"{settings['steps']} steps per contender in shuffled order after {settings['warmup']} warm-up steps: median step "
+        "time, and median over rounds of the ratio to the bare loop in the same round. First step: the first call's "
+        "time (the compilation, for compiled contenders), not in the medians. " + _load_line(settings), "",
+        "| contender | step (ms) | images/s | x bare loop | first step (s) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        images_per_s = settings["batch_size"] / (r["step_ms"] / 1e3)
+        lines.append(f"| {r['contender']} | {r['step_ms']:.1f} | {images_per_s:.0f} | {r['ratio_to_first']:.3f} | "
+                     f"{r['first_step_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+MODE_NAMES = {"eager": (False, False), "channels_last": (False, True), "compile": (True, False),
+              "compile+channels_last": (True, True)}
+
+
+def parse_modes(text: str) -> tuple[tuple[bool, bool], ...]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODE_NAMES]
+    if unknown or not names:
+        raise ConfigError(f"--modes takes a comma-separated list of {', '.join(MODE_NAMES)}; got {text!r}")
+    return tuple(MODE_NAMES[m] for m in names)
+
+
+def recipe_to_markdown(rows: list[dict], settings: dict, command: str) -> str:
+    lines = [
+        f"# The loop's step cost for every optimizer of {settings['recipe']}, relative to SGD", "",
+        f"Generated by `{command}`.", "",
+        f"Each optimizer's run of the recipe (its first seed), set up as the loop sets it up, trained for "
+        f"{settings['start']} steps (so that the steps below lie in the middle of its schedule), then stepped on with "
+        f"the loop's own step on the recipe's real batches, on {settings['device']} ({settings['machine']}, "
+        f"{settings['threads']} threads), torch {torch.__version__}. {settings['rounds']} rounds of {settings['steps']} "
+        f"steps per optimizer in shuffled order after {settings['warmup']} warm-up steps: median step time, and median "
+        "over rounds of the ratio to SGD's step in the same round (what the recipe's table calls `time vs sgd`). "
+        + _load_line(settings), "",
+        "Passes: forward-backward passes per step from then on.", "",
+        "| optimizer | step (ms) | x SGD | fwd-bwd passes / step |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['contender']} | {r['step_ms']:.1f} | {r['ratio_to_first']:.2f} | {r['passes_per_step']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_recipe(args, command: str) -> str:
+    load_start = environment.load_average()
+    with tempfile.TemporaryDirectory() as output_dir:
+        steps_taken = 1 + args.warmup + args.rounds * args.steps
+        found, start = recipe_contenders(args.recipe, args.set, output_dir, args.data_dir, args.optimizers, steps_taken)
+        device = found[0].step.run.device
+        rows = measure(found, args.steps, args.rounds, args.warmup, str(device))
+    return recipe_to_markdown(rows, _settings(args, load_start, device=str(device), start=start), command)
+
+
+def run(args, command: str) -> str:
+    load_start = environment.load_average()
+    with tempfile.TemporaryDirectory() as output_dir:
+        found = contenders(args.arch, args.batch_size, args.image_size, args.device, args.optimizers or ["sgd", REFERENCE],
+                           output_dir, args.compile_backend, getattr(args, "mixed_precision", "no"),
+                           parse_modes(args.modes) if isinstance(getattr(args, "modes", None), str) else MODES)
+        rows = measure(found, args.steps, args.rounds, args.warmup, args.device)
+    return to_markdown(rows, _settings(args, load_start), command)

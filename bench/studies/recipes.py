@@ -1,0 +1,174 @@
+"""Recipes: TOML files that pin every setting of a benchmark row (or a grid of them) and,
+where a paper reports one, the number to reproduce with its source.
+
+    name = "sam_wrn28_10_cifar10"
+    description = "..."
+    [config]                 # RunConfig fields shared by every run
+    dataset = "cifar10"
+    [grid]                   # fields with lists: the runs are their Cartesian product
+    optimizer = ["sgd", "sam"]
+    seed = [0, 1, 2]
+    [optimizers.sam]         # settings for one optimizer only (RunConfig fields or its hyperparameters)
+    rho = 0.05
+    [reported.sam]           # what the paper reports for that optimizer
+    accuracy = 97.3          # test accuracy in %
+    metric = "last"          # "last" epoch or "best" epoch
+    spread = 0.1             # reported std, if any
+    source = "Foret et al. 2021, Table 1"
+
+``--set key=value`` overrides any field (``rho=0.1`` sets a hyperparameter; a list
+value such as ``seed=[0,1]`` becomes a grid axis).
+
+A ``[tune]`` section makes the recipe tunable with an equal budget (``launch.py tune``,
+``bench.studies.tune``): every optimizer with a grid is trained on each grid point with the trial
+seeds, on a stratified validation split of the training set; the point with the best mean
+final validation accuracy (ties: the earlier point; the test set is never read) is then run
+with the final seeds on the full training set. ``tune`` ignores ``[grid]``'s optimizer and
+seed axes (they serve ``sweep``, the untuned comparison) and refuses any other axis.
+
+    [tune]
+    val_fraction = 0.1       # the held-out fraction for the trials (split by split_seed)
+    seeds = [0]              # trial seeds, the same for every optimizer
+    final_seeds = [0, 1, 2]  # seeds of the final runs (val_fraction 0)
+    equal_budget = true      # false: grids of different sizes are allowed (the tables say so)
+    [tune.grid.sgd]          # per optimizer: lists of values of any RunConfig field or hyperparameter
+    lr = [0.02, 0.05, 0.1]
+    [tune.grid.looksam]      # several keys: their Cartesian product, in the order written
+    alpha = [0.5, 0.7]
+    k = [2, 5]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.config import ConfigError, RunConfig
+from bench.resolve import resolve
+from optimizers import available_optimizers
+from optimizers.registry import is_sharpness_aware
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+@dataclass(frozen=True)
+class Reported:
+    accuracy: float
+    metric: str
+    source: str
+    spread: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Recipe:
+    name: str
+    path: Path
+    description: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reported: dict[str, Reported] = field(default_factory=dict)
+    tune: dict[str, Any] = field(default_factory=dict)  # the [tune] section as written (checked by bench.studies.tune)
+
+    def runs(self, sets: list[str] = (), output_dir: str | None = None) -> list[RunConfig]:
+        """Every run of the recipe, with ``key=value`` overrides applied."""
+        grid, forced = dict(self.grid), {}
+        for key, value in map(parse_assignment, sets):
+            if isinstance(value, list):
+                grid[key] = value
+            else:
+                grid.pop(key, None)
+                forced[key] = value
+        keys = list(grid)
+        configs = []
+        for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
+            settings = {**self.config, **dict(zip(keys, values)), **forced}
+            optimizer = settings.get("optimizer", "sgd")
+            settings.update(self.optimizers.get(optimizer, {}))
+            settings.update(forced)  # the command line has the last word
+            if output_dir is not None:
+                settings["output_dir"] = output_dir
+            configs.append(config_from_settings(settings, self.name))
+        return configs
+
+
+def config_from_settings(settings: dict[str, Any], where: str) -> RunConfig:
+    """A validated RunConfig from a recipe's flat settings (RunConfig fields, the rest hyperparameters)."""
+    fields = {k: v for k, v in settings.items() if k in FIELDS}
+    hyperparameters = {**fields.pop("hyperparameters", {}), **{k: v for k, v in settings.items() if k not in FIELDS}}
+    if "step_milestones" in fields:
+        fields["step_milestones"] = tuple(fields["step_milestones"])
+    try:
+        return resolve(RunConfig(**fields, hyperparameters=hyperparameters))
+    except TypeError as err:
+        raise ConfigError(f"recipe {where}: {err}") from None
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``key=value`` with a TOML value (numbers, booleans, lists, strings; bare words are strings)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+#: In a recipe's optimizer grid: every registered sharpness-aware variant, in registration order (a new
+#: variant joins every recipe that asks for them).
+EVERY_VARIANT = "every-variant"
+
+
+def expand_optimizers(names: list[Any]) -> list[Any]:
+    """A grid's optimizer list with ``EVERY_VARIANT`` replaced by the registered variants not listed elsewhere."""
+    if EVERY_VARIANT not in names:
+        return names
+    listed = [n for n in names if n != EVERY_VARIANT]
+    variants = [n for n in available_optimizers() if is_sharpness_aware(n) and n not in listed]
+    at = names.index(EVERY_VARIANT)
+    return [*listed[:at], *variants, *listed[at:]]
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = RECIPE_DIR / f"{name_or_path.replace('-', '_')}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown recipe {name_or_path!r}; choose one of: {', '.join(available_recipes())} (or a .toml path)")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"recipe {path}: {err}") from None
+    unknown = set(data) - {"name", "description", "config", "grid", "optimizers", "reported", "tune"}
+    if unknown:
+        raise ConfigError(f"recipe {path}: unknown section(s) {', '.join(sorted(unknown))}")
+    reported = {}
+    for optimizer, row in data.get("reported", {}).items():
+        if row.get("metric") not in ("last", "best"):
+            raise ConfigError(f"recipe {path}: reported.{optimizer}.metric must be 'last' or 'best'")
+        reported[optimizer] = Reported(**row)
+    grid = dict(data.get("grid", {}))
+    if isinstance(grid.get("optimizer"), list):
+        grid["optimizer"] = expand_optimizers(grid["optimizer"])
+    return Recipe(
+        name=data.get("name", path.stem), path=path, description=data.get("description", ""),
+        config=data.get("config", {}), grid=grid, optimizers=data.get("optimizers", {}), reported=reported,
+        tune=data.get("tune", {}),
+    )

@@ -1,0 +1,110 @@
+"""Sweeps: run every configuration of a recipe, skipping finished runs and resuming
+interrupted ones, then write its tables and plots from the run files.
+
+Run directories are named by their configuration's id, so a sweep can be stopped and
+started again, run piecewise on several machines (``--print_commands``) into one
+results directory, and it never runs, loses or counts a configuration twice. Runs go
+one at a time: two trainings sharing the CPU would slow each other and spoil the times.
+They go seed by seed (``execution_order``): every configuration's first seed before any
+configuration's second, so that a slow spell of the machine falls on one seed of many
+configurations, which the median over seeds and its spread then show, rather than on
+every seed of the few configurations that happened to run during it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from bench.config import RunConfig
+from bench.loop.train import TrainingStopped, train
+from bench.resolve import check_recorded
+from bench.studies.recipes import Recipe
+
+
+def status(config: RunConfig) -> str:
+    """"done" (summary written, diverged runs included), "interrupted" (checkpoints, no summary) or "pending";
+    ConfigError for a run made with variant settings this version resolves otherwise."""
+    directory = config.run_dir()
+    check_recorded(config)
+    if (directory / "summary.json").is_file():
+        return "done"
+    if (directory / "checkpoints").is_dir() and any((directory / "checkpoints").glob("step_*")):
+        return "interrupted"
+    return "pending"
+
+
+def execution_order(configs: list[RunConfig]) -> list[RunConfig]:
+    """The runs seed by seed: a configuration's n-th seed after every configuration's (n-1)-th,
+    otherwise in the given order."""
+    rank, seen = [], Counter()
+    for config in configs:
+        settings = dataclasses.replace(config, seed=0).run_id()
+        rank.append(seen[settings])
+        seen[settings] += 1
+    return [config for _, config in sorted(zip(rank, configs), key=lambda pair: pair[0])]
+
+
+def commands(recipe: Recipe, sets: list[str], configs: list[RunConfig],
+             keys: Iterable[str] | Callable[[RunConfig], Iterable[str]] | None = None) -> list[str]:
+    """One `accelerate launch` command per run that is not done, in ``execution_order``; each spells out
+    its values of ``keys`` (default: the recipe's grid axes; a function: each run's own) with ``--set``."""
+    lines = []
+    fixed = list(recipe.grid if keys is None or callable(keys) else keys)
+    for config in execution_order(configs):
+        if status(config) == "done":
+            continue
+        chosen = [f"{key}={_toml(getattr(config, key, None) if key in config.__dataclass_fields__ else config.hyperparameters[key])}"
+                  for key in (keys(config) if callable(keys) else fixed)]
+        scalar_sets = [s for s in sets if not s.partition("=")[2].lstrip().startswith("[")]
+        argv = ["accelerate", "launch", "launch.py", "--recipe", str(recipe.path)]
+        for item in [*scalar_sets, *chosen]:
+            argv += ["--set", item]
+        argv += ["--output_dir", config.output_dir, "--resume", "auto"]
+        if config.data_dir:
+            argv += ["--data_dir", config.data_dir]
+        lines.append(shlex.join(argv))
+    return lines
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value
+    return repr(value)
+
+
+def _outcome(summary: dict) -> str:
+    score = " ".join(f"{k.removeprefix('final_')} {summary[k]:.4f}" for k in ("final_val_acc", "final_test_acc")
+                     if summary.get(k) is not None)
+    return f"{summary.get('status', '?')}, {score}" if score else summary.get("status", "?")
+
+
+def run_sweep(recipe: Recipe, configs: list[RunConfig], progress=None, label: str | None = None) -> list[Path]:
+    """Train every configuration not yet done, one at a time; one line per run with the time left."""
+    label = label or f"sweep {recipe.name}"
+    overall = progress.add_task(label, total=len(configs)) if progress else None
+    start, trained = time.perf_counter(), 0
+    pending = sum(status(c) != "done" for c in configs)
+    for i, config in enumerate(execution_order(configs), 1):
+        if status(config) != "done":
+            try:
+                summary = train(config, progress=progress, resume=True).summary
+            except TrainingStopped as err:  # a diverged run is a result too; its files are written
+                summary = {"status": "diverged"}
+                if progress:
+                    progress.print(f"note: {err}")
+            trained += 1
+            elapsed = time.perf_counter() - start
+            if progress:
+                left = elapsed / trained * (pending - trained)
+                progress.print(f"[{i}/{len(configs)}] {config.run_dir().name}: {_outcome(summary)}; "
+                               f"{elapsed:.0f} s elapsed, about {left:.0f} s left")
+        if overall is not None:
+            progress.advance(overall)
+    return [c.run_dir() for c in configs]

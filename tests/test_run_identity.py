@@ -1,0 +1,123 @@
+"""A run's identity: the run id changes with every setting that changes a result, and resuming a run with a
+flag that says otherwise is refused, naming the flag as typed."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from bench.cli.flags import FLAGS
+from bench.cli.main import main
+from bench.config import OPERATIONAL, RunConfig
+
+#: The settings that do not change what a run computes (where and how it runs, what it measures afterwards).
+#: Written out here, not read from the code: a setting moved into OPERATIONAL by mistake fails the test below.
+NOT_RESULTS = {
+    "output_dir", "run_name", "data_dir", "save_every_steps", "save_every_epochs", "keep_checkpoints", "cpu", "sharpness",
+    "sharpness_samples", "sharpness_iterations", "sharpness_probes", "log_with", "threads", "workers", "compile",
+    "compile_backend", "channels_last", "test_every_epochs",
+}
+
+#: A value different from RunConfig's default for each setting (by field; numbers are derived below).
+OTHER = {
+    "dataset": "cifar10", "arch": "resnet8", "optimizer": "sam", "base_optimizer": "adamw", "schedule": "step",
+    "mixed_precision": "bf16", "sam_sync": "global", "image_column": "img", "label_column": "lbl",
+    "step_milestones": (0.5,), "hyperparameters": {"rho": 0.1}, "compile_backend": "eager", "output_dir": "elsewhere",
+    "run_name": "named", "data_dir": "data2", "log_with": "tensorboard",
+}
+
+
+def other_value(field: dataclasses.Field):
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    if field.name in OTHER:
+        return OTHER[field.name]
+    if isinstance(default, bool):
+        return not default
+    if field.type in ("int | None",) or isinstance(default, int):
+        return (default or 0) + 3
+    return (default or 0.0) + 0.125
+
+
+def test_what_is_not_a_result_is_written_out():
+    assert set(OPERATIONAL) == NOT_RESULTS
+
+
+@pytest.mark.parametrize("field", [f for f in dataclasses.fields(RunConfig)], ids=lambda f: f.name)
+def test_the_run_id_changes_with_every_result_changing_setting(field):
+    base = RunConfig()
+    changed = dataclasses.replace(base, **{field.name: other_value(field)})
+    assert getattr(changed, field.name) != getattr(base, field.name)
+    if field.name in NOT_RESULTS:
+        assert changed.run_id() == base.run_id()
+    else:
+        assert changed.run_id() != base.run_id(), f"{field.name} is left out of the run id"
+
+
+def test_a_clean_and_a_noisy_run_are_two_runs():
+    assert RunConfig(label_noise=0.6).run_id() != RunConfig().run_id()
+
+
+# -- resume ---------------------------------------------------------------------------------------
+
+FAST = ["--arch", "mlp", "--epochs", "1", "--batch_size", "64", "--cpu", "--max_steps", "1", "--save_every_epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def sam_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    assert main([*FAST, "--sam_type", "sam", "--output_dir", str(out)]) == 0
+    (run,) = list(out.iterdir())
+    return run
+
+
+def flag_value(flag) -> list[str]:
+    """The command-line words giving ``flag`` a value other than the run's."""
+    if flag.kind == "switch":
+        return [flag.name]
+    field = next(f for f in dataclasses.fields(RunConfig) if f.name == flag.field)
+    value = other_value(field)
+    if flag.field == "optimizer":  # --sam_type: the run is SAM already
+        value = "gsam"
+    if flag.field == "arch":
+        value = "smallcnn"
+    return [flag.name, str(value)]
+
+
+RESULT_FLAGS = [f for f in FLAGS if f.config and f.field not in NOT_RESULTS]
+
+
+def test_every_result_changing_setting_has_a_flag_checked_here():
+    fields = {f.name for f in dataclasses.fields(RunConfig)} - NOT_RESULTS
+    flagged = {f.field for f in RESULT_FLAGS}
+    # set in recipes only: the step schedule's milestones and factor; the variant's settings have their own flags
+    assert fields - flagged == {"step_milestones", "step_factor", "hyperparameters"}
+
+
+@pytest.mark.parametrize("flag", RESULT_FLAGS, ids=lambda f: f.name)
+def test_resume_with_a_changed_setting_is_refused_naming_its_flag(sam_run, flag, capsys):
+    words = flag_value(flag)
+    assert main(["--resume", str(sam_run), *words]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --resume {sam_run}: settings differ") and "\n" not in err
+    assert f"{flag.name} (" in err, err
+
+
+@pytest.mark.parametrize("words, named", [
+    (["--sam_type", "sam", "--optimizer", "adamw"], "--optimizer ('sgd' there, 'adamw' given)"),
+    (["--optimizer", "adamw"], "--optimizer ('sgd' there, 'adamw' given)"),
+    (["--rho", "0.5"], "--rho (0.05 there, 0.5 given)"),
+    (["--k", "3"], "--k (not used by sam)"),
+    (["--arch", "resnet8"], "--arch ('mlp' there, 'resnet8' given)"),
+])
+def test_resume_names_the_flag_as_typed(sam_run, words, named, capsys):
+    """The base optimizer is --optimizer (the seed's spelling), the variant --sam_type; a variant flag is compared
+    with the run's variant's setting even when --sam_type is not repeated."""
+    assert main(["--resume", str(sam_run), *words]) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_resume_with_the_runs_own_settings_changes_nothing(sam_run, capsys):
+    before = {p: p.stat().st_mtime_ns for p in sam_run.rglob("*") if p.is_file()}
+    assert main(["--resume", str(sam_run), "--sam_type", "SAM", "--optimizer", "sgd", "--rho", "0.05", "--lr", "0.1"]) == 0
+    assert "already finished" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in sam_run.rglob("*") if p.is_file()} == before
