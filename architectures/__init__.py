@@ -7,6 +7,7 @@
 >>> model = create_model("resnet50_imagenet")           # torchvision's ImageNet ResNet-50
 >>> model = create_model("timm:resnet10t")              # needs pip install -e ".[timm]"
 """
+
 from .cifar_resnet import CifarResNet
 from .imagenet_resnet import ImageNetResNet
 from .mlp import MLP
@@ -19,6 +20,17 @@ from .vit import VisionTransformer
 from .wideresnet import WideResNet
 
 __all__ = [
-    "available_architectures", "create_model", "register", "register_pattern",
-    "CifarResNet", "ImageNetResNet", "MLP", "PyramidNet", "ResNet", "SmallCNN", "TimmModel", "VisionTransformer", "WideResNet",
+    "available_architectures",
+    "create_model",
+    "register",
+    "register_pattern",
+    "CifarResNet",
+    "ImageNetResNet",
+    "MLP",
+    "PyramidNet",
+    "ResNet",
+    "SmallCNN",
+    "TimmModel",
+    "VisionTransformer",
+    "WideResNet",
 ]

@@ -6,6 +6,7 @@ post-activation basic blocks each.  Where the shape changes the shortcut is a
 little above the published option-A (zero-padding) figures, e.g. ResNet-20
 has 272,474 parameters instead of 269,722 (both "0.27M").
 """
+
 from .registry import register
 from .resnet import BasicBlock, StagedResNet
 

@@ -1,4 +1,5 @@
 """Weight initialisation shared by every architecture."""
+
 import torch.nn as nn
 
 

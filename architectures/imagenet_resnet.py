@@ -5,6 +5,7 @@ max-pool, then four stages with strides 1, 2, 2, 2 (torchvision's ``ResNet``: st
 3x3 conv of a bottleneck, "ResNet v1.5"). ResNet-50 has 25.56M parameters for 1,000 classes.
 Made for 224x224 inputs; the CIFAR-style ``resnet18`` ... ``resnet152`` are the small-image ones.
 """
+
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.resnet import ResNet as TorchvisionResNet

@@ -16,6 +16,7 @@ With 100 classes ``pyramidnet110_270`` has 28.51M parameters and
 ``pyramidnet272_200`` 26.29M, as in the authors' PyTorch code; the paper
 reports 28.3M and 26.0M.
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,31 +43,37 @@ class _PyramidBlock(nn.Module):
 
 class PyramidBasicBlock(_PyramidBlock):
     def __init__(self, in_planes: int, planes: int, stride: int):
-        super().__init__(nn.Sequential(
-            nn.BatchNorm2d(in_planes),
-            nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False),
-            nn.BatchNorm2d(planes),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(planes, planes, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(planes),
-        ), stride)
+        super().__init__(
+            nn.Sequential(
+                nn.BatchNorm2d(in_planes),
+                nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(planes),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(planes, planes, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(planes),
+            ),
+            stride,
+        )
 
 
 class PyramidBottleneck(_PyramidBlock):
     expansion = 4
 
     def __init__(self, in_planes: int, planes: int, stride: int):
-        super().__init__(nn.Sequential(
-            nn.BatchNorm2d(in_planes),
-            nn.Conv2d(in_planes, planes, 1, bias=False),
-            nn.BatchNorm2d(planes),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(planes, planes, 3, stride, 1, bias=False),
-            nn.BatchNorm2d(planes),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(planes, planes * self.expansion, 1, bias=False),
-            nn.BatchNorm2d(planes * self.expansion),
-        ), stride)
+        super().__init__(
+            nn.Sequential(
+                nn.BatchNorm2d(in_planes),
+                nn.Conv2d(in_planes, planes, 1, bias=False),
+                nn.BatchNorm2d(planes),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(planes, planes, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(planes),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(planes, planes * self.expansion, 1, bias=False),
+                nn.BatchNorm2d(planes * self.expansion),
+            ),
+            stride,
+        )
 
 
 @register_pattern("pyramidnet{depth}_{alpha}")
@@ -74,16 +81,18 @@ class PyramidBottleneck(_PyramidBlock):
 @register("pyramidnet110_270", depth=110, alpha=270)
 @register("pyramidnet")
 class PyramidNet(nn.Module):
-    def __init__(self, depth: int = 110, alpha: float = 270, bottleneck: bool | None = None,
-                 num_classes: int = 10, in_channels: int = 3):
+    def __init__(
+        self, depth: int = 110, alpha: float = 270, bottleneck: bool | None = None, num_classes: int = 10, in_channels: int = 3
+    ):
         super().__init__()
         if bottleneck is None:
             bottleneck = depth >= 164
         block, per_block = (PyramidBottleneck, 9) if bottleneck else (PyramidBasicBlock, 6)
         if depth < per_block + 2 or (depth - 2) % per_block:
             kind, examples = ("bottleneck", "164, 200, 272") if bottleneck else ("basic", "110, 164, 200")
-            raise ValueError(f"PyramidNet with {kind} blocks needs depth = {per_block}n+2 "
-                             f"with n >= 1 (e.g. {examples}), got {depth}")
+            raise ValueError(
+                f"PyramidNet with {kind} blocks needs depth = {per_block}n+2 with n >= 1 (e.g. {examples}), got {depth}"
+            )
         if alpha < 0:
             raise ValueError(f"PyramidNet alpha must be >= 0, got {alpha}")
         n = (depth - 2) // per_block

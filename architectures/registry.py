@@ -8,6 +8,7 @@ matches a positive integer handed to the class as the keyword ``field``, next to
 the template's own fixed arguments (``register_pattern("vit_tiny_p{patch_size}", dim=64)``).
 ``timm:NAME`` builds the timm model ``NAME`` (optional extra, see :mod:`.timm_models`).
 """
+
 import inspect
 import re
 
@@ -36,8 +37,7 @@ def register(name: str, **fixed):
 def register_pattern(template: str, **fixed):
     """Class decorator: resolve names matching ``template``, e.g. ``wrn{depth}_{widen_factor}``. Stackable."""
     parts = re.split(r"\{(\w+)\}", template.lower())
-    regex = re.compile("".join(
-        rf"(?P<{part}>\d+)" if i % 2 else re.escape(part) for i, part in enumerate(parts)))
+    regex = re.compile("".join(rf"(?P<{part}>\d+)" if i % 2 else re.escape(part) for i, part in enumerate(parts)))
 
     def decorator(cls):
         _PATTERNS[template] = (regex, cls, fixed)
@@ -61,15 +61,15 @@ def resolve(name: str) -> tuple[type[nn.Module], dict]:
     if key in _MODELS:
         return _MODELS[key]
     if key.startswith(TIMM_PREFIX):
-
-        return resolve_timm(key[len(TIMM_PREFIX):])
+        return resolve_timm(key[len(TIMM_PREFIX) :])
     for regex, cls, fixed in _PATTERNS.values():
         match = regex.fullmatch(key)
         if match:
             return cls, {**fixed, **{field: int(value) for field, value in match.groupdict().items()}}
     raise ValueError(
         f"unknown architecture {name!r}; choose one of: {', '.join(available_architectures())} "
-        f"(or a name of the form {', '.join(_PATTERNS)}, or {TIMM_PREFIX}NAME for a timm model)")
+        f"(or a name of the form {', '.join(_PATTERNS)}, or {TIMM_PREFIX}NAME for a timm model)"
+    )
 
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
@@ -81,6 +81,6 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
         bound = ", ".join(f"{k}={v}" for k, v in fixed.items())
         raise ValueError(
             f"architecture {name!r} does not accept {', '.join(unknown)}; "
-            f"valid keyword arguments: {', '.join(accepted)}"
-            + (f" (the name fixes {bound})" if fixed else ""))
+            f"valid keyword arguments: {', '.join(accepted)}" + (f" (the name fixes {bound})" if fixed else "")
+        )
     return cls(num_classes=num_classes, in_channels=in_channels, **fixed, **kwargs)

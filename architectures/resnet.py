@@ -4,6 +4,7 @@ A 3x3 stride-1 stem with 64 channels and no max-pool, then four stages of
 64/128/256/512 channels with strides 1, 2, 2, 2.  Shortcuts are identity, or a
 1x1 conv + BN where the shape changes.
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -57,8 +58,7 @@ class Bottleneck(nn.Module):
 def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
     if stride == 1 and in_planes == out_planes:
         return nn.Identity()
-    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False),
-                         nn.BatchNorm2d(out_planes))
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes))
 
 
 _CONFIGS = {

@@ -1,4 +1,5 @@
 """A tiny CNN (about 57k parameters) for fast CPU test suites."""
+
 import torch
 import torch.nn as nn
 
@@ -7,8 +8,7 @@ from .registry import register
 
 
 def _conv_bn_relu(in_planes: int, planes: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_planes, planes, 3, 1, 1, bias=False),
-                         nn.BatchNorm2d(planes), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(in_planes, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(inplace=True))
 
 
 @register("smallcnn")

@@ -14,6 +14,7 @@ the wrapper switches every layer's ``fused_attn`` off: attention is computed fro
 formula, same result, differentiable twice. ``fused_attention=True`` keeps the fused kernels
 (faster and leaner for large token counts; then no ``--sharpness``).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -49,8 +50,14 @@ def resolve_timm(model_name: str) -> tuple[type[nn.Module], dict]:
 class TimmModel(nn.Module):
     """A timm model (random init) whose ``forward`` first resizes inputs to ``image_size``."""
 
-    def __init__(self, model_name: str, num_classes: int = 10, in_channels: int = 3,
-                 image_size: int | tuple[int, int] | None = None, fused_attention: bool = False):
+    def __init__(
+        self,
+        model_name: str,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int | tuple[int, int] | None = None,
+        fused_attention: bool = False,
+    ):
         super().__init__()
         timm = _timm(model_name)
         self.model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, in_chans=in_channels)

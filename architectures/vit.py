@@ -30,6 +30,7 @@ Attention is written out (``softmax(q k^T / sqrt(d)) v``) rather than calling th
 ``scaled_dot_product_attention``: the fused GPU kernels have no double backward, which the
 sharpness measures (Hessian-vector products) need; at these token counts the cost is the same.
 """
+
 import math
 
 import torch
@@ -67,8 +68,9 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, dim), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
+        )
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -80,12 +82,27 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """Pre-norm ViT with learned, resizable position embeddings (see the module docstring)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4,
-                 dim: int = 64, depth: int = 6, heads: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 pool: str = "gap"):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int = 32,
+        patch_size: int = 4,
+        dim: int = 64,
+        depth: int = 6,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        pool: str = "gap",
+    ):
         super().__init__()
-        for field, value in (("image_size", image_size), ("patch_size", patch_size), ("dim", dim),
-                             ("depth", depth), ("heads", heads)):
+        for field, value in (
+            ("image_size", image_size),
+            ("patch_size", patch_size),
+            ("dim", dim),
+            ("depth", depth),
+            ("heads", heads),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{field} must be a positive integer, got {value!r}")
         if dim % heads:
@@ -130,9 +147,9 @@ class VisionTransformer(nn.Module):
         pad_h, pad_w = -x.shape[-2] % self.patch_size, -x.shape[-1] % self.patch_size
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
-        x = self.patch_embed(x)                                  # (B, dim, h, w)
+        x = self.patch_embed(x)  # (B, dim, h, w)
         x = x + self.position_embedding(*x.shape[-2:]).to(x.dtype)
-        x = x.flatten(2).transpose(1, 2)                         # (B, h*w, dim)
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, dim)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = self.norm(self.blocks(self.drop(x)))

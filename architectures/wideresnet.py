@@ -4,6 +4,7 @@ Three stages of (depth - 4) / 6 pre-activation blocks (BN-ReLU-conv3x3,
 BN-ReLU-dropout-conv3x3) with 16k/32k/64k channels and strides 1, 2, 2.  The
 shortcut is a 1x1 conv on the pre-activated input where the shape changes.
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,8 +40,9 @@ class WideBlock(nn.Module):
 @register("wideresnet34", depth=34)
 @register("wideresnet28", depth=28)
 class WideResNet(nn.Module):
-    def __init__(self, depth: int = 28, widen_factor: int = 10, dropout: float = 0.0,
-                 num_classes: int = 10, in_channels: int = 3):
+    def __init__(
+        self, depth: int = 28, widen_factor: int = 10, dropout: float = 0.0, num_classes: int = 10, in_channels: int = 3
+    ):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, 40, ...), got {depth}")

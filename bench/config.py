@@ -29,9 +29,24 @@ SEED_RANGE = "[0, 4294967295]"
 
 #: Settings that do not change a run's result (left out of its id).
 OPERATIONAL = (
-    "output_dir", "run_name", "data_dir", "save_every_steps", "save_every_epochs", "keep_checkpoints", "cpu", "sharpness",
-    "sharpness_samples", "sharpness_iterations", "sharpness_probes", "log_with", "threads", "workers", "compile",
-    "compile_backend", "channels_last", "test_every_epochs",
+    "output_dir",
+    "run_name",
+    "data_dir",
+    "save_every_steps",
+    "save_every_epochs",
+    "keep_checkpoints",
+    "cpu",
+    "sharpness",
+    "sharpness_samples",
+    "sharpness_iterations",
+    "sharpness_probes",
+    "log_with",
+    "threads",
+    "workers",
+    "compile",
+    "compile_backend",
+    "channels_last",
+    "test_every_epochs",
 )
 
 #: Settings of the datasets read through loader workers, left out of a run's identity while unset
@@ -191,8 +206,10 @@ class RunConfig:
     def _check_relations(self) -> None:
         _need(self.warmup_epochs < self.epochs, f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
         milestones = tuple(self.step_milestones)
-        _need(all(isinstance(m, (int, float)) and 0 < m < 1 for m in milestones),
-              f"step_milestones must be fractions in (0, 1), got {self.step_milestones}")
+        _need(
+            all(isinstance(m, (int, float)) and 0 < m < 1 for m in milestones),
+            f"step_milestones must be fractions in (0, 1), got {self.step_milestones}",
+        )
         self.step_milestones = milestones
 
     def to_dict(self) -> dict[str, Any]:
@@ -211,8 +228,7 @@ class RunConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings that change the result."""
-        return {k: v for k, v in self.to_dict().items()
-                if k not in OPERATIONAL and not (k in UNSET_NOT_IDENTITY and v is None)}
+        return {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL and not (k in UNSET_NOT_IDENTITY and v is None)}
 
     def run_id(self) -> str:
         """Deterministic name from the settings that change the result."""

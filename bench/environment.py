@@ -93,8 +93,10 @@ def contended(loads: tuple[float | None, ...], own: float | None = None, cores: 
 def busy_note(loads: tuple[float | None, ...], own: float) -> str:
     """The note of a run found ``contended``."""
     shown = ", ".join(f"{v:.1f}" for v in loads if v is not None)
-    return (f"other work shared the machine (1-minute load {shown} on {cpu_count()} cores, this run's own "
-            f"threads {own:g}): this run's times are inflated and its table rows are flagged as contended")
+    return (
+        f"other work shared the machine (1-minute load {shown} on {cpu_count()} cores, this run's own "
+        f"threads {own:g}): this run's times are inflated and its table rows are flagged as contended"
+    )
 
 
 def synchronize(device: torch.device) -> None:

@@ -44,5 +44,6 @@ def progress(stream=None):
     stream = stream or sys.stderr
     if not stream.isatty():
         return PlainProgress(stream)
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn())
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
+    )

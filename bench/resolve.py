@@ -47,15 +47,18 @@ def _resolve_names(config: RunConfig) -> None:
     except ValueError:
         raise ConfigError(f"unknown optimizer {config.optimizer!r}; choose one of: {', '.join(available_optimizers())}") from None
     base = str(config.base_optimizer).lower()
-    _need(base in BASE_OPTIMIZERS, f"unknown base optimizer {config.base_optimizer!r}; choose one of: {', '.join(BASE_OPTIMIZERS)}")
+    _need(
+        base in BASE_OPTIMIZERS, f"unknown base optimizer {config.base_optimizer!r}; choose one of: {', '.join(BASE_OPTIMIZERS)}"
+    )
     config.base_optimizer = base
     try:
         config.dataset = loader_dataset_name(config.dataset) or dataset_name(config.dataset)
     except DataError as err:
         if str(config.dataset).strip().lower().startswith("hf:"):
             raise ConfigError(str(err)) from None
-        raise ConfigError(f"unknown dataset {config.dataset!r}; choose one of: {', '.join(available_datasets())}, "
-                          "imagefolder, hf:OWNER/NAME") from None
+        raise ConfigError(
+            f"unknown dataset {config.dataset!r}; choose one of: {', '.join(available_datasets())}, imagefolder, hf:OWNER/NAME"
+        ) from None
     try:
         resolve_architecture(config.arch)
     except ValueError as err:
@@ -64,11 +67,15 @@ def _resolve_names(config: RunConfig) -> None:
         import torch._dynamo
 
         backends = torch._dynamo.list_backends(exclude_tags=())
-        _need(config.compile_backend in backends,
-              f"unknown compile_backend {config.compile_backend!r}; choose one of: {', '.join(backends)}")
+        _need(
+            config.compile_backend in backends,
+            f"unknown compile_backend {config.compile_backend!r}; choose one of: {', '.join(backends)}",
+        )
     if config.log_with is not None:
-        _need(importlib.util.find_spec(config.log_with) is not None,
-              f"log_with {config.log_with} needs the {config.log_with} package: pip install {config.log_with}")
+        _need(
+            importlib.util.find_spec(config.log_with) is not None,
+            f"log_with {config.log_with} needs the {config.log_with} package: pip install {config.log_with}",
+        )
 
 
 def _check_data(config: RunConfig) -> None:
@@ -86,12 +93,16 @@ def _check_data(config: RunConfig) -> None:
         _need(not columns, f"{', '.join(columns)}: only for hf: datasets, not imagefolder")
         return
     random_access = [f"{f} {getattr(config, f)}" for f in ("train_subset", "val_fraction", "label_noise") if getattr(config, f)]
-    _need(not random_access, f"{', '.join(random_access)}: needs random access to the training set, which the "
-                             f"streamed {config.dataset} does not give")
+    _need(
+        not random_access,
+        f"{', '.join(random_access)}: needs random access to the training set, which the streamed {config.dataset} does not give",
+    )
     regularizer = getattr(optimizer_class(config.optimizer), "loss_regularizer", None)
-    _need(not getattr(regularizer, "needs_sample_ids", False),
-          f"{config.optimizer} keeps a value per training sample, which needs sample ids the streamed {config.dataset} "
-          "does not give")
+    _need(
+        not getattr(regularizer, "needs_sample_ids", False),
+        f"{config.optimizer} keeps a value per training sample, which needs sample ids the streamed {config.dataset} "
+        "does not give",
+    )
 
 
 def own_rule_settings(config: RunConfig) -> dict[str, Any]:
@@ -123,8 +134,12 @@ def optimizer_settings(config: RunConfig, num_train: int) -> dict[str, Any]:
 def _check_optimizer(config: RunConfig) -> None:
     """Build the optimizer on a stand-in parameter, so a bad hyperparameter fails before any work."""
     try:
-        create_optimizer(config.optimizer, [torch.zeros(1, requires_grad=True)], base=config.base_optimizer,
-                         **optimizer_settings(config, num_train=1))
+        create_optimizer(
+            config.optimizer,
+            [torch.zeros(1, requires_grad=True)],
+            base=config.base_optimizer,
+            **optimizer_settings(config, num_train=1),
+        )
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{config.optimizer}: {err}") from None
     obstacle = getattr(optimizer_class(config.optimizer), "compile_obstacle", None)
@@ -156,5 +171,8 @@ def check_recorded(config: RunConfig) -> None:
     changed = sorted(k for k in {*recorded, *now} if recorded.get(k, "unset") != now.get(k, "unset"))
     then_values = ", ".join(f"{k}={recorded.get(k, 'unset')}" for k in changed)
     now_values = ", ".join(f"{k}={now.get(k, 'unset')}" for k in changed)
-    _need(not changed, f"{config.run_dir()} was run with {then_values}, which this version resolves to {now_values} "
-                       "(a changed default): move that run aside, or set those values to continue it")
+    _need(
+        not changed,
+        f"{config.run_dir()} was run with {then_values}, which this version resolves to {now_values} "
+        "(a changed default): move that run aside, or set those values to continue it",
+    )

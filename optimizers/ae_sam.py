@@ -44,14 +44,35 @@ NOT_CONFIRMED = "not confirmed against the paper"
 class AESAM(SAM):
     settings = (
         Setting("rho", 0.05, range="[0, inf)", source="SAM's CIFAR-10 radius", help="perturbation radius"),
-        Setting("delta", 0.9, range="[0, 1)", per_group=False, flag="ae_delta", source=NOT_CONFIRMED,
-                help="decay of the moving mean and variance of ||g||²"),
-        Setting("lambda1", -1.0, range="[-10, 10]", per_group=False, source=NOT_CONFIRMED,
-                help="c_t at the end of training (threshold mu + c_t std)"),
-        Setting("lambda2", 1.0, range="[-10, 10]", per_group=False, source=NOT_CONFIRMED,
-                help="c_t at the start of training"),
-        Setting("total_steps", None, kind=int, range="[1, inf)", optional=True, per_group=False, filled_by="total_steps",
-                source="the run's length (unset: c_t stays at (lambda1 + lambda2) / 2)", help="optimizer steps in the whole run (for c_t)"),
+        Setting(
+            "delta",
+            0.9,
+            range="[0, 1)",
+            per_group=False,
+            flag="ae_delta",
+            source=NOT_CONFIRMED,
+            help="decay of the moving mean and variance of ||g||²",
+        ),
+        Setting(
+            "lambda1",
+            -1.0,
+            range="[-10, 10]",
+            per_group=False,
+            source=NOT_CONFIRMED,
+            help="c_t at the end of training (threshold mu + c_t std)",
+        ),
+        Setting("lambda2", 1.0, range="[-10, 10]", per_group=False, source=NOT_CONFIRMED, help="c_t at the start of training"),
+        Setting(
+            "total_steps",
+            None,
+            kind=int,
+            range="[1, inf)",
+            optional=True,
+            per_group=False,
+            filled_by="total_steps",
+            source="the run's length (unset: c_t stays at (lambda1 + lambda2) / 2)",
+            help="optimizer steps in the whole run (for c_t)",
+        ),
     )
     paper = "Jiang et al., ICLR'23"
     rule = "SAM step iff ||g||² >= mu + c_t std (moving mean and std of ||g||²; c_t from lambda2 to lambda1), else a step with g"

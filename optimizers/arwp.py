@@ -56,20 +56,43 @@ SCRIPT = "official run_rwp.sh, CIFAR-100"
 
 class ARWP(SharpnessAwareOptimizer):
     settings = (
-        Setting("std", 0.001, range="[0, inf)", source=SCRIPT,
-                help="noise std relative to each filter's norm (at the start of the schedule)"),
-        Setting("inc", 10.0, range="[0, inf)", source=SCRIPT,
-                help="the std grows to std (1 + inc) over total_steps on a half cosine"),
+        Setting(
+            "std",
+            0.001,
+            range="[0, inf)",
+            source=SCRIPT,
+            help="noise std relative to each filter's norm (at the start of the schedule)",
+        ),
+        Setting(
+            "inc", 10.0, range="[0, inf)", source=SCRIPT, help="the std grows to std (1 + inc) over total_steps on a half cosine"
+        ),
         Setting("eta", 0.1, range="[0, inf)", source=SCRIPT, help="noise scaled by 1 / sqrt(1 + eta F)"),
-        Setting("beta", 0.99, range="[0, 1)", flag="arwp_beta", source=SCRIPT,
-                help="decay of the accumulated squared gradients F <- beta F + g^2"),
-        Setting("total_steps", None, kind=int, range="[1, inf)", optional=True, per_group=False, flag=None,
-                filled_by="total_steps", source="the run's length (none: the std stays constant)",
-                help="steps of the whole run, for the std schedule"),
+        Setting(
+            "beta",
+            0.99,
+            range="[0, 1)",
+            flag="arwp_beta",
+            source=SCRIPT,
+            help="decay of the accumulated squared gradients F <- beta F + g^2",
+        ),
+        Setting(
+            "total_steps",
+            None,
+            kind=int,
+            range="[1, inf)",
+            optional=True,
+            per_group=False,
+            flag=None,
+            filled_by="total_steps",
+            source="the run's length (none: the std stays constant)",
+            help="steps of the whole run, for the std schedule",
+        ),
     )
     paper = "Li et al., TMLR'24"
-    rule = ("one pass at w + e, e ~ N(0, (s_t ||w_filter||)²) / sqrt(1 + eta F_filter), F <- beta F + g²; "
-            "s_t: std -> std (1 + inc), half cosine")
+    rule = (
+        "one pass at w + e, e ~ N(0, (s_t ||w_filter||)²) / sqrt(1 + eta F_filter), F <- beta F + g²; "
+        "s_t: std -> std (1 + inc), half cosine"
+    )
     passes = "1"
     extra_memory = 2
     memory_note = "weight backup, F"

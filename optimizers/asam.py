@@ -18,7 +18,10 @@ class ASAM(SharpnessAwareOptimizer):
     settings = (
         Setting("rho", 0.5, range="[0, inf)", source="Kwon et al. 2021, CIFAR-10", help="perturbation radius"),
         Setting(
-            "eta", 0.01, range="[0, inf)", source="official class default; its CIFAR example passes 0.0",
+            "eta",
+            0.01,
+            range="[0, inf)",
+            source="official class default; its CIFAR example passes 0.0",
             help="added to |w| in T_w, so that zero weights are perturbed too",
         ),
     )

@@ -50,8 +50,7 @@ def resolve_base_optimizer(base: str | type[torch.optim.Optimizer]) -> type[torc
     if isinstance(base, str) and base.lower() in BASE_OPTIMIZERS:
         return BASE_OPTIMIZERS[base.lower()]
     raise ValueError(
-        f"unknown base optimizer {base!r}; choose one of: {', '.join(BASE_OPTIMIZERS)} "
-        "(or pass a torch.optim.Optimizer class)"
+        f"unknown base optimizer {base!r}; choose one of: {', '.join(BASE_OPTIMIZERS)} (or pass a torch.optim.Optimizer class)"
     )
 
 
@@ -158,9 +157,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         the shared mechanics change none of it, so one graph serves every pass."""
         return None
 
-    def __init__(
-        self, params, base_optimizer="sgd", *, model: nn.Module | None = None, seed: int | None = None, **kwargs
-    ):
+    def __init__(self, params, base_optimizer="sgd", *, model: nn.Module | None = None, seed: int | None = None, **kwargs):
         params, model = split_params_and_model(params, model)
         for setting in self.settings:
             if not setting.per_group:
@@ -184,7 +181,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} has its own update rule and takes no {', '.join(sorted(kwargs))}; "
                 f"its settings are: {', '.join(s.name for s in self.settings)}"
             )
-        self._batchnorms = RunningStatsFreeze(m for m in (model.modules() if model is not None else ()) if isinstance(m, _BatchNorm))
+        self._batchnorms = RunningStatsFreeze(
+            m for m in (model.modules() if model is not None else ()) if isinstance(m, _BatchNorm)
+        )
         self._backup: dict[Tensor, Tensor] = {}
         self._perturbed: list[Tensor] = []
         self._seed = seed
@@ -205,7 +204,6 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def group_defaults(cls) -> dict[str, Any]:
         """Per-group settings and their defaults (what every param group carries)."""
         return {s.name: s.default for s in cls.settings if s.per_group}
-
 
     def evaluation_weights(self) -> contextlib.AbstractContextManager:
         """A context in which the model holds the weights to evaluate and export.
@@ -310,8 +308,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     @staticmethod
-    def scale_to_radius(groups, tensors: list[list[Tensor]], eps: float, radius=lambda group: group["rho"],
-                        norm: Tensor | None = None) -> list[list[Tensor]]:
+    def scale_to_radius(
+        groups, tensors: list[list[Tensor]], eps: float, radius=lambda group: group["rho"], norm: Tensor | None = None
+    ) -> list[list[Tensor]]:
         """Scale each group's ``tensors`` in place by radius(group) / (||tensors|| + eps), the norm global
         over all groups unless given: the step onto SAM's sphere that most variants end with."""
         if norm is None:
@@ -363,8 +362,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             return closure(phase=phase, **request)
         if request:
             raise TypeError(
-                f"{type(self).__name__} needs a closure that accepts {', '.join(request)}= "
-                "(see optimizers.BatchClosure)"
+                f"{type(self).__name__} needs a closure that accepts {', '.join(request)}= (see optimizers.BatchClosure)"
             )
         with torch.enable_grad():
             return closure()

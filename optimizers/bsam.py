@@ -16,7 +16,6 @@ parameter by parameter in param-group order, one draw per sub-batch.
 Sub-batches need a closure that accepts requests (:class:`optimizers.BatchClosure`).
 """
 
-
 import torch
 
 from .base import SharpnessAwareOptimizer
@@ -31,20 +30,38 @@ class BayesianSAM(SharpnessAwareOptimizer):
 
     settings = (
         Setting("lr", 0.5, range="[0, inf)", flag=None, source=CODE, help="learning rate (the harness's --lr)"),
-        Setting("betas", (0.9, 0.999), kind=tuple, range="[0, 1)", flag=None, source=CODE,
-                help="decay of the momentum gm and of the precision s"),
+        Setting(
+            "betas",
+            (0.9, 0.999),
+            kind=tuple,
+            range="[0, 1)",
+            flag=None,
+            source=CODE,
+            help="decay of the momentum gm and of the precision s",
+        ),
         Setting("rho", 0.01, range="[0, inf)", source=CODE, help="perturbation radius"),
-        Setting("prior_precision", 40.0, range="[0, inf)", flag="delta",
-                source="authors' code; the paper prints 10, a typo per the authors",
-                help="precision of the Gaussian prior (weight decay prior_precision / N)"),
+        Setting(
+            "prior_precision",
+            40.0,
+            range="[0, inf)",
+            flag="delta",
+            source="authors' code; the paper prints 10, a typo per the authors",
+            help="precision of the Gaussian prior (weight decay prior_precision / N)",
+        ),
         Setting("damping", 0.1, range="[0, inf)", flag="gamma", source=CODE, help="added to the precision update"),
         Setting("s_init", 1.0, range="(0, inf)", flag=None, source=CODE, help="initial precision"),
-        Setting("num_data", 50_000, kind=int, range="[1, inf)", flag=None, filled_by="num_train",
-                source="CIFAR-10; the harness passes the training-set size", help="training-set size"),
-        Setting("augmentation_factor", 4, range="(0, inf)", flag=None, source=CODE,
-                help="N = num_data x augmentation_factor"),
-        Setting("msharpness", 8, kind=int, range="[1, inf)", per_group=False, source=CODE,
-                help="sub-batches per step (m)"),
+        Setting(
+            "num_data",
+            50_000,
+            kind=int,
+            range="[1, inf)",
+            flag=None,
+            filled_by="num_train",
+            source="CIFAR-10; the harness passes the training-set size",
+            help="training-set size",
+        ),
+        Setting("augmentation_factor", 4, range="(0, inf)", flag=None, source=CODE, help="N = num_data x augmentation_factor"),
+        Setting("msharpness", 8, kind=int, range="[1, inf)", per_group=False, source=CODE, help="sub-batches per step (m)"),
     )
     paper = "Möllenhoff & Khan, ICLR'23"
     rule = "Adam-like natural-gradient update with noise sampling, perturbation from the mean, m sub-batches"

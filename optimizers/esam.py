@@ -30,10 +30,21 @@ class ESAM(SharpnessAwareOptimizer):
 
     settings = (
         Setting("rho", 0.05, range="[0, inf)", source="official ResNet-18 script", help="perturbation radius"),
-        Setting("beta", 0.6, range="(0, 1]", source="official ResNet-18 script",
-                help="probability that a tensor takes part in the ascent backward (SWP)"),
-        Setting("gamma", 0.5, range="(0, 1]", per_group=False, source="official ResNet-18 script",
-                help="fraction of the batch the second pass runs on (SDS)"),
+        Setting(
+            "beta",
+            0.6,
+            range="(0, 1]",
+            source="official ResNet-18 script",
+            help="probability that a tensor takes part in the ascent backward (SWP)",
+        ),
+        Setting(
+            "gamma",
+            0.5,
+            range="(0, 1]",
+            per_group=False,
+            source="official ResNet-18 script",
+            help="fraction of the batch the second pass runs on (SDS)",
+        ),
     )
     paper = "Du et al., ICLR'22"
     rule = (
@@ -47,8 +58,10 @@ class ESAM(SharpnessAwareOptimizer):
     def compile_obstacle(cls, settings):
         beta = settings.get("beta", cls.setting("beta").default)
         if beta < 1:
-            return (f"ESAM with beta {beta} drops a random set of tensors from each ascent backward (requires_grad), "
-                    "and a compiled model recompiles for every new set; use beta 1 or no --compile")
+            return (
+                f"ESAM with beta {beta} drops a random set of tensors from each ascent backward (requires_grad), "
+                "and a compiled model recompiles for every new set; use beta 1 or no --compile"
+            )
         return None
 
     def __init__(self, params, base_optimizer="sgd", **kwargs):
@@ -97,6 +110,7 @@ class ESAM(SharpnessAwareOptimizer):
         for p, kept in zip(params, self.state["kept"].tolist()):
             if p in self._trainable:
                 p.requires_grad_(kept)
+
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
         if "kept" in self.state:

@@ -17,10 +17,21 @@ EPS = 1e-12
 
 class FisherSAM(SharpnessAwareOptimizer):
     settings = (
-        Setting("rho", 0.1, range="[0, inf)", symbol="gamma", source="paper's CIFAR setting; no public code",
-                help="radius of the Fisher ellipsoid (the paper's gamma)"),
-        Setting("eta", 1.0, range="[0, inf)", source="paper's CIFAR setting; no public code",
-                help="weight of g^2 in the Fisher estimate f = 1 + eta g^2"),
+        Setting(
+            "rho",
+            0.1,
+            range="[0, inf)",
+            symbol="gamma",
+            source="paper's CIFAR setting; no public code",
+            help="radius of the Fisher ellipsoid (the paper's gamma)",
+        ),
+        Setting(
+            "eta",
+            1.0,
+            range="[0, inf)",
+            source="paper's CIFAR setting; no public code",
+            help="weight of g^2 in the Fisher estimate f = 1 + eta g^2",
+        ),
     )
     paper = "Kim et al., ICML'22"
     rule = "f = 1 + eta g²; e = rho f⁻¹g / sqrt(gᵀf⁻¹g) (rho is the paper's gamma)"

@@ -15,10 +15,20 @@ from .settings import Setting
 class FriendlySAM(SAM):
     settings = (
         Setting("rho", 0.2, range="[0, inf)", source="official run script", help="perturbation radius"),
-        Setting("sigma", 1.0, range="[0, inf)", source="official run script",
-                help="how much of the gradient's moving average is removed before perturbing"),
-        Setting("lmbda", 0.6, range="[0, 1)", source="official run script; train.py's default is 0.95",
-                help="decay of the gradient's moving average m"),
+        Setting(
+            "sigma",
+            1.0,
+            range="[0, inf)",
+            source="official run script",
+            help="how much of the gradient's moving average is removed before perturbing",
+        ),
+        Setting(
+            "lmbda",
+            0.6,
+            range="[0, 1)",
+            source="official run script; train.py's default is 0.95",
+            help="decay of the gradient's moving average m",
+        ),
         Setting("adaptive", False, kind=bool, help="davda54-style w-weighted perturbation"),
     )
     paper = "Li et al., CVPR'24"

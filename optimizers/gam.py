@@ -56,18 +56,32 @@ GAM_SOURCE = "official main_cifar.py, CIFAR-10 ResNet"
 class GAM(SharpnessAwareOptimizer):
     settings = (
         Setting("rho", 0.2, range="[0, inf)", source=GAM_SOURCE, help="radius of the gradient-norm ascent (grad_norm_rho)"),
-        Setting("rho_prime", 0.03, range="[0, inf)", source=GAM_SOURCE,
-                help="radius of the two SAM-like ascents (grad_rho)"),
-        Setting("alpha", 0.1, range="[0, 1]", flag="gam_alpha", source=GAM_SOURCE,
-                help="d = alpha g1 + (1 - alpha) g3 (grad_beta_1)"),
-        Setting("beta", 0.1, range="[0, 1]", flag="gam_beta", source=GAM_SOURCE,
-                help="pm = g0 + |1 - beta| g2 (grad_beta_0; the paper has beta g0 + (1 - beta) g2)"),
-        Setting("gamma", 0.05, range="[0, inf)", flag="gam_gamma", source=GAM_SOURCE,
-                help="weight of the removed component of pm orthogonal to d (grad_gamma)"),
+        Setting("rho_prime", 0.03, range="[0, inf)", source=GAM_SOURCE, help="radius of the two SAM-like ascents (grad_rho)"),
+        Setting(
+            "alpha", 0.1, range="[0, 1]", flag="gam_alpha", source=GAM_SOURCE, help="d = alpha g1 + (1 - alpha) g3 (grad_beta_1)"
+        ),
+        Setting(
+            "beta",
+            0.1,
+            range="[0, 1]",
+            flag="gam_beta",
+            source=GAM_SOURCE,
+            help="pm = g0 + |1 - beta| g2 (grad_beta_0; the paper has beta g0 + (1 - beta) g2)",
+        ),
+        Setting(
+            "gamma",
+            0.05,
+            range="[0, inf)",
+            flag="gam_gamma",
+            source=GAM_SOURCE,
+            help="weight of the removed component of pm orthogonal to d (grad_gamma)",
+        ),
     )
     paper = "Zhang et al., CVPR'23"
-    rule = ("g0..g3 at w, w+rho'ĝ0, w2 = w+rho (g1-g0)/||g1-g0||, w2+rho'ĝ2; "
-            "d = alpha g1 + (1-alpha) g3 minus gamma x the part of g0 + |1-beta| g2 orthogonal to d")
+    rule = (
+        "g0..g3 at w, w+rho'ĝ0, w2 = w+rho (g1-g0)/||g1-g0||, w2+rho'ĝ2; "
+        "d = alpha g1 + (1-alpha) g3 minus gamma x the part of g0 + |1-beta| g2 orthogonal to d"
+    )
     passes = "4"
     memory_note = "weight backup; g0, g1, g2 only within a step"
     ascent_sync = "global"
@@ -116,8 +130,11 @@ class GAM(SharpnessAwareOptimizer):
         if self._stage == 3:
             self._combine()
         elif self._stage in (1, 2):
-            self.warn_once("passes", f"GAM got {self._stage + 1} of its four passes: this step descends with g1, "
-                           "a SAM step of radius rho' (call perturb() after each of the first three passes)")
+            self.warn_once(
+                "passes",
+                f"GAM got {self._stage + 1} of its four passes: this step descends with g1, "
+                "a SAM step of radius rho' (call perturb() after each of the first three passes)",
+            )
             for (_, params), g1 in zip(self._groups, self._kept[1] if self._stage == 2 else self._take_grads()):
                 for p, g in zip(params, g1):
                     p.grad = g

@@ -22,15 +22,35 @@ EPS = 1e-12
 
 class GSAM(SAM):
     settings = (
-        Setting("rho", 0.05, range="[0, inf)", aliases=("rho_max",), source="SAM's CIFAR-10 radius",
-                help="radius at the group's initial lr (rho_max)"),
-        Setting("rho_min", None, range="[0, inf)", optional=True, source="rho (a constant radius)",
-                help="radius at lr_min (<= rho)"),
-        Setting("alpha", 0.4, range="[0, 1]", flag="gsam_alpha", source="official PyTorch CIFAR example",
-                help="weight of the removed component g_v"),
+        Setting(
+            "rho",
+            0.05,
+            range="[0, inf)",
+            aliases=("rho_max",),
+            source="SAM's CIFAR-10 radius",
+            help="radius at the group's initial lr (rho_max)",
+        ),
+        Setting(
+            "rho_min", None, range="[0, inf)", optional=True, source="rho (a constant radius)", help="radius at lr_min (<= rho)"
+        ),
+        Setting(
+            "alpha",
+            0.4,
+            range="[0, 1]",
+            flag="gsam_alpha",
+            source="official PyTorch CIFAR example",
+            help="weight of the removed component g_v",
+        ),
         Setting("adaptive", False, kind=bool, help="davda54-style w-weighted perturbation"),
-        Setting("lr_max", None, range="(0, inf)", optional=True, flag=None, source="the group's initial lr",
-                help="lr at which the radius is rho"),
+        Setting(
+            "lr_max",
+            None,
+            range="(0, inf)",
+            optional=True,
+            flag=None,
+            source="the group's initial lr",
+            help="lr at which the radius is rho",
+        ),
         Setting("lr_min", 0.0, range="[0, inf)", flag=None, help="lr at which the radius is rho_min"),
     )
     paper = "Zhuang et al., ICLR'22"

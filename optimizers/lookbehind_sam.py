@@ -67,22 +67,40 @@ BUFFERS = ("slow", "fast", "point", "first")
 class LookbehindSAM(SharpnessAwareOptimizer):
     settings = (
         Setting("rho", 0.05, range="[0, inf)", source=README, help="radius of each of the k ascent steps"),
-        Setting("k_steps", 2, kind=int, range="[1, inf)", per_group=False, flag="k", source=README,
-                help="inner SAM steps on each batch (2k passes per step)"),
-        Setting("alpha", -1.0, range="[-1, 1]", per_group=False, flag="lookbehind_alpha", source=README,
-                help="slow-weights step s <- alpha phi_k + (1 - alpha) s; -1: adaptive, (cos + 1) / 2 per tensor"),
+        Setting(
+            "k_steps",
+            2,
+            kind=int,
+            range="[1, inf)",
+            per_group=False,
+            flag="k",
+            source=README,
+            help="inner SAM steps on each batch (2k passes per step)",
+        ),
+        Setting(
+            "alpha",
+            -1.0,
+            range="[-1, 1]",
+            per_group=False,
+            flag="lookbehind_alpha",
+            source=README,
+            help="slow-weights step s <- alpha phi_k + (1 - alpha) s; -1: adaptive, (cos + 1) / 2 per tensor",
+        ),
     )
     paper = "Mordido et al., ICML'24"
-    rule = ("k SAM steps on one batch, the ascents accumulating from the slow weights s; "
-            "s <- alpha phi_k + (1 - alpha) s, alpha = (cos(phi_1 - s, phi_k - s) + 1)/2 per tensor")
+    rule = (
+        "k SAM steps on one batch, the ascents accumulating from the slow weights s; "
+        "s <- alpha phi_k + (1 - alpha) s, alpha = (cos(phi_1 - s, phi_k - s) + 1)/2 per tensor"
+    )
     passes = "2k"
     extra_memory = 3
     memory_note = "slow weights, fast weights, perturbed point (k >= 2); +1 with the adaptive alpha and k >= 3"
 
     def __init__(self, params, base_optimizer="sgd", **kwargs):
         super().__init__(params, base_optimizer, **kwargs)
-        self.require(self.alpha == -1.0 or 0.0 < self.alpha <= 1.0,
-                     f"alpha must be -1 (adaptive) or in (0, 1], got {self.alpha!r}")
+        self.require(
+            self.alpha == -1.0 or 0.0 < self.alpha <= 1.0, f"alpha must be -1 (adaptive) or in (0, 1], got {self.alpha!r}"
+        )
         self.state["inner"] = 0  # inner steps taken in the current cycle
         self._spare: dict[torch.Tensor, dict[str, torch.Tensor]] = {}  # the buffers, kept between cycles
 

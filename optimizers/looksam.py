@@ -34,12 +34,14 @@ LOOKSAM_SOURCE = "unofficial defaults; no official code"
 class LookSAM(SharpnessAwareOptimizer):
     settings = (
         Setting("rho", 0.1, range="[0, inf)", source=LOOKSAM_SOURCE, help="perturbation radius"),
-        Setting("alpha", 0.1, range="[0, inf)",
-                source="measured here, results/looksam_*.md; the paper: 0.7",
-                help="weight of the reused g_v (the paper: 0.7, which lost 10 to 17 points to SAM in every setting "
-                "measured here)"),
-        Setting("k", 5, kind=int, range="[1, inf)", per_group=False, source=LOOKSAM_SOURCE,
-                help="a SAM step every k steps"),
+        Setting(
+            "alpha",
+            0.1,
+            range="[0, inf)",
+            source="measured here, results/looksam_*.md; the paper: 0.7",
+            help="weight of the reused g_v (the paper: 0.7, which lost 10 to 17 points to SAM in every setting measured here)",
+        ),
+        Setting("k", 5, kind=int, range="[1, inf)", per_group=False, source=LOOKSAM_SOURCE, help="a SAM step every k steps"),
     )
     paper = "Liu et al., CVPR'22"
     rule = "SAM every k steps keeping g_v; in between g + alpha ||g||/||g_v|| g_v"
@@ -78,9 +80,7 @@ class LookSAM(SharpnessAwareOptimizer):
                 torch._foreach_add_(g, g_s)
             self._params = []
         else:
-            groups = [
-                (group, [p for p in params if "g_v" in self.state[p]]) for group, params in self.params_with_grad()
-            ]
+            groups = [(group, [p for p in params if "g_v" in self.state[p]]) for group, params in self.params_with_grad()]
             g = [self.grads(params) for _, params in groups]
             g_v = [[self.state[p]["g_v"] for p in params] for _, params in groups]
             ratio = global_norm([t for ts in g for t in ts]) / (global_norm([t for ts in g_v for t in ts]) + EPS)
@@ -93,9 +93,16 @@ class LookSAM(SharpnessAwareOptimizer):
 class LookLayerSAM(LookSAM):
     settings = (
         *LookSAM.settings,
-        Setting("normalized", True, kind=bool, flag=None, per_group=False, source="a reading, see the docstring",
-                help="False: the seed's unnormalised form, whose norm grows without bound as gradients shrink "
-                "and which diverges on noisy labels and CIFAR-10"),
+        Setting(
+            "normalized",
+            True,
+            kind=bool,
+            flag=None,
+            per_group=False,
+            source="a reading, see the docstring",
+            help="False: the seed's unnormalised form, whose norm grows without bound as gradients shrink "
+            "and which diverges on noisy labels and CIFAR-10",
+        ),
     )
     rule = "LookSAM with layer-wise e_i = rho ||w_i|| (g_i / ||g_i||) / sqrt(Σ_j ||w_j||²), so ||e|| = rho"
 
@@ -105,10 +112,7 @@ class LookLayerSAM(LookSAM):
             return self._unnormalized(groups, grads)
         g_norms = [tensor_norms(g) if g else None for g in grads]
         # ||w_i|| for the tensors that are perturbed (non-zero gradient), 0 for the others
-        w_norms = [
-            tensor_norms(params) * (n > 0) if g else None
-            for (_, params), g, n in zip(groups, grads, g_norms)
-        ]
+        w_norms = [tensor_norms(params) * (n > 0) if g else None for (_, params), g, n in zip(groups, grads, g_norms)]
         present = [w for w in w_norms if w is not None]
         if not present:
             return grads

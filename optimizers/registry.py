@@ -44,8 +44,10 @@ def register(name: str, cls: type[torch.optim.Optimizer], aliases: tuple[str, ..
     """Register ``cls`` under ``name`` (and ``aliases``); a name or alias already taken is an error, never overwritten."""
     taken = [alias for alias in (name, *aliases) if _key(alias) in _ALIASES]
     if taken:
-        raise ValueError(f"optimizer name(s) {', '.join(map(repr, taken))} already registered "
-                         f"(to {', '.join(sorted({_ALIASES[_key(a)] for a in taken}))}); choose another name")
+        raise ValueError(
+            f"optimizer name(s) {', '.join(map(repr, taken))} already registered "
+            f"(to {', '.join(sorted({_ALIASES[_key(a)] for a in taken}))}); choose another name"
+        )
     _REGISTRY[name] = cls
     for alias in (name, *aliases):
         _ALIASES[_key(alias)] = name

@@ -52,8 +52,16 @@ class LossRegularizer:
     #: loop that cannot give them, such as one reading a shuffled stream, refuses the method).
     needs_sample_ids = False
 
-    def __init__(self, model: nn.Module, num_train: int, num_classes: int, device: torch.device | str,
-                 *, gather: Callable[[Tensor], Tensor] | None = None, **settings: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        num_train: int,
+        num_classes: int,
+        device: torch.device | str,
+        *,
+        gather: Callable[[Tensor], Tensor] | None = None,
+        **settings: Any,
+    ):
         if settings:
             raise ValueError(f"{type(self).__name__} takes no setting(s) {', '.join(sorted(settings))}")
         self.num_train, self.num_classes, self.device = num_train, num_classes, torch.device(device)
@@ -77,8 +85,9 @@ class LossRegularizer:
         pass
 
 
-def build_regularizer(optimizer, model: nn.Module, num_train: int, num_classes: int, device,
-                      gather: Callable[[Tensor], Tensor] | None = None) -> LossRegularizer | None:
+def build_regularizer(
+    optimizer, model: nn.Module, num_train: int, num_classes: int, device, gather: Callable[[Tensor], Tensor] | None = None
+) -> LossRegularizer | None:
     """The regulariser ``type(optimizer)`` declares, with the optimizer's global settings; None if none."""
     cls = getattr(type(optimizer), "loss_regularizer", None)
     if cls is None:
@@ -107,8 +116,20 @@ class WindowedKL(LossRegularizer):
     Subclasses say where ``z_ref`` comes from (:meth:`reference`). ``kl_end`` None: no end.
     """
 
-    def __init__(self, model, num_train, num_classes, device, *, lam: float, tau: float, kl_start: int,
-                 kl_end: int | None = None, gather=None, **settings):
+    def __init__(
+        self,
+        model,
+        num_train,
+        num_classes,
+        device,
+        *,
+        lam: float,
+        tau: float,
+        kl_start: int,
+        kl_end: int | None = None,
+        gather=None,
+        **settings,
+    ):
         super().__init__(model, num_train, num_classes, device, gather=gather, **settings)
         self.lam, self.tau, self.kl_start, self.kl_end = lam, tau, kl_start, kl_end
 

@@ -98,8 +98,7 @@ class SAFRegularizer(WindowedKL):
         logits = self.gather(torch.cat([z.to(self.device, torch.float32) for _, z, _ in noted]))
         # a sample noted in several passes of the step keeps its first (the step's own weights)
         unique, inverse = torch.unique(ids, return_inverse=True)
-        first = torch.full_like(unique, len(ids)).scatter_reduce(0, inverse, torch.arange(len(ids), device=ids.device),
-                                                                 "amin")
+        first = torch.full_like(unique, len(ids)).scatter_reduce(0, inverse, torch.arange(len(ids), device=ids.device), "amin")
         epoch = noted[0][2]
         self.logits[ids[first], epoch % self.slots] = logits[first]
         self.recorded_in[ids[first], epoch % self.slots] = epoch
@@ -145,15 +144,42 @@ class MESARegularizer(WindowedKL):
 
 def _window_settings(lam: float, lam_source: str) -> tuple[Setting, ...]:
     return (
-        Setting("lam", lam, range="[0, inf)", per_group=False, source=lam_source, symbol="lambda",
-                help="weight of the trajectory loss"),
-        Setting("tau", 5.0, range="(0, inf)", per_group=False, help="temperature of the trajectory loss",
-                source="official code and README"),
-        Setting("kl_start", 5, kind=int, range="[-1, inf)", per_group=False, source="official code and README",
-                help="the term applies from epoch kl_start + 1 (epochs counted from 0)"),
-        Setting("kl_end", None, kind=int, range="[0, inf)", optional=True, per_group=False,
-                source="no end (the official 300 / 360 outlast its runs)",
-                help="the term applies before epoch kl_end (unset: to the end)"),
+        Setting(
+            "lam",
+            lam,
+            range="[0, inf)",
+            per_group=False,
+            source=lam_source,
+            symbol="lambda",
+            help="weight of the trajectory loss",
+        ),
+        Setting(
+            "tau",
+            5.0,
+            range="(0, inf)",
+            per_group=False,
+            help="temperature of the trajectory loss",
+            source="official code and README",
+        ),
+        Setting(
+            "kl_start",
+            5,
+            kind=int,
+            range="[-1, inf)",
+            per_group=False,
+            source="official code and README",
+            help="the term applies from epoch kl_start + 1 (epochs counted from 0)",
+        ),
+        Setting(
+            "kl_end",
+            None,
+            kind=int,
+            range="[0, inf)",
+            optional=True,
+            per_group=False,
+            source="no end (the official 300 / 360 outlast its runs)",
+            help="the term applies before epoch kl_end (unset: to the end)",
+        ),
     )
 
 
@@ -172,9 +198,10 @@ class TrajectoryLossOptimizer(SharpnessAwareOptimizer):
     def __init__(self, params, base_optimizer="sgd", **kwargs):
         super().__init__(params, base_optimizer, **kwargs)
         end = self.kl_end
-        self.require(end is None or end > self.kl_start + 1,
-                     f"kl_end must be > kl_start + 1 = {self.kl_start + 1} (the term applies for kl_start < epoch "
-                     f"< kl_end), got {end}")
+        self.require(
+            end is None or end > self.kl_start + 1,
+            f"kl_end must be > kl_start + 1 = {self.kl_start + 1} (the term applies for kl_start < epoch < kl_end), got {end}",
+        )
 
     @property
     def perturbs_this_step(self) -> bool:
@@ -202,13 +229,21 @@ class TrajectoryLossOptimizer(SharpnessAwareOptimizer):
 class SAF(TrajectoryLossOptimizer):
     settings = (
         *_window_settings(0.3, f"{README}; SAF_train.py's default is 0.16"),
-        Setting("past_epochs", 2, kind=int, range="[1, inf)", per_group=False, symbol="E~",
-                source=f"{README}; SAF_train.py's default is 3",
-                help="the reference is the sample's logits from this many epochs earlier"),
+        Setting(
+            "past_epochs",
+            2,
+            kind=int,
+            range="[1, inf)",
+            per_group=False,
+            symbol="E~",
+            source=f"{README}; SAF_train.py's default is 3",
+            help="the reference is the sample's logits from this many epochs earlier",
+        ),
     )
     paper = "Du et al., NeurIPS'22"
-    rule = ("base step on CE + lam tau² KL(softmax(z_{e-E~}/tau) || softmax(z/tau)), "
-            "z_{e-E~} the sample's logits E~ epochs earlier")
+    rule = (
+        "base step on CE + lam tau² KL(softmax(z_{e-E~}/tau) || softmax(z/tau)), z_{e-E~} the sample's logits E~ epochs earlier"
+    )
     memory_note = "the regulariser's float32 logit buffer, N x (E~ + 1) x C, on the device"
     loss_regularizer = SAFRegularizer
 
@@ -216,9 +251,14 @@ class SAF(TrajectoryLossOptimizer):
 class MESA(TrajectoryLossOptimizer):
     settings = (
         *_window_settings(0.8, f"{README}; MESA_train.py's default is 0.3"),
-        Setting("ema_decay", 0.9998, range="[0, 1]", per_group=False,
-                source="official run.sh, timm's --model-ema-decay default",
-                help="decay of the EMA model, updated after every step"),
+        Setting(
+            "ema_decay",
+            0.9998,
+            range="[0, 1]",
+            per_group=False,
+            source="official run.sh, timm's --model-ema-decay default",
+            help="decay of the EMA model, updated after every step",
+        ),
     )
     paper = "Du et al., NeurIPS'22"
     rule = "base step on CE + lam tau² KL(softmax(z_ema/tau) || softmax(z/tau)), z_ema from an EMA of the model"

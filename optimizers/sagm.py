@@ -43,8 +43,14 @@ EPS = 1e-12
 class SAGM(SharpnessAwareOptimizer):
     settings = (
         Setting("rho", 0.05, range="[0, inf)", source="official DomainBed code", help="perturbation radius"),
-        Setting("alpha", 0.001, range="[0, inf)", flag="sagm_alpha", source="official DomainBed hparams",
-                help="e = (rho/||g|| - alpha) g: how far the perturbed point steps back along g"),
+        Setting(
+            "alpha",
+            0.001,
+            range="[0, inf)",
+            flag="sagm_alpha",
+            source="official DomainBed hparams",
+            help="e = (rho/||g|| - alpha) g: how far the perturbed point steps back along g",
+        ),
     )
     paper = "Wang et al., CVPR'23"
     rule = "e = (rho/||g|| - alpha) g; descent (g + g_adv)/2"

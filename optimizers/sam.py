@@ -21,8 +21,13 @@ EPS = 1e-12
 class SAM(SharpnessAwareOptimizer):
     settings = (
         Setting("rho", 0.05, range="[0, inf)", source="Foret et al. 2021, CIFAR-10", help="perturbation radius"),
-        Setting("adaptive", False, kind=bool, selects="adaptive_sam",
-                help="davda54-style e = rho w^2 g / || |w| g || (on the command line: runs adaptive_sam)"),
+        Setting(
+            "adaptive",
+            False,
+            kind=bool,
+            selects="adaptive_sam",
+            help="davda54-style e = rho w^2 g / || |w| g || (on the command line: runs adaptive_sam)",
+        ),
     )
     paper = "Foret et al., ICLR'21"
     rule = "e = rho g / ||g||"

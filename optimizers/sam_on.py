@@ -70,9 +70,7 @@ def by_name(name: str) -> bool:
 
 
 class SAMON(SharpnessAwareOptimizer):
-    settings = (
-        Setting("rho", 0.5, range="[0, inf)", source="official train.py", help="perturbation radius (norm layers only)"),
-    )
+    settings = (Setting("rho", 0.5, range="[0, inf)", source="official train.py", help="perturbation radius (norm layers only)"),)
     paper = "Mueller et al., NeurIPS'23"
     rule = "e = rho g / ||g_N|| on the normalisation layers N only; descent at w + e on every parameter"
     freezes_batchnorm = False
@@ -88,8 +86,11 @@ class SAMON(SharpnessAwareOptimizer):
             return [(p, self._norm[id(p)]) for p in params if id(p) in self._norm]
         names = group.get("param_names")
         if names is None:
-            self.warn_once("no-names", f"{type(self).__name__} got neither the model nor parameter names: "
-                           "nothing is perturbed (pass the model, or model.named_parameters())")
+            self.warn_once(
+                "no-names",
+                f"{type(self).__name__} got neither the model nor parameter names: "
+                "nothing is perturbed (pass the model, or model.named_parameters())",
+            )
             return []
         name_of = dict(zip(map(id, group["params"]), names))
         return [(p, "weight" in name_of[id(p)]) for p in params if by_name(name_of[id(p)])]
@@ -101,8 +102,9 @@ class SAMON(SharpnessAwareOptimizer):
         self.save_weights([p for _, params in groups for p in params])
         chosen = [(group, self.norm_parameters(group, params)) for group, params in groups]
         if not any(pairs for _, pairs in chosen):
-            self.warn_once("empty", f"{type(self).__name__}: no normalisation-layer parameter has a gradient; "
-                           "nothing is perturbed")
+            self.warn_once(
+                "empty", f"{type(self).__name__}: no normalisation-layer parameter has a gradient; nothing is perturbed"
+            )
         for (_, pairs), e in zip(chosen, self.perturbation(chosen)):
             if pairs:
                 torch._foreach_add_([p for p, _ in pairs], e)
@@ -114,12 +116,27 @@ class SAMON(SharpnessAwareOptimizer):
 
 class ASAMON(SAMON):
     settings = (
-        Setting("rho", 0.5, range="[0, inf)", source="official train.py; its README's WRN-28-10 command: 10",
-                help="perturbation radius (norm layers only)"),
-        Setting("eta", 0.0, range="[0, inf)", source="official train.py; the class default is 0.01",
-                help="added to |w| in T_w, so that zero weights are perturbed too"),
-        Setting("normalize_bias", False, kind=bool, source="official train.py; its README's command sets it",
-                help="T = |w| + eta on the norm layers' biases too (else T = 1 there)"),
+        Setting(
+            "rho",
+            0.5,
+            range="[0, inf)",
+            source="official train.py; its README's WRN-28-10 command: 10",
+            help="perturbation radius (norm layers only)",
+        ),
+        Setting(
+            "eta",
+            0.0,
+            range="[0, inf)",
+            source="official train.py; the class default is 0.01",
+            help="added to |w| in T_w, so that zero weights are perturbed too",
+        ),
+        Setting(
+            "normalize_bias",
+            False,
+            kind=bool,
+            source="official train.py; its README's command sets it",
+            help="T = |w| + eta on the norm layers' biases too (else T = 1 there)",
+        ),
     )
     rule = "T = |w| + eta; e = rho T² g / ||T g_N|| on the normalisation layers N only"
 

@@ -46,12 +46,36 @@ def allocate_backup(opt) -> None:
 class SSSAM(SAM):
     settings = (
         Setting("rho", 0.05, range="[0, inf)", source="SAM's CIFAR-10 radius", help="perturbation radius"),
-        Setting("p", 0.5, range="[0, 1]", per_group=False, flag="ss_p", source="about 1.5 passes per step",
-                help="probability of a SAM step (at the start of training, with p_end)"),
-        Setting("p_end", None, range="[0, 1]", optional=True, per_group=False, flag="ss_p_end",
-                source="p (a constant schedule)", help="probability at the end of training (linear schedule)"),
-        Setting("total_steps", None, kind=int, range="[1, inf)", optional=True, per_group=False, filled_by="total_steps",
-                source="the run's length (unset: the schedule stays at p)", help="optimizer steps in the whole run (for the schedule)"),
+        Setting(
+            "p",
+            0.5,
+            range="[0, 1]",
+            per_group=False,
+            flag="ss_p",
+            source="about 1.5 passes per step",
+            help="probability of a SAM step (at the start of training, with p_end)",
+        ),
+        Setting(
+            "p_end",
+            None,
+            range="[0, 1]",
+            optional=True,
+            per_group=False,
+            flag="ss_p_end",
+            source="p (a constant schedule)",
+            help="probability at the end of training (linear schedule)",
+        ),
+        Setting(
+            "total_steps",
+            None,
+            kind=int,
+            range="[1, inf)",
+            optional=True,
+            per_group=False,
+            filled_by="total_steps",
+            source="the run's length (unset: the schedule stays at p)",
+            help="optimizer steps in the whole run (for the schedule)",
+        ),
     )
     paper = "Zhao et al., arXiv'22"
     rule = "each step a SAM step with probability p_t (constant, or linear from p to p_end), else a plain step with g"

@@ -34,8 +34,13 @@ VASSO_SOURCE = "official config default; train.sh runs rho 0.2 on CIFAR-100"
 class VaSSO(SharpnessAwareOptimizer):
     settings = (
         Setting("rho", 0.05, range="[0, inf)", source=VASSO_SOURCE, help="perturbation radius"),
-        Setting("theta", 0.9, range="[0, 1]", source="official config default",
-                help="weight of the new gradient in the moving average d"),
+        Setting(
+            "theta",
+            0.9,
+            range="[0, 1]",
+            source="official config default",
+            help="weight of the new gradient in the moving average d",
+        ),
     )
     paper = "Li & Giannakis, NeurIPS'23"
     rule = "d <- (1 - theta) d + theta g (d = g at first); e = rho d / ||d||"

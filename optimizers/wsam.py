@@ -44,13 +44,34 @@ WSAM_DEMO = "official CIFAR-10 demo; class default 0.05"
 class WSAM(SAM):
     settings = (
         Setting("rho", 0.2, range="[0, inf)", source=WSAM_DEMO, help="perturbation radius"),
-        Setting("gamma", 0.9, range="[0, 1)", flag="wsam_gamma", source="official default",
-                help="weight of the sharpness term: alpha = gamma/(1-gamma) multiplies g_adv - g"),
+        Setting(
+            "gamma",
+            0.9,
+            range="[0, 1)",
+            flag="wsam_gamma",
+            source="official default",
+            help="weight of the sharpness term: alpha = gamma/(1-gamma) multiplies g_adv - g",
+        ),
         Setting("adaptive", False, kind=bool, help="davda54-style w-weighted perturbation"),
-        Setting("decouple", True, kind=bool, per_group=False, flag=None, source="official default",
-                help="step with g, then subtract lr alpha (g_adv - g) outside the base optimizer"),
-        Setting("max_norm", None, range="(0, inf)", optional=True, per_group=False, flag="wsam_max_norm",
-                source="no clipping (official default since May 2023)", help="clip g_adv to this global norm"),
+        Setting(
+            "decouple",
+            True,
+            kind=bool,
+            per_group=False,
+            flag=None,
+            source="official default",
+            help="step with g, then subtract lr alpha (g_adv - g) outside the base optimizer",
+        ),
+        Setting(
+            "max_norm",
+            None,
+            range="(0, inf)",
+            optional=True,
+            per_group=False,
+            flag="wsam_max_norm",
+            source="no clipping (official default since May 2023)",
+            help="clip g_adv to this global norm",
+        ),
     )
     paper = "Yue et al., KDD'23"
     rule = "alpha = gamma/(1-gamma); step with g, then w -= lr alpha (g_adv - g) (coupled: alpha g_adv + (1-alpha) g)"

@@ -68,7 +68,7 @@ def cycles(graph: dict[str, set[tuple[str, str | None]]]) -> list[list[str]]:
         stack.append(node)
         for nxt in sorted(edges[node]):
             if state.get(nxt) == "open":
-                found.append(stack[stack.index(nxt):] + [nxt])
+                found.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, stack)
         stack.pop()
@@ -81,8 +81,12 @@ def cycles(graph: dict[str, set[tuple[str, str | None]]]) -> list[list[str]]:
 
 
 def private_imports(graph) -> list[str]:
-    return [f"{m} imports {t}.{n}" for m, targets in sorted(graph.items()) for t, n in sorted(targets, key=str)
-            if n and n.startswith("_") and not n.startswith("__") and t != m]
+    return [
+        f"{m} imports {t}.{n}"
+        for m, targets in sorted(graph.items())
+        for t, n in sorted(targets, key=str)
+        if n and n.startswith("_") and not n.startswith("__") and t != m
+    ]
 
 
 def long_modules(known: dict[str, Path]) -> list[str]:
@@ -106,9 +110,14 @@ def named_variants(known: dict[str, Path]) -> list[str]:
         if not module.startswith("bench"):
             continue
         tree = ast.parse(path.read_text())
-        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                      and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        docstrings = {
+            id(n.body[0].value)
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.body
+            and isinstance(n.body[0], ast.Expr)
+            and isinstance(n.body[0].value, ast.Constant)
+        }
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
                 hit = pattern.search(node.value)

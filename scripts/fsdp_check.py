@@ -65,17 +65,28 @@ def mlp() -> nn.Module:
 def cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 3),
     ).double()
 
 
 def batches(kind: str, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     shape = (16, 6) if kind == "mlp" else (8, 1, 8, 8)
-    return [(torch.randn(*shape, generator=g, dtype=torch.float64).to(device), torch.randint(0, 3, (shape[0],), generator=g).to(device))
-            for _ in range(STEPS)]
+    return [
+        (
+            torch.randn(*shape, generator=g, dtype=torch.float64).to(device),
+            torch.randint(0, 3, (shape[0],), generator=g).to(device),
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def shard(model: nn.Module, mesh, sync_bn: bool) -> nn.Module:

@@ -69,9 +69,24 @@ def _overflowing(loss_fn, on_call: int):
 def check_variant(name: str, precision: str, arch: str, batch: int, steps: int, output_dir: str) -> dict:
     """A few steps; in fp16 the second step's first pass overflows and must be skipped."""
     data = synthetic_dataset(batch * steps, 32)
-    settings = {"total_steps": steps} if any(s.filled_by == "total_steps" for s in getattr(optimizer_class(name), "settings", ())) else {}
-    config = resolve(RunConfig(arch=arch, optimizer=name, batch_size=batch, epochs=1, lr=0.05, mixed_precision=precision,
-                               output_dir=output_dir, save_every_epochs=0, hyperparameters=settings))
+    settings = (
+        {"total_steps": steps}
+        if any(s.filled_by == "total_steps" for s in getattr(optimizer_class(name), "settings", ()))
+        else {}
+    )
+    config = resolve(
+        RunConfig(
+            arch=arch,
+            optimizer=name,
+            batch_size=batch,
+            epochs=1,
+            lr=0.05,
+            mixed_precision=precision,
+            output_dir=output_dir,
+            save_every_epochs=0,
+            hyperparameters=settings,
+        )
+    )
     run = setup(config, data=(data, data))
     device = run.device
     torch.cuda.reset_peak_memory_stats(device)
@@ -79,7 +94,7 @@ def check_variant(name: str, precision: str, arch: str, batch: int, steps: int, 
     y = data.labels.to(device)
     losses, skipped_ok, scale_halved = [], None, None
     for i in range(steps):
-        xs, ys = x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]
+        xs, ys = x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]
         sums = epoch_sums(run)
         inject = precision == "fp16" and i == 1
         if inject:
@@ -94,18 +109,28 @@ def check_variant(name: str, precision: str, arch: str, batch: int, steps: int, 
             scale_halved = run.scaler.scale == scale / 2
             continue
         losses.append((sums["loss_sum"] / sums["seen"].clamp(min=1)).item())
-    return {"optimizer": name, "precision": precision, "losses_finite": all(math.isfinite(v) for v in losses),
-            "last_loss": losses[-1] if losses else float("nan"), "overflow_skipped": skipped_ok,
-            "scale_halved": scale_halved, "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    return {
+        "optimizer": name,
+        "precision": precision,
+        "losses_finite": all(math.isfinite(v) for v in losses),
+        "last_loss": losses[-1] if losses else float("nan"),
+        "overflow_skipped": skipped_ok,
+        "scale_halved": scale_halved,
+        "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+    }
 
 
 def section_variants(report: Report, arch: str, batch: int, steps: int, deadline: float) -> None:
-    report.add("## Every optimizer in bf16 and fp16", "",
-               f"{arch}, batch {batch} of synthetic 32x32 images, {steps} steps, lr 0.05. fp16: the second step's "
-               "first pass is made to overflow (loss x inf); it must be skipped with the weights untouched and the "
-               "loss scale halved. Peak memory: torch.cuda.max_memory_allocated over the steps.", "",
-               "| optimizer | precision | losses finite | last loss | overflow skipped, weights untouched | scale halved | peak MiB |",
-               "| --- | --- | --- | --- | --- | --- | --- |")
+    report.add(
+        "## Every optimizer in bf16 and fp16",
+        "",
+        f"{arch}, batch {batch} of synthetic 32x32 images, {steps} steps, lr 0.05. fp16: the second step's "
+        "first pass is made to overflow (loss x inf); it must be skipped with the weights untouched and the "
+        "loss scale halved. Peak memory: torch.cuda.max_memory_allocated over the steps.",
+        "",
+        "| optimizer | precision | losses finite | last loss | overflow skipped, weights untouched | scale halved | peak MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    )
     with tempfile.TemporaryDirectory() as out:
         for name in available_optimizers():
             for precision in ("bf16", "fp16"):
@@ -114,9 +139,11 @@ def section_variants(report: Report, arch: str, batch: int, steps: int, deadline
                     continue
                 try:
                     r = check_variant(name, precision, arch, batch, steps, out)
-                    report.add(f"| {name} | {precision} | {r['losses_finite']} | {r['last_loss']:.4f} | "
-                               f"{'' if r['overflow_skipped'] is None else r['overflow_skipped']} | "
-                               f"{'' if r['scale_halved'] is None else r['scale_halved']} | {r['peak_mib']:.0f} |")
+                    report.add(
+                        f"| {name} | {precision} | {r['losses_finite']} | {r['last_loss']:.4f} | "
+                        f"{'' if r['overflow_skipped'] is None else r['overflow_skipped']} | "
+                        f"{'' if r['scale_halved'] is None else r['scale_halved']} | {r['peak_mib']:.0f} |"
+                    )
                 except Exception as err:  # one variant's failure must not hide the others
                     report.add(f"| {name} | {precision} | FAILED: {type(err).__name__}: {str(err)[:120]} | | | | |")
                     traceback.print_exc()
@@ -133,12 +160,15 @@ def section_speed(report: Report, arch: str, batch: int, deadline: float) -> Non
         found = contenders(arch, batch, 32, "cuda", ["sgd", "sam"], out, "inductor", "bf16", modes)
         rows = measure(found, steps=20, rounds=5, warmup=5, device="cuda")
     sgd = {r["contender"].replace("sgd", "X"): r["step_ms"] for r in rows if "(sgd" in r["contender"]}
-    report.add("| contender | step (ms) | images/s | x bare loop | SAM/SGD | first step (s) |",
-               "| --- | --- | --- | --- | --- | --- |")
+    report.add(
+        "| contender | step (ms) | images/s | x bare loop | SAM/SGD | first step (s) |", "| --- | --- | --- | --- | --- | --- |"
+    )
     for r in rows:
         ratio = r["step_ms"] / sgd[r["contender"].replace("sam", "X")] if "(sam" in r["contender"] else None
-        report.add(f"| {r['contender']} | {r['step_ms']:.2f} | {batch / (r['step_ms'] / 1e3):.0f} | "
-                   f"{r['ratio_to_first']:.3f} | {'' if ratio is None else f'{ratio:.2f}'} | {r['first_step_s']:.1f} |")
+        report.add(
+            f"| {r['contender']} | {r['step_ms']:.2f} | {batch / (r['step_ms'] / 1e3):.0f} | "
+            f"{r['ratio_to_first']:.3f} | {'' if ratio is None else f'{ratio:.2f}'} | {r['first_step_s']:.1f} |"
+        )
     report.add("")
 
 
@@ -154,9 +184,15 @@ def main() -> int:
     deadline = start + args.budget_s
     report = Report(Path(args.out))
     env = environment.describe(torch.device("cuda"))
-    report.add("# GPU check", "", "Generated by `bash scripts/gpu_check.sh`.", "",
-               f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-               f"processor {env.get('processor')}.", "")
+    report.add(
+        "# GPU check",
+        "",
+        "Generated by `bash scripts/gpu_check.sh`.",
+        "",
+        f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+        f"processor {env.get('processor')}.",
+        "",
+    )
     section_variants(report, "resnet18", 128, 4, start + 0.45 * args.budget_s)
     for arch in ("resnet18", "wrn16_8"):
         section_speed(report, arch, 128, deadline)

@@ -5,10 +5,28 @@ import torch.nn as nn
 from architectures import available_architectures, create_model
 
 EXPLICIT_NAMES = [
-    "mlp", "pyramidnet", "pyramidnet110_270", "pyramidnet272_200",
-    "resnet101", "resnet110", "resnet14", "resnet152", "resnet18", "resnet20", "resnet32",
-    "resnet34", "resnet44", "resnet50", "resnet56", "resnet8",
-    "smallcnn", "wideresnet28", "wideresnet34", "wrn16_8", "wrn28_10", "wrn34_10",
+    "mlp",
+    "pyramidnet",
+    "pyramidnet110_270",
+    "pyramidnet272_200",
+    "resnet101",
+    "resnet110",
+    "resnet14",
+    "resnet152",
+    "resnet18",
+    "resnet20",
+    "resnet32",
+    "resnet34",
+    "resnet44",
+    "resnet50",
+    "resnet56",
+    "resnet8",
+    "smallcnn",
+    "wideresnet28",
+    "wideresnet34",
+    "wrn16_8",
+    "wrn28_10",
+    "wrn34_10",
 ]
 
 
@@ -24,40 +42,49 @@ def test_available_architectures_is_sorted_and_complete():
     assert names == sorted(EXPLICIT_NAMES)
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("resnet18", 11_173_962),
-    ("resnet34", 21_282_122),
-    ("resnet50", 23_520_842),
-    ("resnet101", 42_512_970),
-    ("resnet152", 58_156_618),
-    ("wrn28_10", 36_479_194),
-    ("wideresnet28", 36_479_194),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("resnet18", 11_173_962),
+        ("resnet34", 21_282_122),
+        ("resnet50", 23_520_842),
+        ("resnet101", 42_512_970),
+        ("resnet152", 58_156_618),
+        ("wrn28_10", 36_479_194),
+        ("wideresnet28", 36_479_194),
+    ],
+)
 def test_exact_parameter_counts(name, expected):
     assert num_params(name) == expected
 
 
-@pytest.mark.parametrize("name, num_classes, published, rel_tol", [
-    # He et al. CIFAR ResNets (option-A figures; option B adds 1x1 projections)
-    ("resnet20", 10, 0.27e6, 0.03),
-    ("resnet32", 10, 0.46e6, 0.03),
-    ("resnet56", 10, 0.85e6, 0.03),
-    ("resnet110", 10, 1.7e6, 0.03),
-    ("wrn16_8", 10, 11.0e6, 0.005),
-    ("wrn34_10", 10, 46.2e6, 0.005),
-    # The official PyramidNet code gives 28.51M / 26.29M; the paper reports 28.3M / 26.0M.
-    ("pyramidnet110_270", 100, 28.3e6, 0.015),
-    ("pyramidnet272_200", 100, 26.0e6, 0.015),
-])
+@pytest.mark.parametrize(
+    "name, num_classes, published, rel_tol",
+    [
+        # He et al. CIFAR ResNets (option-A figures; option B adds 1x1 projections)
+        ("resnet20", 10, 0.27e6, 0.03),
+        ("resnet32", 10, 0.46e6, 0.03),
+        ("resnet56", 10, 0.85e6, 0.03),
+        ("resnet110", 10, 1.7e6, 0.03),
+        ("wrn16_8", 10, 11.0e6, 0.005),
+        ("wrn34_10", 10, 46.2e6, 0.005),
+        # The official PyramidNet code gives 28.51M / 26.29M; the paper reports 28.3M / 26.0M.
+        ("pyramidnet110_270", 100, 28.3e6, 0.015),
+        ("pyramidnet272_200", 100, 26.0e6, 0.015),
+    ],
+)
 def test_parameter_counts_match_published(name, num_classes, published, rel_tol):
     assert num_params(name, num_classes=num_classes) == pytest.approx(published, rel=rel_tol)
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("pyramidnet110_270", 28_511_307),
-    ("pyramidnet272_200", 26_288_692),
-    ("resnet20", 272_474),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("pyramidnet110_270", 28_511_307),
+        ("pyramidnet272_200", 26_288_692),
+        ("resnet20", 272_474),
+    ],
+)
 def test_parameter_count_regressions(name, expected):
     num_classes = 100 if name.startswith("pyramidnet") else 10
     assert num_params(name, num_classes=num_classes) == expected
@@ -75,10 +102,17 @@ def test_forward_8x8_every_registered_name(name):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name, in_channels", [
-    ("resnet18", 1), ("smallcnn", 3), ("resnet20", 3), ("wrn16_2", 3),
-    ("pyramidnet20_48", 3), ("pyramidnet164_12", 1),
-])
+@pytest.mark.parametrize(
+    "name, in_channels",
+    [
+        ("resnet18", 1),
+        ("smallcnn", 3),
+        ("resnet20", 3),
+        ("wrn16_2", 3),
+        ("pyramidnet20_48", 3),
+        ("pyramidnet164_12", 1),
+    ],
+)
 @pytest.mark.parametrize("size", [8, 13, 32, 64])
 def test_forward_various_sizes(name, in_channels, size):
     model = create_model(name, num_classes=5, in_channels=in_channels).eval()
@@ -103,19 +137,22 @@ def test_unknown_name_error_is_one_line_listing_choices():
     assert "wrn{depth}_{widen_factor}" in message and "pyramidnet{depth}_{alpha}" in message
 
 
-@pytest.mark.parametrize("name, kwargs, fragment", [
-    ("resnet18", {"foo": 1}, "valid keyword arguments: num_classes, in_channels"),
-    ("resnet18", {"depth": 34}, "the name fixes depth=18"),
-    ("wrn28_10", {"widen_factor": 2}, "valid keyword arguments: dropout"),
-    ("resnet20", {"widen_factor": 2}, "valid keyword arguments: width"),
-    ("wrn30_10", {}, "6n+4"),
-    ("wideresnet28", {"dropout": 1.0}, "dropout must be in [0, 1)"),
-    ("resnet20", {"width": 0}, "width must be a positive integer"),
-    ("pyramidnet", {"depth": 111}, "6n+2"),
-    ("pyramidnet", {"depth": 200, "bottleneck": True, "alpha": -1}, "alpha must be >= 0"),
-    ("pyramidnet100_48", {"bottleneck": True}, "9n+2"),
-    ("pyramidnet165_48", {}, "9n+2"),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, fragment",
+    [
+        ("resnet18", {"foo": 1}, "valid keyword arguments: num_classes, in_channels"),
+        ("resnet18", {"depth": 34}, "the name fixes depth=18"),
+        ("wrn28_10", {"widen_factor": 2}, "valid keyword arguments: dropout"),
+        ("resnet20", {"widen_factor": 2}, "valid keyword arguments: width"),
+        ("wrn30_10", {}, "6n+4"),
+        ("wideresnet28", {"dropout": 1.0}, "dropout must be in [0, 1)"),
+        ("resnet20", {"width": 0}, "width must be a positive integer"),
+        ("pyramidnet", {"depth": 111}, "6n+2"),
+        ("pyramidnet", {"depth": 200, "bottleneck": True, "alpha": -1}, "alpha must be >= 0"),
+        ("pyramidnet100_48", {"bottleneck": True}, "9n+2"),
+        ("pyramidnet165_48", {}, "9n+2"),
+    ],
+)
 def test_bad_arguments_give_one_line_value_error(name, kwargs, fragment):
     with pytest.raises(ValueError) as info:
         create_model(name, **kwargs)
@@ -125,6 +162,7 @@ def test_bad_arguments_give_one_line_value_error(name, kwargs, fragment):
 
 def test_resnet_family_rejects_unknown_depth():
     from architectures import CifarResNet, ResNet
+
     with pytest.raises(ValueError, match=r"\[18, 34, 50, 101, 152\]"):
         ResNet(depth=20)
     with pytest.raises(ValueError, match="6n\\+2"):

@@ -146,8 +146,15 @@ def test_a_finite_loss_with_a_non_finite_gradient_skips_the_step():
     model[0].weight.register_hook(lambda g: torch.full_like(g, float("nan")))
     opt = create_optimizer("sam", model, lr=0.1, momentum=0.9)
     before = [p.detach().clone() for p in model.parameters()]
-    closure = TrainClosure(model, nn.CrossEntropyLoss(reduction="none"), torch.randn(8, 4), torch.randint(0, 3, (8,)),
-                           accelerator=Accelerator(cpu=True), sync_ascent=False, scaler=None)
+    closure = TrainClosure(
+        model,
+        nn.CrossEntropyLoss(reduction="none"),
+        torch.randn(8, 4),
+        torch.randint(0, 3, (8,)),
+        accelerator=Accelerator(cpu=True),
+        sync_ascent=False,
+        scaler=None,
+    )
     assert take_step(opt, closure)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 

@@ -53,7 +53,10 @@ def runs_with(root, optimizer, metric, values):
 def test_every_claim_metric_has_its_direction():
     """Higher accuracy is better; lower ECE and lower loss are better: the direction belongs to the metric."""
     assert {m: higher for m, (_, _, higher) in METRICS.items()} == {
-        "final_test_acc": True, "final_test_ece": False, "final_test_loss": False}
+        "final_test_acc": True,
+        "final_test_ece": False,
+        "final_test_loss": False,
+    }
     assert all(c.higher_is_better == METRICS[c.metric][2] for c in load_claims())
     assert {c.metric for c in load_claims()} <= set(METRICS)
 
@@ -65,7 +68,9 @@ def test_a_lower_ece_reproduces_better_calibration(tmp_path):
     runs_with(tmp_path, "bsam", "final_test_ece", [0.020, 0.021, 0.019])
     table = claims_table(load_runs([tmp_path])).set_index("claim")
     assert table.loc["bSAM is better calibrated than SAM", "verdict"] == "reproduced"
-    assert table.loc["bSAM is better calibrated than SAM", "difference (for A) ± se"] == "+2.00 ± 0.08"  # std 0.1 point: se = 0.1 sqrt(2/3)
+    assert (
+        table.loc["bSAM is better calibrated than SAM", "difference (for A) ± se"] == "+2.00 ± 0.08"
+    )  # std 0.1 point: se = 0.1 sqrt(2/3)
     assert table.loc["bSAM is better calibrated than SGD", "verdict"] == "reproduced"
 
 

@@ -23,8 +23,9 @@ SETTINGS = {"looksam": {"k": 2}, "esam": {"beta": 1.0}, "lookbehind_sam": {"k_st
 
 def bn_cnn(channels_last: bool):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                          nn.Flatten(), nn.Linear(32, 4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4)
+    )
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
@@ -39,8 +40,9 @@ def train_steps(name: str, compiled: bool, channels_last: bool, steps: int = 3):
         x, y = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        closure = TrainClosure(runner, nn.CrossEntropyLoss(reduction="none"), x, y, accelerator=Accelerator(cpu=True),
-                               sync_ascent=False, scaler=None)
+        closure = TrainClosure(
+            runner, nn.CrossEntropyLoss(reduction="none"), x, y, accelerator=Accelerator(cpu=True), sync_ascent=False, scaler=None
+        )
         assert not take_step(opt, closure, snapshot)
         if step == 0:  # every pass kind has run once: nothing may compile again
             graphs = counters["stats"]["unique_graphs"]
@@ -75,9 +77,17 @@ def test_a_compiled_channels_last_run_trains_like_an_eager_one(tmp_path):
     """The whole loop with AOT-traced forward and backward graphs: the same losses, to float error."""
     rows = {}
     for compiled in (False, True):
-        config = RunConfig(optimizer="sam", epochs=3, batch_size=128, compile=compiled, compile_backend="aot_eager",
-                           channels_last=compiled, cpu=True, save_every_epochs=0,
-                           output_dir=str(tmp_path / str(compiled))).validate()
+        config = RunConfig(
+            optimizer="sam",
+            epochs=3,
+            batch_size=128,
+            compile=compiled,
+            compile_backend="aot_eager",
+            channels_last=compiled,
+            cpu=True,
+            save_every_epochs=0,
+            output_dir=str(tmp_path / str(compiled)),
+        ).validate()
         torch._dynamo.reset()
         rows[compiled] = read_jsonl(train(config).run_dir / "metrics.jsonl")
     assert rows[False][-1]["train_loss"] < 0.8 * rows[False][0]["train_loss"]
@@ -92,13 +102,40 @@ def test_perf_harness_writes_its_table(tmp_path):
     from bench.studies.perf import main as perf_main
 
     out = tmp_path / "perf_harness.md"
-    assert perf_main(["--harness", "--arch", "smallcnn", "--image_size", "8", "--batch_size", "8", "--steps", "1",
-                      "--rounds", "1", "--warmup", "0", "--compile_backend", "eager", "--optimizers", "sam",
-                      "--out", str(out)]) == 0
+    assert (
+        perf_main(
+            [
+                "--harness",
+                "--arch",
+                "smallcnn",
+                "--image_size",
+                "8",
+                "--batch_size",
+                "8",
+                "--steps",
+                "1",
+                "--rounds",
+                "1",
+                "--warmup",
+                "0",
+                "--compile_backend",
+                "eager",
+                "--optimizers",
+                "sam",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [r.split(" | ")[0] for r in rows] == [
-        "| bare PyTorch loop (SGD)", "| harness (sam)", "| harness (sam, --channels_last)", "| harness (sam, --compile)",
-        "| harness (sam, --compile --channels_last)"]
+        "| bare PyTorch loop (SGD)",
+        "| harness (sam)",
+        "| harness (sam, --channels_last)",
+        "| harness (sam, --compile)",
+        "| harness (sam, --compile --channels_last)",
+    ]
     assert rows[0].split(" | ")[3] == "1.000"
 
 
@@ -107,14 +144,41 @@ def test_perf_times_every_optimizer_asked_for_on_images_of_the_given_shape(tmp_p
     from bench.studies.perf import main as perf_main
 
     out = tmp_path / "perf.md"
-    assert perf_main(["--arch", "smallcnn", "--image_size", "8", "--channels", "1", "--batch_size", "8", "--steps", "5",
-                      "--rounds", "1", "--warmup", "1", "--optimizers", "sam", "looksam", "--no_external",
-                      "--out", str(out)]) == 0
+    assert (
+        perf_main(
+            [
+                "--arch",
+                "smallcnn",
+                "--image_size",
+                "8",
+                "--channels",
+                "1",
+                "--batch_size",
+                "8",
+                "--steps",
+                "5",
+                "--rounds",
+                "1",
+                "--warmup",
+                "1",
+                "--optimizers",
+                "sam",
+                "looksam",
+                "--no_external",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = out.read_text()
     assert "batch 8 of 8x8x1 images" in text and "--channels 1" in text
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [(r[0], r[3], r[4]) for r in rows] == [("| sgd", "1.00", "1.00"), ("| sam", rows[1][3], "2.00"),
-                                                  ("| looksam", rows[2][3], "1.20")]
+    assert [(r[0], r[3], r[4]) for r in rows] == [
+        ("| sgd", "1.00", "1.00"),
+        ("| sam", rows[1][3], "2.00"),
+        ("| looksam", rows[2][3], "1.20"),
+    ]
 
 
 def test_perf_recipe_steps_each_optimizer_of_a_recipe_with_the_loops_own_step(tmp_path):
@@ -126,13 +190,36 @@ def test_perf_recipe_steps_each_optimizer_of_a_recipe_with_the_loops_own_step(tm
 
     out = tmp_path / "perf_loop.md"
     # passes count over the first step, 4 warm-up steps and 5 timed ones (22 steps in all: from step 6 on)
-    assert perf_main(["--recipe", "digits", "--set", "epochs=2", "--steps", "5", "--rounds", "1", "--warmup", "4",
-                      "--optimizers", "bsam", "looksam", "--out", str(out)]) == 0
+    assert (
+        perf_main(
+            [
+                "--recipe",
+                "digits",
+                "--set",
+                "epochs=2",
+                "--steps",
+                "5",
+                "--rounds",
+                "1",
+                "--warmup",
+                "4",
+                "--optimizers",
+                "bsam",
+                "looksam",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = out.read_text()
     assert "every optimizer of digits" in text and "--set epochs=2" in text and "trained for 6 steps" in text
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [(r[0], r[2], r[3]) for r in rows] == [("| sgd", "1.00", "1.00 |"), ("| bsam", rows[1][2], "16.00 |"),
-                                                  ("| looksam", rows[2][2], "1.20 |")]
+    assert [(r[0], r[2], r[3]) for r in rows] == [
+        ("| sgd", "1.00", "1.00 |"),
+        ("| bsam", rows[1][2], "16.00 |"),
+        ("| looksam", rows[2][2], "1.20 |"),
+    ]
     with pytest.raises(ConfigError, match="^perf --recipe digits: its grid has no nope "):
         perf_main(["--recipe", "digits", "--optimizers", "nope", "--out", str(out)])
     with pytest.raises(ConfigError, match="^perf: --set and --data_dir apply to --recipe only$"):

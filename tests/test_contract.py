@@ -162,16 +162,11 @@ def bad_values(setting) -> list:
 
 
 CASES = [
-    (name, setting, value)
-    for name in VARIANTS
-    for setting in optimizer_class(name).settings
-    for value in bad_values(setting)
+    (name, setting, value) for name in VARIANTS for setting in optimizer_class(name).settings for value in bad_values(setting)
 ]
 
 
-@pytest.mark.parametrize(
-    "name, setting, value", CASES, ids=[f"{n}-{s.name}-{v!r}" for n, s, v in CASES]
-)
+@pytest.mark.parametrize("name, setting, value", CASES, ids=[f"{n}-{s.name}-{v!r}" for n, s, v in CASES])
 def test_bad_settings_raise_one_line_naming_them(name, setting, value):
     for build in (
         lambda: create_optimizer(name, tiny_mlp(), **{setting.name: value}),

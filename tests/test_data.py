@@ -118,7 +118,12 @@ def _write_cifar100_parquet(folder):
     for name, xx, yy in (("train", x, y), ("test", xt, yt)):
         coarse = ([int(v) % 20 for v in yy], ClassLabel(names=[f"k{i}" for i in range(20)]))
         _write_hf_parquet(
-            folder / "cifar100" / f"{name}-00000-of-00001.parquet", xx, yy, "img", "fine_label", 100,
+            folder / "cifar100" / f"{name}-00000-of-00001.parquet",
+            xx,
+            yy,
+            "img",
+            "fine_label",
+            100,
             extra={"coarse_label": coarse},
         )
     return (x, y), (xt, yt)
@@ -341,9 +346,7 @@ def test_unwritable_cache_dir_still_loads(tmp_path):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("x")
     with pytest.warns(UserWarning, match="cache"):
-        train, _ = load_dataset_splits(
-            "cifar10", data_dir=str(tmp_path / "d"), download=False, cache_dir=str(blocker / "sub")
-        )
+        train, _ = load_dataset_splits("cifar10", data_dir=str(tmp_path / "d"), download=False, cache_dir=str(blocker / "sub"))
     assert torch.equal(train.images, torch.from_numpy(x))
 
 
@@ -545,8 +548,12 @@ def test_parquet_with_wrong_columns(tmp_path, downloads):
     for split in ("train", "test"):
         _write_hf_parquet(tmp_path / "cifar10" / f"{split}.parquet", x, y, "image", "label", 10)
     msg = _load_error("cifar10", str(tmp_path))
-    assert msg.startswith(f"CIFAR-10: {tmp_path / 'cifar10' / 'train.parquet'} has the columns ['image', 'label'], "
-                          f"expected ['img', 'label']") and downloads == []
+    assert (
+        msg.startswith(
+            f"CIFAR-10: {tmp_path / 'cifar10' / 'train.parquet'} has the columns ['image', 'label'], expected ['img', 'label']"
+        )
+        and downloads == []
+    )
     # the same files in data/ (where zh-plus/tiny-imagenet keeps its own) only add to the not-found message
     (tmp_path / "cifar10").rename(tmp_path / "data")
     msg = _load_error("cifar10", str(tmp_path), download=False)
@@ -598,7 +605,9 @@ def test_tinyimagenet_folder(tmp_path, monkeypatch):
     gray = train.images[3]  # n02_1 (last in class order) is grayscale: the three channels are equal
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
 
-    monkeypatch.setattr(bench.data.tinyimagenet, "decode_images", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded")))
+    monkeypatch.setattr(
+        bench.data.tinyimagenet, "decode_images", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded"))
+    )
     train2, _ = load_dataset_splits("tinyimagenet", data_dir=str(tmp_path / "tiny-imagenet-200"), cache_dir=str(cache))
     assert torch.equal(train2.images, train.images)
 
@@ -785,13 +794,15 @@ def test_default_augmentation():
     assert shape(default_augmentation(info)) == (info.crop_padding, info.flip, 0)
 
 
-
 def test_cutout_is_zero_after_normalisation():
     """The blanked square holds the mean pixel, i.e. zero in normalised space, as in DeVries & Taylor."""
     aug = default_augmentation("cifar10", cutout=True)
     x = _nonzero_batch()
-    out = normalize(augment(x, Augmentation(0, False, 16, aug.cutout_fill), _gen("cpu", 0)), DATASET_INFO["cifar10"].mean,
-                    DATASET_INFO["cifar10"].std)
+    out = normalize(
+        augment(x, Augmentation(0, False, 16, aug.cutout_fill), _gen("cpu", 0)),
+        DATASET_INFO["cifar10"].mean,
+        DATASET_INFO["cifar10"].std,
+    )
     changed = (augment(x, Augmentation(0, False, 16, aug.cutout_fill), _gen("cpu", 0)) != x).any(1)
     assert changed.any() and out.permute(1, 0, 2, 3)[:, changed].abs().max() < 0.01
 
@@ -846,8 +857,10 @@ def test_augment_follows_the_documented_random_order(device, p, flip, cut, fill)
         expected = padded[i, :, oy[i] : oy[i] + H, ox[i] : ox[i] + W]
         expected = expected.flip(-1) if flips[i] else expected.clone()
         if cut:
-            ys, xs = slice(max(cy[i] - cut // 2, 0), max(cy[i] - cut // 2 + cut, 0)), slice(
-                max(cx[i] - cut // 2, 0), max(cx[i] - cut // 2 + cut, 0))
+            ys, xs = (
+                slice(max(cy[i] - cut // 2, 0), max(cy[i] - cut // 2 + cut, 0)),
+                slice(max(cx[i] - cut // 2, 0), max(cx[i] - cut // 2 + cut, 0)),
+            )
             for ch in range(C):
                 expected[ch, ys, xs] = fill[ch] if fill else 0
         assert torch.equal(out[i], expected), i

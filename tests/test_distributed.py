@@ -18,15 +18,43 @@ from bench.data.load import load_dataset_splits
 from bench.io import read_json, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ["--arch_type", "mlp", "--epochs", "1", "--max_steps", "3", "--batch_size", "64", "--schedule", "constant",
-         "--lr", "0.1", "--momentum", "0.9", "--weight_decay", "5e-4"]
+FLAGS = [
+    "--arch_type",
+    "mlp",
+    "--epochs",
+    "1",
+    "--max_steps",
+    "3",
+    "--batch_size",
+    "64",
+    "--schedule",
+    "constant",
+    "--lr",
+    "0.1",
+    "--momentum",
+    "0.9",
+    "--weight_decay",
+    "5e-4",
+]
 
 
 def launch(args, out: Path, processes: int = 2) -> Path:
     """Several processes, as `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` starts them."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--main_process_port", "29517", "launch.py", *args, "--output_dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        "29517",
+        "launch.py",
+        *args,
+        "--output_dir",
+        str(out),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = list(out.iterdir())

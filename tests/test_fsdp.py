@@ -58,8 +58,20 @@ def free_port() -> int:
 
 
 def launch_fsdp(script: str, args: list[str], out: Path, env: dict | None = None, check: bool = True):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--main_process_port",
-           str(free_port()), script, "--cpu", *args, "--output_dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIG),
+        "--main_process_port",
+        str(free_port()),
+        script,
+        "--cpu",
+        *args,
+        "--output_dir",
+        str(out),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env={**_env(), **(env or {})}, capture_output=True, text=True, timeout=180)
     if check:
         errors = [line for line in done.stderr.splitlines() if "Error" in line or "error:" in line]
@@ -90,8 +102,18 @@ def assert_close(a: dict, b: dict, rtol: float):
 def test_every_variant_sharded_takes_the_unsharded_steps():
     """float64, tolerance 1e-10: reductions, every variant on an MLP (with a checkpoint round trip),
     five on a BatchNorm CNN with cross-process statistics."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "scripts/fsdp_check.py", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "scripts/fsdp_check.py",
+        "--device",
+        "cpu",
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
     lines = [line for line in done.stdout.splitlines() if line.split(" ")[0] in ("PASS", "FAIL", "SKIP")]
     failed = [line for line in lines if line.startswith("FAIL")]
@@ -106,8 +128,22 @@ def test_every_variant_sharded_takes_the_unsharded_steps():
 
 # -- the harness ---------------------------------------------------------------------------------
 
-FLAGS = ["--arch_type", "mlp", "--epochs", "1", "--max_steps", "3", "--batch_size", "64", "--schedule", "constant",
-         "--lr", "0.1", "--sam_sync", "global"]
+FLAGS = [
+    "--arch_type",
+    "mlp",
+    "--epochs",
+    "1",
+    "--max_steps",
+    "3",
+    "--batch_size",
+    "64",
+    "--schedule",
+    "constant",
+    "--lr",
+    "0.1",
+    "--sam_sync",
+    "global",
+]
 
 
 @requires_fsdp2
@@ -135,8 +171,27 @@ def test_fsdp_launch_equals_one_process_on_the_whole_batch(tmp_path):
 def test_fsdp_run_killed_and_resumed_equals_one_process(tmp_path):
     """SAM on a BatchNorm CNN (--sync_bn: statistics over both shards), killed after step 3 with a
     checkpoint at step 2, resumed: the weights and BatchNorm statistics of one uninterrupted process."""
-    args = ["--arch", "smallcnn", "--epochs", "1", "--max_steps", "5", "--batch_size", "48", "--schedule", "constant",
-            "--lr", "0.05", "--sam_type", "sam", "--sam_sync", "global", "--sync_bn", "--save_every_steps", "2"]
+    args = [
+        "--arch",
+        "smallcnn",
+        "--epochs",
+        "1",
+        "--max_steps",
+        "5",
+        "--batch_size",
+        "48",
+        "--schedule",
+        "constant",
+        "--lr",
+        "0.05",
+        "--sam_type",
+        "sam",
+        "--sam_sync",
+        "global",
+        "--sync_bn",
+        "--save_every_steps",
+        "2",
+    ]
     script = tmp_path / "killed.py"
     script.write_text(KILLED_AFTER)
     killed = launch_fsdp(str(script), args, tmp_path / "fsdp", env={"KILL_AFTER": "3"}, check=False)
@@ -158,12 +213,15 @@ def build(name: str):
     return create_optimizer(name, [torch.zeros(2, requires_grad=True)], **optimizer_settings(RunConfig(optimizer=name), 10))
 
 
-@pytest.mark.parametrize("name, sync, message", [
-    ("sam", "local", "--sam_sync local cannot be honoured under FSDP"),
-    ("esam", "global", "esam cannot train a sharded model (FSDP): its ascent gradient must stay per process"),
-    ("esam", "local", "esam cannot train a sharded model (FSDP): its ascent gradient must stay per process"),
-    ("mesa", "global", "mesa cannot train a sharded model (FSDP): its EMA teacher is a whole, unsharded copy"),
-])
+@pytest.mark.parametrize(
+    "name, sync, message",
+    [
+        ("sam", "local", "--sam_sync local cannot be honoured under FSDP"),
+        ("esam", "global", "esam cannot train a sharded model (FSDP): its ascent gradient must stay per process"),
+        ("esam", "local", "esam cannot train a sharded model (FSDP): its ascent gradient must stay per process"),
+        ("mesa", "global", "mesa cannot train a sharded model (FSDP): its EMA teacher is a whole, unsharded copy"),
+    ],
+)
 def test_what_cannot_run_sharded_is_refused_in_one_line(name, sync, message):
     opt = build(name)
     with pytest.raises(ConfigError) as err:
@@ -201,11 +259,16 @@ def test_the_unsharded_export_of_a_loader_dataset_run(monkeypatch):
 
     trained = create_model("smallcnn", num_classes=3, in_channels=3)
     monkeypatch.setattr(finish.sharding, "full_model_state", lambda model: model.state_dict())
-    folders = FolderSplit(root="/nowhere", files=np.array(["a.png"] * 3, dtype=object), labels=torch.tensor([0, 1, 2]),
-                          classes=("a", "b", "c"))
-    run = SimpleNamespace(optimizer=torch.optim.SGD(trained.parameters(), lr=0.1), model=trained,
-                          accelerator=SimpleNamespace(is_main_process=True), config=RunConfig(arch="smallcnn"),
-                          train_set=folders)
+    folders = FolderSplit(
+        root="/nowhere", files=np.array(["a.png"] * 3, dtype=object), labels=torch.tensor([0, 1, 2]), classes=("a", "b", "c")
+    )
+    run = SimpleNamespace(
+        optimizer=torch.optim.SGD(trained.parameters(), lr=0.1),
+        model=trained,
+        accelerator=SimpleNamespace(is_main_process=True),
+        config=RunConfig(arch="smallcnn"),
+        train_set=folders,
+    )
     copy = finish.unsharded_model(run)
     assert copy is not trained and copy.state_dict().keys() == trained.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), trained.state_dict().values()))

@@ -69,7 +69,14 @@ def test_seed_sam_command_runs_on_a_cifar_fixture(cifar10_dir, tmp_path):
     """The seed's SAM command with --max_steps 2 --data_dir appended; a small model keeps CI fast
     (the verbatim WRN-28-10 run is the same code path at 36.5M parameters)."""
     argv = shlex.split(SEED_COMMANDS["sam"]) + [
-        "--max_steps", "2", "--data_dir", str(cifar10_dir), "--output_dir", str(tmp_path), "--arch_type", "resnet8",
+        "--max_steps",
+        "2",
+        "--data_dir",
+        str(cifar10_dir),
+        "--output_dir",
+        str(tmp_path),
+        "--arch_type",
+        "resnet8",
     ]
     assert main(argv) == 0
     (run,) = list(tmp_path.iterdir())
@@ -83,8 +90,19 @@ def test_seed_sam_command_runs_on_a_cifar_fixture(cifar10_dir, tmp_path):
 def test_launch_py_writes_run_files_and_a_table(tmp_path):
     runs = tmp_path / "runs"
     for sam_type in ("none", "SAM"):
-        cmd = [sys.executable, "launch.py", "--sam_type", sam_type, "--epochs", "2", "--batch_size", "64",
-               "--output_dir", str(runs), "--cpu"]
+        cmd = [
+            sys.executable,
+            "launch.py",
+            "--sam_type",
+            sam_type,
+            "--epochs",
+            "2",
+            "--batch_size",
+            "64",
+            "--output_dir",
+            str(runs),
+            "--cpu",
+        ]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
     run_dirs = sorted(runs.iterdir())
@@ -95,8 +113,13 @@ def test_launch_py_writes_run_files_and_a_table(tmp_path):
         assert {"train_loss", "test_acc", "lr", "rho", "epoch_time_s", "images_per_s", "passes_per_step"} <= set(rows[0])
         summary = read_json(run / "summary.json")
         assert summary["final_test_acc"] > 0.5 and summary["num_params"] > 0
-    done = subprocess.run([sys.executable, "launch.py", "table", str(runs), "--out", str(tmp_path / "table")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "launch.py", "table", str(runs), "--out", str(tmp_path / "table")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     csv = (tmp_path / "table.csv").read_text()
     assert "sgd" in csv and "sam" in csv

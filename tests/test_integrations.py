@@ -11,8 +11,15 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "accelerate_configs").gl
 
 
 def test_every_kind_of_launch_has_a_config():
-    assert {p.stem for p in CONFIGS} == {"cpu", "single_gpu_bf16", "single_gpu_fp16", "multi_gpu_bf16", "multi_node", "fsdp",
-                                         "fsdp_cpu_test"}
+    assert {p.stem for p in CONFIGS} == {
+        "cpu",
+        "single_gpu_bf16",
+        "single_gpu_fp16",
+        "multi_gpu_bf16",
+        "multi_node",
+        "fsdp",
+        "fsdp_cpu_test",
+    }
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -37,8 +44,21 @@ def test_tensorboard_logs_every_epoch_offline(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    argv = ["--arch_type", "mlp", "--sam_type", "sam", "--epochs", "3", "--batch_size", "64", "--log_with", "tensorboard",
-            "--cpu", "--output_dir", str(tmp_path)]
+    argv = [
+        "--arch_type",
+        "mlp",
+        "--sam_type",
+        "sam",
+        "--epochs",
+        "3",
+        "--batch_size",
+        "64",
+        "--log_with",
+        "tensorboard",
+        "--cpu",
+        "--output_dir",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     (run,) = list(tmp_path.iterdir())
     (events,) = [p for p in (run / "sam-bench").iterdir() if p.name.startswith("events")]

@@ -68,8 +68,17 @@ DEFAULTS = {
     "fisher_sam": {"rho": 0.1, "eta": 1.0},
     # VARIANTS.md, bSAM CIFAR defaults: lr 0.5, b1 0.9, b2 0.999, prior precision 40 (the paper's 10 is a
     # typo), rho 0.01, augmentation factor 4, damping 0.1, s_init 1, m 8; N = CIFAR-10's 50000 images
-    "bsam": {"lr": 0.5, "betas": (0.9, 0.999), "rho": 0.01, "prior_precision": 40.0, "damping": 0.1, "s_init": 1.0,
-             "num_data": 50_000, "augmentation_factor": 4, "msharpness": 8},
+    "bsam": {
+        "lr": 0.5,
+        "betas": (0.9, 0.999),
+        "rho": 0.01,
+        "prior_precision": 40.0,
+        "damping": 0.1,
+        "s_init": 1.0,
+        "num_data": 50_000,
+        "augmentation_factor": 4,
+        "msharpness": 8,
+    },
     # VARIANTS.md, F-SAM: rho 0.2, sigma 1, lambda 0.6 (run script; train.py's default 0.95)
     "friendly_sam": {"rho": 0.2, "sigma": 1.0, "lmbda": 0.6, "adaptive": False},
     # VARIANTS.md, LookSAM: unofficial k 5-10, rho 0.1, alpha 0.7 (the code's 0.1 is its own measurement,
@@ -128,8 +137,11 @@ def same(actual, pinned) -> bool:
 def test_declared_defaults_are_the_sources_values(name):
     pinned = DEFAULTS.get(name)
     assert pinned is not None, f"{name} has no pinned defaults"
-    wrong = {s.name: (s.default, pinned.get(s.name, "missing")) for s in optimizer_class(name).settings
-             if s.name not in pinned or not same(s.default, pinned[s.name])}
+    wrong = {
+        s.name: (s.default, pinned.get(s.name, "missing"))
+        for s in optimizer_class(name).settings
+        if s.name not in pinned or not same(s.default, pinned[s.name])
+    }
     assert not wrong, f"{name}: declared default vs source value: {wrong}"
 
 
@@ -159,8 +171,23 @@ def test_a_default_built_optimizer_carries_the_pinned_values():
 #   vasso ("No BN-freeze"), msam (its one pass, at w~) and arwp (its one pass, at w + e).
 
 FREEZES_BATCHNORM = {
-    "sam", "adaptive_sam", "asam", "esam", "gsam", "fisher_sam", "friendly_sam", "looksam", "look_layer_sam",
-    "saf", "mesa", "wsam", "sagm", "gam", "ss_sam", "ae_sam", "lookbehind_sam",
+    "sam",
+    "adaptive_sam",
+    "asam",
+    "esam",
+    "gsam",
+    "fisher_sam",
+    "friendly_sam",
+    "looksam",
+    "look_layer_sam",
+    "saf",
+    "mesa",
+    "wsam",
+    "sagm",
+    "gam",
+    "ss_sam",
+    "ae_sam",
+    "lookbehind_sam",
 }
 UPDATES_BATCHNORM_IN_EVERY_PASS = {"bsam", "sam_on", "asam_on", "vasso", "msam", "arwp"}
 ONE_PASS = {"saf", "mesa"}
@@ -229,8 +256,10 @@ def lookbehind_reference(model, w, data, rho, k, alpha):
             phi = sgd(phi, g_adv)
             phis.append(phi)
         if alpha == -1:  # per tensor: (cos(phi_1 - s, phi_k - s) + 1) / 2
-            alphas = [(torch.nn.functional.cosine_similarity((p1 - s).reshape(1, -1), (pk - s).reshape(1, -1))[0] + 1) / 2
-                      for p1, pk, s in zip(phis[0], phi, slow)]
+            alphas = [
+                (torch.nn.functional.cosine_similarity((p1 - s).reshape(1, -1), (pk - s).reshape(1, -1))[0] + 1) / 2
+                for p1, pk, s in zip(phis[0], phi, slow)
+            ]
         else:
             alphas = [alpha] * len(w)
         w = [a * pk + (1 - a) * s for a, pk, s in zip(alphas, phi, slow)]

@@ -13,31 +13,65 @@ EPOCHS = 4
 EPOCH_TIME = {"sgd": 1.5, "sam": 3.0}
 
 
-def make_run(root: Path, dataset: str, arch: str, optimizer: str, seed: int, sharpness: bool = False,
-             epochs: int = EPOCHS) -> Path:
+def make_run(
+    root: Path, dataset: str, arch: str, optimizer: str, seed: int, sharpness: bool = False, epochs: int = EPOCHS
+) -> Path:
     run = root / f"{dataset}_{arch}_{optimizer}_s{seed}"
     run.mkdir(parents=True)
-    config = {"dataset": dataset, "arch": arch, "optimizer": optimizer, "seed": seed, "label_noise": 0.0,
-              "epochs": epochs, "lr": 0.1}
+    config = {
+        "dataset": dataset,
+        "arch": arch,
+        "optimizer": optimizer,
+        "seed": seed,
+        "label_noise": 0.0,
+        "epochs": epochs,
+        "lr": 0.1,
+    }
     (run / "config.json").write_text(json.dumps(config, indent=2))
     passes = 1.0 if optimizer == "sgd" else 2.0
     rows = []
     for epoch in range(1, epochs + 1):
         acc = 0.3 + 0.1 * epoch + 0.02 * seed + (0.03 if optimizer == "sam" else 0.0)
-        rows.append({"epoch": epoch, "step": 10 * epoch, "train_loss": 2.0 / epoch, "train_acc": acc - 0.05,
-                     "test_loss": 2.1 / epoch, "test_acc": acc, "test_ece": 0.05, "lr": 0.1, "rho": 0.05,
-                     "epoch_time_s": EPOCH_TIME[optimizer] + 0.5 * seed, "images_per_s": 1000.0,
-                     "passes_per_step": passes, "sample_passes_per_step": passes, "skipped_steps": 0})
+        rows.append(
+            {
+                "epoch": epoch,
+                "step": 10 * epoch,
+                "train_loss": 2.0 / epoch,
+                "train_acc": acc - 0.05,
+                "test_loss": 2.1 / epoch,
+                "test_acc": acc,
+                "test_ece": 0.05,
+                "lr": 0.1,
+                "rho": 0.05,
+                "epoch_time_s": EPOCH_TIME[optimizer] + 0.5 * seed,
+                "images_per_s": 1000.0,
+                "passes_per_step": passes,
+                "sample_passes_per_step": passes,
+                "skipped_steps": 0,
+            }
+        )
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = {"run_id": run.name, "status": "completed", "dataset": dataset, "arch": arch, "optimizer": optimizer,
-               "seed": seed, "final_test_acc": rows[-1]["test_acc"], "best_test_acc": rows[-1]["test_acc"],
-               "final_test_loss": rows[-1]["test_loss"], "final_test_ece": 0.05,
-               "train_time_s": sum(r["epoch_time_s"] for r in rows), "wall_time_s": 99.0, "passes_per_step": passes}
+    summary = {
+        "run_id": run.name,
+        "status": "completed",
+        "dataset": dataset,
+        "arch": arch,
+        "optimizer": optimizer,
+        "seed": seed,
+        "final_test_acc": rows[-1]["test_acc"],
+        "best_test_acc": rows[-1]["test_acc"],
+        "final_test_loss": rows[-1]["test_loss"],
+        "final_test_ece": 0.05,
+        "train_time_s": sum(r["epoch_time_s"] for r in rows),
+        "wall_time_s": 99.0,
+        "passes_per_step": passes,
+    }
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
     if sharpness:
         value = (40.0 if optimizer == "sgd" else 15.0) + seed
-        (run / "sharpness.json").write_text(json.dumps(
-            {"hessian_max_eigenvalue": value, "hessian_trace": 10 * value, "sam_sharpness": value / 100, "loss": 0.4}))
+        (run / "sharpness.json").write_text(
+            json.dumps({"hessian_max_eigenvalue": value, "hessian_trace": 10 * value, "sam_sharpness": value / 100, "loss": 0.4})
+        )
     return run
 
 
@@ -106,8 +140,12 @@ def test_write_plots_without_sharpness(tmp_path):
 def test_write_plots_with_sharpness(tmp_path):
     runs = make_grid(tmp_path / "runs", sharpness=True)
     written = write_plots(runs, tmp_path / "cifar")
-    assert [p.name for p in written] == ["cifar_acc_epoch.png", "cifar_acc_time.png", "cifar_acc_final.png",
-                                         "cifar_acc_sharpness.png"]
+    assert [p.name for p in written] == [
+        "cifar_acc_epoch.png",
+        "cifar_acc_time.png",
+        "cifar_acc_final.png",
+        "cifar_acc_sharpness.png",
+    ]
     for path in written:
         assert_png(path)
     other = plot_accuracy_vs_sharpness(runs, tmp_path / "trace.png", measure="hessian_trace")
@@ -121,11 +159,17 @@ def test_two_pairs_are_not_mixed(tmp_path):
     out = tmp_path / "figs" / "all"
     written = write_plots(runs, out)
     names = sorted(p.name for p in written)
-    assert names == sorted([
-        "all_acc_epoch_cifar10_resnet8.png", "all_acc_time_cifar10_resnet8.png", "all_acc_final_cifar10_resnet8.png",
-        "all_acc_sharpness_cifar10_resnet8.png",  # only the cifar10 runs have sharpness.json
-        "all_acc_epoch_digits_mlp.png", "all_acc_time_digits_mlp.png", "all_acc_final_digits_mlp.png",
-    ])
+    assert names == sorted(
+        [
+            "all_acc_epoch_cifar10_resnet8.png",
+            "all_acc_time_cifar10_resnet8.png",
+            "all_acc_final_cifar10_resnet8.png",
+            "all_acc_sharpness_cifar10_resnet8.png",  # only the cifar10 runs have sharpness.json
+            "all_acc_epoch_digits_mlp.png",
+            "all_acc_time_digits_mlp.png",
+            "all_acc_final_digits_mlp.png",
+        ]
+    )
     for path in written:
         assert_png(path)
     assert not (tmp_path / "figs" / "all_acc_epoch.png").exists()
@@ -135,9 +179,11 @@ def test_two_pairs_are_not_mixed(tmp_path):
 
 
 def test_uneven_run_lengths_and_single_seed(tmp_path):
-    runs = [make_run(tmp_path, "cifar10", "resnet8", "sgd", 0),
-            make_run(tmp_path, "cifar10", "resnet8", "sgd", 1, epochs=2),  # stopped early
-            make_run(tmp_path, "cifar10", "resnet8", "sam", 0)]  # one seed: no band
+    runs = [
+        make_run(tmp_path, "cifar10", "resnet8", "sgd", 0),
+        make_run(tmp_path, "cifar10", "resnet8", "sgd", 1, epochs=2),  # stopped early
+        make_run(tmp_path, "cifar10", "resnet8", "sam", 0),
+    ]  # one seed: no band
     written = write_plots(runs, tmp_path / "uneven")
     assert len(written) == 3
     for path in written:

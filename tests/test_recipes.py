@@ -99,7 +99,17 @@ def test_a_sweep_skips_finished_runs_and_an_interrupted_one_gives_the_same_table
     assert list(whole.glob("tiny*_acc_epoch*.png"))
 
     # the same sweep, killed mid-run (SIGKILL in its second run, mid-epoch), then resumed
-    cmd = [sys.executable, "-c", KILLED_AFTER, "sweep", str(recipe), "--output_dir", str(parts / "runs"), "--results_dir", str(parts)]
+    cmd = [
+        sys.executable,
+        "-c",
+        KILLED_AFTER,
+        "sweep",
+        str(recipe),
+        "--output_dir",
+        str(parts / "runs"),
+        "--results_dir",
+        str(parts),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "KILL_AFTER": "30"}, capture_output=True, timeout=300)
     assert done.returncode != 0
     assert len(list((parts / "runs").glob("*/summary.json"))) < 4
@@ -116,7 +126,11 @@ def test_print_commands_lists_pending_runs(tmp_path, capsys):
     assert len(lines) == 4 and all(line.startswith("accelerate launch launch.py --recipe") for line in lines)
     # seed by seed: a slow spell of the machine falls on one seed of several optimizers, not on all of one's
     assert [re.search(r"optimizer=(\w+) --set seed=(\d)", line).groups() for line in lines] == [
-        ("sgd", "0"), ("sam", "0"), ("sgd", "1"), ("sam", "1")]
+        ("sgd", "0"),
+        ("sam", "0"),
+        ("sgd", "1"),
+        ("sam", "1"),
+    ]
     assert "--set optimizer=sam --set seed=1" in lines[-1] and "--resume auto" in lines[-1]
     # each command runs exactly its configuration
     argv = lines[-1].split()[3:]
@@ -125,8 +139,9 @@ def test_print_commands_lists_pending_runs(tmp_path, capsys):
     assert main(["sweep", str(recipe), "--output_dir", str(tmp_path / "runs"), "--print_commands"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 3
     # tables from the one run done, naming the three missing, and nothing trained
-    assert main(["sweep", str(recipe), "--output_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path),
-                 "--tables_only"]) == 0
+    assert (
+        main(["sweep", str(recipe), "--output_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path), "--tables_only"]) == 0
+    )
     assert len(list((tmp_path / "runs").glob("*/summary.json"))) == 1
     assert "Partial: 1 of 4 runs done; not run: " in (tmp_path / "tiny.md").read_text()
     assert len(pd.read_csv(tmp_path / "tiny.csv")) == 1
@@ -137,8 +152,20 @@ def test_a_run_made_under_another_default_is_refused_not_reused(tmp_path, capsys
     them to, so a run from before a default changed is named, never counted as the new default."""
     recipe = tiny_recipe(tmp_path)
     runs = tmp_path / "runs"
-    argv = ["--recipe", str(recipe), "--set", "optimizer=looksam", "--set", "seed=0", "--set", "max_steps=2",
-            "--output_dir", str(runs), "--resume", "auto"]
+    argv = [
+        "--recipe",
+        str(recipe),
+        "--set",
+        "optimizer=looksam",
+        "--set",
+        "seed=0",
+        "--set",
+        "max_steps=2",
+        "--output_dir",
+        str(runs),
+        "--resume",
+        "auto",
+    ]
     assert main(argv) == 0
     (config_file,) = runs.glob("*looksam*/config.json")
     recorded = read_json(config_file)["resolved_hyperparameters"]
@@ -148,8 +175,24 @@ def test_a_run_made_under_another_default_is_refused_not_reused(tmp_path, capsys
     capsys.readouterr()
     assert main(argv) == 2
     assert "was run with alpha=0.7, which this version resolves to alpha=0.1 (a changed default)" in capsys.readouterr().err
-    assert main(["sweep", str(recipe), "--set", "optimizer=[\"looksam\"]", "--set", "seed=[0]", "--set", "max_steps=2",
-                 "--output_dir", str(runs), "--print_commands"]) == 2
+    assert (
+        main(
+            [
+                "sweep",
+                str(recipe),
+                "--set",
+                'optimizer=["looksam"]',
+                "--set",
+                "seed=[0]",
+                "--set",
+                "max_steps=2",
+                "--output_dir",
+                str(runs),
+                "--print_commands",
+            ]
+        )
+        == 2
+    )
     assert "alpha=0.7, which this version resolves to alpha=0.1" in capsys.readouterr().err
 
 
@@ -174,8 +217,24 @@ def test_label_noise_is_symmetric_seeded_and_recorded(tmp_path):
     assert torch.equal(noisy.labels[unchanged], data.labels[unchanged])
     assert torch.equal(with_label_noise(data, 0.4, seed=3)[1], changed)
     assert not torch.equal(with_label_noise(data, 0.4, seed=4)[1], changed)
-    assert main(["--arch_type", "mlp", "--epochs", "1", "--max_steps", "2", "--label_noise", "0.4", "--cpu",
-                 "--output_dir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "--arch_type",
+                "mlp",
+                "--epochs",
+                "1",
+                "--max_steps",
+                "2",
+                "--label_noise",
+                "0.4",
+                "--cpu",
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     (run,) = list(tmp_path.iterdir())
     assert len(read_json(run / "label_noise.json")["changed"]) == round(0.4 * 1437)
 

@@ -153,6 +153,7 @@ def test_mesa_ema_update_by_hand():
     opt.regularizer = reg  # attached, as build_regularizer does
     x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
     expected = {k: v.clone() for k, v in model.state_dict().items()}
+
     def closure():
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
@@ -172,11 +173,11 @@ def test_mesa_ema_update_by_hand():
     assert all(torch.equal(v, before[k]) for k, v in reg.ema.state_dict().items())
     # the reference is the EMA model's eval-mode output on the same inputs
     z = model(x)
-    torch.testing.assert_close(reg.extra_loss(z, torch.arange(16), 1, x),
-                               0.8 * distillation_kl(z, reg.ema.eval()(x), 5.0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        reg.extra_loss(z, torch.arange(16), 1, x), 0.8 * distillation_kl(z, reg.ema.eval()(x), 5.0), rtol=1e-12, atol=0
+    )
     assert torch.equal(reg.extra_loss(z, torch.arange(16), 0, x), torch.zeros(16, dtype=torch.float64))
-    copy = MESARegularizer(tiny_mlp(seed=3, batchnorm=True), 10, 3, "cpu", ema_decay=decay, lam=0.8, tau=5.0,
-                           kl_start=0)
+    copy = MESARegularizer(tiny_mlp(seed=3, batchnorm=True), 10, 3, "cpu", ema_decay=decay, lam=0.8, tau=5.0, kl_start=0)
     copy.load_state_dict(reg.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(copy.ema.state_dict().values(), reg.ema.state_dict().values()))
 
@@ -228,9 +229,19 @@ def test_the_closure_hands_each_pass_its_ids_and_inputs():
     model = nn.Linear(4, 3)
     x, y, ids = torch.randn(8, 4), torch.randint(0, 3, (8,)), torch.tensor([7, 3, 9, 0, 2, 5, 1, 8])
     reg = Recording()
-    closure = TrainClosure(model, nn.CrossEntropyLoss(reduction="none"), x, y, accelerator=Accelerator(cpu=True),
-                           sync_ascent=False, scaler=None, accumulation_steps=2, sample_ids=ids, regularizer=reg,
-                           epoch=4)
+    closure = TrainClosure(
+        model,
+        nn.CrossEntropyLoss(reduction="none"),
+        x,
+        y,
+        accelerator=Accelerator(cpu=True),
+        sync_ascent=False,
+        scaler=None,
+        accumulation_steps=2,
+        sample_ids=ids,
+        regularizer=reg,
+        epoch=4,
+    )
     subset = torch.tensor([1, 2, 5, 6, 7])
     loss = closure(subset)
     assert torch.equal(torch.cat([c[0] for c in reg.calls]), ids[subset])
@@ -248,9 +259,11 @@ def test_the_harness_names_no_variant():
 
 def test_saf_and_mesa_train_through_the_harness(tmp_path):
     """kl_start 0: epoch 1 trains like SGD, epoch 2 with the term; the loss falls."""
+
     def run(name, **hyperparameters):
-        config = RunConfig(optimizer=name, hyperparameters=hyperparameters, epochs=2, batch_size=64, cpu=True,
-                           output_dir=str(tmp_path / name))
+        config = RunConfig(
+            optimizer=name, hyperparameters=hyperparameters, epochs=2, batch_size=64, cpu=True, output_dir=str(tmp_path / name)
+        )
         result = train(config)
         return read_jsonl(result.run_dir / "metrics.jsonl"), load_file(result.run_dir / "model.safetensors")
 
@@ -265,8 +278,21 @@ def test_saf_and_mesa_train_through_the_harness(tmp_path):
 
 def test_a_killed_saf_run_resumes_to_the_same_result(tmp_path):
     """The buffer's epoch-0 logits are used after the resume: it must come back with the checkpoint."""
-    flags = ["--sam_type", "saf", "--kl_start", "0", "--past_epochs", "1", "--epochs", "2", "--batch_size", "64",
-             "--save_every_steps", "4", "--cpu"]
+    flags = [
+        "--sam_type",
+        "saf",
+        "--kl_start",
+        "0",
+        "--past_epochs",
+        "1",
+        "--epochs",
+        "2",
+        "--batch_size",
+        "64",
+        "--save_every_steps",
+        "4",
+        "--cpu",
+    ]
     assert main(flags + ["--output_dir", str(tmp_path / "whole")]) == 0
     killed = flags + ["--output_dir", str(tmp_path / "killed")]
     env = {**os.environ, "KILL_AFTER": "30"}  # 22 steps per epoch: step 30 is mid-epoch 2, last checkpoint at 28
@@ -285,11 +311,37 @@ def test_a_killed_saf_run_resumes_to_the_same_result(tmp_path):
 def test_two_processes_keep_the_whole_saf_buffer(tmp_path):
     """Each process trains on its shard, whose samples change every epoch; the gathered buffer gives
     every sample its past logits, so two processes equal one process with the whole batch."""
-    args = ["--arch_type", "mlp", "--epochs", "2", "--batch_size", "64", "--schedule", "constant", "--sam_type", "saf",
-            "--kl_start", "0", "--past_epochs", "1"]
+    args = [
+        "--arch_type",
+        "mlp",
+        "--epochs",
+        "2",
+        "--batch_size",
+        "64",
+        "--schedule",
+        "constant",
+        "--sam_type",
+        "saf",
+        "--kl_start",
+        "0",
+        "--past_epochs",
+        "1",
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", "29541", "launch.py", *args, "--output_dir", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29541",
+        "launch.py",
+        *args,
+        "--output_dir",
+        str(tmp_path / "two"),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert main([*args, "--cpu", "--output_dir", str(tmp_path / "one")]) == 0

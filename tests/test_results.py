@@ -14,8 +14,16 @@ from bench.report.tables import MIN_TIMED_S, comparison_table, to_markdown, writ
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_run(root: Path, optimizer: str = "sgd", seed: int = 0, acc: float | None = 0.9, status: str = "completed",
-             train_time: float = 10.0, name: str | None = None, **settings) -> Path:
+def make_run(
+    root: Path,
+    optimizer: str = "sgd",
+    seed: int = 0,
+    acc: float | None = 0.9,
+    status: str = "completed",
+    train_time: float = 10.0,
+    name: str | None = None,
+    **settings,
+) -> Path:
     """A run directory as bench.loop leaves it: config.json always, summary.json unless ``acc`` is None."""
     config = RunConfig(dataset="digits", arch="smallcnn", optimizer=optimizer, seed=seed, **settings)
     run = root / (name or f"{config.run_id()}_{status}")
@@ -23,10 +31,22 @@ def make_run(root: Path, optimizer: str = "sgd", seed: int = 0, acc: float | Non
     extra = {"run_id": config.run_id(), "world_size": 1, "device": "cpu", "versions": {"torch": "2"}}
     (run / "config.json").write_text(json.dumps({**config.to_dict(), **extra}))
     if acc is not None:
-        summary = {"run_id": config.run_id(), "status": status, "dataset": "digits", "arch": "smallcnn",
-                   "optimizer": optimizer, "seed": seed, "final_test_acc": acc, "best_test_acc": acc,
-                   "final_test_loss": 0.5, "final_test_ece": 0.03, "train_time_s": train_time, "passes_per_step": 1.0,
-                   "images_per_s": 1000.0, "stopped_early": status == "stopped_early"}
+        summary = {
+            "run_id": config.run_id(),
+            "status": status,
+            "dataset": "digits",
+            "arch": "smallcnn",
+            "optimizer": optimizer,
+            "seed": seed,
+            "final_test_acc": acc,
+            "best_test_acc": acc,
+            "final_test_loss": 0.5,
+            "final_test_ece": 0.03,
+            "train_time_s": train_time,
+            "passes_per_step": 1.0,
+            "images_per_s": 1000.0,
+            "stopped_early": status == "stopped_early",
+        }
         (run / "summary.json").write_text(json.dumps(summary))
     return run
 
@@ -124,8 +144,9 @@ def test_seeds_machines_and_operational_fields_do_not_split_a_configuration(tmp_
     make_run(tmp_path, "sgd", 0, acc=0.80, output_dir="a", sharpness=True, cpu=True)
     run = make_run(tmp_path, "sgd", 1, acc=0.90, output_dir="b", keep_checkpoints=5)
     config = json.loads((run / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps({**config, "device": "cuda:0", "world_size": 4, "versions": {"torch": "3"},
-                                                 "environment": {"host": "x"}}))
+    (run / "config.json").write_text(
+        json.dumps({**config, "device": "cuda:0", "world_size": 4, "versions": {"torch": "3"}, "environment": {"host": "x"}})
+    )
     table = table_of(tmp_path)
     assert (len(table), table.loc[0, "n"], table.loc[0, "final acc (%)"]) == (1, 2, "85.00 ± 7.07")
 
@@ -138,17 +159,23 @@ def test_settings_column_names_differing_hyperparameters_only_where_they_differ(
     make_run(tmp_path, "sgd", 0, epochs=3)
     table = table_of(tmp_path)
     assert list(zip(table.optimizer, table.settings, table.n)) == [
-        ("sgd", "epochs=3", 1), ("sgd", "epochs=10", 2), ("sam", "epochs=10, rho=0.1", 2), ("sam", "epochs=10, rho=default", 2)]
+        ("sgd", "epochs=3", 1),
+        ("sgd", "epochs=10", 2),
+        ("sam", "epochs=10, rho=0.1", 2),
+        ("sam", "epochs=10, rho=default", 2),
+    ]
 
 
 def test_the_common_case_keeps_the_committed_columns(tmp_path):
     for optimizer in ("sam", "sgd", "bsam"):
         for seed in (0, 1, 2):
             # runs as short as the default suite's: the committed table flags their ratios imprecise
-            run = make_run(tmp_path, optimizer, seed, lr=0.5 if optimizer == "bsam" else 0.1,
-                           train_time=20.0 if optimizer == "sam" else 10.0)
-            (run / "sharpness.json").write_text(json.dumps(
-                {"hessian_max_eigenvalue": 1.0, "sam_sharpness": 0.1, "hessian_trace": 5.0, "loss": 0.1}))
+            run = make_run(
+                tmp_path, optimizer, seed, lr=0.5 if optimizer == "bsam" else 0.1, train_time=20.0 if optimizer == "sam" else 10.0
+            )
+            (run / "sharpness.json").write_text(
+                json.dumps({"hessian_max_eigenvalue": 1.0, "sam_sharpness": 0.1, "hessian_trace": 5.0, "loss": 0.1})
+            )
     table = table_of(tmp_path)
     committed = (ROOT / "results" / "digits.csv").read_text().splitlines()[0].split(",")
     assert list(table.columns) == committed  # no settings and no status column when nothing needs them
@@ -163,7 +190,10 @@ def test_stopped_early_and_diverged_runs_are_rows_of_their_own(tmp_path):
     make_run(tmp_path, "sgd", 3, acc=0.50, status="stopped_early")
     table = table_of(tmp_path)
     assert list(zip(table.status, table.n, table["final acc (%)"])) == [
-        ("completed", 2, "85.00 ± 7.07"), ("stopped_early", 1, "50.00 ± 0.00"), ("diverged", 1, "10.00 ± 0.00")]
+        ("completed", 2, "85.00 ± 7.07"),
+        ("stopped_early", 1, "50.00 ± 0.00"),
+        ("diverged", 1, "10.00 ± 0.00"),
+    ]
     assert list(table["stopped early"]) == [False, True, False]
     assert "settings" not in table  # same settings: the status column tells the rows apart
     assert list(table["time vs sgd"]) == [1.0, "", ""]
@@ -229,8 +259,10 @@ def test_a_diverged_sgd_run_is_not_the_baseline(tmp_path):
     shown = table.drop(columns=["final acc mean", "final acc std"])
     assert "nan" not in to_markdown(table).lower() and "nan" not in shown.to_csv().lower()
     make_run(tmp_path, "sgd", 1, train_time=10.0)  # a completed baseline of the same settings
-    assert table_of(tmp_path).set_index(["optimizer", "status", "settings"]).loc[
-        ("sam", "completed", "epochs=10"), "time vs sgd"] == 2.0
+    assert (
+        table_of(tmp_path).set_index(["optimizer", "status", "settings"]).loc[("sam", "completed", "epochs=10"), "time vs sgd"]
+        == 2.0
+    )
 
 
 def test_an_unfinished_run_shows_as_unfinished(tmp_path):
@@ -238,8 +270,11 @@ def test_an_unfinished_run_shows_as_unfinished(tmp_path):
     make_run(tmp_path, "sgd", 1, acc=None)  # config.json, no summary.json yet
     make_run(tmp_path, "sam", 0, acc=None)
     table = table_of(tmp_path)
-    assert list(zip(table.optimizer, table.status, table.n)) == [("sgd", "completed", 1), ("sgd", "unfinished", 1),
-                                                                 ("sam", "unfinished", 1)]
+    assert list(zip(table.optimizer, table.status, table.n)) == [
+        ("sgd", "completed", 1),
+        ("sgd", "unfinished", 1),
+        ("sam", "unfinished", 1),
+    ]
     unfinished = table[table.status == "unfinished"]
     for column in ("final acc (%)", "best acc (%)", "test loss", "time vs sgd", "images/s"):
         assert set(unfinished[column]) == {""}, column
@@ -299,15 +334,19 @@ def test_time_ratios_come_from_each_runs_step_time_not_its_train_time(tmp_path):
     """A run slowed by a burst of other work has a long train time but the same step time (the median
     over epochs of the epoch's mean step): the ratio follows the step times (0.03 / 0.0105), not the
     train times (100 / 10)."""
-    for optimizer, seed, step, total in [("sgd", 0, 0.010, 10.0), ("sgd", 1, 0.011, 11.0), ("sam", 0, 0.030, 100.0),
-                                         ("sam", 1, 0.030, 30.0)]:
+    for optimizer, seed, step, total in [
+        ("sgd", 0, 0.010, 10.0),
+        ("sgd", 1, 0.011, 11.0),
+        ("sam", 0, 0.030, 100.0),
+        ("sam", 1, 0.030, 30.0),
+    ]:
         run = make_run(tmp_path, optimizer, seed, train_time=total)
         summary = json.loads((run / "summary.json").read_text())
         (run / "summary.json").write_text(json.dumps({**summary, "step_time_s": step}))
     table = table_of(tmp_path).set_index("optimizer")
     assert table.loc["sam", "time vs sgd"] == round(0.030 / 0.0105, 2)
     # its relative standard error: sgd's two step times differ by 10% (se of the mean 4.76% of it), sam's agree
-    assert table.loc["sam", "time ± (%)"] == round(100 * (0.001 / 2 ** 0.5) / 0.0105 / 2 ** 0.5, 1) == 4.8
+    assert table.loc["sam", "time ± (%)"] == round(100 * (0.001 / 2**0.5) / 0.0105 / 2**0.5, 1) == 4.8
 
 
 def test_a_ratio_never_divides_a_step_time_by_a_training_time(tmp_path):
@@ -325,6 +364,7 @@ def test_a_ratio_its_runs_cannot_pin_to_15_percent_is_flagged_imprecise(tmp_path
     """Flagged: two standard errors over 15% (sgd's step times 0.010 and 0.013: se of the mean 11.5%
     of it), or runs shorter than MIN_TIMED_S however well they agree; the baseline's own row, 1 by
     definition, never."""
+
     def runs(folder, times, train_time):
         for (optimizer, seed), step in zip([("sgd", 0), ("sgd", 1), ("sam", 0), ("sam", 1)], times):
             run = make_run(tmp_path / folder, optimizer, seed, train_time=train_time)
@@ -348,8 +388,16 @@ def test_a_runs_step_time_counts_every_kind_of_step(tmp_path):
     (1 + 1/k) times as much.  The summary's step time is the median over epochs of the mean step."""
     from bench.loop.train import train
 
-    config = RunConfig(dataset="digits", arch="mlp", optimizer="looksam", epochs=3, batch_size=128, cpu=True,
-                       output_dir=str(tmp_path), save_every_epochs=0)
+    config = RunConfig(
+        dataset="digits",
+        arch="mlp",
+        optimizer="looksam",
+        epochs=3,
+        batch_size=128,
+        cpu=True,
+        output_dir=str(tmp_path),
+        save_every_epochs=0,
+    )
     run = train(config).run_dir
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [rows[0]["step"]] + [b["step"] - a["step"] for a, b in zip(rows, rows[1:])]
@@ -361,12 +409,17 @@ def test_a_runs_step_time_counts_every_kind_of_step(tmp_path):
 def test_time_ratios_compare_runs_at_the_same_thread_count_only(tmp_path):
     """Threads are operational (not in a run's identity), so an sgd run with 2 threads and a sam run with
     1 are the same settings; their step times are not comparable: no ratio, rather than a wrong one."""
-    for optimizer, seed, threads, step in [("sgd", 0, 1, 0.010), ("sgd", 1, 2, 0.006), ("sam", 0, 1, 0.020),
-                                           ("sam", 1, 1, 0.022), ("asam", 0, 2, 0.012), ("asam", 1, 1, 0.021)]:
+    for optimizer, seed, threads, step in [
+        ("sgd", 0, 1, 0.010),
+        ("sgd", 1, 2, 0.006),
+        ("sam", 0, 1, 0.020),
+        ("sam", 1, 1, 0.022),
+        ("asam", 0, 2, 0.012),
+        ("asam", 1, 1, 0.021),
+    ]:
         run = make_run(tmp_path, optimizer, seed)
         summary = json.loads((run / "summary.json").read_text())
-        (run / "summary.json").write_text(json.dumps({**summary, "step_time_s": step, "torch_threads": threads,
-                                                      "world_size": 1}))
+        (run / "summary.json").write_text(json.dumps({**summary, "step_time_s": step, "torch_threads": threads, "world_size": 1}))
     table = table_of(tmp_path).set_index("optimizer")
     assert table.loc["sam", "time vs sgd"] == 2.1  # against the 1-thread sgd run: median 0.021 / 0.010
     assert table.loc["asam", "time vs sgd"] == ""  # its runs used 1 and 2 threads

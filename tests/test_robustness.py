@@ -60,8 +60,19 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_result(name, tmp_path):
 
 
 def test_a_corrupt_checkpoint_is_reported_and_the_previous_one_kept(tmp_path, capsys):
-    flags = ["--sam_type", "sam", "--epochs", "1", "--batch_size", "64", "--save_every_steps", "5", "--cpu",
-             "--output_dir", str(tmp_path)]
+    flags = [
+        "--sam_type",
+        "sam",
+        "--epochs",
+        "1",
+        "--batch_size",
+        "64",
+        "--save_every_steps",
+        "5",
+        "--cpu",
+        "--output_dir",
+        str(tmp_path),
+    ]
     assert main(flags) == 0
     capsys.readouterr()
     run = only_run(tmp_path)
@@ -79,8 +90,16 @@ def test_a_corrupt_checkpoint_is_reported_and_the_previous_one_kept(tmp_path, ca
 def test_gradient_accumulation_equals_the_larger_batch(name, tmp_path):
     runs = []
     for accum in (1, 2):
-        config = RunConfig(arch="mlp", optimizer=name, epochs=1, batch_size=64, grad_accum_steps=accum, max_steps=8,
-                           cpu=True, output_dir=str(tmp_path / f"a{accum}"))
+        config = RunConfig(
+            arch="mlp",
+            optimizer=name,
+            epochs=1,
+            batch_size=64,
+            grad_accum_steps=accum,
+            max_steps=8,
+            cpu=True,
+            output_dir=str(tmp_path / f"a{accum}"),
+        )
         runs.append(train(config).run_dir)
     wa, wb = (load_file(r / "model.safetensors") for r in runs)
     for k in wa:
@@ -110,8 +129,15 @@ def test_a_non_finite_pass_skips_the_step_with_weights_restored(fail_on_pass, fp
     scaler = LossScaler(init_scale=1024.0) if fp16 else None
     x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,))
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
-    closure = TrainClosure(model, _injecting_loss(fail_on_pass, float("nan")), x, y, accelerator=Accelerator(cpu=True),
-                           sync_ascent=False, scaler=scaler)
+    closure = TrainClosure(
+        model,
+        _injecting_loss(fail_on_pass, float("nan")),
+        x,
+        y,
+        accelerator=Accelerator(cpu=True),
+        sync_ascent=False,
+        scaler=scaler,
+    )
     assert take_step(opt, closure)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -121,8 +147,9 @@ def test_a_non_finite_pass_skips_the_step_with_weights_restored(fail_on_pass, fp
         scaler.update(skipped=True)
         assert scaler.scale == 512.0
     # the next step goes through
-    closure = TrainClosure(model, _injecting_loss(0, 1.0), x, y, accelerator=Accelerator(cpu=True), sync_ascent=False,
-                           scaler=scaler)
+    closure = TrainClosure(
+        model, _injecting_loss(0, 1.0), x, y, accelerator=Accelerator(cpu=True), sync_ascent=False, scaler=scaler
+    )
     assert not take_step(opt, closure)
     assert any(not torch.equal(before[k], model.state_dict()[k]) for k in before)
 
@@ -148,9 +175,17 @@ def test_fp16_loss_scaling_changes_no_step_of_any_optimizer(name):
         g = torch.Generator().manual_seed(1)
         for step in range(4):
             x, y = torch.randn(8, 1, 4, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
-            closure = TrainClosure(model, nn.CrossEntropyLoss(reduction="none"), x, y, accelerator=Accelerator(cpu=True),
-                                   sync_ascent=False, scaler=scaler, sample_ids=torch.arange(8) + 8 * step,
-                                   regularizer=regularizer)
+            closure = TrainClosure(
+                model,
+                nn.CrossEntropyLoss(reduction="none"),
+                x,
+                y,
+                accelerator=Accelerator(cpu=True),
+                sync_ascent=False,
+                scaler=scaler,
+                sample_ids=torch.arange(8) + 8 * step,
+                regularizer=regularizer,
+            )
             assert not take_step(opt, closure)
             if regularizer is not None:
                 regularizer.after_step(model, skipped=False)
@@ -173,8 +208,23 @@ def test_fp16_scaler_unscales_and_flags_infinite_gradients():
 
 
 def test_a_diverging_run_stops_with_its_metrics_kept(tmp_path, capsys):
-    argv = ["--arch_type", "mlp", "--lr", "1e12", "--momentum", "0", "--epochs", "2", "--batch_size", "64",
-            "--max_consecutive_skips", "3", "--cpu", "--output_dir", str(tmp_path)]
+    argv = [
+        "--arch_type",
+        "mlp",
+        "--lr",
+        "1e12",
+        "--momentum",
+        "0",
+        "--epochs",
+        "2",
+        "--batch_size",
+        "64",
+        "--max_consecutive_skips",
+        "3",
+        "--cpu",
+        "--output_dir",
+        str(tmp_path),
+    ]
     assert main(argv) == 1
     err = capsys.readouterr().err.replace("\n", " ")
     assert "3 consecutive steps with a non-finite loss or gradient" in err
@@ -186,8 +236,9 @@ def test_a_diverging_run_stops_with_its_metrics_kept(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_bf16_autocast_trains_every_variant(name, tmp_path):
-    config = RunConfig(optimizer=name, epochs=1, batch_size=64, max_steps=4, mixed_precision="bf16", cpu=True,
-                       output_dir=str(tmp_path))
+    config = RunConfig(
+        optimizer=name, epochs=1, batch_size=64, max_steps=4, mixed_precision="bf16", cpu=True, output_dir=str(tmp_path)
+    )
     summary = train(config).summary
     assert summary["steps"] == 4 and summary["skipped_steps"] == 0
     assert summary["final_train_loss"] == summary["final_train_loss"]  # finite, not NaN

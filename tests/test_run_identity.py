@@ -13,17 +13,44 @@ from bench.config import OPERATIONAL, RunConfig
 #: The settings that do not change what a run computes (where and how it runs, what it measures afterwards).
 #: Written out here, not read from the code: a setting moved into OPERATIONAL by mistake fails the test below.
 NOT_RESULTS = {
-    "output_dir", "run_name", "data_dir", "save_every_steps", "save_every_epochs", "keep_checkpoints", "cpu", "sharpness",
-    "sharpness_samples", "sharpness_iterations", "sharpness_probes", "log_with", "threads", "workers", "compile",
-    "compile_backend", "channels_last", "test_every_epochs",
+    "output_dir",
+    "run_name",
+    "data_dir",
+    "save_every_steps",
+    "save_every_epochs",
+    "keep_checkpoints",
+    "cpu",
+    "sharpness",
+    "sharpness_samples",
+    "sharpness_iterations",
+    "sharpness_probes",
+    "log_with",
+    "threads",
+    "workers",
+    "compile",
+    "compile_backend",
+    "channels_last",
+    "test_every_epochs",
 }
 
 #: A value different from RunConfig's default for each setting (by field; numbers are derived below).
 OTHER = {
-    "dataset": "cifar10", "arch": "resnet8", "optimizer": "sam", "base_optimizer": "adamw", "schedule": "step",
-    "mixed_precision": "bf16", "sam_sync": "global", "image_column": "img", "label_column": "lbl",
-    "step_milestones": (0.5,), "hyperparameters": {"rho": 0.1}, "compile_backend": "eager", "output_dir": "elsewhere",
-    "run_name": "named", "data_dir": "data2", "log_with": "tensorboard",
+    "dataset": "cifar10",
+    "arch": "resnet8",
+    "optimizer": "sam",
+    "base_optimizer": "adamw",
+    "schedule": "step",
+    "mixed_precision": "bf16",
+    "sam_sync": "global",
+    "image_column": "img",
+    "label_column": "lbl",
+    "step_milestones": (0.5,),
+    "hyperparameters": {"rho": 0.1},
+    "compile_backend": "eager",
+    "output_dir": "elsewhere",
+    "run_name": "named",
+    "data_dir": "data2",
+    "log_with": "tensorboard",
 }
 
 
@@ -102,13 +129,16 @@ def test_resume_with_a_changed_setting_is_refused_naming_its_flag(sam_run, flag,
     assert f"{flag.name} (" in err, err
 
 
-@pytest.mark.parametrize("words, named", [
-    (["--sam_type", "sam", "--optimizer", "adamw"], "--optimizer ('sgd' there, 'adamw' given)"),
-    (["--optimizer", "adamw"], "--optimizer ('sgd' there, 'adamw' given)"),
-    (["--rho", "0.5"], "--rho (0.05 there, 0.5 given)"),
-    (["--k", "3"], "--k (not used by sam)"),
-    (["--arch", "resnet8"], "--arch ('mlp' there, 'resnet8' given)"),
-])
+@pytest.mark.parametrize(
+    "words, named",
+    [
+        (["--sam_type", "sam", "--optimizer", "adamw"], "--optimizer ('sgd' there, 'adamw' given)"),
+        (["--optimizer", "adamw"], "--optimizer ('sgd' there, 'adamw' given)"),
+        (["--rho", "0.5"], "--rho (0.05 there, 0.5 given)"),
+        (["--k", "3"], "--k (not used by sam)"),
+        (["--arch", "resnet8"], "--arch ('mlp' there, 'resnet8' given)"),
+    ],
+)
 def test_resume_names_the_flag_as_typed(sam_run, words, named, capsys):
     """The base optimizer is --optimizer (the seed's spelling), the variant --sam_type; a variant flag is compared
     with the run's variant's setting even when --sam_type is not repeated."""

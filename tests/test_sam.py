@@ -19,9 +19,7 @@ def test_sam_matches_pytorch_optimizer(adaptive):
     rho = (0.5, 1.0) if adaptive else (0.05, 0.1)
     ours_model, ref_model = tiny_mlp(), tiny_mlp()
     ours = create_optimizer("adaptive_sam" if adaptive else "sam", two_groups(ours_model, rho), **SGD)
-    ref = pytorch_optimizer.SAM(
-        two_groups(ref_model, rho, adaptive=adaptive), torch.optim.SGD, adaptive=adaptive, **SGD
-    )
+    ref = pytorch_optimizer.SAM(two_groups(ref_model, rho, adaptive=adaptive), torch.optim.SGD, adaptive=adaptive, **SGD)
     for x, y in batches(STEPS):
         loss = ours.step(plain_closure(ours_model, x, y))
         ref_closure = plain_closure(ref_model, x, y)

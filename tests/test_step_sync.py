@@ -30,8 +30,9 @@ class CountHostReads(TorchFunctionMode):
 
 def bn_cnn():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                         nn.Flatten(), nn.Linear(32, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4)
+    )
 
 
 def batch(seed: int):
@@ -40,12 +41,29 @@ def batch(seed: int):
 
 
 def closure_for(model, x, y, loss_fn=None, scaler=None, accumulation_steps=1):
-    return TrainClosure(model, loss_fn or nn.CrossEntropyLoss(reduction="none"), x, y, accelerator=Accelerator(cpu=True),
-                        sync_ascent=False, scaler=scaler, accumulation_steps=accumulation_steps)
+    return TrainClosure(
+        model,
+        loss_fn or nn.CrossEntropyLoss(reduction="none"),
+        x,
+        y,
+        accelerator=Accelerator(cpu=True),
+        sync_ascent=False,
+        scaler=scaler,
+        accumulation_steps=accumulation_steps,
+    )
 
 
-@pytest.mark.parametrize("name, settings", [("sgd", {}), ("sam", {}), ("gsam", {}), ("looksam", {"k": 2}),
-                                            ("sam", {"accumulation_steps": 2}), ("sam", {"fp16_scaler": True})])
+@pytest.mark.parametrize(
+    "name, settings",
+    [
+        ("sgd", {}),
+        ("sam", {}),
+        ("gsam", {}),
+        ("looksam", {"k": 2}),
+        ("sam", {"accumulation_steps": 2}),
+        ("sam", {"fp16_scaler": True}),
+    ],
+)
 def test_one_host_synchronisation_per_step(name, settings):
     model = bn_cnn()
     accumulation = settings.pop("accumulation_steps", 1)
@@ -89,8 +107,10 @@ def test_a_step_skipped_at_its_end_is_undone_exactly(name, fail_on_pass):
     state_before = copy.deepcopy(opt.state_dict())
     assert take_step(opt, closure_for(model, *batch(7), loss_fn=_loss_failing_on(fail_on_pass)), snapshot)
     assert all(p.grad is None for p in model.parameters())
-    assert torch.equal(torch.cat([t.reshape(-1).float() for t in model.state_dict().values()]),
-                       torch.cat([t.reshape(-1).float() for t in reference.state_dict().values()]))
+    assert torch.equal(
+        torch.cat([t.reshape(-1).float() for t in model.state_dict().values()]),
+        torch.cat([t.reshape(-1).float() for t in reference.state_dict().values()]),
+    )
     restored = opt.state_dict()
     for key, value in state_before["state"].items():
         for field, tensor in value.items() if isinstance(value, dict) else ():

@@ -66,8 +66,10 @@ def parquet(tmp_path_factory, folder) -> dict[str, list[str]]:
     files = {}
     for split, theirs in (("train", "train"), ("val", "validation")):
         paths = sorted((folder / split).rglob("*.*"))
-        data = {"image": [{"bytes": p.read_bytes(), "path": None} for p in paths],
-                "label": [CLASSES.index(p.parent.name) for p in paths]}
+        data = {
+            "image": [{"bytes": p.read_bytes(), "path": None} for p in paths],
+            "label": [CLASSES.index(p.parent.name) for p in paths],
+        }
         features = Features(image=Image(), label=ClassLabel(names=list(CLASSES)))
         path = root / f"{theirs}-00000-of-00001.parquet"
         Dataset.from_dict(data, features=features).to_parquet(str(path))
@@ -113,9 +115,12 @@ def hub(monkeypatch, folder):
                 yield {"image": image.copy(), "label": CLASSES.index(path.parent.name)}
 
     def load():
-        return IterableDatasetDict({theirs: IterableDataset.from_generator(examples, features=features,
-                                                                           gen_kwargs={"split": ours})
-                                    for ours, theirs in (("train", "train"), ("val", "validation"))})
+        return IterableDatasetDict(
+            {
+                theirs: IterableDataset.from_generator(examples, features=features, gen_kwargs={"split": ours})
+                for ours, theirs in (("train", "train"), ("val", "validation"))
+            }
+        )
 
     return _load_dataset_redirected(monkeypatch, load)
 
@@ -224,7 +229,7 @@ def test_hub_columns_are_detected_or_named(hub_parquet):
 
 
 def test_views_are_seeded_by_seed_epoch_and_sample():
-    (_, image), = _images(1, seed=3)
+    ((_, image),) = _images(1, seed=3)
     a = View(32, train=True, seed=1, epoch=2)
     assert a(image, 5).shape == (3, 32, 32) and a(image, 5).dtype == torch.uint8
     assert torch.equal(a(image, 5), View(32, train=True, seed=1, epoch=2)(image, 5))
@@ -293,8 +298,7 @@ def test_the_loader_evaluation_equals_the_in_memory_one(folder):
     _, val = load_image_folders(str(folder))
     val = dataclasses.replace(val, image_size=32)
     view = View(32, train=False)
-    images = torch.stack([view(Image.open(io.BytesIO((Path(val.root) / f).read_bytes())).convert("RGB"), 0)
-                          for f in val.files])
+    images = torch.stack([view(Image.open(io.BytesIO((Path(val.root) / f).read_bytes())).convert("RGB"), 0) for f in val.files])
     in_memory = ImageDataset(images, val.labels, 3, val.mean, val.std, "val")
     torch.manual_seed(0)
     model = create_model("smallcnn", num_classes=3)

@@ -42,7 +42,10 @@ def test_the_check_finds_what_it_looks_for(tmp_path, monkeypatch):
 
 def _imported(code: str) -> set[str]:
     """The top-level modules among torch, accelerate, datasets, pandas and matplotlib that ``code`` imports."""
-    probe = code + "\nimport sys; print(' '.join(m for m in ('torch', 'accelerate', 'datasets', 'pandas', 'matplotlib') if m in sys.modules))"
+    probe = (
+        code
+        + "\nimport sys; print(' '.join(m for m in ('torch', 'accelerate', 'datasets', 'pandas', 'matplotlib') if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return set(done.stdout.split())
@@ -50,8 +53,10 @@ def _imported(code: str) -> set[str]:
 
 def test_help_imports_nothing_heavy():
     """``launch.py --help`` answers from the flag table: no torch, accelerate, datasets, pandas or matplotlib."""
-    code = ("import contextlib, io\nfrom bench.cli.main import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()):\n    try:\n        main(['--help'])\n    except SystemExit:\n        pass")
+    code = (
+        "import contextlib, io\nfrom bench.cli.main import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n    try:\n        main(['--help'])\n    except SystemExit:\n        pass"
+    )
     assert _imported(code) == set()
 
 
@@ -68,7 +73,7 @@ def test_help_names_every_subcommand_and_groups_every_flag():
     assert all(f"launch.py {command}" in text for command in COMMANDS)
     assert all(f"\n{title}:" in text for title in GROUPS.values())
     assert all(flag.name in text for flag in FLAGS)
-    variants = text[text.index("\nvariant settings:"):]
+    variants = text[text.index("\nvariant settings:") :]
     assert all(f"  {name}: --" in variants for name in declarations.load()["variants"])
 
 

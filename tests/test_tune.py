@@ -46,8 +46,10 @@ def write_recipe(folder: Path, text: str = TINY) -> Path:
 
 def runs_under(folder: Path) -> list[tuple[dict, dict | None]]:
     """(config.json, summary.json or None) of every run directory under ``folder``."""
-    return [(read_json(c), read_json(c.parent / "summary.json") if (c.parent / "summary.json").is_file() else None)
-            for c in sorted(folder.glob("*/config.json"))]
+    return [
+        (read_json(c), read_json(c.parent / "summary.json") if (c.parent / "summary.json").is_file() else None)
+        for c in sorted(folder.glob("*/config.json"))
+    ]
 
 
 def tuned_value(config: dict) -> float:
@@ -141,8 +143,17 @@ def test_print_commands_lists_pending_trials_then_pending_final_runs(tuned, tmp_
 def plant(config, val: float | None, test: float) -> None:
     """A finished trial whose validation and test accuracies are given."""
     write_json(config.run_dir() / "config.json", config.to_dict())
-    write_json(config.run_dir() / "summary.json", {"status": "completed", "final_val_acc": val, "best_val_acc": val,
-                                                   "final_test_acc": test, "best_test_acc": test, "train_time_s": 1.0})
+    write_json(
+        config.run_dir() / "summary.json",
+        {
+            "status": "completed",
+            "final_val_acc": val,
+            "best_val_acc": val,
+            "final_test_acc": test,
+            "best_test_acc": test,
+            "train_time_s": 1.0,
+        },
+    )
 
 
 def test_the_chooser_reads_validation_accuracy_only(tmp_path):
@@ -170,8 +181,14 @@ def test_unequal_grids_are_refused_unless_the_recipe_allows_them(tmp_path, capsy
     assert budget(tuning).startswith("budgets differ (equal_budget = false): sgd 2 trials, sam 3 trials")
 
 
-@pytest.mark.parametrize("sets, message", [(["rho=0.1"], "--set rho would override"), (["seed=[0,1]"], "takes one value"),
-                                           (["val_fraction=0.3"], "--set val_fraction would override")])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["rho=0.1"], "--set rho would override"),
+        (["seed=[0,1]"], "takes one value"),
+        (["val_fraction=0.3"], "--set val_fraction would override"),
+    ],
+)
 def test_sets_that_would_change_the_tuning_are_refused(tmp_path, capsys, sets, message):
     recipe = write_recipe(tmp_path)
     assert main(["tune", str(recipe), "--print_commands", *(f"--set={s}" for s in sets)]) == 2
@@ -203,10 +220,13 @@ def test_trial_epochs_shortens_the_trials_and_their_commands_only(tmp_path, caps
     assert "trials of 2 epochs (final runs: 3)" in budget(tuning)
 
 
-@pytest.mark.parametrize("edit, message", [
-    ("trial_epochs = 0\n", "trial_epochs must be a positive integer, got 0"),
-    ("trial_epochs = 5\n", "trial_epochs 5 exceeds the final runs' 1 epochs (sgd)"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ("trial_epochs = 0\n", "trial_epochs must be a positive integer, got 0"),
+        ("trial_epochs = 5\n", "trial_epochs 5 exceeds the final runs' 1 epochs (sgd)"),
+    ],
+)
 def test_bad_trial_epochs_are_refused_in_one_line(tmp_path, capsys, edit, message):
     recipe = write_recipe(tmp_path, TINY.replace("[tune]\n", "[tune]\n" + edit))
     assert main(["tune", str(recipe), "--output_dir", str(tmp_path / "runs"), "--print_commands"]) == 2

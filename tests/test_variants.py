@@ -159,8 +159,18 @@ def test_look_layer_sam_radius_is_rho():
     opt = create_optimizer("look_layer_sam", model, rho=rho, lr=0.1)
     e = applied_perturbation(opt, model, x, y)
     assert abs(norm(e).item() - rho) < 1e-10
-    assert_close(torch.cat([t.reshape(-1) for t in e]), torch.cat([t.reshape(-1) for t in look_layer_e(
-        [p.detach() for p in model.parameters()], loss_and_grads(model, weights_of(model), x, y)[1], rho)]), 1e-10)
+    assert_close(
+        torch.cat([t.reshape(-1) for t in e]),
+        torch.cat(
+            [
+                t.reshape(-1)
+                for t in look_layer_e(
+                    [p.detach() for p in model.parameters()], loss_and_grads(model, weights_of(model), x, y)[1], rho
+                )
+            ]
+        ),
+        1e-10,
+    )
 
     tiny = (x * 1e-6, y)  # small inputs, small gradients
     e = applied_perturbation(opt, model, *tiny)
@@ -178,8 +188,9 @@ def test_look_layer_sam_radius_spans_groups_with_their_own_rho():
     e_mixed = applied_perturbation(create_optimizer("look_layer_sam", two_groups(model, (0.2, 0.1)), lr=0.1), model, x, y)
     n_first = len(list(model[0].parameters()))
     assert_close(torch.cat([t.reshape(-1) for t in e_mixed[:n_first]]), torch.cat([t.reshape(-1) for t in e[:n_first]]), 1e-12)
-    assert_close(torch.cat([t.reshape(-1) for t in e_mixed[n_first:]]),
-                 torch.cat([0.5 * t.reshape(-1) for t in e[n_first:]]), 1e-12)
+    assert_close(
+        torch.cat([t.reshape(-1) for t in e_mixed[n_first:]]), torch.cat([0.5 * t.reshape(-1) for t in e[n_first:]]), 1e-12
+    )
 
 
 def test_esam_matches_reference():
@@ -328,6 +339,7 @@ def test_bsam_updates_batchnorm_in_every_pass_like_the_official_code():
 
 
 # -- memory --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_persistent_extra_memory(name):

@@ -287,8 +287,9 @@ def test_lookbehind_mid_cycle_evaluation_and_resume():
         inner_step(resumed, opt_r, x, y)
     opt_r.step(plain_closure(resumed, x2, y2))
     assert torch.equal(flat(resumed), flat(model))
-    assert not any(key in s for s in opt.state_dict()["state"].values() if isinstance(s, dict)
-                   for key in ("slow", "fast", "point", "first"))  # between cycles nothing of them is saved
+    assert not any(
+        key in s for s in opt.state_dict()["state"].values() if isinstance(s, dict) for key in ("slow", "fast", "point", "first")
+    )  # between cycles nothing of them is saved
 
 
 def test_lookbehind_failed_pass_restores_the_slow_weights():

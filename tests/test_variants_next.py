@@ -83,8 +83,10 @@ class Counting:
 # -- WSAM ----------------------------------------------------------------------------------------------
 
 WSAM_CASES = [
-    dict(decouple=True), dict(decouple=False),
-    dict(decouple=True, max_norm=0.05), dict(decouple=False, max_norm=0.05),
+    dict(decouple=True),
+    dict(decouple=False),
+    dict(decouple=True, max_norm=0.05),
+    dict(decouple=False, max_norm=0.05),
     dict(decouple=True, adaptive=True),
 ]
 WSAM_IDS = ["decoupled", "coupled", "decoupled-clipped", "coupled-clipped", "decoupled-adaptive"]
@@ -99,8 +101,9 @@ def test_wsam_matches_pytorch_optimizer(case):
     rho = (0.5, 1.0) if case.get("adaptive") else (0.05, 0.1)
     ours_model, ref_model = tiny_mlp(), tiny_mlp()  # no BatchNorm: the oracle zeroes BN momentum instead of freezing
     ours = create_optimizer("wsam", two_groups(ours_model, rho), gamma=0.8, **case, **SGD)
-    ref = pytorch_optimizer.WSAM(ref_model, two_groups(ref_model, rho, adaptive=case.get("adaptive", False)),
-                                 torch.optim.SGD, gamma=0.8, **case, **SGD)
+    ref = pytorch_optimizer.WSAM(
+        ref_model, two_groups(ref_model, rho, adaptive=case.get("adaptive", False)), torch.optim.SGD, gamma=0.8, **case, **SGD
+    )
     for x, y in batches(6):
         ours.step(plain_closure(ours_model, x, y))
         ref.step(plain_closure(ref_model, x, y))
@@ -207,8 +210,10 @@ def on_reference(name, model, per_tensor, steps, x_y, eta=0.0, normalize_bias=Tr
         _, g = loss_and_grads(model, w, x, y)
         t = [wi.abs() + eta if s and name == "asam_on" else torch.ones_like(wi) for wi, s in zip(w, scaled)]
         tg_norm = norm([ti * gi for ti, gi, n in zip(t, g, in_n) if n])
-        e = [rt["rho"] * ti**2 * gi / (tg_norm + 1e-16) if n else torch.zeros_like(gi)
-             for ti, gi, n, rt in zip(t, g, in_n, per_tensor)]
+        e = [
+            rt["rho"] * ti**2 * gi / (tg_norm + 1e-16) if n else torch.zeros_like(gi)
+            for ti, gi, n, rt in zip(t, g, in_n, per_tensor)
+        ]
         _, g_s = loss_and_grads(model, plus(w, e), x, y)
         w = sgd(w, g_s)
         out.append(as_flat(w))
@@ -310,10 +315,15 @@ def gam_direction(ref_model, w, x, y, per_tensor, eps=1e-12):
 
 
 def gam_groups(model):
-    return grouped(model, 2, rho=(0.2, 0.3), extra=(
-        {"rho_prime": 0.03, "alpha": 0.1, "beta": 0.1, "gamma": 0.05},
-        {"rho_prime": 0.05, "alpha": 0.6, "beta": 0.5, "gamma": 0.2},
-    ))
+    return grouped(
+        model,
+        2,
+        rho=(0.2, 0.3),
+        extra=(
+            {"rho_prime": 0.03, "alpha": 0.1, "beta": 0.1, "gamma": 0.05},
+            {"rho_prime": 0.05, "alpha": 0.6, "beta": 0.5, "gamma": 0.2},
+        ),
+    )
 
 
 def test_gam_matches_reference():
@@ -439,7 +449,10 @@ def test_ae_sam_matches_reference():
 
 def test_ae_sam_two_phase_form_decides_after_the_first_pass():
     model, other = tiny_mlp(), tiny_mlp()
-    opt, by_step = create_optimizer("ae_sam", model, total_steps=6, **SGD), create_optimizer("ae_sam", other, total_steps=6, **SGD)
+    opt, by_step = (
+        create_optimizer("ae_sam", model, total_steps=6, **SGD),
+        create_optimizer("ae_sam", other, total_steps=6, **SGD),
+    )
     for x, y in batches(6, seed=4):
         plain_closure(model, x, y)()
         if opt.perturbs_this_step:

@@ -1,4 +1,5 @@
 """The native ViT (``vit_tiny_p4`` ...) and the optional timm architectures (``timm:NAME``)."""
+
 import json
 import sys
 
@@ -38,13 +39,16 @@ def test_forward_shapes(name, in_channels, size):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name, kwargs, expected", [
-    ("vit_tiny_p4", {}, 307_914),
-    ("vit_tiny_p4", {"in_channels": 1}, 305_866),
-    ("vit_tiny_p4", {"pool": "cls"}, 307_978),
-    ("vit_tiny_p4", {"image_size": 8}, 304_074),  # a 2x2 position table instead of 8x8
-    ("vit_small_p4", {}, 1_205_642),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, expected",
+    [
+        ("vit_tiny_p4", {}, 307_914),
+        ("vit_tiny_p4", {"in_channels": 1}, 305_866),
+        ("vit_tiny_p4", {"pool": "cls"}, 307_978),
+        ("vit_tiny_p4", {"image_size": 8}, 304_074),  # a 2x2 position table instead of 8x8
+        ("vit_small_p4", {}, 1_205_642),
+    ],
+)
 def test_parameter_counts(name, kwargs, expected):
     assert num_params(name, **kwargs) == expected
 
@@ -79,12 +83,15 @@ def test_hessian_vector_product_works():
     assert hv[0].abs().sum() > 0  # pos_embed
 
 
-@pytest.mark.parametrize("name, kwargs, fragment", [
-    ("vit_tiny_p4", {"dim": 32}, "the name fixes dim=64, depth=6, heads=4, patch_size=4"),
-    ("vit_tiny_p0", {}, "patch_size must be a positive integer"),
-    ("vit_tiny_p4", {"pool": "max"}, "pool must be one of gap, cls"),
-    ("vit_tiny_p4", {"dropout": 1.0}, "dropout must be in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, fragment",
+    [
+        ("vit_tiny_p4", {"dim": 32}, "the name fixes dim=64, depth=6, heads=4, patch_size=4"),
+        ("vit_tiny_p0", {}, "patch_size must be a positive integer"),
+        ("vit_tiny_p4", {"pool": "max"}, "pool must be one of gap, cls"),
+        ("vit_tiny_p4", {"dropout": 1.0}, "dropout must be in [0, 1)"),
+    ],
+)
 def test_bad_arguments_give_one_line_value_error(name, kwargs, fragment):
     with pytest.raises(ValueError) as info:
         create_model(name, **kwargs)
@@ -96,7 +103,9 @@ def test_bad_arguments_give_one_line_value_error(name, kwargs, fragment):
 def test_sam_through_the_harness_lowers_the_loss(tmp_path):
     from bench.loop.train import train
 
-    config = RunConfig(arch="vit_tiny_p4", optimizer="sam", epochs=2, batch_size=64, cpu=True, threads=1, output_dir=str(tmp_path))
+    config = RunConfig(
+        arch="vit_tiny_p4", optimizer="sam", epochs=2, batch_size=64, cpu=True, threads=1, output_dir=str(tmp_path)
+    )
     result = train(config)
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [row["train_loss"] for row in rows if row.get("train_loss") is not None]
@@ -137,11 +146,14 @@ def test_timm_names_resolve_and_unknown_names_fail_in_one_line():
         create_model("timm:test_vit", image_size=0)
 
 
-@pytest.mark.parametrize("name, kwargs, size", [
-    ("vit_tiny_patch16_224", {}, (224, 224)),      # the size from the model's pretrained_cfg
-    ("test_vit", {}, (160, 160)),
-    ("resnet10t", {"image_size": 64}, (64, 64)),  # an explicit size, cheaper on CPU
-])
+@pytest.mark.parametrize(
+    "name, kwargs, size",
+    [
+        ("vit_tiny_patch16_224", {}, (224, 224)),  # the size from the model's pretrained_cfg
+        ("test_vit", {}, (160, 160)),
+        ("resnet10t", {"image_size": 64}, (64, 64)),  # an explicit size, cheaper on CPU
+    ],
+)
 def test_timm_model_trains_with_sam_on_small_images(name, kwargs, size):
     pytest.importorskip("timm")
     torch.manual_seed(0)

@@ -52,8 +52,12 @@ def from_declarations() -> dict[str, Any]:
         for flag, setting in flags.items():
             uses[flag].append((name, setting))
     flags = {flag: {"kind": _kind([s for _, s in uses[flag]]), "help": _help(uses[flag])} for flag in sorted(uses)}
-    return {"optimizers": available_optimizers(), "architectures": [*available_architectures(), *architecture_patterns()],
-            "flags": flags, "variants": variants}
+    return {
+        "optimizers": available_optimizers(),
+        "architectures": [*available_architectures(), *architecture_patterns()],
+        "flags": flags,
+        "variants": variants,
+    }
 
 
 def to_json(table: dict[str, Any]) -> str:

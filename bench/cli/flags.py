@@ -50,38 +50,79 @@ class Flag:
         return self.spellings[0]
 
 
-def _f(spelling: str, group: str, kind: Any = str, default: Any = None, help: str | None = None, field: str | None = None,
-       aliases: tuple[str, ...] = (), config: bool = True) -> Flag:
+def _f(
+    spelling: str,
+    group: str,
+    kind: Any = str,
+    default: Any = None,
+    help: str | None = None,
+    field: str | None = None,
+    aliases: tuple[str, ...] = (),
+    config: bool = True,
+) -> Flag:
     return Flag((f"--{spelling}", *(f"--{a}" for a in aliases)), field or spelling, group, kind, default, help, config)
 
 
 #: Every run flag but the variants' own (those come from their declarations).
 FLAGS: tuple[Flag, ...] = (
-    _f("dataset", "data", default="digits", help="digits, cifar10, cifar100, tinyimagenet (in memory), imagefolder "
-       "(class folders under --data_dir) or hf:OWNER/NAME (a Hugging Face Hub dataset, streamed)"),
-    _f("data_dir", "data", help="where cifar10/cifar100/tinyimagenet files are (or go); for imagefolder the folder "
-       "holding train/<class>/ and val/<class>/"),
+    _f(
+        "dataset",
+        "data",
+        default="digits",
+        help="digits, cifar10, cifar100, tinyimagenet (in memory), imagefolder "
+        "(class folders under --data_dir) or hf:OWNER/NAME (a Hugging Face Hub dataset, streamed)",
+    ),
+    _f(
+        "data_dir",
+        "data",
+        help="where cifar10/cifar100/tinyimagenet files are (or go); for imagefolder the folder "
+        "holding train/<class>/ and val/<class>/",
+    ),
     _f("train_subset", "data", int, help="train on a fixed subset of this many images"),
     _f("label_noise", "data", float, 0.0, "fraction of training labels replaced at random"),
     _f("val_fraction", "data", float, 0.0, "hold out this fraction of the training set (stratified) for validation"),
     _f("split_seed", "data", int, 0, "seed of the validation split (the same for every run seed)"),
     _f("cutout", "data", "switch", help="cutout augmentation (in-memory datasets)"),
-    _f("image_size", "data", int, help="imagefolder and hf: datasets: side of the training crop and the evaluation view "
-       "(default 224)"),
-    _f("workers", "data", int, help="imagefolder and hf: datasets: decoding workers per process (0: in the training "
-       "process; default: the free cores, at most 8)"),
+    _f(
+        "image_size",
+        "data",
+        int,
+        help="imagefolder and hf: datasets: side of the training crop and the evaluation view (default 224)",
+    ),
+    _f(
+        "workers",
+        "data",
+        int,
+        help="imagefolder and hf: datasets: decoding workers per process (0: in the training "
+        "process; default: the free cores, at most 8)",
+    ),
     _f("image_column", "data", help="hf: datasets: the image column (default: detected)"),
     _f("label_column", "data", help="hf: datasets: the label column (default: detected)"),
-    _f("arch_type", "model", default="smallcnn", field="arch", aliases=("arch",), help="the model: {architectures}, or "
-       "timm:NAME (a timm model)"),
+    _f(
+        "arch_type",
+        "model",
+        default="smallcnn",
+        field="arch",
+        aliases=("arch",),
+        help="the model: {architectures}, or timm:NAME (a timm model)",
+    ),
     _f("channels_last", "model", "switch", help="channels-last memory format for the model and its input batches"),
     _f("compile", "model", "switch", help="torch.compile the model (one graph serves every pass of every variant)"),
     _f("compile_backend", "model", default="inductor", help="torch.compile backend used with --compile"),
-    _f("sync_bn", "model", "switch", help="BatchNorm statistics over all processes (with --sam_sync global: equals one "
-       "process on the whole batch)"),
+    _f(
+        "sync_bn",
+        "model",
+        "switch",
+        help="BatchNorm statistics over all processes (with --sam_sync global: equals one process on the whole batch)",
+    ),
     _f("optimizer", "optimizer", default="sgd", field="base_optimizer", help="base optimizer: sgd, adamw or adam"),
-    _f("sam_type", "optimizer", field="optimizer", help="the SAM variant, case-insensitive: {variants} (`launch.py "
-       "variants` describes them); omit it for the plain base optimizer"),
+    _f(
+        "sam_type",
+        "optimizer",
+        field="optimizer",
+        help="the SAM variant, case-insensitive: {variants} (`launch.py "
+        "variants` describes them); omit it for the plain base optimizer",
+    ),
     _f("lr", "optimizer", float, 0.1),
     _f("momentum", "optimizer", float, 0.9),
     _f("weight_decay", "optimizer", float, 5e-4),
@@ -95,20 +136,27 @@ FLAGS: tuple[Flag, ...] = (
     _f("max_steps", "training", int, help="stop after this many optimizer steps"),
     _f("grad_accum_steps", "training", int, 1, "micro-batches per pass (batch_size is the whole batch)"),
     _f("max_consecutive_skips", "training", int, 20, "stop after this many non-finite steps in a row"),
-    _f("test_every_epochs", "training", int, 1, "evaluate the test set every N epochs and after the last (the "
-       "validation split: every epoch)"),
-    _f("resume", "checkpoints", help="'auto' (this config's run directory, if it has a checkpoint) or a run directory",
-       config=False),
+    _f(
+        "test_every_epochs",
+        "training",
+        int,
+        1,
+        "evaluate the test set every N epochs and after the last (the validation split: every epoch)",
+    ),
+    _f(
+        "resume",
+        "checkpoints",
+        help="'auto' (this config's run directory, if it has a checkpoint) or a run directory",
+        config=False,
+    ),
     _f("save_every_steps", "checkpoints", int, 0, "checkpoint every N steps (0: off)"),
     _f("save_every_epochs", "checkpoints", int, 1, "checkpoint every N epochs (0: off); always at the end"),
     _f("keep_checkpoints", "checkpoints", int, 2),
-    _f("recipe", "checkpoints", help="a recipe name or .toml path (see bench/recipes/); change it with --set",
-       config=False),
+    _f("recipe", "checkpoints", help="a recipe name or .toml path (see bench/recipes/); change it with --set", config=False),
     Flag(("--set",), "sets", "checkpoints", "append", None, "override a recipe field (FIELD=VALUE)", config=False),
     _f("suite", "checkpoints", help="run a recipe's whole grid (like `sweep NAME`)", config=False),
     _f("mixed_precision", "processes", default="no", help="no, bf16 or fp16"),
-    _f("sam_sync", "processes", default="local", help="local (per-replica perturbation) or global (all-reduced ascent "
-       "gradient)"),
+    _f("sam_sync", "processes", default="local", help="local (per-replica perturbation) or global (all-reduced ascent gradient)"),
     _f("cpu", "processes", "switch", help="train on the CPU even when a GPU is present"),
     _f("threads", "processes", int, help="torch threads per process (default: the cores divided among the processes)"),
     _f("output_dir", "output", default="runs"),
@@ -121,9 +169,24 @@ FLAGS: tuple[Flag, ...] = (
 BY_FIELD = {f.field: f for f in FLAGS}
 
 #: The fields a run of a recipe may set by flag (how to run it, not what it is).
-RECIPE_FLAGS = {"recipe", "sets", "output_dir", "data_dir", "resume", "cpu", "save_every_steps", "save_every_epochs",
-                "keep_checkpoints", "log_with", "threads", "workers", "compile", "compile_backend", "channels_last",
-                "test_every_epochs"}
+RECIPE_FLAGS = {
+    "recipe",
+    "sets",
+    "output_dir",
+    "data_dir",
+    "resume",
+    "cpu",
+    "save_every_steps",
+    "save_every_epochs",
+    "keep_checkpoints",
+    "log_with",
+    "threads",
+    "workers",
+    "compile",
+    "compile_backend",
+    "channels_last",
+    "test_every_epochs",
+}
 
 SUBCOMMANDS = (
     ("(none)", "the default suite: `sweep digits` (the embedded dataset, a few minutes on 2 cores)"),
@@ -142,19 +205,22 @@ SUBCOMMANDS = (
 def _description() -> str:
     width = max(len(c) for c, _ in SUBCOMMANDS)
     lines = [f"  launch.py {command.ljust(width)}  {text}" for command, text in SUBCOMMANDS]
-    return ("Train and compare SGD/AdamW and SAM variants.\n\ncommands (`launch.py COMMAND --help` for each):\n"
-            + "\n".join(lines))
+    return "Train and compare SGD/AdamW and SAM variants.\n\ncommands (`launch.py COMMAND --help` for each):\n" + "\n".join(lines)
 
 
 def _variant_group_text(table: dict[str, Any]) -> str:
     lines = [f"  {name}: {' '.join('--' + f for f in flags)}" for name, flags in table["variants"].items()]
-    return ("unset: the variant's declared default (`launch.py variants` lists them); by variant:\n" + "\n".join(lines))
+    return "unset: the variant's declared default (`launch.py variants` lists them); by variant:\n" + "\n".join(lines)
 
 
 def run_parser() -> argparse.ArgumentParser:
     """The run command's parser: each flag's ``dest`` is the configuration field it sets."""
-    p = Parser(prog="launch.py", usage="launch.py [COMMAND ...] | launch.py [run flags]", description=_description(),
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        prog="launch.py",
+        usage="launch.py [COMMAND ...] | launch.py [run flags]",
+        description=_description(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
     table = declarations.load()
     choices = {"architectures": ", ".join(table["architectures"]), "variants": ", ".join(table["variants"])}
@@ -164,16 +230,26 @@ def run_parser() -> argparse.ArgumentParser:
         if flag.kind == "switch":
             group.add_argument(*flag.spellings, dest=flag.field, action="store_true", help=flag.help)
         elif flag.kind == "append":
-            group.add_argument(*flag.spellings, dest=flag.field, action="append", default=[], metavar="FIELD=VALUE",
-                               help=flag.help)
+            group.add_argument(
+                *flag.spellings, dest=flag.field, action="append", default=[], metavar="FIELD=VALUE", help=flag.help
+            )
         else:
-            group.add_argument(*flag.spellings, dest=flag.field, type=flag.kind, default=flag.default, help=flag.help,
-                               metavar=flag.name[2:].upper())
+            group.add_argument(
+                *flag.spellings,
+                dest=flag.field,
+                type=flag.kind,
+                default=flag.default,
+                help=flag.help,
+                metavar=flag.name[2:].upper(),
+            )
     variants = p.add_argument_group("variant settings", _variant_group_text(table))
     for name, spec in table["flags"].items():
         kind = spec["kind"]
-        kwargs = ({"action": argparse.BooleanOptionalAction, "default": None} if kind == "bool"
-                  else {"type": int if kind == "int" else float})
+        kwargs = (
+            {"action": argparse.BooleanOptionalAction, "default": None}
+            if kind == "bool"
+            else {"type": int if kind == "int" else float}
+        )
         variants.add_argument(f"--{name}", help=spec["help"].replace("%", "%%"), **kwargs)
     return p
 

@@ -29,9 +29,14 @@ from bench.errors import RunStopped, UserError
 
 #: subcommand -> "module:function", imported only when asked for (``--help`` imports neither torch nor accelerate)
 COMMANDS = {
-    "sweep": "bench.cli.studies:cmd_sweep", "tune": "bench.cli.studies:cmd_tune", "table": "bench.cli.reports:cmd_table",
-    "reproduction": "bench.cli.reports:cmd_reproduction", "sharpness": "bench.cli.studies:cmd_sharpness",
-    "perf": "bench.studies.perf:main", "variants": "bench.cli.reports:cmd_variants", "claims": "bench.report.claims:main",
+    "sweep": "bench.cli.studies:cmd_sweep",
+    "tune": "bench.cli.studies:cmd_tune",
+    "table": "bench.cli.reports:cmd_table",
+    "reproduction": "bench.cli.reports:cmd_reproduction",
+    "sharpness": "bench.cli.studies:cmd_sharpness",
+    "perf": "bench.studies.perf:main",
+    "variants": "bench.cli.reports:cmd_variants",
+    "claims": "bench.report.claims:main",
 }
 
 

@@ -86,8 +86,11 @@ def resume_config(path: str, argv: list[str]) -> RunConfig:
     saved = RunConfig.from_dict(read_json(config_file), ignore=RUN_METADATA)
     saved.output_dir, saved.run_name = str(Path(path).parent), Path(path).name
     resolve(saved)
-    given = {field: spelling for field, spelling in given_flags(argv).items()
-             if field not in ("resume", "output_dir", "run_name", "sets")}
+    given = {
+        field: spelling
+        for field, spelling in given_flags(argv).items()
+        if field not in ("resume", "output_dir", "run_name", "sets")
+    }
     if not given:
         return saved
     args = run_parser().parse_args(argv)
@@ -115,8 +118,9 @@ def resume_config(path: str, argv: list[str]) -> RunConfig:
             if there != value:
                 differ.append(f"{spelling} ({there!r} there, {value!r} given)")
     if differ:
-        raise ConfigError(f"--resume {path}: settings differ from its config.json: {'; '.join(differ)}; "
-                          "drop them to resume, or start a new run")
+        raise ConfigError(
+            f"--resume {path}: settings differ from its config.json: {'; '.join(differ)}; drop them to resume, or start a new run"
+        )
     return saved
 
 
@@ -133,7 +137,9 @@ def cmd_run(argv: list[str]) -> int:
     else:
         config, notes = config_from_args(args)
     if args.resume == "auto" and not checkpoints(config.run_dir()) and not (config.run_dir() / "summary.json").is_file():
-        notes.append(f"--resume auto: no run with these settings in {config.output_dir} (id {config.run_id()}); starting a new one")
+        notes.append(
+            f"--resume auto: no run with these settings in {config.output_dir} (id {config.run_id()}); starting a new one"
+        )
     # the launcher's RANK: the process group does not exist before train() starts Accelerate
     main_process = os.environ.get("RANK", "0") == "0"
     for note in notes if main_process else ():
@@ -149,7 +155,9 @@ def cmd_run(argv: list[str]) -> int:
         console.print(f"{result.run_dir}: already finished ({s['status']}); nothing changed")
         return 0
     # an accuracy is None where its split was not evaluated (a diverged run; --test_every_epochs)
-    scores = [f"{split} acc {s[f'final_{split}_acc']:.4f}" for split in ("val", "test") if s.get(f"final_{split}_acc") is not None]
+    scores = [
+        f"{split} acc {s[f'final_{split}_acc']:.4f}" for split in ("val", "test") if s.get(f"final_{split}_acc") is not None
+    ]
     if s.get("best_test_acc") is not None:
         scores[-1] += f" (best {s['best_test_acc']:.4f})"
     console.print(
@@ -161,8 +169,11 @@ def cmd_run(argv: list[str]) -> int:
 
 def recipe_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RunConfig:
     """The one run a recipe (with --set overrides) describes."""
-    stray = [BY_FIELD[k].name if k in BY_FIELD else f"--{k}" for k, v in vars(args).items()
-             if k not in RECIPE_FLAGS and v != parser.get_default(k)]
+    stray = [
+        BY_FIELD[k].name if k in BY_FIELD else f"--{k}"
+        for k, v in vars(args).items()
+        if k not in RECIPE_FLAGS and v != parser.get_default(k)
+    ]
     if stray:
         raise ConfigError(f"with --recipe, change settings with --set field=value (got {', '.join(stray)})")
     recipe = load_recipe(args.recipe)
@@ -172,5 +183,7 @@ def recipe_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             f"recipe {recipe.name} describes {len(configs)} runs; pick one with --set (grid: {', '.join(recipe.grid)}) "
             f"or run them all with `launch.py sweep {recipe.name}`"
         )
-    given = {k: v for k, v in vars(args).items() if k in RECIPE_FLAGS - {"recipe", "sets", "resume"} and v != parser.get_default(k)}
+    given = {
+        k: v for k, v in vars(args).items() if k in RECIPE_FLAGS - {"recipe", "sets", "resume"} and v != parser.get_default(k)
+    }
     return resolve(dataclasses.replace(configs[0], **given))

@@ -61,8 +61,9 @@ def global_batch(train_set: ImageDataset, images, labels, order, i: int, batch_s
 class MemoryBatches:
     """:class:`TrainBatches` of an in-memory dataset, copied to ``device`` once."""
 
-    def __init__(self, config: RunConfig, train_set: ImageDataset, device: torch.device, aug: Augmentation,
-                 generator: torch.Generator):
+    def __init__(
+        self, config: RunConfig, train_set: ImageDataset, device: torch.device, aug: Augmentation, generator: torch.Generator
+    ):
         self.config, self.train_set, self.device, self.aug, self.generator = config, train_set, device, aug, generator
         self.images, self.labels = train_set.images.to(device), train_set.labels.to(device)
         self._epoch: int | None = None
@@ -72,8 +73,9 @@ class MemoryBatches:
         if self._epoch != epoch:
             self._order = epoch_order(self.config, len(self.train_set), epoch).to(self.device)
             self._epoch = epoch
-        return global_batch(self.train_set, self.images, self.labels, self._order, i, self.config.batch_size, self.aug,
-                            self.generator)
+        return global_batch(
+            self.train_set, self.images, self.labels, self._order, i, self.config.batch_size, self.aug, self.generator
+        )
 
     def close(self) -> None:
         pass

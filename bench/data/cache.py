@@ -47,7 +47,7 @@ def _cache_load(path: str, info: DatasetInfo):
     if not os.path.isfile(path):
         return None
     try:
-            # copy out of the memory map: the tensors own their memory, whatever later
+        # copy out of the memory map: the tensors own their memory, whatever later
         # happens to the file
         t = {k: v.clone() for k, v in load_file(path).items()}
         if not all(k in t for k in _CACHE_KEYS):

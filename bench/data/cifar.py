@@ -123,8 +123,7 @@ def load_cifar(info: DatasetInfo, root: Root, download: bool, cache_dir: str):
         _torchvision_download(info.name, root.path)
     except Exception as exc:
         raise DataError(
-            f"{info.display_name} not found: {state}; the download into {root.path} failed ({short_error(exc)}); "
-            f"{wanted.howto}"
+            f"{info.display_name} not found: {state}; the download into {root.path} failed ({short_error(exc)}); {wanted.howto}"
         ) from None
     folder = _find_cifar_pickles(info, [root.path], Findings())
     if folder is None:

@@ -101,9 +101,7 @@ class ImageDataset:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
         if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
-            raise ValueError(
-                f"labels must be int64 [{self.images.shape[0]}], got {self.labels.dtype} {tuple(self.labels.shape)}"
-            )
+            raise ValueError(f"labels must be int64 [{self.images.shape[0]}], got {self.labels.dtype} {tuple(self.labels.shape)}")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -160,7 +158,6 @@ def check_labels(labels: np.ndarray, n_images: int, num_classes: int, where: str
         raise DataError(f"{where}: {n_images} images but {labels.shape[0]} labels")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(
-            f"{where}: labels outside [0, {num_classes}) (min {labels.min()}, max {labels.max()}); "
-            f"is this the right dataset?"
+            f"{where}: labels outside [0, {num_classes}) (min {labels.min()}, max {labels.max()}); is this the right dataset?"
         )
     return labels

@@ -97,8 +97,9 @@ def _folder_split(root: str, split: str, classes: list[str] | None) -> FolderSpl
             raise DataError(f"imagefolder: class folder {path}/{name} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         files += found
         labels += [index[name]] * len(found)
-    return FolderSplit(root=path, files=np.array(files, dtype=object), labels=torch.tensor(labels, dtype=torch.int64),
-                       classes=tuple(classes))
+    return FolderSplit(
+        root=path, files=np.array(files, dtype=object), labels=torch.tensor(labels, dtype=torch.int64), classes=tuple(classes)
+    )
 
 
 def load_image_folders(data_dir: str | None) -> tuple[FolderSplit, FolderSplit]:

@@ -65,8 +65,9 @@ class StreamSplit:
         raise DataError(f"{self.name}: example {position} of column {self.image_column!r} is not an encoded image")
 
 
-def _pick_column(what: str, given: str | None, features: dict[str, Any], typed: list[str], names: tuple[str, ...],
-                 where: str) -> str:
+def _pick_column(
+    what: str, given: str | None, features: dict[str, Any], typed: list[str], names: tuple[str, ...], where: str
+) -> str:
     columns = ", ".join(features)
     if given is not None:
         if given not in features:
@@ -79,8 +80,9 @@ def _pick_column(what: str, given: str | None, features: dict[str, Any], typed: 
     if len(candidates) == 1 or (candidates and not typed):
         return candidates[0]
     found = f"several ({', '.join(candidates)})" if candidates else "none"
-    raise DataError(f"{where}: cannot tell the {what} column ({found} among its columns: {columns}); "
-                    f"name it with --{what}_column")
+    raise DataError(
+        f"{where}: cannot tell the {what} column ({found} among its columns: {columns}); name it with --{what}_column"
+    )
 
 
 def _features(stream) -> dict[str, Any]:
@@ -116,12 +118,19 @@ def _stream_split(dataset, split: str, repo: str, image_column: str, label_colum
             num_classes = max(known) + 1 if known else 0
     if size == 0 or not num_classes:
         raise DataError(f"{where} is empty or has no labels")
-    return StreamSplit(stream=stream, image_column=image_column, label_column=label_column, num_examples=size,
-                       num_classes=num_classes, name=f"hf:{repo} {split}")
+    return StreamSplit(
+        stream=stream,
+        image_column=image_column,
+        label_column=label_column,
+        num_examples=size,
+        num_classes=num_classes,
+        name=f"hf:{repo} {split}",
+    )
 
 
-def open_hub_dataset(repo: str, image_column: str | None = None, label_column: str | None = None
-                     ) -> tuple[StreamSplit, StreamSplit]:
+def open_hub_dataset(
+    repo: str, image_column: str | None = None, label_column: str | None = None
+) -> tuple[StreamSplit, StreamSplit]:
     """``(train, evaluation)`` of the hub dataset ``repo``, streamed (``datasets.load_dataset(repo, streaming=True)``)."""
     with quiet_datasets() as datasets:
         try:
@@ -133,13 +142,26 @@ def open_hub_dataset(repo: str, image_column: str | None = None, label_column: s
         splits = list(dataset)
         held_out = next((s for s in EVAL_SPLITS if s in splits), None)
         if "train" not in splits or held_out is None:
-            raise DataError(f"hf:{repo}: needs a train split and one of {', '.join(EVAL_SPLITS)}; "
-                            f"it has {', '.join(splits) or 'none'}")
+            raise DataError(
+                f"hf:{repo}: needs a train split and one of {', '.join(EVAL_SPLITS)}; it has {', '.join(splits) or 'none'}"
+            )
         features = _features(dataset["train"])
         where = f"hf:{repo}"
-        image = _pick_column("image", image_column, features,
-                             [n for n, f in features.items() if isinstance(f, datasets.Image)], _IMAGE_NAMES, where)
-        label = _pick_column("label", label_column, features,
-                             [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)], _LABEL_NAMES, where)
+        image = _pick_column(
+            "image",
+            image_column,
+            features,
+            [n for n, f in features.items() if isinstance(f, datasets.Image)],
+            _IMAGE_NAMES,
+            where,
+        )
+        label = _pick_column(
+            "label",
+            label_column,
+            features,
+            [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)],
+            _LABEL_NAMES,
+            where,
+        )
         train = _stream_split(dataset, "train", repo, image, label, None)
         return train, _stream_split(dataset, held_out, repo, image, label, train.num_classes)

@@ -101,8 +101,16 @@ class LoaderBatches:
     (``one_step`` keeps its own shard).
     """
 
-    def __init__(self, config, train_set: FolderSplit | StreamSplit, steps_per_epoch: int, device: torch.device,
-                 rank: int = 0, world: int = 1, workers: int | None = None):
+    def __init__(
+        self,
+        config,
+        train_set: FolderSplit | StreamSplit,
+        steps_per_epoch: int,
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+        workers: int | None = None,
+    ):
         self.config, self.train_set, self.steps, self.device = config, train_set, steps_per_epoch, device
         self.rank, self.world = rank, world
         self.workers = default_workers(world) if workers is None else workers
@@ -113,8 +121,11 @@ class LoaderBatches:
         self.close()
         seed, batch_size = epoch_seed(self.config.seed, epoch), self.config.batch_size
         name = self.train_set.name
-        plan = Plan(lambda: _train_plan(self.train_set.items(seed, start * batch_size), start, self.steps, batch_size,
-                                         self.rank, self.world, name))
+        plan = Plan(
+            lambda: _train_plan(
+                self.train_set.items(seed, start * batch_size), start, self.steps, batch_size, self.rank, self.world, name
+            )
+        )
         view = View(self.train_set.image_size, train=True, seed=self.config.seed, epoch=epoch)
         self._batches = make_loader(plan, view, name, self.workers, self.device)
         self._next = (epoch, start)
@@ -143,8 +154,9 @@ class LoaderBatches:
             batches.close()  # ends the loader's iterator and its workers
 
 
-def fixed_samples(data: FolderSplit | StreamSplit, samples: int, device: torch.device,
-                  workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_samples(
+    data: FolderSplit | StreamSplit, samples: int, device: torch.device, workers: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``samples`` of ``data.items(seed=0)`` (for image folders the images an in-memory
     dataset would take: ``torch.randperm`` seeded with 0), in the evaluation view, normalised."""
     count = min(samples, len(data))

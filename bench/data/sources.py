@@ -56,8 +56,7 @@ def find_archives(dirs: Sequence[str], archive: str, folder: str, found: Finding
         path = os.path.join(d, archive)
         if os.path.isfile(path) and not os.path.isdir(os.path.join(d, folder)):
             found.broken.append(
-                f"{path} was never extracted (an interrupted download?); extract it into {d} "
-                f"or delete it to download again"
+                f"{path} was never extracted (an interrupted download?); extract it into {d} or delete it to download again"
             )
 
 

@@ -41,8 +41,7 @@ def _find_tiny_folder(dirs: Sequence[str], found: Findings) -> str | None:
         if os.path.isdir(os.path.join(d, "train")) and os.path.isfile(ann):
             return d
         if os.path.isdir(d) and (os.path.basename(d) == _TINY_FOLDER or os.path.isfile(os.path.join(d, "wnids.txt"))):
-            missing = [m for m, ok in (("train/", os.path.isdir(os.path.join(d, "train"))), (ann, os.path.isfile(ann)))
-                       if not ok]
+            missing = [m for m, ok in (("train/", os.path.isdir(os.path.join(d, "train"))), (ann, os.path.isfile(ann))) if not ok]
             found.broken.append(f"{d} is incomplete (no {' and no '.join(missing)}); delete it to download again")
     return None
 
@@ -136,9 +135,7 @@ def _load_tiny_hub(info: DatasetInfo, dd, cache_dir: str):
     sources = sorted({f["filename"] for s in splits.values() for f in s.cache_files})
 
     def build():
-        return tuple(
-            decode_hf_split(splits[s], "image", "label", info, f"{_TINY_HUB} {s}", None) for s in ("train", "test")
-        )
+        return tuple(decode_hf_split(splits[s], "image", "label", info, f"{_TINY_HUB} {s}", None) for s in ("train", "test"))
 
     if not sources:  # in-memory dataset: nothing to key a cache on
         return build()

@@ -141,7 +141,10 @@ class Plan:
 
 def make_loader(plan: Plan, view: View, where: str, workers: int, device: torch.device) -> Iterator:
     loader = torch.utils.data.DataLoader(
-        _Decoder(view, where), batch_sampler=plan, num_workers=workers, collate_fn=_collate,
+        _Decoder(view, where),
+        batch_sampler=plan,
+        num_workers=workers,
+        collate_fn=_collate,
         pin_memory=device.type == "cuda",
         # the iterator draws its workers' base seed from this generator, not from the global RNG
         # (which a resumed run must find as the uninterrupted one left it)

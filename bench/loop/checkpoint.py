@@ -60,8 +60,12 @@ def load_checkpoint(accelerator, checkpoint: Path) -> None:
         reason = " ".join(str(err).split())[:200]
         raise CheckpointError(
             f"checkpoint {checkpoint} is unreadable ({type(err).__name__}: {reason}); "
-            + (f"earlier checkpoints are intact in {checkpoint.parent}: {', '.join(others)}; "
-               "remove the bad one to resume from them" if others else "no earlier checkpoint is left")
+            + (
+                f"earlier checkpoints are intact in {checkpoint.parent}: {', '.join(others)}; "
+                "remove the bad one to resume from them"
+                if others
+                else "no earlier checkpoint is left"
+            )
         ) from None
 
 

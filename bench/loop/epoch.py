@@ -30,9 +30,12 @@ def finite_or_none(value: float) -> float | None:
 def epoch_sums(run: Run) -> dict[str, Any]:
     """The running sums of the current epoch (fresh ones at its start): metrics on the device, counts on the host."""
     sums = run.state.epoch_sums or {"correct": 0.0, "loss_sum": 0.0, "seen": 0, "passes": 0, "sample_passes": 0.0, "time": 0.0}
-    return {**sums, "correct": torch.tensor(sums["correct"], device=run.device),
-            "loss_sum": torch.tensor(sums["loss_sum"], device=run.device),
-            "seen": torch.tensor(sums["seen"], device=run.device)}
+    return {
+        **sums,
+        "correct": torch.tensor(sums["correct"], device=run.device),
+        "loss_sum": torch.tensor(sums["loss_sum"], device=run.device),
+        "seen": torch.tensor(sums["seen"], device=run.device),
+    }
 
 
 def _host_sums(sums: dict[str, Any]) -> dict[str, Any]:
@@ -52,9 +55,20 @@ def train_on(run: Run, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, sums
         x = x.contiguous(memory_format=torch.channels_last)
     local_batch = config.batch_size // world
     shard = slice(rank * local_batch, (rank + 1) * local_batch)
-    closure = TrainClosure(run.model, run.loss_fn, x[shard], y[shard], accelerator=run.accelerator,
-                           sync_ascent=run.sync_ascent, scaler=run.scaler, accumulation_steps=config.grad_accum_steps,
-                           sample_ids=ids[shard], regularizer=run.regularizer, epoch=run.state.epoch, totals=sums)
+    closure = TrainClosure(
+        run.model,
+        run.loss_fn,
+        x[shard],
+        y[shard],
+        accelerator=run.accelerator,
+        sync_ascent=run.sync_ascent,
+        scaler=run.scaler,
+        accumulation_steps=config.grad_accum_steps,
+        sample_ids=ids[shard],
+        regularizer=run.regularizer,
+        epoch=run.state.epoch,
+        totals=sums,
+    )
     skipped = take_step(run.optimizer, closure, run.snapshot)
     if run.regularizer is not None:  # every process, taken or skipped: it may gather across processes
         run.regularizer.after_step(run.accelerator.unwrap_model(run.model), skipped=skipped)

@@ -42,9 +42,16 @@ def _same_buffers_everywhere(model: nn.Module, accelerator) -> None:
 
 
 @torch.no_grad()
-def evaluate_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n: int, accelerator,
-                     device: torch.device, prefix: str = "test", count: int | None = None,
-                     filler: torch.Tensor | None = None) -> dict[str, float]:
+def evaluate_batches(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    n: int,
+    accelerator,
+    device: torch.device,
+    prefix: str = "test",
+    count: int | None = None,
+    filler: torch.Tensor | None = None,
+) -> dict[str, float]:
     """``{prefix}_loss``, ``{prefix}_acc`` and ``{prefix}_ece`` (15 equal-width confidence bins) of a
     split of ``n`` samples, this process's share of which ``batches`` yields as (normalised images,
     labels) on ``device``; every process calls it once. A sharded model's forwards are collectives:
@@ -83,12 +90,21 @@ def evaluate_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
     }
 
 
-def evaluate(model: nn.Module, data: ImageDataset, images: torch.Tensor, labels: torch.Tensor, accelerator,
-             prefix: str = "test") -> dict[str, float]:
+def evaluate(
+    model: nn.Module, data: ImageDataset, images: torch.Tensor, labels: torch.Tensor, accelerator, prefix: str = "test"
+) -> dict[str, float]:
     """:func:`evaluate_batches` of a split held on the device, in batches of ``EVAL_BATCH`` for its device, process r
     taking batches r, r + world_size, ..."""
     size = EVAL_BATCH.get(images.device.type, EVAL_BATCH_ACCELERATOR)
     starts = range(accelerator.process_index * size, len(labels), accelerator.num_processes * size)
     batches = ((normalize(images[s : s + size], data.mean, data.std), labels[s : s + size]) for s in starts)
-    return evaluate_batches(model, batches, len(labels), accelerator, images.device, prefix, count=len(starts),
-                            filler=normalize(images[:1], data.mean, data.std))
+    return evaluate_batches(
+        model,
+        batches,
+        len(labels),
+        accelerator,
+        images.device,
+        prefix,
+        count=len(starts),
+        filler=normalize(images[:1], data.mean, data.std),
+    )

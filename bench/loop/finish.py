@@ -52,26 +52,43 @@ def _selected_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def summary_of(run: Run) -> dict[str, Any]:
     config, state, rows = run.config, run.state, run.state.rows
     best, last = _selected_row(rows), rows[-1]
-    held_out = {f"final_{k}": last.get(k) for split in run.splits for k in (f"{split.name}_acc", f"{split.name}_loss", f"{split.name}_ece")}
+    held_out = {
+        f"final_{k}": last.get(k)
+        for split in run.splits
+        for k in (f"{split.name}_acc", f"{split.name}_loss", f"{split.name}_ece")
+    }
     if any(s.name == "val" for s in run.splits):
         held_out["best_val_acc"] = best.get("val_acc")
     return {
-        "run_id": config.run_id(), "status": state.status, "dataset": config.dataset, "arch": config.arch,
-        "optimizer": config.optimizer, "base_optimizer": config.base_optimizer, "seed": config.seed,
+        "run_id": config.run_id(),
+        "status": state.status,
+        "dataset": config.dataset,
+        "arch": config.arch,
+        "optimizer": config.optimizer,
+        "base_optimizer": config.base_optimizer,
+        "seed": config.seed,
         **held_out,
-        "best_test_acc": best.get("test_acc"), "best_epoch": best["epoch"],
-        "final_train_loss": last["train_loss"], "epochs_completed": len(rows), "steps": state.step,
-        "stopped_early": state.status == "stopped_early", "skipped_steps": state.skipped,
-        "wall_time_s": state.wall_time_s, "cpu_time_s": state.cpu_time_s,
+        "best_test_acc": best.get("test_acc"),
+        "best_epoch": best["epoch"],
+        "final_train_loss": last["train_loss"],
+        "epochs_completed": len(rows),
+        "steps": state.step,
+        "stopped_early": state.status == "stopped_early",
+        "skipped_steps": state.skipped,
+        "wall_time_s": state.wall_time_s,
+        "cpu_time_s": state.cpu_time_s,
         "train_time_s": sum(r["epoch_time_s"] for r in rows),
         # what a table's time ratio uses: every kind of step counted, a burst confined to its epoch
         "step_time_s": _median([r.get("step_time_mean_s") for r in rows]),
         "images_per_s": sum(r["images_per_s"] for r in rows) / len(rows),
         "passes_per_step": sum(r["passes_per_step"] for r in rows) / len(rows),
         "sample_passes_per_step": sum(r["sample_passes_per_step"] for r in rows) / len(rows),
-        "peak_memory_bytes": _peak_memory(run.device), "num_params": run.num_params,
-        "world_size": run.accelerator.num_processes, "torch_threads": torch.get_num_threads(),
-        "load_at_start": run.load_at_start, "load_at_end": run.load_at_end,
+        "peak_memory_bytes": _peak_memory(run.device),
+        "num_params": run.num_params,
+        "world_size": run.accelerator.num_processes,
+        "torch_threads": torch.get_num_threads(),
+        "load_at_start": run.load_at_start,
+        "load_at_end": run.load_at_end,
         "contended": environment.contended((run.load_at_start, run.load_at_end), _own_threads(run)),
     }
 
@@ -110,9 +127,17 @@ def finish(run: Run) -> RunResult:
         with evaluation_weights(run.optimizer) if whole is None else contextlib.nullcontext():
             note = export_model(model, run.run_dir)
             if config.sharpness and run.state.status != "diverged":
-                write_json(run.run_dir / "sharpness.json",
-                           final_sharpness(model, run.train_set, device, config.sharpness_samples,
-                                           config.sharpness_iterations, config.sharpness_probes))
+                write_json(
+                    run.run_dir / "sharpness.json",
+                    final_sharpness(
+                        model,
+                        run.train_set,
+                        device,
+                        config.sharpness_samples,
+                        config.sharpness_iterations,
+                        config.sharpness_probes,
+                    ),
+                )
         summary["model_exported"] = (run.run_dir / MODEL_FILE).is_file()
         if note:
             run.notes.append(note)

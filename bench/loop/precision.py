@@ -24,8 +24,9 @@ class NonFiniteGradient(RuntimeError):
     pass
 
 
-def unscale_and_check(params: list[Tensor], inv_scale: float = 1.0, found: Tensor | None = None,
-                      also_check: Tensor | None = None) -> Tensor:
+def unscale_and_check(
+    params: list[Tensor], inv_scale: float = 1.0, found: Tensor | None = None, also_check: Tensor | None = None
+) -> Tensor:
     """Multiply the gradients by ``inv_scale`` in place (1.0: leave them) and return a 0-dim float flag,
     nonzero if any gradient (or ``also_check``, left unscaled) holds an inf or a NaN: ``found`` when
     given (the flag is set in it, never cleared, so one tensor gathers a whole step), else a new one on

@@ -42,8 +42,15 @@ from optimizers.regularizer import build_regularizer
 #: Tracker project name; TensorBoard writes under RUN_DIR/sam-bench/.
 TRACKER_PROJECT = "sam-bench"
 #: Files of a previous run that a fresh run in the same directory replaces.
-RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "model.safetensors", "label_noise.json", "sharpness.json",
-             TRACKER_PROJECT)
+RUN_FILES = (
+    "checkpoints",
+    "metrics.jsonl",
+    "summary.json",
+    "model.safetensors",
+    "label_noise.json",
+    "sharpness.json",
+    TRACKER_PROJECT,
+)
 
 
 # -- setup -------------------------------------------------------------------------------------
@@ -51,8 +58,12 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "model.safetensors"
 
 def make_accelerator(config: RunConfig) -> Accelerator:
     AcceleratorState._reset_state()  # runs in one process may differ in mixed precision
-    accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision, log_with=config.log_with,
-                              project_dir=str(config.run_dir()) if config.log_with else None)
+    accelerator = Accelerator(
+        cpu=config.cpu,
+        mixed_precision=config.mixed_precision,
+        log_with=config.log_with,
+        project_dir=str(config.run_dir()) if config.log_with else None,
+    )
     device = accelerator.device
     if config.mixed_precision == "fp16" and device.type != "cuda":
         raise ConfigError("mixed_precision fp16 needs a CUDA GPU (Accelerate applies no fp16 autocast on CPU); use bf16 on CPU")
@@ -76,12 +87,17 @@ def build_model_and_optimizer(config: RunConfig, accelerator: Accelerator, train
         model = convert_sync_batchnorm(model, accelerator.device)
     if fsdp is not None:
         model = sharding.shard_model(accelerator, model, fsdp)
-    optimizer = create_optimizer(config.optimizer, model, base=config.base_optimizer,
-                                 **optimizer_settings(config, len(train_set)))
+    optimizer = create_optimizer(
+        config.optimizer, model, base=config.base_optimizer, **optimizer_settings(config, len(train_set))
+    )
     sync_ascent = ascent_is_synchronised(optimizer, config.sam_sync)
     if fsdp is not None:
         sharding.check_sharded_run(config.optimizer, optimizer, config.sam_sync)
-    if accelerator.num_processes > 1 and config.sam_sync == "global" and getattr(type(optimizer), "ascent_sync", "any") == "local":
+    if (
+        accelerator.num_processes > 1
+        and config.sam_sync == "global"
+        and getattr(type(optimizer), "ascent_sync", "any") == "local"
+    ):
         raise ConfigError(f"{config.optimizer} needs --sam_sync local under data parallelism: its ascent pass leaves tensors out")
     return model, optimizer, sync_ascent
 
@@ -102,18 +118,32 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
                 train_set, test_set = load_loader_splits(config)
             else:
                 train_set, test_set = load_dataset_splits(config.dataset, config.data_dir)
-    prepared = prepare_train_set(train_set, subset=config.train_subset, label_noise=config.label_noise, seed=config.seed,
-                                 val_fraction=config.val_fraction, split_seed=config.split_seed)
+    prepared = prepare_train_set(
+        train_set,
+        subset=config.train_subset,
+        label_noise=config.label_noise,
+        seed=config.seed,
+        val_fraction=config.val_fraction,
+        split_seed=config.split_seed,
+    )
     train_set = prepared.train
     fsdp = sharding.fsdp_plugin(accelerator, config.mixed_precision)
     if fsdp is not None and config.compile:
-        raise ConfigError("--compile with FSDP sharding is not supported: the compiled graph would have to trace "
-                          "the shards' all-gathers (run sharded models without --compile)")
+        raise ConfigError(
+            "--compile with FSDP sharding is not supported: the compiled graph would have to trace "
+            "the shards' all-gathers (run sharded models without --compile)"
+        )
     model, optimizer, sync_ascent = build_model_and_optimizer(config, accelerator, train_set, fsdp)
     num_params = sum(p.numel() for p in model.parameters())
     # built from the bare model (a regulariser may copy it), before prepare() wraps it
-    regularizer = build_regularizer(optimizer, model, len(train_set), train_set.num_classes, device,
-                                    gather=accelerator.gather if accelerator.num_processes > 1 else None)
+    regularizer = build_regularizer(
+        optimizer,
+        model,
+        len(train_set),
+        train_set.num_classes,
+        device,
+        gather=accelerator.gather if accelerator.num_processes > 1 else None,
+    )
     if config.compile:  # one graph for every pass: no module attribute changes between them (see RunningStatsFreeze)
         model = torch.compile(model, backend=config.compile_backend)
     if fsdp is None:
@@ -125,25 +155,45 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
         raise ConfigError(f"batch_size {config.batch_size} exceeds the {len(train_set)} training images")
     held_out = [("val", prepared.val)] if prepared.val is not None else []
     aug_generator = torch.Generator(device).manual_seed(config.seed)
-    batches, splits = data_access(config, accelerator, train_set, [*held_out, ("test", test_set)], steps_per_epoch,
-                                  aug_generator)
+    batches, splits = data_access(config, accelerator, train_set, [*held_out, ("test", test_set)], steps_per_epoch, aug_generator)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps_per_epoch))
     snapshot = StepSnapshot(accelerator.unwrap_model(model)) if isinstance(optimizer, SharpnessAwareOptimizer) else None
     run = Run(
-        config=config, accelerator=accelerator, run_dir=config.run_dir(), model=model, optimizer=optimizer,
-        scheduler=scheduler, scaler=LossScaler() if config.mixed_precision == "fp16" else None, train_set=train_set,
-        batches=batches, splits=splits, num_params=num_params, sync_ascent=sync_ascent, steps_per_epoch=steps_per_epoch,
-        aug_generator=aug_generator, loss_fn=nn.CrossEntropyLoss(reduction="none", label_smoothing=config.label_smoothing),
-        noisy_indices=prepared.noisy_indices, regularizer=regularizer, snapshot=snapshot, fsdp=fsdp,
-        load_at_start=environment.load_average(), progress=progress,
+        config=config,
+        accelerator=accelerator,
+        run_dir=config.run_dir(),
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=LossScaler() if config.mixed_precision == "fp16" else None,
+        train_set=train_set,
+        batches=batches,
+        splits=splits,
+        num_params=num_params,
+        sync_ascent=sync_ascent,
+        steps_per_epoch=steps_per_epoch,
+        aug_generator=aug_generator,
+        loss_fn=nn.CrossEntropyLoss(reduction="none", label_smoothing=config.label_smoothing),
+        noisy_indices=prepared.noisy_indices,
+        regularizer=regularizer,
+        snapshot=snapshot,
+        fsdp=fsdp,
+        load_at_start=environment.load_average(),
+        progress=progress,
     )
     checkpointed = optimizer if fsdp is None else sharding.FullOptimizerState(optimizer, accelerator.is_main_process)
     accelerator.register_for_checkpointing(checkpointed, run.scheduler, run.state, *[r for r in [regularizer] if r is not None])
     return run
 
 
-def data_access(config: RunConfig, accelerator: Accelerator, train_set, held_out: list[tuple[str, Any]],
-                steps_per_epoch: int, aug_generator: torch.Generator) -> tuple[TrainBatches, list[Any]]:
+def data_access(
+    config: RunConfig,
+    accelerator: Accelerator,
+    train_set,
+    held_out: list[tuple[str, Any]],
+    steps_per_epoch: int,
+    aug_generator: torch.Generator,
+) -> tuple[TrainBatches, list[Any]]:
     """The training batches and the held-out splits: on the device for an in-memory dataset,
     read by loader workers for an imagefolder or hf: dataset."""
     device, world = accelerator.device, accelerator.num_processes
@@ -169,14 +219,22 @@ def start_or_resume(run: Run, resume: bool) -> None:
             path = run.run_dir / stale
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     if accelerator.is_main_process:
-        write_json(run.run_dir / "config.json", {
-            **config.to_dict(), "run_id": config.run_id(), "world_size": accelerator.num_processes,
-            "device": str(run.device), "environment": environment.describe(run.device),
-            "resolved_hyperparameters": resolved_hyperparameters(config),
-        })
+        write_json(
+            run.run_dir / "config.json",
+            {
+                **config.to_dict(),
+                "run_id": config.run_id(),
+                "world_size": accelerator.num_processes,
+                "device": str(run.device),
+                "environment": environment.describe(run.device),
+                "resolved_hyperparameters": resolved_hyperparameters(config),
+            },
+        )
         if run.noisy_indices is not None:
-            write_json(run.run_dir / "label_noise.json",
-                       {"fraction": config.label_noise, "seed": config.seed, "changed": run.noisy_indices.tolist()})
+            write_json(
+                run.run_dir / "label_noise.json",
+                {"fraction": config.label_noise, "seed": config.seed, "changed": run.noisy_indices.tolist()},
+            )
     if config.log_with:
         flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
         accelerator.init_trackers(TRACKER_PROJECT, config={**flat, **{f"hp_{k}": v for k, v in config.hyperparameters.items()}})

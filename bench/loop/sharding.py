@@ -71,8 +71,10 @@ def fsdp_plugin(accelerator, mixed_precision: str = "no") -> FullyShardedDataPar
         if not (dist.is_available() and dist.is_initialized()):
             raise ConfigError("FSDP needs several processes: launch with --num_processes 2 or more")
         if dist.get_world_size() != accelerator.num_processes:  # every process would think it is process 0
-            raise ConfigError(f"Accelerate sees {accelerator.num_processes} of the launch's {dist.get_world_size()} "
-                              "processes: FSDP on CPU processes needs --cpu (or ACCELERATE_USE_CPU=1)")
+            raise ConfigError(
+                f"Accelerate sees {accelerator.num_processes} of the launch's {dist.get_world_size()} "
+                "processes: FSDP on CPU processes needs --cpu (or ACCELERATE_USE_CPU=1)"
+            )
         # CPU processes: Accelerate left the run as DDP; the same plugin, from the launch's FSDP_* settings
         plugin = FullyShardedDataParallelPlugin()
         if mixed_precision != "no":
@@ -113,10 +115,14 @@ def check_sharded_run(name: str, optimizer, sam_sync: str) -> None:
         raise ConfigError(f"{name} cannot train a sharded model (FSDP): {reason}")
     if isinstance(optimizer, SharpnessAwareOptimizer) and not ascent_is_synchronised(optimizer, sam_sync):
         if getattr(type(optimizer), "ascent_sync", "any") == "local":
-            raise ConfigError(f"{name} cannot train a sharded model (FSDP): its ascent gradient must stay per process "
-                              "(ascent_sync 'local'), and FSDP reduce-scatters every gradient")
-        raise ConfigError("--sam_sync local cannot be honoured under FSDP, which reduce-scatters every gradient "
-                          "(the ascent gradient is the whole batch's): use --sam_sync global")
+            raise ConfigError(
+                f"{name} cannot train a sharded model (FSDP): its ascent gradient must stay per process "
+                "(ascent_sync 'local'), and FSDP reduce-scatters every gradient"
+            )
+        raise ConfigError(
+            "--sam_sync local cannot be honoured under FSDP, which reduce-scatters every gradient "
+            "(the ascent gradient is the whole batch's): use --sam_sync global"
+        )
 
 
 # -- full state, gathered and scattered ------------------------------------------------------------

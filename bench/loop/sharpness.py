@@ -181,8 +181,9 @@ def measure_sharpness(
 SHARPNESS_RHO = 0.05
 
 
-def final_sharpness(model: nn.Module, train_set, device, samples: int = 1024, iterations: int = 20,
-                    probes: int = 10) -> dict[str, float]:
+def final_sharpness(
+    model: nn.Module, train_set, device, samples: int = 1024, iterations: int = 20, probes: int = 10
+) -> dict[str, float]:
     """Sharpness of a trained model on a fixed subset of its (possibly noisy) training set, unaugmented
     (for a dataset read by loader workers: in the evaluation view, see ``bench.data.loader.fixed_samples``)."""
     if isinstance(train_set, ImageDataset):
@@ -192,8 +193,15 @@ def final_sharpness(model: nn.Module, train_set, device, samples: int = 1024, it
     else:
         x, y = fixed_samples(train_set, samples, device)
     batches = [(x[i : i + 256], y[i : i + 256]) for i in range(0, len(y), 256)]
-    result = measure_sharpness(model, nn.functional.cross_entropy, batches, rho=SHARPNESS_RHO, seed=0,
-                               power_iterations=iterations, hutchinson_samples=probes)
+    result = measure_sharpness(
+        model,
+        nn.functional.cross_entropy,
+        batches,
+        rho=SHARPNESS_RHO,
+        seed=0,
+        power_iterations=iterations,
+        hutchinson_samples=probes,
+    )
     return {**result, "samples": len(y), "rho": SHARPNESS_RHO, "power_iterations": iterations, "hutchinson_samples": probes}
 
 
@@ -205,11 +213,23 @@ def measure_run_sharpness(run, samples: int | None = None) -> dict[str, float]:
         train_set, _ = load_loader_splits(config)
     else:
         train_set, _ = load_dataset_splits(config.dataset, config.data_dir)
-    train_set = prepare_train_set(train_set, subset=config.train_subset, label_noise=config.label_noise, seed=config.seed,
-                                  val_fraction=config.val_fraction, split_seed=config.split_seed).train
+    train_set = prepare_train_set(
+        train_set,
+        subset=config.train_subset,
+        label_noise=config.label_noise,
+        seed=config.seed,
+        val_fraction=config.val_fraction,
+        split_seed=config.split_seed,
+    ).train
     model = create_model(config.arch, num_classes=train_set.num_classes, in_channels=train_set.channels)
     model.load_state_dict(load_file(run / "model.safetensors"))
-    result = final_sharpness(model, train_set, torch.device("cpu"), samples or config.sharpness_samples,
-                             config.sharpness_iterations, config.sharpness_probes)
+    result = final_sharpness(
+        model,
+        train_set,
+        torch.device("cpu"),
+        samples or config.sharpness_samples,
+        config.sharpness_iterations,
+        config.sharpness_probes,
+    )
     write_json(run / "sharpness.json", result)
     return result

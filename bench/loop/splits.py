@@ -49,5 +49,4 @@ class LoaderSplit:
         batches = ((normalize(x.to(device), self.data.mean, self.data.std), y.to(device)) for x, y, _ in loader)
         count = len(range(rank, -(-len(self.data) // self.batch_size), world))
         filler = torch.zeros(1, 3, self.data.image_size, self.data.image_size, device=device)
-        return evaluate_batches(model, batches, len(self.data), accelerator, device, prefix=self.name, count=count,
-                                filler=filler)
+        return evaluate_batches(model, batches, len(self.data), accelerator, device, prefix=self.name, count=count, filler=filler)

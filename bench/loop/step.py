@@ -48,14 +48,26 @@ class TrainClosure(BatchClosure):
     samples of that pass (``sample_ids`` index the training set); the metrics keep ``loss_fn``.
     """
 
-    def __init__(self, model, loss_fn, inputs, targets, *, accelerator, sync_ascent: bool,
-                 scaler: LossScaler | None, accumulation_steps: int = 1, sample_ids=None, regularizer=None,
-                 epoch: int = 0, totals: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        *,
+        accelerator,
+        sync_ascent: bool,
+        scaler: LossScaler | None,
+        accumulation_steps: int = 1,
+        sample_ids=None,
+        regularizer=None,
+        epoch: int = 0,
+        totals: dict[str, torch.Tensor] | None = None,
+    ):
         self.task_loss, self.sample_ids, self.regularizer, self.epoch = loss_fn, sample_ids, regularizer, epoch
         if regularizer is not None:
             loss_fn = self._regularised_loss
-        super().__init__(model, loss_fn, inputs, targets, backward=self._scaled_backward,
-                         accumulation_steps=accumulation_steps)
+        super().__init__(model, loss_fn, inputs, targets, backward=self._scaled_backward, accumulation_steps=accumulation_steps)
         self.accelerator, self.sync_ascent, self.scaler = accelerator, sync_ascent, scaler
         # every parameter, not only those needing a gradient now: a variant may switch requires_grad
         # between passes (ESAM), and each pass's gradients must be unscaled and checked
@@ -63,8 +75,10 @@ class TrainClosure(BatchClosure):
         #: The training metrics (sums over the samples counted) are added to ``totals`` (the loop's
         #: running sums on the device), else to fresh zeros of this step.
         if totals is None:
-            totals = {key: torch.zeros((), dtype=dtype, device=inputs.device)
-                      for key, dtype in (("correct", torch.float32), ("loss_sum", torch.float32), ("seen", torch.long))}
+            totals = {
+                key: torch.zeros((), dtype=dtype, device=inputs.device)
+                for key, dtype in (("correct", torch.float32), ("loss_sum", torch.float32), ("seen", torch.long))
+            }
         self.correct, self.loss_sum, self.seen = totals["correct"], totals["loss_sum"], totals["seen"]
         self._counted = None  # which samples have been counted, once a pass runs on part of the batch
         self._subset = None

@@ -61,10 +61,15 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 def _convert(module: nn.Module) -> nn.Module:
     if isinstance(module, _BatchNorm) and not isinstance(module, CrossProcessBatchNorm):
         like = next(iter(module.state_dict().values()), None)  # the layer's device and floating dtype
-        synced = CrossProcessBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                       module.track_running_stats,
-                                       device=None if like is None else like.device,
-                                       dtype=like.dtype if like is not None and like.is_floating_point() else None)
+        synced = CrossProcessBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            device=None if like is None else like.device,
+            dtype=like.dtype if like is not None and like.is_floating_point() else None,
+        )
         synced.load_state_dict(module.state_dict())
         synced.train(module.training)
         return synced

@@ -153,8 +153,10 @@ def _finite(value) -> bool:
 def _single_pair(frame: pd.DataFrame, what: str) -> tuple[str, str]:
     pairs = list(dict.fromkeys(zip(frame["dataset"], frame["arch"])))
     if len(pairs) != 1:
-        raise ValueError(f"{what}: expected runs of one (dataset, arch) pair, got {pairs}; "
-                         "split them (write_plots does) instead of mixing them in one figure")
+        raise ValueError(
+            f"{what}: expected runs of one (dataset, arch) pair, got {pairs}; "
+            "split them (write_plots does) instead of mixing them in one figure"
+        )
     return pairs[0]
 
 
@@ -204,15 +206,18 @@ def _plot_curves(curves: pd.DataFrame, path: str | Path, x: str) -> Path:
     colors = _colors([label for label, _ in series])
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     for label, rows in series:
-        stats = rows.groupby("epoch").agg(
-            acc_mean=("test_acc", "mean"), acc_std=("test_acc", "std"), time_mean=("elapsed_s", "mean")
-        ).sort_index()
+        stats = (
+            rows.groupby("epoch")
+            .agg(acc_mean=("test_acc", "mean"), acc_std=("test_acc", "std"), time_mean=("elapsed_s", "mean"))
+            .sort_index()
+        )
         xs = stats.index.to_numpy(dtype=float) if x == "epoch" else stats["time_mean"].to_numpy(dtype=float)
         mean = stats["acc_mean"].to_numpy(dtype=float) * 100
         std = stats["acc_std"].fillna(0.0).to_numpy(dtype=float) * 100  # one seed: no band
         n_seeds = rows["run_dir"].nunique()
-        line, = ax.plot(xs, mean, color=colors[label], lw=1.6, marker="o" if len(xs) <= 30 else None, ms=3,
-                        label=f"{label} (n={n_seeds})")
+        (line,) = ax.plot(
+            xs, mean, color=colors[label], lw=1.6, marker="o" if len(xs) <= 30 else None, ms=3, label=f"{label} (n={n_seeds})"
+        )
         ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
     what = "epoch" if x == "epoch" else "training time"
     ax.set_title(f"{dataset} / {arch}: test accuracy vs {what} (mean ± std over seeds)")
@@ -238,8 +243,9 @@ def plot_accuracy_vs_time(curves: pd.DataFrame, path: str | Path) -> Path:
     return _plot_curves(curves, path, x="elapsed_s")
 
 
-def plot_accuracy_vs_sharpness(run_dirs: Iterable[str | Path], path: str | Path,
-                               measure: str = "hessian_max_eigenvalue") -> Path | None:
+def plot_accuracy_vs_sharpness(
+    run_dirs: Iterable[str | Path], path: str | Path, measure: str = "hessian_max_eigenvalue"
+) -> Path | None:
     """Scatter of final test accuracy (%) against ``measure`` from sharpness.json, one point per run,
     colour per optimizer.  Returns None and writes nothing when no run has that measure."""
     points = _load_sharpness(run_dirs, measure)
@@ -250,8 +256,16 @@ def plot_accuracy_vs_sharpness(run_dirs: Iterable[str | Path], path: str | Path,
     colors = _colors([label for label, _ in series])
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     for label, rows in series:
-        ax.scatter(rows["measure"], rows["final_test_acc"] * 100, color=colors[label], s=36, alpha=0.85,
-                   edgecolors="black", linewidths=0.4, label=f"{label} (n={len(rows)})")
+        ax.scatter(
+            rows["measure"],
+            rows["final_test_acc"] * 100,
+            color=colors[label],
+            s=36,
+            alpha=0.85,
+            edgecolors="black",
+            linewidths=0.4,
+            label=f"{label} (n={len(rows)})",
+        )
     values = points["measure"].to_numpy(dtype=float)
     if (values > 0).all() and values.max() / values.min() > 100:
         ax.set_xscale("log")
@@ -330,8 +344,10 @@ def write_plots(run_dirs: Iterable[str | Path], out_prefix: str | Path) -> list[
         if not pair_curves.empty:
             written.append(plot_accuracy_vs_epoch(pair_curves, f"{out_prefix}_acc_epoch{suffix}.png"))
             written.append(plot_accuracy_vs_time(pair_curves, f"{out_prefix}_acc_time{suffix}.png"))
-        for figure in (plot_final_accuracy(runs, f"{out_prefix}_acc_final{suffix}.png"),
-                       plot_accuracy_vs_sharpness(runs, f"{out_prefix}_acc_sharpness{suffix}.png")):
+        for figure in (
+            plot_final_accuracy(runs, f"{out_prefix}_acc_final{suffix}.png"),
+            plot_accuracy_vs_sharpness(runs, f"{out_prefix}_acc_sharpness{suffix}.png"),
+        ):
             if figure is not None:
                 written.append(figure)
     return written

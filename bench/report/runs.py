@@ -146,15 +146,19 @@ def _read_run(run: Path) -> tuple[dict | None, list[str]]:
     config, problem = _read_checked(run / "config.json", _config_problem)
     if problem:
         return None, [f"{problem}; run skipped"]
-    row: dict[str, Any] = {"status": "unfinished", "contended": False, "oversubscribed": False, "timing": None,
-                           **{k: math.nan for k in SUMMARY_NUMBERS + SUMMARY_OPTIONAL}}
+    row: dict[str, Any] = {
+        "status": "unfinished",
+        "contended": False,
+        "oversubscribed": False,
+        "timing": None,
+        **{k: math.nan for k in SUMMARY_NUMBERS + SUMMARY_OPTIONAL},
+    }
     if (run / "summary.json").exists():
         summary, problem = _read_checked(run / "summary.json", _summary_problem)
         if problem:
             return None, [f"{problem}; run skipped"]
         row.update(summary)
-        row.update({k: math.nan if summary.get(k) is None else float(summary[k])
-                    for k in SUMMARY_NUMBERS + SUMMARY_OPTIONAL})
+        row.update({k: math.nan if summary.get(k) is None else float(summary[k]) for k in SUMMARY_NUMBERS + SUMMARY_OPTIONAL})
         # recomputed from the recorded loads, so runs written under an older rule are judged by this one
         own = environment.own_threads(summary.get("torch_threads"), summary.get("world_size"))
         cores = (config.get("environment") or {}).get("cpu_count")
@@ -170,9 +174,15 @@ def _read_run(run: Path) -> tuple[dict | None, list[str]]:
         else:
             row.update({k: math.nan if sharpness.get(k) is None else float(sharpness[k]) for k in SHARPNESS})
     identity = _identity(config)
-    row.update({k: config[k] for k in GROUP}, seed=config.get("seed"), label_noise=config.get("label_noise", 0.0),
-               run_id=config.get("run_id", row.get("run_id", run.name)), run_dir=str(run), identity=identity,
-               settings_key=settings_key(identity))
+    row.update(
+        {k: config[k] for k in GROUP},
+        seed=config.get("seed"),
+        label_noise=config.get("label_noise", 0.0),
+        run_id=config.get("run_id", row.get("run_id", run.name)),
+        run_dir=str(run),
+        identity=identity,
+        settings_key=settings_key(identity),
+    )
     return row, notes
 
 

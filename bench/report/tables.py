@@ -67,7 +67,7 @@ MIN_TIMED_S = 30.0
 
 
 def _mean_std(values: pd.Series, scale: float = 1.0, digits: int = 2) -> str:
-    """"mean ± sample std" (ddof=1; ± 0 for one value); blank when a value is missing or not finite."""
+    """ "mean ± sample std" (ddof=1; ± 0 for one value); blank when a value is missing or not finite."""
     if len(values) == 0 or not all(math.isfinite(v) for v in values):
         return ""
     mean, std = values.mean() * scale, values.std(ddof=1) * scale if len(values) > 1 else 0.0
@@ -131,8 +131,12 @@ def _group_row(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> dict
     acc = runs_of.final_test_acc
     ratio, error = _time_ratio(runs_of, runs, baseline)
     return {
-        "dataset": first.dataset, "arch": first.arch, "optimizer": first.optimizer, "settings": "",
-        "status": first.status, "n": len(runs_of),
+        "dataset": first.dataset,
+        "arch": first.arch,
+        "optimizer": first.optimizer,
+        "settings": "",
+        "status": first.status,
+        "n": len(runs_of),
         "final acc (%)": _mean_std(acc, 100),
         "best acc (%)": _mean_std(runs_of.best_test_acc, 100),
         "final acc mean": acc.mean(skipna=False) * 100,
@@ -140,7 +144,8 @@ def _group_row(runs_of: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> dict
         "test loss": _rounded(runs_of.final_test_loss.mean(skipna=False), 4),
         "ECE (%)": _mean_std(runs_of.final_test_ece, 100),
         **{label: _mean_std(runs_of[key], digits=3) if key in runs_of else "" for key, label in SHARPNESS.items()},
-        f"time vs {baseline}": ratio, "time ± (%)": error,
+        f"time vs {baseline}": ratio,
+        "time ± (%)": error,
         # the baseline's own row is 1 by definition, however its runs were timed
         "imprecise": "yes" if ratio != "" and first.optimizer != baseline and _imprecise(error, runs_of) else "",
         "passes/step": _rounded(runs_of.passes_per_step.mean(skipna=False), 2),
@@ -212,8 +217,13 @@ def comparison_table(runs: pd.DataFrame, baseline: str = "sgd", tuned: Mapping[s
         order = (row["dataset"], row["arch"], rank[row["optimizer"]], sort_key, STATUSES.index(row["status"]))
         rows.append((order, row))
     table = pd.DataFrame([row for _, row in sorted(rows, key=lambda pair: pair[0])])
-    needed = {"settings": any(labels), "status": (table.status != "completed").any(), "contended": (table.contended != "").any(),
-              "time ± (%)": (table["time ± (%)"] != "").any(), "imprecise": (table.imprecise != "").any()}
+    needed = {
+        "settings": any(labels),
+        "status": (table.status != "completed").any(),
+        "contended": (table.contended != "").any(),
+        "time ± (%)": (table["time ± (%)"] != "").any(),
+        "imprecise": (table.imprecise != "").any(),
+    }
     unused = [column for column, keep in needed.items() if not keep]
     if tuned is not None:
         table.insert(table.columns.get_loc("optimizer") + 1, "tuned", [tuned.get(name, "") for name in table.optimizer])
@@ -227,19 +237,38 @@ def reproduction_table(recipes, runs: pd.DataFrame | None) -> pd.DataFrame:
         for optimizer, reported in recipe.reported.items():
             ids = {c.run_id() for c in recipe.runs() if c.optimizer == optimizer}
             mine = runs[runs.run_id.isin(ids) & runs.status.isin(["completed", "diverged"])] if runs is not None else []
-            row = {"recipe": recipe.name, "optimizer": optimizer, "reported acc (%)": reported.accuracy,
-                   "metric": reported.metric, "source": reported.source}
+            row = {
+                "recipe": recipe.name,
+                "optimizer": optimizer,
+                "reported acc (%)": reported.accuracy,
+                "metric": reported.metric,
+                "source": reported.source,
+            }
             if len(mine) == 0:
-                row.update({"measured acc (%)": "", "n": 0, "difference": "", "status": "not run",
-                            "command": f"python launch.py sweep {recipe.name} --data_dir DIR"})
+                row.update(
+                    {
+                        "measured acc (%)": "",
+                        "n": 0,
+                        "difference": "",
+                        "status": "not run",
+                        "command": f"python launch.py sweep {recipe.name} --data_dir DIR",
+                    }
+                )
             else:
                 values = mine["best_test_acc" if reported.metric == "best" else "final_test_acc"] * 100
                 mean, std = values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
                 diff = mean - reported.accuracy
                 tolerance = max(reported.spread or 0.0, std)
                 verdict = "within" if abs(diff) <= tolerance else "below" if diff < 0 else "above"
-                row.update({"measured acc (%)": f"{mean:.2f} ± {std:.2f}", "n": len(values), "difference": f"{diff:+.2f}",
-                            "status": verdict, "command": f"python launch.py sweep {recipe.name}"})
+                row.update(
+                    {
+                        "measured acc (%)": f"{mean:.2f} ± {std:.2f}",
+                        "n": len(values),
+                        "difference": f"{diff:+.2f}",
+                        "status": verdict,
+                        "command": f"python launch.py sweep {recipe.name}",
+                    }
+                )
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -257,8 +286,12 @@ def frame_to_markdown(frame: pd.DataFrame) -> str:
 def to_latex(table: pd.DataFrame) -> str:
     shown = table.drop(columns=["final acc mean", "final acc std"], errors="ignore")
     escape = lambda v: str(v).replace("_", "\\_").replace("%", "\\%").replace("±", "$\\pm$")  # noqa: E731
-    lines = ["\\begin{tabular}{" + "l" * len(shown.columns) + "}", "\\hline",
-             " & ".join(escape(c) for c in shown.columns) + " \\\\", "\\hline"]
+    lines = [
+        "\\begin{tabular}{" + "l" * len(shown.columns) + "}",
+        "\\hline",
+        " & ".join(escape(c) for c in shown.columns) + " \\\\",
+        "\\hline",
+    ]
     lines += [" & ".join(escape(v) for v in row) + " \\\\" for row in shown.itertuples(index=False)]
     return "\n".join(lines + ["\\hline", "\\end{tabular}"]) + "\n"
 
@@ -268,8 +301,9 @@ def to_markdown(table: pd.DataFrame) -> str:
     return frame_to_markdown(shown.loc[:, [c for c in shown.columns if (shown[c] != "").any()]])
 
 
-def write_comparison(paths: list[str | Path], out_prefix: str | Path, preamble: str = "",
-                     tuned: Mapping[str, str] | None = None) -> pd.DataFrame:
+def write_comparison(
+    paths: list[str | Path], out_prefix: str | Path, preamble: str = "", tuned: Mapping[str, str] | None = None
+) -> pd.DataFrame:
     """Write ``{out_prefix}.csv/.md/.tex``; the table's ``.attrs["notes"]`` holds the skipped-run notes."""
     runs = load_runs(paths)
     table = comparison_table(runs, tuned=tuned)
@@ -282,8 +316,22 @@ def write_comparison(paths: list[str | Path], out_prefix: str | Path, preamble: 
 
 
 def print_table(table: pd.DataFrame, title: str = "") -> None:
-    columns = ["dataset", "arch", "optimizer", "tuned", "settings", "status", "n", "final acc (%)", "best acc (%)", "time vs sgd",
-               "time ± (%)", "imprecise", "contended", "passes/step"]
+    columns = [
+        "dataset",
+        "arch",
+        "optimizer",
+        "tuned",
+        "settings",
+        "status",
+        "n",
+        "final acc (%)",
+        "best acc (%)",
+        "time vs sgd",
+        "time ± (%)",
+        "imprecise",
+        "contended",
+        "passes/step",
+    ]
     columns = [c for c in columns if c in table]
     rich_table = Table(title=title)
     for column in columns:

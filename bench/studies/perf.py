@@ -130,8 +130,18 @@ def _param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def measure(arch: str, batch_size: int, steps: int, rounds: int, warmup: int, image_size: int, device: str,
-            names: list[str] | None = None, external: bool = True, channels: int = 3) -> list[dict]:
+def measure(
+    arch: str,
+    batch_size: int,
+    steps: int,
+    rounds: int,
+    warmup: int,
+    image_size: int,
+    device: str,
+    names: list[str] | None = None,
+    external: bool = True,
+    channels: int = 3,
+) -> list[dict]:
     torch.manual_seed(0)
     dev = torch.device(device)
     template = create_model(arch, num_classes=10, in_channels=channels).to(dev)
@@ -139,8 +149,11 @@ def measure(arch: str, batch_size: int, steps: int, rounds: int, warmup: int, im
     contenders = [_ours(n, batch_size * steps) for n in names] + (_external() if external else [])
     g = torch.Generator().manual_seed(0)
     batches = [
-        (torch.randn(batch_size, channels, image_size, image_size, generator=g).to(dev), torch.randint(0, 10, (batch_size,), generator=g).to(dev),
-         torch.arange(i * batch_size, (i + 1) * batch_size, device=dev))
+        (
+            torch.randn(batch_size, channels, image_size, image_size, generator=g).to(dev),
+            torch.randint(0, 10, (batch_size,), generator=g).to(dev),
+            torch.arange(i * batch_size, (i + 1) * batch_size, device=dev),
+        )
         for i in range(steps)
     ]
     runs = []
@@ -173,9 +186,15 @@ def measure(arch: str, batch_size: int, steps: int, rounds: int, warmup: int, im
         ratio = statistics.median(ratios[c.name + c.source])
         extra = c.memory(opt) / param_bytes if c.memory is not None else None
         rows.append(
-            {"optimizer": c.name, "implementation": c.source, "step_ms": seconds * 1e3, "ratio_to_sgd": ratio,
-             "passes_per_step": passes[c.name + c.source], "extra_memory_x_params": extra if c.source == "this project" else None,
-             "declared_passes": str(getattr(type(opt), "passes", "1")) if c.source == "this project" else ""}
+            {
+                "optimizer": c.name,
+                "implementation": c.source,
+                "step_ms": seconds * 1e3,
+                "ratio_to_sgd": ratio,
+                "passes_per_step": passes[c.name + c.source],
+                "extra_memory_x_params": extra if c.source == "this project" else None,
+                "declared_passes": str(getattr(type(opt), "passes", "1")) if c.source == "this project" else "",
+            }
         )
     return rows
 
@@ -222,22 +241,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizers", nargs="+", default=None)
     p.add_argument("--no_external", action="store_true", help="skip pytorch-optimizer's implementations")
     p.add_argument("--out", default=None, help="default: results/perf.md (results/perf_harness.md with --harness)")
-    p.add_argument("--harness", action="store_true",
-                   help="time the harness's step against a bare PyTorch loop, with and without --compile and "
-                        "--channels_last (for --optimizers, default sgd and the reference method, optimizers.registry.REFERENCE) instead of every optimizer")
-    p.add_argument("--recipe", default=None,
-                   help="time the loop's own step for every optimizer of this recipe's grid (or --optimizers), on "
-                        "its real batches, relative to its sgd step: the work its table's `time vs sgd` measures")
+    p.add_argument(
+        "--harness",
+        action="store_true",
+        help="time the harness's step against a bare PyTorch loop, with and without --compile and "
+        "--channels_last (for --optimizers, default sgd and the reference method, optimizers.registry.REFERENCE) instead of every optimizer",
+    )
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="time the loop's own step for every optimizer of this recipe's grid (or --optimizers), on "
+        "its real batches, relative to its sgd step: the work its table's `time vs sgd` measures",
+    )
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="--recipe: override a recipe field")
     p.add_argument("--data_dir", default=None, help="--recipe: where its dataset is")
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend for --harness")
-    p.add_argument("--modes", default="eager,channels_last,compile,compile+channels_last",
-                   help="--harness: the layouts to time, comma-separated from eager, channels_last, compile, compile+channels_last")
+    p.add_argument(
+        "--modes",
+        default="eager,channels_last,compile,compile+channels_last",
+        help="--harness: the layouts to time, comma-separated from eager, channels_last, compile, compile+channels_last",
+    )
     args = p.parse_args(argv)
-    command = "python launch.py perf" + "".join(
-        f" --{k} {v}" if not isinstance(v, bool) else f" --{k}" for k, v in vars(args).items()
-        if v != p.get_default(k) and k not in ("optimizers", "no_external", "set", "data_dir")
-    ) + "".join(f" --set {s}" for s in args.set)
+    command = (
+        "python launch.py perf"
+        + "".join(
+            f" --{k} {v}" if not isinstance(v, bool) else f" --{k}"
+            for k, v in vars(args).items()
+            if v != p.get_default(k) and k not in ("optimizers", "no_external", "set", "data_dir")
+        )
+        + "".join(f" --set {s}" for s in args.set)
+    )
     if args.recipe and args.harness:
         raise ConfigError("perf takes --recipe or --harness, not both")
     if (args.set or args.data_dir) and not args.recipe:
@@ -259,11 +292,25 @@ def main(argv: list[str] | None = None) -> int:
     names = args.optimizers
     if names and "sgd" not in names:
         names = ["sgd", *names]
-    rows = measure(args.arch, args.batch_size, args.steps, args.rounds, args.warmup, args.image_size, args.device,
-                   names, external=not args.no_external, channels=args.channels)
+    rows = measure(
+        args.arch,
+        args.batch_size,
+        args.steps,
+        args.rounds,
+        args.warmup,
+        args.image_size,
+        args.device,
+        names,
+        external=not args.no_external,
+        channels=args.channels,
+    )
     params = create_model(args.arch, num_classes=10, in_channels=args.channels).parameters()
-    settings = dict(vars(args), params=sum(p.numel() for p in params),
-                    machine=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    settings = dict(
+        vars(args),
+        params=sum(p.numel() for p in params),
+        machine=platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(),
+    )
     text = to_markdown(rows, settings, command)
     write_text(Path(args.out or "results/perf.md"), text)
     print(text)

@@ -62,8 +62,14 @@ def synthetic_dataset(n: int, image_size: int, num_classes: int = 10, seed: int 
     return ImageDataset(images, labels, num_classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "synthetic")
 
 
-def recipe_contenders(recipe_name: str, sets: list[str], output_dir: str, data_dir: str | None = None,
-                      optimizers: list[str] | None = None, steps_taken: int = 0) -> tuple[list[Contender], int]:
+def recipe_contenders(
+    recipe_name: str,
+    sets: list[str],
+    output_dir: str,
+    data_dir: str | None = None,
+    optimizers: list[str] | None = None,
+    steps_taken: int = 0,
+) -> tuple[list[Contender], int]:
     """One contender per optimizer of the recipe's grid (its first seed; ``optimizers`` narrows them),
     SGD first: the loop's own step on the recipe's batches, each run trained first to where the
     ``steps_taken`` steps still to come are centred in its schedule. Returns them and that step."""
@@ -75,8 +81,10 @@ def recipe_contenders(recipe_name: str, sets: list[str], output_dir: str, data_d
     wanted = optimizers or list(configs)
     missing = [name for name in ["sgd", *wanted] if name not in configs]
     if missing:
-        raise ConfigError(f"perf --recipe {recipe.name}: its grid has no {', '.join(missing)} "
-                          f"(it has {', '.join(configs)}); the ratios are to its sgd runs")
+        raise ConfigError(
+            f"perf --recipe {recipe.name}: its grid has no {', '.join(missing)} "
+            f"(it has {', '.join(configs)}); the ratios are to its sgd runs"
+        )
     found, data, start = [], None, 0
     for name in dict.fromkeys(["sgd", *wanted]):
         config = resolve(dataclasses.replace(configs[name], threads=torch.get_num_threads(), sharpness=False))
@@ -118,8 +126,9 @@ def _bare(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: torc
 
     torch.manual_seed(arch_config.seed)
     model = create_model(arch_config.arch, num_classes=10, in_channels=3).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=arch_config.lr, momentum=arch_config.momentum,
-                          weight_decay=arch_config.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=arch_config.lr, momentum=arch_config.momentum, weight_decay=arch_config.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     bf16 = arch_config.mixed_precision == "bf16"
 
@@ -145,15 +154,33 @@ def _harness(config: RunConfig, data: ImageDataset, x, y, label: str) -> Contend
 MODES = ((False, False), (False, True), (True, False), (True, True))
 
 
-def contenders(arch: str, batch_size: int, image_size: int, device: str, optimizers: list[str], output_dir: str,
-               compile_backend: str = "inductor", mixed_precision: str = "no", modes=MODES) -> list[Contender]:
+def contenders(
+    arch: str,
+    batch_size: int,
+    image_size: int,
+    device: str,
+    optimizers: list[str],
+    output_dir: str,
+    compile_backend: str = "inductor",
+    mixed_precision: str = "no",
+    modes=MODES,
+) -> list[Contender]:
     if mixed_precision not in ("no", "bf16"):
         raise ValueError(f"perf --harness times mixed_precision no or bf16, got {mixed_precision!r}")
     dev = torch.device(device)
     data = synthetic_dataset(batch_size, image_size)
-    base = RunConfig(arch=arch, batch_size=batch_size, epochs=1, lr=0.01, cpu=dev.type == "cpu", output_dir=output_dir,
-                     threads=torch.get_num_threads(), compile_backend=compile_backend, save_every_epochs=0,
-                     mixed_precision=mixed_precision)
+    base = RunConfig(
+        arch=arch,
+        batch_size=batch_size,
+        epochs=1,
+        lr=0.01,
+        cpu=dev.type == "cpu",
+        output_dir=output_dir,
+        threads=torch.get_num_threads(),
+        compile_backend=compile_backend,
+        save_every_epochs=0,
+        mixed_precision=mixed_precision,
+    )
     x = ((data.images.float() / 255 - 0.5) / 0.25).to(dev)
     y = data.labels.to(dev)
     found = [_bare(base, x, y, dev)]
@@ -192,15 +219,28 @@ def measure(contenders: list[Contender], steps: int, rounds: int, warmup: int, d
         for name, seconds in this_round.items():
             times[name].append(seconds)
             ratios[name].append(seconds / this_round[reference])
-    return [{"contender": c.name, "step_ms": statistics.median(times[c.name]) * 1e3,
-             "ratio_to_first": statistics.median(ratios[c.name]), "first_step_s": c.first_step_s,
-             "passes_per_step": c.passes() if c.passes is not None else None} for c in contenders]
+    return [
+        {
+            "contender": c.name,
+            "step_ms": statistics.median(times[c.name]) * 1e3,
+            "ratio_to_first": statistics.median(ratios[c.name]),
+            "first_step_s": c.first_step_s,
+            "passes_per_step": c.passes() if c.passes is not None else None,
+        }
+        for c in contenders
+    ]
 
 
 def _settings(args, load_start: float | None, **extra) -> dict:
     """What a harness table's header states: the arguments, the machine, and its load before and now."""
-    return dict(vars(args), machine=environment.processor(), threads=torch.get_num_threads(), cores=environment.cpu_count(),
-                load=(load_start or 0.0, environment.load_average() or 0.0), **extra)
+    return dict(
+        vars(args),
+        machine=environment.processor(),
+        threads=torch.get_num_threads(),
+        cores=environment.cpu_count(),
+        load=(load_start or 0.0, environment.load_average() or 0.0),
+        **extra,
+    )
 
 
 def _load_line(settings: dict) -> str:
@@ -210,26 +250,35 @@ def _load_line(settings: dict) -> str:
 
 def to_markdown(rows: list[dict], settings: dict, command: str) -> str:
     lines = [
-        "# Harness overhead, --compile and --channels_last", "",
-        f"Generated by `{command}`.", "",
+        "# Harness overhead, --compile and --channels_last",
+        "",
+        f"Generated by `{command}`.",
+        "",
         f"Model {settings['arch']}, batch {settings['batch_size']} of {settings['image_size']}x{settings['image_size']} "
         f"images, {'bf16 autocast' if settings.get('mixed_precision', 'no') == 'bf16' else 'fp32'}, {settings['device']} ({settings['machine']}, {settings['threads']} threads), torch "
         f"{torch.__version__}, compile backend {settings['compile_backend']}. {settings['rounds']} rounds of "
         f"{settings['steps']} steps per contender in shuffled order after {settings['warmup']} warm-up steps: median step "
         "time, and median over rounds of the ratio to the bare loop in the same round. First step: the first call's "
-        "time (the compilation, for compiled contenders), not in the medians. " + _load_line(settings), "",
+        "time (the compilation, for compiled contenders), not in the medians. " + _load_line(settings),
+        "",
         "| contender | step (ms) | images/s | x bare loop | first step (s) |",
         "| --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         images_per_s = settings["batch_size"] / (r["step_ms"] / 1e3)
-        lines.append(f"| {r['contender']} | {r['step_ms']:.1f} | {images_per_s:.0f} | {r['ratio_to_first']:.3f} | "
-                     f"{r['first_step_s']:.2f} |")
+        lines.append(
+            f"| {r['contender']} | {r['step_ms']:.1f} | {images_per_s:.0f} | {r['ratio_to_first']:.3f} | "
+            f"{r['first_step_s']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-MODE_NAMES = {"eager": (False, False), "channels_last": (False, True), "compile": (True, False),
-              "compile+channels_last": (True, True)}
+MODE_NAMES = {
+    "eager": (False, False),
+    "channels_last": (False, True),
+    "compile": (True, False),
+    "compile+channels_last": (True, True),
+}
 
 
 def parse_modes(text: str) -> tuple[tuple[bool, bool], ...]:
@@ -242,16 +291,20 @@ def parse_modes(text: str) -> tuple[tuple[bool, bool], ...]:
 
 def recipe_to_markdown(rows: list[dict], settings: dict, command: str) -> str:
     lines = [
-        f"# The loop's step cost for every optimizer of {settings['recipe']}, relative to SGD", "",
-        f"Generated by `{command}`.", "",
+        f"# The loop's step cost for every optimizer of {settings['recipe']}, relative to SGD",
+        "",
+        f"Generated by `{command}`.",
+        "",
         f"Each optimizer's run of the recipe (its first seed), set up as the loop sets it up, trained for "
         f"{settings['start']} steps (so that the steps below lie in the middle of its schedule), then stepped on with "
         f"the loop's own step on the recipe's real batches, on {settings['device']} ({settings['machine']}, "
         f"{settings['threads']} threads), torch {torch.__version__}. {settings['rounds']} rounds of {settings['steps']} "
         f"steps per optimizer in shuffled order after {settings['warmup']} warm-up steps: median step time, and median "
         "over rounds of the ratio to SGD's step in the same round (what the recipe's table calls `time vs sgd`). "
-        + _load_line(settings), "",
-        "Passes: forward-backward passes per step from then on.", "",
+        + _load_line(settings),
+        "",
+        "Passes: forward-backward passes per step from then on.",
+        "",
         "| optimizer | step (ms) | x SGD | fwd-bwd passes / step |",
         "| --- | --- | --- | --- |",
     ]
@@ -273,8 +326,16 @@ def run_recipe(args, command: str) -> str:
 def run(args, command: str) -> str:
     load_start = environment.load_average()
     with tempfile.TemporaryDirectory() as output_dir:
-        found = contenders(args.arch, args.batch_size, args.image_size, args.device, args.optimizers or ["sgd", REFERENCE],
-                           output_dir, args.compile_backend, getattr(args, "mixed_precision", "no"),
-                           parse_modes(args.modes) if isinstance(getattr(args, "modes", None), str) else MODES)
+        found = contenders(
+            args.arch,
+            args.batch_size,
+            args.image_size,
+            args.device,
+            args.optimizers or ["sgd", REFERENCE],
+            output_dir,
+            args.compile_backend,
+            getattr(args, "mixed_precision", "no"),
+            parse_modes(args.modes) if isinstance(getattr(args, "modes", None), str) else MODES,
+        )
         rows = measure(found, args.steps, args.rounds, args.warmup, args.device)
     return to_markdown(rows, _settings(args, load_start), command)

@@ -168,7 +168,12 @@ def load_recipe(name_or_path: str) -> Recipe:
     if isinstance(grid.get("optimizer"), list):
         grid["optimizer"] = expand_optimizers(grid["optimizer"])
     return Recipe(
-        name=data.get("name", path.stem), path=path, description=data.get("description", ""),
-        config=data.get("config", {}), grid=grid, optimizers=data.get("optimizers", {}), reported=reported,
+        name=data.get("name", path.stem),
+        path=path,
+        description=data.get("description", ""),
+        config=data.get("config", {}),
+        grid=grid,
+        optimizers=data.get("optimizers", {}),
+        reported=reported,
         tune=data.get("tune", {}),
     )

@@ -27,7 +27,7 @@ from bench.studies.recipes import Recipe
 
 
 def status(config: RunConfig) -> str:
-    """"done" (summary written, diverged runs included), "interrupted" (checkpoints, no summary) or "pending";
+    """ "done" (summary written, diverged runs included), "interrupted" (checkpoints, no summary) or "pending";
     ConfigError for a run made with variant settings this version resolves otherwise."""
     directory = config.run_dir()
     check_recorded(config)
@@ -49,8 +49,12 @@ def execution_order(configs: list[RunConfig]) -> list[RunConfig]:
     return [config for _, config in sorted(zip(rank, configs), key=lambda pair: pair[0])]
 
 
-def commands(recipe: Recipe, sets: list[str], configs: list[RunConfig],
-             keys: Iterable[str] | Callable[[RunConfig], Iterable[str]] | None = None) -> list[str]:
+def commands(
+    recipe: Recipe,
+    sets: list[str],
+    configs: list[RunConfig],
+    keys: Iterable[str] | Callable[[RunConfig], Iterable[str]] | None = None,
+) -> list[str]:
     """One `accelerate launch` command per run that is not done, in ``execution_order``; each spells out
     its values of ``keys`` (default: the recipe's grid axes; a function: each run's own) with ``--set``."""
     lines = []
@@ -58,8 +62,10 @@ def commands(recipe: Recipe, sets: list[str], configs: list[RunConfig],
     for config in execution_order(configs):
         if status(config) == "done":
             continue
-        chosen = [f"{key}={_toml(getattr(config, key, None) if key in config.__dataclass_fields__ else config.hyperparameters[key])}"
-                  for key in (keys(config) if callable(keys) else fixed)]
+        chosen = [
+            f"{key}={_toml(getattr(config, key, None) if key in config.__dataclass_fields__ else config.hyperparameters[key])}"
+            for key in (keys(config) if callable(keys) else fixed)
+        ]
         scalar_sets = [s for s in sets if not s.partition("=")[2].lstrip().startswith("[")]
         argv = ["accelerate", "launch", "launch.py", "--recipe", str(recipe.path)]
         for item in [*scalar_sets, *chosen]:
@@ -80,8 +86,9 @@ def _toml(value) -> str:
 
 
 def _outcome(summary: dict) -> str:
-    score = " ".join(f"{k.removeprefix('final_')} {summary[k]:.4f}" for k in ("final_val_acc", "final_test_acc")
-                     if summary.get(k) is not None)
+    score = " ".join(
+        f"{k.removeprefix('final_')} {summary[k]:.4f}" for k in ("final_val_acc", "final_test_acc") if summary.get(k) is not None
+    )
     return f"{summary.get('status', '?')}, {score}" if score else summary.get("status", "?")
 
 
@@ -103,8 +110,10 @@ def run_sweep(recipe: Recipe, configs: list[RunConfig], progress=None, label: st
             elapsed = time.perf_counter() - start
             if progress:
                 left = elapsed / trained * (pending - trained)
-                progress.print(f"[{i}/{len(configs)}] {config.run_dir().name}: {_outcome(summary)}; "
-                               f"{elapsed:.0f} s elapsed, about {left:.0f} s left")
+                progress.print(
+                    f"[{i}/{len(configs)}] {config.run_dir().name}: {_outcome(summary)}; "
+                    f"{elapsed:.0f} s elapsed, about {left:.0f} s left"
+                )
         if overall is not None:
             progress.advance(overall)
     return [c.run_dir() for c in configs]

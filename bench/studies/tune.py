@@ -90,17 +90,22 @@ def _seeds(section: dict, key: str, where: str) -> list[int]:
 
 def _grids(section: dict, where: str) -> dict[str, dict[str, list]]:
     grids = section.get("grid")
-    _need(isinstance(grids, dict) and grids and all(isinstance(g, dict) and g for g in grids.values()),
-          f"{where}: needs a grid per optimizer, such as [tune.grid.NAME] with KEY = [values]")
+    _need(
+        isinstance(grids, dict) and grids and all(isinstance(g, dict) and g for g in grids.values()),
+        f"{where}: needs a grid per optimizer, such as [tune.grid.NAME] with KEY = [values]",
+    )
     for optimizer, grid in grids.items():
         for key, values in grid.items():
             _need(key not in CONTROLLED, f"{where}: grid.{optimizer}.{key}: {key} is set by the tuning, not by a grid")
-            _need(isinstance(values, list) and values, f"{where}: grid.{optimizer}.{key} must be a non-empty list, got {values!r}")
+            _need(
+                isinstance(values, list) and values, f"{where}: grid.{optimizer}.{key} must be a non-empty list, got {values!r}"
+            )
     sizes = {optimizer: math.prod(len(v) for v in grid.values()) for optimizer, grid in grids.items()}
     if section.get("equal_budget", True) and len(set(sizes.values())) > 1:
         listed = ", ".join(f"{name} {n} points" for name, n in sizes.items())
-        raise ConfigError(f"{where}: unequal budgets ({listed}); give every optimizer as many grid points, "
-                          "or set equal_budget = false")
+        raise ConfigError(
+            f"{where}: unequal budgets ({listed}); give every optimizer as many grid points, or set equal_budget = false"
+        )
     return grids
 
 
@@ -111,17 +116,26 @@ def _section(recipe: Recipe) -> dict[str, Any]:
     unknown = sorted(set(section) - set(SECTION_KEYS))
     _need(not unknown, f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(SECTION_KEYS)}")
     fraction = section.get("val_fraction", 0.1)
-    _need(isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction < 1,
-          f"{where}: val_fraction must be in (0, 1), got {fraction!r}")
+    _need(
+        isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction < 1,
+        f"{where}: val_fraction must be in (0, 1), got {fraction!r}",
+    )
     _need(isinstance(section.get("equal_budget", True), bool), f"{where}: equal_budget must be true or false")
     trial_epochs = section.get("trial_epochs")
-    _need(trial_epochs is None or (isinstance(trial_epochs, int) and not isinstance(trial_epochs, bool) and trial_epochs >= 1),
-          f"{where}: trial_epochs must be a positive integer, got {trial_epochs!r}")
+    _need(
+        trial_epochs is None or (isinstance(trial_epochs, int) and not isinstance(trial_epochs, bool) and trial_epochs >= 1),
+        f"{where}: trial_epochs must be a positive integer, got {trial_epochs!r}",
+    )
     axes = sorted(set(recipe.grid) - set(SWEEP_AXES))
     _need(not axes, f"recipe {recipe.name}: tune takes no [grid] axis but {' and '.join(SWEEP_AXES)} (got {', '.join(axes)})")
-    return {"val_fraction": float(fraction), "trial_epochs": trial_epochs, "seeds": _seeds(section, "seeds", where),
-            "final_seeds": _seeds(section, "final_seeds", where), "equal_budget": section.get("equal_budget", True),
-            "grid": _grids(section, where)}
+    return {
+        "val_fraction": float(fraction),
+        "trial_epochs": trial_epochs,
+        "seeds": _seeds(section, "seeds", where),
+        "final_seeds": _seeds(section, "final_seeds", where),
+        "equal_budget": section.get("equal_budget", True),
+        "grid": _grids(section, where),
+    }
 
 
 def _forced(sets: list[str], grids: dict[str, dict[str, list]]) -> dict[str, Any]:
@@ -129,8 +143,11 @@ def _forced(sets: list[str], grids: dict[str, dict[str, list]]) -> dict[str, Any
     for key, value in forced.items():
         _need(not isinstance(value, list), f"tune: --set {key}= takes one value (the trials come from [tune])")
         tuned = [name for name, grid in grids.items() if key in grid]
-        _need(key not in CONTROLLED and not tuned, f"tune: --set {key} would override what the tuning sets"
-              + (f" (tune.grid.{', tune.grid.'.join(tuned)})" if tuned else ""))
+        _need(
+            key not in CONTROLLED and not tuned,
+            f"tune: --set {key} would override what the tuning sets"
+            + (f" (tune.grid.{', tune.grid.'.join(tuned)})" if tuned else ""),
+        )
     return forced
 
 
@@ -144,20 +161,48 @@ def plan(recipe: Recipe, sets: list[str], output_dir: str | Path) -> Plan:
     for optimizer, grid in spec["grid"].items():
         bases[optimizer] = {**recipe.config, "optimizer": optimizer, **recipe.optimizers.get(optimizer, {}), **forced}
         epochs = bases[optimizer].get("epochs", RunConfig.epochs)
-        _need(trial_epochs is None or ("epochs" not in grid and trial_epochs <= epochs),
-              f"recipe {recipe.name} [tune]: trial_epochs {trial_epochs} " + (
-                  f"and grid.{optimizer}.epochs both set the trials' epochs" if "epochs" in grid
-                  else f"exceeds the final runs' {epochs} epochs ({optimizer})"))
+        _need(
+            trial_epochs is None or ("epochs" not in grid and trial_epochs <= epochs),
+            f"recipe {recipe.name} [tune]: trial_epochs {trial_epochs} "
+            + (
+                f"and grid.{optimizer}.epochs both set the trials' epochs"
+                if "epochs" in grid
+                else f"exceeds the final runs' {epochs} epochs ({optimizer})"
+            ),
+        )
         points[optimizer] = [
-            Point(optimizer, values, tuple(
-                config_from_settings({**bases[optimizer], **values, **shorter, "seed": seed,
-                                      "val_fraction": spec["val_fraction"], "output_dir": str(output_dir / "trials")},
-                                     recipe.name)
-                for seed in spec["seeds"]))
+            Point(
+                optimizer,
+                values,
+                tuple(
+                    config_from_settings(
+                        {
+                            **bases[optimizer],
+                            **values,
+                            **shorter,
+                            "seed": seed,
+                            "val_fraction": spec["val_fraction"],
+                            "output_dir": str(output_dir / "trials"),
+                        },
+                        recipe.name,
+                    )
+                    for seed in spec["seeds"]
+                ),
+            )
             for values in (dict(zip(grid, combo)) for combo in itertools.product(*grid.values()))
         ]
-    return Plan(recipe, output_dir, spec["val_fraction"], trial_epochs, spec["seeds"], spec["final_seeds"], spec["equal_budget"],
-                spec["grid"], points, bases)
+    return Plan(
+        recipe,
+        output_dir,
+        spec["val_fraction"],
+        trial_epochs,
+        spec["seeds"],
+        spec["final_seeds"],
+        spec["equal_budget"],
+        spec["grid"],
+        points,
+        bases,
+    )
 
 
 # -- the choice: validation accuracy only ----------------------------------------------------------
@@ -186,9 +231,19 @@ def choices(tuning: Plan) -> dict[str, Point]:
 def final_configs(tuning: Plan, chosen: dict[str, Point]) -> dict[str, list[RunConfig]]:
     """Per optimizer, the final seeds of its chosen point, on the full training set."""
     return {
-        optimizer: [config_from_settings({**tuning.bases[optimizer], **point.values, "seed": seed, "val_fraction": 0.0,
-                                "output_dir": str(tuning.output_dir / "final")}, tuning.recipe.name)
-                    for seed in tuning.final_seeds]
+        optimizer: [
+            config_from_settings(
+                {
+                    **tuning.bases[optimizer],
+                    **point.values,
+                    "seed": seed,
+                    "val_fraction": 0.0,
+                    "output_dir": str(tuning.output_dir / "final"),
+                },
+                tuning.recipe.name,
+            )
+            for seed in tuning.final_seeds
+        ]
         for optimizer, point in chosen.items()
     }
 
@@ -200,16 +255,20 @@ def pending_commands(tuning: Plan, sets: list[str]) -> list[str]:
     """One command per pending trial; once every trial is done, one per pending final run; seed by seed
     across optimizers, as ``run_tuning`` trains them."""
     shorter = [] if tuning.trial_epochs is None else ["epochs"]
-    lines = _commands(tuning, sets, {name: [c for p in points for c in p.trials] for name, points in tuning.points.items()},
-                      shorter)
+    lines = _commands(
+        tuning, sets, {name: [c for p in points for c in p.trials] for name, points in tuning.points.items()}, shorter
+    )
     return lines or _commands(tuning, sets, final_configs(tuning, choices(tuning)), [])
 
 
 def _commands(tuning: Plan, sets: list[str], runs: dict[str, list[RunConfig]], extra_keys: list[str]) -> list[str]:
     """Each run's command spells out what the tuning sets (and its optimizer's grid keys)."""
-    keys = {config.run_dir(): [*CONTROLLED, *tuning.grids[name], *extra_keys] for name, configs in runs.items() for config in configs}
-    return commands(tuning.recipe, sets, [config for configs in runs.values() for config in configs],
-                    lambda config: keys[config.run_dir()])
+    keys = {
+        config.run_dir(): [*CONTROLLED, *tuning.grids[name], *extra_keys] for name, configs in runs.items() for config in configs
+    }
+    return commands(
+        tuning.recipe, sets, [config for configs in runs.values() for config in configs], lambda config: keys[config.run_dir()]
+    )
 
 
 def optimizer_of(tuning: Plan, optimizer: str) -> str:
@@ -263,17 +322,35 @@ def _tables(tuning: Plan, chosen: dict[str, Point]) -> tuple[pd.DataFrame, pd.Da
     for optimizer, grid_points in tuning.points.items():
         for point in grid_points:
             scores = [val_accuracy(c) for c in point.trials]
-            points.append({"optimizer": optimizer, "grid point": point.label, "n": len(scores),
-                           "val acc (%)": _percent(scores), "chosen": "yes" if point is chosen[optimizer] else ""})
-            trials += [{"optimizer": optimizer, "grid point": point.label, "seed": c.seed, "val acc (%)": f"{s * 100:.2f}" if math.isfinite(s) else "",
-                        "status": _trial_status(c), "run": f"`{c.run_dir().name}`"} for c, s in zip(point.trials, scores)]
+            points.append(
+                {
+                    "optimizer": optimizer,
+                    "grid point": point.label,
+                    "n": len(scores),
+                    "val acc (%)": _percent(scores),
+                    "chosen": "yes" if point is chosen[optimizer] else "",
+                }
+            )
+            trials += [
+                {
+                    "optimizer": optimizer,
+                    "grid point": point.label,
+                    "seed": c.seed,
+                    "val acc (%)": f"{s * 100:.2f}" if math.isfinite(s) else "",
+                    "status": _trial_status(c),
+                    "run": f"`{c.run_dir().name}`",
+                }
+                for c, s in zip(point.trials, scores)
+            ]
     return pd.DataFrame(points), pd.DataFrame(trials)
 
 
 def tuning_markdown(tuning: Plan, chosen: dict[str, Point], command: str) -> str:
     recipe = tuning.recipe
-    grids = "\n".join(f"* {optimizer}: " + "; ".join(f"{key} = [{', '.join(map(_show, values))}]" for key, values in grid.items())
-                      for optimizer, grid in tuning.grids.items())
+    grids = "\n".join(
+        f"* {optimizer}: " + "; ".join(f"{key} = [{', '.join(map(_show, values))}]" for key, values in grid.items())
+        for optimizer, grid in tuning.grids.items()
+    )
     points, trials = _tables(tuning, chosen)
     return (
         f"# {recipe.name}: tuning\n\n{recipe.description.strip()}\n\nGenerated by `{command}` from the run files.\n\n"
@@ -285,13 +362,16 @@ def tuning_markdown(tuning: Plan, chosen: dict[str, Point], command: str) -> str
     )
 
 
-def write_tuning_results(tuning: Plan, chosen: dict[str, Point], final_dirs: list[Path], results_dir: str | Path,
-                         command: str) -> pd.DataFrame:
+def write_tuning_results(
+    tuning: Plan, chosen: dict[str, Point], final_dirs: list[Path], results_dir: str | Path, command: str
+) -> pd.DataFrame:
     """``RECIPE_tuning.md`` (grids, every trial, the choice) and ``RECIPE_tuned.{md,csv,tex}`` (the final runs)."""
     recipe, results_dir = tuning.recipe, Path(results_dir)
     write_text(results_dir / f"{recipe.name}_tuning.md", tuning_markdown(tuning, chosen, command))
-    preamble = (f"# {recipe.name}: tuned\n\n{recipe.description.strip()}\n\nGenerated by `{command}` from the run files. "
-                f"Seeds {tuning.final_seeds} on the full training set, with the values in the `tuned` column, chosen on a "
-                f"validation split ({budget(tuning)}; the trials and the choice: `{recipe.name}_tuning.md`).\n\n")
+    preamble = (
+        f"# {recipe.name}: tuned\n\n{recipe.description.strip()}\n\nGenerated by `{command}` from the run files. "
+        f"Seeds {tuning.final_seeds} on the full training set, with the values in the `tuned` column, chosen on a "
+        f"validation split ({budget(tuning)}; the trials and the choice: `{recipe.name}_tuning.md`).\n\n"
+    )
     tuned = {optimizer_of(tuning, name): point.label for name, point in chosen.items()}
     return write_comparison(final_dirs, results_dir / f"{recipe.name}_tuned", preamble, tuned=tuned)
