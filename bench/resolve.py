@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from architectures.registry import resolve as resolve_architecture
-from bench.config import ConfigError, RunConfig
+from bench.config import TRACKERS, ConfigError, RunConfig
 from bench.data.datasets import available_datasets
 from bench.data.datasets import canonical_name as dataset_name
 from bench.data.names import DEFAULT_IMAGE_SIZE, DataError, is_loader_dataset, loader_dataset_name
@@ -71,7 +71,7 @@ def _resolve_names(config: RunConfig) -> None:
             config.compile_backend in backends,
             f"unknown compile_backend {config.compile_backend!r}; choose one of: {', '.join(backends)}",
         )
-    if config.log_with is not None:
+    if config.log_with in TRACKERS:  # an unknown one is validate()'s to report
         _need(
             importlib.util.find_spec(config.log_with) is not None,
             f"log_with {config.log_with} needs the {config.log_with} package: pip install {config.log_with}",

@@ -3,7 +3,7 @@ reference steps derived from the formulas; compute accounting; BatchNorm; memory
 
 import pytest
 import torch
-from helpers import assert_close, batches, flat, plain_closure, requires_oracle, tiny_mlp, two_groups
+from helpers import assert_close, batches, flat, plain_closure, requires_oracle, tiny_mlp, two_groups, with_loss_term
 from reference import SGDRef, dot, loss_and_grads, norm, per_sample_losses
 from torch import nn
 
@@ -321,7 +321,7 @@ def test_batchnorm_statistics_come_from_the_first_pass(name):
     model = bn_model()
     x, y = batches(1, batch_size=16)[0]
     expected_mean = model[0](x).mean(0).detach()
-    opt = create_optimizer(name, model, lr=0.1)
+    opt = with_loss_term(create_optimizer(name, model, lr=0.1), model)
     opt.step(batch_closure(model, x, y))
     bn = model[1]
     assert bn.num_batches_tracked.item() == 1
@@ -346,6 +346,7 @@ def test_persistent_extra_memory(name):
     """What the class declares (and the README's table shows) is what it keeps."""
     model = tiny_mlp()
     opt = create_optimizer(name, model, lr=0.1, momentum=0.9) if name != "bsam" else create_optimizer(name, model)
+    with_loss_term(opt, model)
     for x, y in batches(3):
         opt.step(batch_closure(model, x, y))
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
