@@ -103,7 +103,7 @@ def resume_config(path: str, argv: list[str]) -> RunConfig:
             elif field == "base_optimizer":
                 asked = str(asked).lower()
             elif field in ("dataset", "arch"):
-                asked = resolve(dataclasses.replace(saved, **{field: asked})).__getattribute__(field)
+                asked = getattr(resolve(dataclasses.replace(saved, **{field: asked})), field)
             if there != asked:
                 differ.append(f"{spelling} ({there!r} there, {asked!r} given)")
         elif field in BY_FIELD:

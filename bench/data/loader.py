@@ -52,7 +52,9 @@ from bench.data.augment import normalize
 from bench.data.batches import epoch_seed
 from bench.data.folders import FolderSplit, load_image_folders
 from bench.data.hub import StreamSplit, open_hub_dataset
-from bench.data.names import DEFAULT_IMAGE_SIZE, HF_PREFIX, DataError
+from bench.data.load import load_dataset_splits
+from bench.data.names import DEFAULT_IMAGE_SIZE, HF_PREFIX, DataError, is_loader_dataset
+from bench.data.prepare import PreparedData, prepare_train_set
 from bench.data.views import Plan, View, default_workers, make_loader
 
 
@@ -164,3 +166,23 @@ def fixed_samples(
     parts = list(make_loader(plan, View(data.image_size, train=False), data.name, workers, device))
     x = torch.cat([p[0] for p in parts]).to(device)
     return normalize(x, data.mean, data.std), torch.cat([p[1] for p in parts]).to(device)
+
+
+def run_splits(config) -> tuple:
+    """``(train, test)`` of a run's dataset: whole tensors for an in-memory dataset, a split read by loader
+    workers for an ``imagefolder`` or ``hf:`` one."""
+    if is_loader_dataset(config.dataset):
+        return load_loader_splits(config)
+    return load_dataset_splits(config.dataset, config.data_dir)
+
+
+def prepared_train_set(train_set, config) -> PreparedData:
+    """A run's training-set options (subset, label noise, validation split) applied to ``train_set``."""
+    return prepare_train_set(
+        train_set,
+        subset=config.train_subset,
+        label_noise=config.label_noise,
+        seed=config.seed,
+        val_fraction=config.val_fraction,
+        split_seed=config.split_seed,
+    )

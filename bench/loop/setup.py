@@ -23,10 +23,8 @@ from bench.data.batches import (
     global_batch,  # noqa: F401 (re-exported)
 )
 from bench.data.datasets import ImageDataset
-from bench.data.load import load_dataset_splits
-from bench.data.loader import LoaderBatches, load_loader_splits
+from bench.data.loader import LoaderBatches, prepared_train_set, run_splits
 from bench.data.names import is_loader_dataset
-from bench.data.prepare import prepare_train_set
 from bench.io import write_json
 from bench.loop import sharding
 from bench.loop.checkpoint import checkpoints, load_checkpoint
@@ -114,18 +112,8 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
         train_set, test_set = data
     else:
         with accelerator.main_process_first():  # decode and cache once, then every process reads the cache
-            if is_loader_dataset(config.dataset):
-                train_set, test_set = load_loader_splits(config)
-            else:
-                train_set, test_set = load_dataset_splits(config.dataset, config.data_dir)
-    prepared = prepare_train_set(
-        train_set,
-        subset=config.train_subset,
-        label_noise=config.label_noise,
-        seed=config.seed,
-        val_fraction=config.val_fraction,
-        split_seed=config.split_seed,
-    )
+            train_set, test_set = run_splits(config)
+    prepared = prepared_train_set(train_set, config)
     train_set = prepared.train
     fsdp = sharding.fsdp_plugin(accelerator, config.mixed_precision)
     if fsdp is not None and config.compile:

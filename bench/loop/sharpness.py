@@ -35,10 +35,7 @@ from architectures import create_model
 from bench.config import RUN_METADATA, RunConfig
 from bench.data.augment import normalize
 from bench.data.datasets import ImageDataset
-from bench.data.load import load_dataset_splits
-from bench.data.loader import fixed_samples, load_loader_splits
-from bench.data.names import is_loader_dataset
-from bench.data.prepare import prepare_train_set
+from bench.data.loader import fixed_samples, prepared_train_set, run_splits
 from bench.io import read_json, write_json
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -209,18 +206,7 @@ def measure_run_sharpness(run, samples: int | None = None) -> dict[str, float]:
     """Sharpness of a finished run's exported model; writes sharpness.json next to it."""
     run = Path(run)
     config = RunConfig.from_dict(read_json(run / "config.json"), ignore=RUN_METADATA)
-    if is_loader_dataset(config.dataset):
-        train_set, _ = load_loader_splits(config)
-    else:
-        train_set, _ = load_dataset_splits(config.dataset, config.data_dir)
-    train_set = prepare_train_set(
-        train_set,
-        subset=config.train_subset,
-        label_noise=config.label_noise,
-        seed=config.seed,
-        val_fraction=config.val_fraction,
-        split_seed=config.split_seed,
-    ).train
+    train_set = prepared_train_set(run_splits(config)[0], config).train
     model = create_model(config.arch, num_classes=train_set.num_classes, in_channels=train_set.channels)
     model.load_state_dict(load_file(run / "model.safetensors"))
     result = final_sharpness(
