@@ -22,7 +22,8 @@ from optimizers.settings import Setting
 
 SCHEDULES = ("cosine", "step", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16")
-SAM_SYNC = ("local", "global")
+#: how the ascent pass's gradient is treated across processes (a variant that declares one keeps its own)
+ASCENT_SYNC = ("local", "global")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
 #: numpy's seed range (the data pipeline and accelerate's set_seed seed numpy)
 SEED_RANGE = "[0, 4294967295]"
@@ -54,7 +55,7 @@ OPERATIONAL = (
 UNSET_NOT_IDENTITY = ("image_size", "image_column", "label_column")
 
 #: Keys of a run's config.json that describe the run, not its settings.
-RUN_METADATA = ("run_id", "world_size", "device", "versions", "environment", "resolved_hyperparameters")
+RUN_METADATA = ("run_id", "world_size", "device", "versions", "environment", "code", "resolved_hyperparameters")
 
 #: Range and type of every numeric or boolean field (the same checks as a variant's settings).
 FIELD_CHECKS = {
@@ -168,7 +169,7 @@ class RunConfig:
     test_every_epochs: int = 1
     seed: int = 0
     mixed_precision: str = "no"
-    sam_sync: str = "local"
+    ascent_sync: str = "local"
     sync_bn: bool = False
     cpu: bool = False
     grad_accum_steps: int = 1
@@ -196,7 +197,7 @@ class RunConfig:
                 raise ConfigError(str(err)) from None
         _choice(self.schedule, SCHEDULES, "schedule")
         _choice(self.mixed_precision, MIXED_PRECISION, "mixed_precision")
-        _choice(self.sam_sync, SAM_SYNC, "sam_sync")
+        _choice(self.ascent_sync, ASCENT_SYNC, "ascent_sync")
         if self.log_with is not None:
             _choice(self.log_with, TRACKERS, "log_with")
         _need(_writable(self.output_dir), f"output_dir {self.output_dir!r} is not writable")

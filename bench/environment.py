@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+from functools import cache
 from importlib.metadata import version
+from pathlib import Path
 
 import numpy
 import torch
@@ -59,6 +62,26 @@ def describe(device: torch.device) -> dict:
         "numpy": numpy.__version__,
         "platform": platform.platform(),
     }
+
+
+@cache
+def code_version() -> dict:
+    """The project's version, and the git commit of its source tree with whether files differ from it
+    (``dirty``); commit and dirty are None where the code is not a git checkout (an installed wheel)."""
+    from optimizers import __version__
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"version": __version__, "commit": commit, "dirty": None if status is None else bool(status)}
 
 
 def set_threads(threads: int | None, processes_per_machine: int = 1) -> int:

@@ -22,6 +22,7 @@ from bench.config import TRACKERS, ConfigError, RunConfig
 from bench.data.datasets import available_datasets
 from bench.data.datasets import canonical_name as dataset_name
 from bench.data.names import DEFAULT_IMAGE_SIZE, DataError, is_loader_dataset, loader_dataset_name
+from bench.variant_flags import filled_by
 from optimizers import available_optimizers, create_optimizer, optimizer_class
 from optimizers.base import BASE_OPTIMIZERS
 from optimizers.registry import canonical_name
@@ -113,12 +114,12 @@ def own_rule_settings(config: RunConfig) -> dict[str, Any]:
 def optimizer_settings(config: RunConfig, num_train: int) -> dict[str, Any]:
     """Keyword arguments for ``create_optimizer``: the base optimizer's (or, for a variant with
     its own update rule, the lr and the momentum and weight decay it declares), the quantities
-    the harness fills in (``Setting.filled_by``: the training-set size, the total step count),
+    the harness fills in (``filled_by`` in bench/cli/variant_flags.toml: the training-set size, the total step count),
     then the variant's own."""
     cls = optimizer_class(config.optimizer)
     declared = {s.name: s for s in getattr(cls, "settings", ())}
     fills = {"num_train": num_train, "total_steps": max(1, config.epochs * (num_train // config.batch_size))}
-    filled = {name: fills[s.filled_by] for name, s in declared.items() if s.filled_by in fills}
+    filled = {name: fills[filled_by(cls, name)] for name in declared if filled_by(cls, name) in fills}
     if not getattr(cls, "uses_base_optimizer", True):
         # an update rule of its own takes the run's lr, and its momentum and weight decay if it has them
         own = {k: v for k, v in own_rule_settings(config).items() if k in declared or k == "lr"}
@@ -150,8 +151,8 @@ def _check_optimizer(config: RunConfig) -> None:
 def resolved_hyperparameters(config: RunConfig) -> dict[str, Any]:
     """The variant's own settings as it will use them, recorded in config.json: its declared defaults
     (not those the harness fills in) overlaid with the given ones, as JSON values."""
-    declared = getattr(optimizer_class(config.optimizer), "settings", ())
-    defaults = {s.name: s.default for s in declared if s.filled_by is None}
+    cls = optimizer_class(config.optimizer)
+    defaults = {s.name: s.default for s in getattr(cls, "settings", ()) if filled_by(cls, s.name) is None}
     return json.loads(json.dumps({**defaults, **config.hyperparameters}, default=str))
 
 

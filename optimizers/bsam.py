@@ -29,13 +29,12 @@ class BayesianSAM(SharpnessAwareOptimizer):
     (noise and perturbation are undone, no prior term); frozen ones are never touched."""
 
     settings = (
-        Setting("lr", 0.5, range="[0, inf)", flag=None, source=CODE, help="learning rate (the harness's --lr)"),
+        Setting("lr", 0.5, range="[0, inf)", source=CODE, help="learning rate (the harness's --lr)"),
         Setting(
             "betas",
             (0.9, 0.999),
             kind=tuple,
             range="[0, 1)",
-            flag=None,
             source=CODE,
             help="decay of the momentum gm and of the precision s",
         ),
@@ -44,23 +43,20 @@ class BayesianSAM(SharpnessAwareOptimizer):
             "prior_precision",
             40.0,
             range="[0, inf)",
-            flag="delta",
             source="authors' code; the paper prints 10, a typo per the authors",
             help="precision of the Gaussian prior (weight decay prior_precision / N)",
         ),
-        Setting("damping", 0.1, range="[0, inf)", flag="gamma", source=CODE, help="added to the precision update"),
-        Setting("s_init", 1.0, range="(0, inf)", flag=None, source=CODE, help="initial precision"),
+        Setting("damping", 0.1, range="[0, inf)", source=CODE, help="added to the precision update"),
+        Setting("s_init", 1.0, range="(0, inf)", source=CODE, help="initial precision"),
         Setting(
             "num_data",
             50_000,
             kind=int,
             range="[1, inf)",
-            flag=None,
-            filled_by="num_train",
             source="CIFAR-10; the harness passes the training-set size",
             help="training-set size",
         ),
-        Setting("augmentation_factor", 4, range="(0, inf)", flag=None, source=CODE, help="N = num_data x augmentation_factor"),
+        Setting("augmentation_factor", 4, range="(0, inf)", source=CODE, help="N = num_data x augmentation_factor"),
         Setting("msharpness", 8, kind=int, range="[1, inf)", per_group=False, source=CODE, help="sub-batches per step (m)"),
     )
     paper = "Möllenhoff & Khan, ICLR'23"

@@ -57,14 +57,11 @@ class GAM(SharpnessAwareOptimizer):
     settings = (
         Setting("rho", 0.2, range="[0, inf)", source=GAM_SOURCE, help="radius of the gradient-norm ascent (grad_norm_rho)"),
         Setting("rho_prime", 0.03, range="[0, inf)", source=GAM_SOURCE, help="radius of the two SAM-like ascents (grad_rho)"),
-        Setting(
-            "alpha", 0.1, range="[0, 1]", flag="gam_alpha", source=GAM_SOURCE, help="d = alpha g1 + (1 - alpha) g3 (grad_beta_1)"
-        ),
+        Setting("alpha", 0.1, range="[0, 1]", source=GAM_SOURCE, help="d = alpha g1 + (1 - alpha) g3 (grad_beta_1)"),
         Setting(
             "beta",
             0.1,
             range="[0, 1]",
-            flag="gam_beta",
             source=GAM_SOURCE,
             help="pm = g0 + |1 - beta| g2 (grad_beta_0; the paper has beta g0 + (1 - beta) g2)",
         ),
@@ -72,7 +69,6 @@ class GAM(SharpnessAwareOptimizer):
             "gamma",
             0.05,
             range="[0, inf)",
-            flag="gam_gamma",
             source=GAM_SOURCE,
             help="weight of the removed component of pm orthogonal to d (grad_gamma)",
         ),

@@ -26,7 +26,6 @@ class GSAM(SAM):
             "rho",
             0.05,
             range="[0, inf)",
-            aliases=("rho_max",),
             source="SAM's CIFAR-10 radius",
             help="radius at the group's initial lr (rho_max)",
         ),
@@ -37,7 +36,6 @@ class GSAM(SAM):
             "alpha",
             0.4,
             range="[0, 1]",
-            flag="gsam_alpha",
             source="official PyTorch CIFAR example",
             help="weight of the removed component g_v",
         ),
@@ -47,11 +45,10 @@ class GSAM(SAM):
             None,
             range="(0, inf)",
             optional=True,
-            flag=None,
             source="the group's initial lr",
             help="lr at which the radius is rho",
         ),
-        Setting("lr_min", 0.0, range="[0, inf)", flag=None, help="lr at which the radius is rho_min"),
+        Setting("lr_min", 0.0, range="[0, inf)", help="lr at which the radius is rho_min"),
     )
     paper = "Zhuang et al., ICLR'22"
     rule = "descent g_s - alpha g_v, g_v = part of g orthogonal to g_s; rho_t follows the lr from rho to rho_min"

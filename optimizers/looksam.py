@@ -97,7 +97,6 @@ class LookLayerSAM(LookSAM):
             "normalized",
             True,
             kind=bool,
-            flag=None,
             per_group=False,
             source="a reading, see the docstring",
             help="False: the seed's unnormalised form, whose norm grows without bound as gradients shrink "

@@ -62,13 +62,12 @@ CONFIG = "authors' CIFAR-100 WRN-16-4 config"
 class MSAM(SharpnessAwareOptimizer):
     settings = (
         Setting("rho", 3.0, range="[0, inf)", source=CONFIG, help="perturbation radius along the momentum"),
-        Setting("lr", 0.5, range="[0, inf)", flag=None, source=CONFIG, help="learning rate (the harness's --lr)"),
-        Setting("momentum", 0.9, range="[0, 1)", flag=None, source=CONFIG, help="momentum of the buffer v"),
+        Setting("lr", 0.5, range="[0, inf)", source=CONFIG, help="learning rate (the harness's --lr)"),
+        Setting("momentum", 0.9, range="[0, 1)", source=CONFIG, help="momentum of the buffer v"),
         Setting(
             "weight_decay",
             5e-4,
             range="[0, inf)",
-            flag=None,
             source=CONFIG,
             help="L2 weight decay, added to the gradient at the perturbed weights",
         ),

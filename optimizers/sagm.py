@@ -47,7 +47,6 @@ class SAGM(SharpnessAwareOptimizer):
             "alpha",
             0.001,
             range="[0, inf)",
-            flag="sagm_alpha",
             source="official DomainBed hparams",
             help="e = (rho/||g|| - alpha) g: how far the perturbed point steps back along g",
         ),

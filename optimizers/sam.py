@@ -25,7 +25,6 @@ class SAM(SharpnessAwareOptimizer):
             "adaptive",
             False,
             kind=bool,
-            selects="adaptive_sam",
             help="davda54-style e = rho w^2 g / || |w| g || (on the command line: runs adaptive_sam)",
         ),
     )

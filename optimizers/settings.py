@@ -1,10 +1,10 @@
 """How a variant declares its settings: one :class:`Setting` per hyperparameter.
 
 A variant lists every setting it takes in ``settings`` on its class: name, default,
-valid range, the source of the default, its command-line flag and the seed project's
-alias. Everything else is generated from that list: the optimizer's validation (the
-same one-line errors through the Python API and the command line), the CLI flags and
-their help, the "flag not used by this variant" notes and the README's variant table.
+valid range and the source of the default. Everything else is generated from that list:
+the optimizer's validation (the same one-line errors however the optimizer is built),
+its defaults, the README's variant table, and whatever a caller builds on it (a command
+line's flags and their help).
 
 Per-group settings (``per_group=True``, the default) live in each param group and may
 differ between groups, like ``lr``; the others are one value for the whole optimizer
@@ -29,12 +29,7 @@ class Setting:
     ``range``: an interval such as ``"[0, inf)"`` or ``"(0, 1]"`` that numbers (and each
     element of a tuple) must lie in. ``optional``: ``None`` is a valid value (it means
     "derive it", as GSAM's rho_min). ``source``: where the default comes from.
-    ``flag``: the command-line flag (``""``: ``--NAME``; ``None``: none). ``aliases``:
-    other flags that set it (the seed project's). ``filled_by``: a quantity the harness
-    supplies when the user does not (``"num_train"``: the training set size).
-    ``symbol``: the paper's name for it where this project's differs. ``selects``: for a
-    boolean, the registered variant that setting it true on the command line runs instead
-    (the seed's ``--sam_type SAM --adaptive`` is ``adaptive_sam``).
+    ``symbol``: the paper's name for it where this project's differs.
     """
 
     name: str
@@ -45,22 +40,11 @@ class Setting:
     source: str = ""
     per_group: bool = True
     optional: bool = False
-    flag: str | None = ""
-    aliases: tuple[str, ...] = ()
-    filled_by: str | None = None
     symbol: str | None = None
-    selects: str | None = None
 
     def __post_init__(self):
         if self.range is not None and not _RANGE.match(self.range):
             raise ValueError(f"setting {self.name}: bad range {self.range!r} (write e.g. '[0, inf)' or '(0, 1]')")
-
-    @property
-    def flags(self) -> tuple[str, ...]:
-        """Every command-line flag that sets it, without the dashes."""
-        if self.flag is None:
-            return ()
-        return (self.flag or self.name, *self.aliases)
 
     def check(self, value: Any, owner: str = "") -> Any:
         """``value`` if valid (ints widened to float where a float is expected); else one-line ValueError."""

@@ -40,6 +40,7 @@ from bench.studies.perf_harness import (
     measure,  # noqa: E402
     synthetic_dataset,  # noqa: E402
 )
+from bench.variant_flags import filled_by  # noqa: E402
 from optimizers import available_optimizers, optimizer_class  # noqa: E402
 
 
@@ -69,10 +70,9 @@ def _overflowing(loss_fn, on_call: int):
 def check_variant(name: str, precision: str, arch: str, batch: int, steps: int, output_dir: str) -> dict:
     """A few steps; in fp16 the second step's first pass overflows and must be skipped."""
     data = synthetic_dataset(batch * steps, 32)
+    cls = optimizer_class(name)
     settings = (
-        {"total_steps": steps}
-        if any(s.filled_by == "total_steps" for s in getattr(optimizer_class(name), "settings", ()))
-        else {}
+        {"total_steps": steps} if any(filled_by(cls, s.name) == "total_steps" for s in getattr(cls, "settings", ())) else {}
     )
     config = resolve(
         RunConfig(

@@ -152,7 +152,7 @@ def test_a_finite_loss_with_a_non_finite_gradient_skips_the_step():
         torch.randn(8, 4),
         torch.randint(0, 3, (8,)),
         accelerator=Accelerator(cpu=True),
-        sync_ascent=False,
+        ascent_sync="local",
         scaler=None,
     )
     assert take_step(opt, closure)

@@ -1,86 +1,220 @@
-"""The claims table: differences, standard errors and verdicts derived by hand."""
+"""The claims report: paired intervals, Holm's correction, non-inferiority margins and regime guards,
+with numbers derived by hand (Student t with 2 degrees of freedom has a closed form:
+P(T <= t) = 1/2 + t / (2 sqrt(2 + t^2)), so t_0.975 = sqrt(2 * 0.9025 / 0.0975) = 4.30265)."""
 
 import json
+import math
 
 import pytest
 from test_results import make_run
 
-from bench.report.claims import METRICS, claims_table, load_claims, main
+from bench.report import stats
+from bench.report.claims import METRICS, Claim, claims_table, evaluate, load_claims
+from bench.report.claims_report import main
 from bench.report.runs import ResultsError, load_runs
 
+T975_2 = math.sqrt(2 * 0.9025 / 0.0975)
 
-def runs_of(root, optimizer, accs, sample_passes):
-    for seed, acc in enumerate(accs):
-        run = make_run(root, optimizer, seed=seed, acc=acc)
+
+def runs_of(root, optimizer, values, metric="final_test_acc", seeds=None, **summary_extra):
+    """One completed run per value (seeds 0, 1, ... unless given), the metric set to that value."""
+    for seed, value in zip(seeds or range(len(values)), values):
+        run = make_run(root, optimizer, seed=seed, acc=value if metric == "final_test_acc" else 0.8)
         summary = json.loads((run / "summary.json").read_text())
-        summary["sample_passes_per_step"] = sample_passes
+        summary.update(
+            {metric: value, "sample_passes_per_step": 1.0, "num_classes": 10, "final_train_loss": 0.3, **summary_extra}
+        )
         (run / "summary.json").write_text(json.dumps(summary))
 
 
-def test_verdicts_follow_two_standard_errors_and_the_cost(tmp_path):
-    runs_of(tmp_path, "sgd", [0.80, 0.81, 0.82], 1.0)
-    runs_of(tmp_path, "sam", [0.85, 0.86, 0.87], 2.0)
-    runs_of(tmp_path, "asam", [0.85, 0.87, 0.86], 2.0)  # same mean as SAM
-    runs_of(tmp_path, "esam", [0.855, 0.86, 0.865], 1.5)  # 0.5 points below, cheaper
-    runs_of(tmp_path, "looksam", [0.70, 0.71, 0.72], 1.2)  # cheaper but far worse
-    table = claims_table(load_runs([tmp_path])).set_index("claim")
-    # d = 86 - 81 = 5 points; se = sqrt(1/3 + 1/3) = 0.816 (std 1 point per optimizer, 3 seeds)
-    assert table.loc["SAM beats SGD", "difference (for A) ± se"] == "+5.00 ± 0.82"
-    assert table.loc["SAM beats SGD", "verdict"] == "reproduced"
-    assert table.loc["ASAM beats SAM", "verdict"] == "inconclusive"
-    assert table.loc["ESAM matches SAM at a lower cost", "verdict"] == "reproduced"
-    assert table.loc["LookSAM matches SAM at a lower cost", "verdict"] == "contradicted"
-    assert "GSAM beats SAM" not in table.index  # no GSAM runs: no row
+BEATS = Claim("B2 beats B1", "s", "sam", "sgd", "beats", "final_test_acc")
 
 
-def test_the_command_writes_one_section_per_setting(tmp_path):
-    runs_of(tmp_path / "a", "sgd", [0.80, 0.81, 0.82], 1.0)
-    runs_of(tmp_path / "a", "sam", [0.79, 0.80, 0.81], 2.0)
-    out = tmp_path / "claims.md"
-    assert main([f"small={tmp_path / 'a'}", "--out", str(out)]) == 0
-    text = out.read_text()
-    assert "## small" in text and "| SAM beats SGD |" in text and "| -1.00 ± 0.82 |" in text and "inconclusive" in text
+def test_consistent_per_seed_differences_resolve_only_when_paired(tmp_path):
+    """Seeds spread A and B by 20 points, but A - B per seed is 1.0, 1.2, 0.8: mean 1, sd 0.2, se 0.2/sqrt 3,
+    t = 8.66 on 2 df, p = 1 - 8.66/sqrt(77) = 0.01307, interval 1 +- 4.30265 * 0.11547 = [0.503, 1.497]."""
+    runs_of(tmp_path / "paired", "sgd", [0.70, 0.80, 0.90])
+    runs_of(tmp_path / "paired", "sam", [0.71, 0.812, 0.908])
+    (row,) = evaluate((BEATS,), load_runs([tmp_path / "paired"]))
+    d = row["difference"]
+    assert d.paired and d.df == 2
+    assert d.mean == pytest.approx(1.0) and d.se == pytest.approx(0.2 / math.sqrt(3))
+    assert (d.low, d.high) == pytest.approx((1 - T975_2 * 0.2 / math.sqrt(3), 1 + T975_2 * 0.2 / math.sqrt(3)))
+    assert row["p"] == pytest.approx(1 - math.sqrt(75) / math.sqrt(77))
+    assert (row["finding"], row["verdict"]) == ("A better", "reproduced")
+
+    # the same values, A's seeds shuffled: the per-seed differences are +20.8, -9.0, -8.8 (mean 1, sd 17.15)
+    runs_of(tmp_path / "shuffled", "sgd", [0.70, 0.80, 0.90])
+    runs_of(tmp_path / "shuffled", "sam", [0.908, 0.71, 0.812])
+    (row,) = evaluate((BEATS,), load_runs([tmp_path / "shuffled"]))
+    assert row["difference"].mean == pytest.approx(1.0) and row["difference"].paired
+    assert row["finding"].startswith("not resolved") and row["verdict"] == "inconclusive"
+
+    # and with different seeds on the two sides: Welch, unpaired, sd 10 a side, not resolved either
+    runs_of(tmp_path / "welch", "sgd", [0.70, 0.80, 0.90])
+    runs_of(tmp_path / "welch", "sam", [0.71, 0.812, 0.908], seeds=[3, 4, 5])
+    (row,) = evaluate((BEATS,), load_runs([tmp_path / "welch"]))
+    assert not row["difference"].paired and row["finding"].startswith("not resolved")
 
 
-def runs_with(root, optimizer, metric, values):
-    for seed, value in enumerate(values):
-        run = make_run(root, optimizer, seed=seed, acc=0.8)
-        summary = json.loads((run / "summary.json").read_text())
-        summary.update({metric: value, "sample_passes_per_step": 1.0})
-        (run / "summary.json").write_text(json.dumps(summary))
+def test_welch_and_holm_by_hand():
+    # sides of variance 1 and 4, 3 runs each: se^2 = 1/3 + 4/3; df = (5/3)^2 / ((1/3)^2/2 + (4/3)^2/2) = 3.24
+    d = stats.compare({0: 1.0, 1: 2.0, 2: 3.0}, {3: 0.0, 4: 2.0, 5: 4.0})
+    assert d.se == pytest.approx(math.sqrt(5 / 3)) and d.df == pytest.approx((5 / 3) ** 2 / ((1 / 9 + 16 / 9) / 2))
+    # Holm: sorted 0.01, 0.02, 0.04 -> 3 x 0.01, 2 x 0.02, 1 x 0.04, kept non-decreasing
+    assert stats.holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert stats.holm([0.5, 0.01]) == pytest.approx([0.5, 0.02])
+
+
+def test_holm_can_take_a_finding_away(tmp_path):
+    """Alone, p = 0.0131 < 0.05 resolves; beside two claims with larger p-values Holm multiplies it by 3 (0.039)."""
+    runs_of(tmp_path, "sgd", [0.70, 0.80, 0.90])
+    runs_of(tmp_path, "sam", [0.71, 0.812, 0.908])
+    runs_of(tmp_path, "asam", [0.70, 0.81, 0.89])
+    runs = load_runs([tmp_path])
+    family = (
+        BEATS,
+        Claim("ASAM beats SGD", "s", "asam", "sgd", "beats", "final_test_acc"),
+        Claim("ASAM beats SAM", "s", "asam", "sam", "beats", "final_test_acc"),
+    )
+    rows = evaluate(family, runs)
+    assert [r["p_holm"] for r in rows] == pytest.approx(stats.holm([r["p"] for r in rows]))
+    assert rows[0]["p"] == pytest.approx(1 - math.sqrt(75) / math.sqrt(77))  # the smallest: tripled
+    assert rows[0]["p_holm"] == pytest.approx(3 * rows[0]["p"]) and rows[0]["finding"] == "A better"
+
+
+MATCHES = Claim("ESAM matches SAM", "s", "esam", "sam", "matches_cheaper", "final_test_acc", margin=1.0)
+
+
+@pytest.mark.parametrize(
+    "gains, non_inferior",
+    [
+        ([0.2, 0.3, 0.1], True),  # mean +0.2, tight: the lower bound is well above -1
+        ([3.0, -2.5, 1.0], False),  # mean +0.5 (a point estimate above B), but the interval reaches -6.3
+        ([-0.5, -0.6, -0.4], True),  # mean -0.5, tight: worse than B, yet within the margin
+        ([-0.9, -1.1, -1.0], False),  # mean -1.0 right at the margin: never non-inferior
+    ],
+)
+def test_non_inferior_only_when_the_lower_bound_clears_the_margin(tmp_path, gains, non_inferior):
+    runs_of(tmp_path, "sam", [0.80, 0.85, 0.90])
+    runs_of(tmp_path, "esam", [a + g / 100 for a, g in zip([0.80, 0.85, 0.90], gains)])
+    (row,) = evaluate((MATCHES,), load_runs([tmp_path]))
+    d = row["difference"]
+    assert row["margin"] == 1.0
+    assert (row["finding"] == "non-inferior") == non_inferior == (d.low > -1.0)
+    # no quietly timed runs long enough: the cost half is not resolved, so never "reproduced"
+    assert row["verdict"] != "reproduced"
+
+
+def test_a_relative_margin_is_a_fraction_of_the_gain_in_that_setting(tmp_path):
+    runs_of(tmp_path, "sgd", [0.80, 0.81, 0.82])
+    runs_of(tmp_path, "sam", [0.84, 0.85, 0.86])  # gains 4 points over sgd
+    runs_of(tmp_path, "esam", [0.84, 0.85, 0.86])
+    claim = Claim(
+        "ESAM matches SAM", "s", "esam", "sam", "matches_cheaper", "final_test_acc", margin_gain=0.5, margin_reference="sgd"
+    )
+    (row,) = evaluate((claim,), load_runs([tmp_path]))
+    assert row["margin"] == pytest.approx(2.0)
+
+
+def test_a_side_that_did_not_train_makes_a_claim_not_testable(tmp_path):
+    """bSAM at 15.7% on 10 classes (chance 10%), training loss 2.28 against ln 10 = 2.30: a near-uniform
+    predictor is trivially calibrated, so the calibration claim is not testable, whatever its ECE."""
+    runs_of(tmp_path, "sam", [0.040, 0.041, 0.039], metric="final_test_ece")
+    runs_of(tmp_path, "bsam", [0.010, 0.011, 0.009], metric="final_test_ece", final_test_acc=0.157, final_train_loss=2.28)
+    claim = Claim("bSAM is better calibrated", "s", "bsam", "sam", "beats", "final_test_ece")
+    (row,) = evaluate((claim,), load_runs([tmp_path]))
+    assert row["p"] is None and row["verdict"].startswith("not testable here: bsam did not train")
+    # trained, with a loss near ln 10: still not testable
+    runs_of(tmp_path / "loss", "sam", [0.040, 0.041, 0.039], metric="final_test_ece")
+    runs_of(tmp_path / "loss", "bsam", [0.010, 0.011, 0.009], metric="final_test_ece", final_train_loss=2.2)
+    (row,) = evaluate((claim,), load_runs([tmp_path / "loss"]))
+    assert "training loss 2.20" in row["verdict"]
+
+
+def test_contradicted_only_in_the_papers_regime(tmp_path):
+    runs_of(tmp_path, "sgd", [0.75, 0.80, 0.85])
+    runs_of(tmp_path, "sam", [0.74, 0.79, 0.84])  # 1 point worse on every seed
+    outside = Claim("SAM beats SGD", "s", "sam", "sgd", "beats", "final_test_acc", regime_datasets=("cifar10",))
+    inside = Claim("SAM beats SGD", "s", "sam", "sgd", "beats", "final_test_acc", regime_datasets=("digits",))
+    assert evaluate((outside,), load_runs([tmp_path]))[0]["verdict"] == "not observed at this scale"
+    assert evaluate((inside,), load_runs([tmp_path]))[0]["verdict"] == "contradicted"
+
+
+def test_two_settings_of_one_optimizer_are_two_rows_never_pooled(tmp_path):
+    runs_of(tmp_path, "sgd", [0.80, 0.81, 0.82])
+    for seed in range(3):
+        for rho, acc in ((0.05, 0.85), (0.1, 0.79)):
+            run = make_run(tmp_path, "sam", seed=seed, acc=acc + seed / 100, hyperparameters={"rho": rho})
+            summary = json.loads((run / "summary.json").read_text())
+            (run / "summary.json").write_text(json.dumps({**summary, "num_classes": 10, "final_train_loss": 0.3}))
+    table = claims_table(load_runs([tmp_path]), (BEATS,))
+    assert len(table) == 2
+    assert sorted(table.A) == ["sam (rho=0.05): 86.00 ± 1.00 (n=3)", "sam (rho=0.1): 80.00 ± 1.00 (n=3)"]
 
 
 def test_every_claim_metric_has_its_direction():
-    """Higher accuracy is better; lower ECE and lower loss are better: the direction belongs to the metric."""
+    """Higher accuracy is better; lower ECE, loss and lambda_max are better: the direction belongs to the metric."""
     assert {m: higher for m, (_, _, higher) in METRICS.items()} == {
         "final_test_acc": True,
         "final_test_ece": False,
         "final_test_loss": False,
+        "hessian_max_eigenvalue": False,
     }
     assert all(c.higher_is_better == METRICS[c.metric][2] for c in load_claims())
-    assert {c.metric for c in load_claims()} <= set(METRICS)
 
 
-def test_a_lower_ece_reproduces_better_calibration(tmp_path):
-    """bSAM's ECE 2 points below SAM's and 3 below SGD's: lower is better, so both calibration claims reproduce."""
-    runs_with(tmp_path, "sgd", "final_test_ece", [0.050, 0.051, 0.049])
-    runs_with(tmp_path, "sam", "final_test_ece", [0.040, 0.041, 0.039])
-    runs_with(tmp_path, "bsam", "final_test_ece", [0.020, 0.021, 0.019])
-    table = claims_table(load_runs([tmp_path])).set_index("claim")
-    assert table.loc["bSAM is better calibrated than SAM", "verdict"] == "reproduced"
-    assert (
-        table.loc["bSAM is better calibrated than SAM", "difference (for A) ± se"] == "+2.00 ± 0.08"
-    )  # std 0.1 point: se = 0.1 sqrt(2/3)
-    assert table.loc["bSAM is better calibrated than SGD", "verdict"] == "reproduced"
+def test_a_lower_ece_favours_a(tmp_path):
+    """bSAM's ECE 2 points below SAM's on every seed: lower is better, so the gain for bSAM is +2."""
+    runs_of(tmp_path, "sam", [0.040, 0.045, 0.039], metric="final_test_ece")
+    runs_of(tmp_path, "bsam", [0.020, 0.025, 0.019], metric="final_test_ece")
+    claim = Claim("bSAM is better calibrated than SAM", "s", "bsam", "sam", "beats", "final_test_ece")
+    (row,) = evaluate((claim,), load_runs([tmp_path]))
+    assert row["difference"].mean == pytest.approx(2.0) and row["finding"] == "A better"
 
 
-def test_a_bad_claims_file_is_one_line(tmp_path):
+def test_the_command_writes_sections_a_summary_and_a_forest_plot(tmp_path):
+    runs_of(tmp_path / "a", "sgd", [0.80, 0.81, 0.82])
+    runs_of(tmp_path / "a", "sam", [0.79, 0.805, 0.81])
+    out = tmp_path / "claims.md"
+    assert main([f"small={tmp_path / 'a'}", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## small" in text and "| SAM beats SGD |" in text and "## Across settings" in text
+    assert (tmp_path / "claims_forest.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('text = "x"\na = "sam"\nb = "sgd"\nkind = "beats"\nmetric = "final_test_ece"\n', "missing source"),
+        (
+            'text = "x"\nsource = "s"\na = "sam"\nb = "sgd"\nkind = "beats"\nmetric = "final_train_acc"\n',
+            "metric 'final_train_acc' is not one of",
+        ),
+        (
+            'text = "x"\nsource = "s"\na = "sam"\nb = "sgd"\nkind = "matches_cheaper"\nmetric = "final_test_acc"\n',
+            "needs a margin",
+        ),
+        (
+            'text = "x"\nsource = "s"\na = "sam"\nb = "sgd"\nkind = "beats"\nmetric = "final_test_acc"\nmargin = 1\n',
+            "takes no margin",
+        ),
+        (
+            'text = "x"\nsource = "s"\na = "sam"\nb = "sgd"\nkind = "beats"\nmetric = "final_test_acc"\nmargn = 1\n',
+            "unknown margn",
+        ),
+        (
+            'text = "x"\nsource = "s"\na = "nosuch"\nb = "sgd"\nkind = "beats"\nmetric = "final_test_acc"\n',
+            "unknown optimizer 'nosuch'",
+        ),
+        (
+            'text = "x"\nsource = "s"\na = "sam"\nb = "sgd"\nkind = "matches_cheaper"\nmetric = "final_test_acc"\nmargin = -1\n',
+            "must be > 0",
+        ),
+    ],
+)
+def test_a_bad_claims_file_is_one_line(tmp_path, body, message):
     path = tmp_path / "claims.toml"
-    path.write_text('[[claim]]\ntext = "x"\na = "sam"\nb = "sgd"\nkind = "beats"\nmetric = "final_test_ece"\n')
-    with pytest.raises(ResultsError, match="expected exactly the keys"):
-        load_claims(path)
-    path.write_text(path.read_text() + 'source = "s"\n')
-    assert load_claims(path)[0].higher_is_better is False
-    path.write_text(path.read_text().replace('"final_test_ece"', '"final_train_acc"'))
-    with pytest.raises(ResultsError, match="metric 'final_train_acc' is not one of"):
+    path.write_text("[[claim]]\n" + body)
+    with pytest.raises(ResultsError, match=message):
         load_claims(path)

@@ -41,7 +41,13 @@ def train_steps(name: str, compiled: bool, channels_last: bool, steps: int = 3):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         closure = TrainClosure(
-            runner, nn.CrossEntropyLoss(reduction="none"), x, y, accelerator=Accelerator(cpu=True), sync_ascent=False, scaler=None
+            runner,
+            nn.CrossEntropyLoss(reduction="none"),
+            x,
+            y,
+            accelerator=Accelerator(cpu=True),
+            ascent_sync="local",
+            scaler=None,
         )
         assert not take_step(opt, closure, snapshot)
         if step == 0:  # every pass kind has run once: nothing may compile again

@@ -267,7 +267,7 @@ def test_two_phase_form_with_groups_without_gradients(name):
 
 # -- self-description --------------------------------------------------------------------------------
 
-#: The seed project's flags per variant and the setting each sets (the harness generates its flags from Setting.flags).
+#: The seed project's flags per variant and the setting each sets (the harness spells them per bench/cli/variant_flags.toml).
 SEED_FLAGS = {
     "sam": {"rho": "rho"},
     "adaptive_sam": {"rho": "rho"},
@@ -285,8 +285,9 @@ SEED_FLAGS = {
 @pytest.mark.parametrize("name", sorted(SEED_FLAGS))
 def test_the_seed_projects_variants_take_its_flags(name):
     """A flag that selects another variant (sam's --adaptive runs adaptive_sam) sets nothing here."""
-    cls = optimizer_class(name)
-    sets = {flag: s.name for s in cls.settings if getattr(s, "selects", None) is None for flag in s.flags}
+    from bench.variant_flags import selects, setting_flags
+
+    sets = {flag: s.name for flag, s in setting_flags(name).items() if selects(name, s.name) is None}
     assert sets == SEED_FLAGS[name]
 
 
@@ -295,22 +296,22 @@ def test_every_declared_flag_sets_its_setting_through_the_command_line(name):
     """Each flag a variant declares reaches that setting (and a selecting flag switches variant)."""
     from bench.cli.flags import run_parser
     from bench.cli.run import config_from_args
+    from bench.variant_flags import selects, setting_flags
 
-    for setting in optimizer_class(name).settings:
-        for flag in setting.flags:
-            if setting.kind is bool:
-                argv, expected = [f"--{flag}"], True
-            elif setting.kind is int:  # an unset optional count (total_steps, kl_end): a large one
-                value = setting.default if setting.default is not None else 1000
-                argv, expected = [f"--{flag}", str(value)], value
-            else:  # an unset optional number (GSAM's rho_min): a small one
-                value = setting.default if isinstance(setting.default, float) else 0.01
-                argv, expected = [f"--{flag}", repr(value)], value
-            config, _ = config_from_args(run_parser().parse_args(["--sam_type", name, *argv]))
-            if getattr(setting, "selects", None):
-                assert config.optimizer == setting.selects
-            else:
-                assert config.optimizer == name and config.hyperparameters[setting.name] == expected, flag
+    for flag, setting in setting_flags(name).items():
+        if setting.kind is bool:
+            argv, expected = [f"--{flag}"], True
+        elif setting.kind is int:  # an unset optional count (total_steps, kl_end): a large one
+            value = setting.default if setting.default is not None else 1000
+            argv, expected = [f"--{flag}", str(value)], value
+        else:  # an unset optional number (GSAM's rho_min): a small one
+            value = setting.default if isinstance(setting.default, float) else 0.01
+            argv, expected = [f"--{flag}", repr(value)], value
+        config, _ = config_from_args(run_parser().parse_args(["--sam_type", name, *argv]))
+        if selects(name, setting.name):
+            assert config.optimizer == selects(name, setting.name)
+        else:
+            assert config.optimizer == name and config.hyperparameters[setting.name] == expected, flag
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -336,14 +337,14 @@ def test_every_name_describes_itself():
 
 
 def test_the_loop_syncs_the_ascent_pass_as_each_class_declares():
-    from bench.loop.step import ascent_is_synchronised
+    from bench.loop.step import effective_ascent_sync
 
     for name in VARIANTS:
         opt = create_optimizer(name, tiny_mlp())
         declared = type(opt).ascent_sync
         assert declared in ("any", "global", "local")
         for mode in ("local", "global"):
-            assert ascent_is_synchronised(opt, mode) == (declared == "global" or (declared == "any" and mode == "global"))
+            assert effective_ascent_sync(opt, mode) == (mode if declared == "any" else declared)
 
 
 def test_logged_values_follow_the_radius():

@@ -91,7 +91,7 @@ def assert_close(a: dict, b: dict, rtol=1e-6):
 @pytest.mark.parametrize("name, sync", [("sam", "global"), ("looksam", "local"), ("gsam", "local")])
 def test_two_processes_equal_one_process_with_the_whole_batch(name, sync, tmp_path):
     """Global sync (and the variants that always sync) give 2 x B the weights of 1 x 2B."""
-    args = [*FLAGS, "--sam_type", name, "--sam_sync", sync]
+    args = [*FLAGS, "--sam_type", name, "--ascent_sync", sync]
     two, one = launch_two(args, tmp_path / "two"), one_process(args, tmp_path / "one")
     assert_close(weights(two), weights(one))
     assert read_json(two / "summary.json").keys() == read_json(one / "summary.json").keys()
@@ -100,8 +100,8 @@ def test_two_processes_equal_one_process_with_the_whole_batch(name, sync, tmp_pa
 
 
 def test_local_sync_averages_per_replica_sam_gradients(tmp_path):
-    """--sam_sync local: each replica perturbs with its own gradient; the step uses the average of
-    the replicas' SAM gradients. Reference: that computation in one process."""
+    """--ascent_sync local (spelled --ascent_sync, the old spelling): each replica perturbs with its own
+    gradient; the step uses the average of the replicas' SAM gradients. Reference: that computation in one process."""
     rho = 0.05
     run = launch_two([*FLAGS, "--sam_type", "SAM", "--rho", str(rho), "--sam_sync", "local"], tmp_path / "two")
 
@@ -150,7 +150,7 @@ BN_FLAGS = ["--epochs", "1", "--max_steps", "3", "--batch_size", "48", "--schedu
 def test_batchnorm_models_finish_with_an_uneven_eval_split(arch, sync, tmp_path):
     """digits' 360 test images are one evaluation batch: process 0 evaluates it, process 1 none.
     The run must finish (no collective on one rank only) with the metrics of one process."""
-    args = [*BN_FLAGS, "--arch", arch, "--sam_type", "SAM", "--sam_sync", sync]
+    args = [*BN_FLAGS, "--arch", arch, "--sam_type", "SAM", "--ascent_sync", sync]
     run = launch(args, tmp_path / "two")
     summary = read_json(run / "summary.json")
     assert summary["steps"] == 3 and summary["world_size"] == 2
@@ -164,9 +164,9 @@ def test_three_processes_finish_on_a_batchnorm_model(tmp_path):
 
 
 def test_sync_bn_with_global_sync_equals_one_process_on_the_whole_batch(tmp_path):
-    """--sync_bn --sam_sync global on 2 x 24 images gives the weights (BatchNorm buffers included) and the
+    """--sync_bn --ascent_sync global on 2 x 24 images gives the weights (BatchNorm buffers included) and the
     test metrics of one process on the 48-image batch."""
-    args = [*BN_FLAGS, "--arch", "smallcnn", "--sam_type", "SAM", "--sam_sync", "global", "--sync_bn"]
+    args = [*BN_FLAGS, "--arch", "smallcnn", "--sam_type", "SAM", "--ascent_sync", "global", "--sync_bn"]
     two, one = launch(args, tmp_path / "two"), one_process(args, tmp_path / "one")
     assert_close(weights(two), weights(one), rtol=1e-5)
     metrics_two, metrics_one = read_jsonl(two / "metrics.jsonl")[-1], read_jsonl(one / "metrics.jsonl")[-1]
@@ -177,7 +177,7 @@ def test_sync_bn_with_global_sync_equals_one_process_on_the_whole_batch(tmp_path
 def test_without_sync_bn_each_process_normalises_its_own_shard(tmp_path):
     """The README's caveat, measured: without --sync_bn, global sync differs from one process once the
     model has BatchNorm (per-shard batch statistics)."""
-    args = [*BN_FLAGS, "--arch", "smallcnn", "--sam_type", "SAM", "--sam_sync", "global"]
+    args = [*BN_FLAGS, "--arch", "smallcnn", "--sam_type", "SAM", "--ascent_sync", "global"]
     two, one = launch(args, tmp_path / "two"), one_process(args, tmp_path / "one")
     a, b = weights(two), weights(one)
     assert max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in a if a[k].is_floating_point()) > 1e-3

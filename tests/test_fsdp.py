@@ -141,7 +141,7 @@ FLAGS = [
     "constant",
     "--lr",
     "0.1",
-    "--sam_sync",
+    "--ascent_sync",
     "global",
 ]
 
@@ -186,7 +186,7 @@ def test_fsdp_run_killed_and_resumed_equals_one_process(tmp_path):
         "0.05",
         "--sam_type",
         "sam",
-        "--sam_sync",
+        "--ascent_sync",
         "global",
         "--sync_bn",
         "--save_every_steps",
@@ -216,7 +216,7 @@ def build(name: str):
 @pytest.mark.parametrize(
     "name, sync, message",
     [
-        ("sam", "local", "--sam_sync local cannot be honoured under FSDP"),
+        ("sam", "local", "--ascent_sync local cannot be honoured under FSDP"),
         ("esam", "global", "esam cannot train a sharded model (FSDP): its ascent gradient must stay per process"),
         ("esam", "local", "esam cannot train a sharded model (FSDP): its ascent gradient must stay per process"),
         ("mesa", "global", "mesa cannot train a sharded model (FSDP): its EMA teacher is a whole, unsharded copy"),

@@ -65,6 +65,12 @@ def test_a_flag_the_variant_does_not_use_is_reported(capsys, tmp_path):
     assert "--eta is not used by sam; ignored" in notes and "--k is not used by sam; ignored" in notes
 
 
+@pytest.mark.parametrize("spelling", ["--ascent_sync", "--sam_sync"])
+def test_the_ascent_sync_takes_its_name_and_the_old_spelling(spelling):
+    config, _ = config_from_args(run_parser().parse_args(["--sam_type", "SAM", spelling, "global"]))
+    assert config.ascent_sync == "global"
+
+
 def test_seed_sam_command_runs_on_a_cifar_fixture(cifar10_dir, tmp_path):
     """The seed's SAM command with --max_steps 2 --data_dir appended; a small model keeps CI fast
     (the verbatim WRN-28-10 run is the same code path at 36.5M parameters)."""

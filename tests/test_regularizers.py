@@ -235,7 +235,7 @@ def test_the_closure_hands_each_pass_its_ids_and_inputs():
         x,
         y,
         accelerator=Accelerator(cpu=True),
-        sync_ascent=False,
+        ascent_sync="local",
         scaler=None,
         accumulation_steps=2,
         sample_ids=ids,

@@ -135,7 +135,7 @@ def test_a_non_finite_pass_skips_the_step_with_weights_restored(fail_on_pass, fp
         x,
         y,
         accelerator=Accelerator(cpu=True),
-        sync_ascent=False,
+        ascent_sync="local",
         scaler=scaler,
     )
     assert take_step(opt, closure)
@@ -148,7 +148,7 @@ def test_a_non_finite_pass_skips_the_step_with_weights_restored(fail_on_pass, fp
         assert scaler.scale == 512.0
     # the next step goes through
     closure = TrainClosure(
-        model, _injecting_loss(0, 1.0), x, y, accelerator=Accelerator(cpu=True), sync_ascent=False, scaler=scaler
+        model, _injecting_loss(0, 1.0), x, y, accelerator=Accelerator(cpu=True), ascent_sync="local", scaler=scaler
     )
     assert not take_step(opt, closure)
     assert any(not torch.equal(before[k], model.state_dict()[k]) for k in before)
@@ -181,7 +181,7 @@ def test_fp16_loss_scaling_changes_no_step_of_any_optimizer(name):
                 x,
                 y,
                 accelerator=Accelerator(cpu=True),
-                sync_ascent=False,
+                ascent_sync="local",
                 scaler=scaler,
                 sample_ids=torch.arange(8) + 8 * step,
                 regularizer=regularizer,

@@ -41,7 +41,7 @@ OTHER = {
     "base_optimizer": "adamw",
     "schedule": "step",
     "mixed_precision": "bf16",
-    "sam_sync": "global",
+    "ascent_sync": "global",
     "image_column": "img",
     "label_column": "lbl",
     "step_milestones": (0.5,),

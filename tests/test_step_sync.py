@@ -47,7 +47,7 @@ def closure_for(model, x, y, loss_fn=None, scaler=None, accumulation_steps=1):
         x,
         y,
         accelerator=Accelerator(cpu=True),
-        sync_ascent=False,
+        ascent_sync="local",
         scaler=scaler,
         accumulation_steps=accumulation_steps,
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import variant_flags
 from bench.cli import declarations
 from bench.cli.flags import FLAGS, GROUPS
 from bench.cli.main import COMMANDS
@@ -80,6 +81,39 @@ def test_help_names_every_subcommand_and_groups_every_flag():
 def test_the_declarations_file_matches_the_registries():
     """declarations.json is what ``launch.py variants --json`` prints from the declarations."""
     assert declarations.to_json(declarations.from_declarations()) == declarations.JSON_PATH.read_text()
+    done = subprocess.run(
+        [sys.executable, "launch.py", "variants", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout == declarations.JSON_PATH.read_text(), done.stderr
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[no_such]\nrho = { flag = "x" }', r"\[no_such\]: no optimizer registered as 'no_such'"),
+        ("[bayesian_sam]\nlr = { cli = false }", r"write its registered name, \[bsam\]"),
+        ('[gsam]\nbeta = { flag = "x" }', r"\[gsam\] beta: gsam declares no such setting"),
+        ('[sam]\nrho = { flags = "x" }', r"\[sam\] rho: unknown key 'flags'"),
+        ('[sam]\nrho = { selects = "gsam" }', r"\[sam\] rho: selects needs a boolean setting"),
+        ('[arwp]\ntotal_steps = { filled_by = "epochs" }', r"filled_by must be one of num_train, total_steps"),
+        ('[gsam]\nalpha = { flag = "rho" }', r"gsam: --rho would set both rho and alpha"),
+    ],
+)
+def test_a_bad_variant_flags_entry_is_refused_in_one_line(text, message):
+    with pytest.raises(variant_flags.VariantFlagsError, match=message) as err:
+        variant_flags.parse(text)
+    assert "\n" not in str(err.value) and str(err.value).startswith("variant_flags.toml: ")
+
+
+def test_a_variant_flags_entry_holds_where_its_setting_is_inherited(monkeypatch):
+    """look_layer_sam inherits looksam's settings, so looksam's spellings; gsam declares its own
+    ``adaptive``, so sam's ``selects`` is not its."""
+    table = variant_flags.parse('[looksam]\nk = { flag = "look_k" }\n[sam]\nadaptive = { selects = "adaptive_sam" }')
+    monkeypatch.setattr(variant_flags, "table", lambda: table)
+    for name in ("looksam", "look_layer_sam"):
+        assert "look_k" in variant_flags.setting_flags(name) and "k" not in variant_flags.setting_flags(name)
+    assert variant_flags.selects("sam", "adaptive") == "adaptive_sam"
+    assert variant_flags.selects("gsam", "adaptive") is None and "adaptive" in variant_flags.setting_flags("gsam")
 
 
 def test_registering_a_taken_name_or_alias_is_an_error():

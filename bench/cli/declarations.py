@@ -1,5 +1,6 @@
 """What the registries declare that the command line shows: the optimizers, the architectures, and the
-variant flags (``--rho``, ``--k``, ...) generated from the variants' declared settings.
+variant flags (``--rho``, ``--k``, ...) generated from the variants' declared settings, spelled as
+``variant_flags.toml`` says (see :mod:`bench.variant_flags`).
 
 :func:`from_declarations` builds the table from ``optimizers`` and ``architectures`` (which import
 torch); ``declarations.json`` beside this file holds the same table, so that building the parser, and
@@ -21,11 +22,6 @@ from typing import Any
 JSON_PATH = Path(__file__).with_name("declarations.json")
 
 
-def setting_flags(cls) -> dict[str, Any]:
-    """flag -> Setting for one optimizer class."""
-    return {flag: s for s in getattr(cls, "settings", ()) for flag in s.flags}
-
-
 def _help(uses: list[tuple[str, Any]]) -> str:
     by_meaning: dict[tuple[str, str], list[str]] = defaultdict(list)
     for variant, s in uses:
@@ -41,12 +37,13 @@ def _kind(settings: list) -> str:
 def from_declarations() -> dict[str, Any]:
     """The table, from the registries and every registered optimizer's declared settings."""
     from architectures.registry import architecture_patterns, available_architectures
-    from optimizers import available_optimizers, optimizer_class
+    from bench.variant_flags import setting_flags
+    from optimizers import available_optimizers
 
     uses: dict[str, list[tuple[str, Any]]] = defaultdict(list)
     variants = {}
     for name in available_optimizers():
-        flags = setting_flags(optimizer_class(name))
+        flags = setting_flags(name)
         if flags:
             variants[name] = sorted(flags)
         for flag, setting in flags.items():

@@ -113,7 +113,7 @@ FLAGS: tuple[Flag, ...] = (
         "sync_bn",
         "model",
         "switch",
-        help="BatchNorm statistics over all processes (with --sam_sync global: equals one process on the whole batch)",
+        help="BatchNorm statistics over all processes (with --ascent_sync global: equals one process on the whole batch)",
     ),
     _f("optimizer", "optimizer", default="sgd", field="base_optimizer", help="base optimizer: sgd, adamw or adam"),
     _f(
@@ -156,7 +156,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--set",), "sets", "checkpoints", "append", None, "override a recipe field (FIELD=VALUE)", config=False),
     _f("suite", "checkpoints", help="run a recipe's whole grid (like `sweep NAME`)", config=False),
     _f("mixed_precision", "processes", default="no", help="no, bf16 or fp16"),
-    _f("sam_sync", "processes", default="local", help="local (per-replica perturbation) or global (all-reduced ascent gradient)"),
+    _f(
+        "ascent_sync",
+        "processes",
+        default="local",
+        aliases=("sam_sync",),
+        help="local (per-replica perturbation) or global (all-reduced ascent gradient)",
+    ),
     _f("cpu", "processes", "switch", help="train on the CPU even when a GPU is present"),
     _f("threads", "processes", int, help="torch threads per process (default: the cores divided among the processes)"),
     _f("output_dir", "output", default="runs"),

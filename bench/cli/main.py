@@ -14,8 +14,8 @@
     python launch.py variants                every optimizer, its settings and their flags
 
 The variant flags (``--rho``, ``--k``, ...) and their help are generated from the variants'
-declared settings (``optimizers.settings.Setting``): a new variant's flags appear here
-without a change to this file.
+declared settings (``optimizers.settings.Setting``), spelled ``--NAME`` unless
+``variant_flags.toml`` says otherwise: a new variant's flags appear here without a change to this file.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ COMMANDS = {
     "sharpness": "bench.cli.studies:cmd_sharpness",
     "perf": "bench.studies.perf:main",
     "variants": "bench.cli.reports:cmd_variants",
-    "claims": "bench.report.claims:main",
+    "claims": "bench.report.claims_report:main",
 }
 
 

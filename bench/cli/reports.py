@@ -61,7 +61,7 @@ def cmd_variants(argv: list[str]) -> int:
         action="store_true",
         help=f"print the variant flags' table instead (the content of {declarations.JSON_PATH.name})",
     )
-    if p.parse_args(argv).flags_json:
+    if p.parse_args(argv).json:
         print(declarations.to_json(declarations.from_declarations()), end="")
     else:
         print(variants_markdown())

@@ -12,7 +12,6 @@ from accelerate import PartialState
 from rich.console import Console
 
 from bench.cli import declarations
-from bench.cli.declarations import setting_flags
 from bench.cli.flags import BY_FIELD, FLAGS, RECIPE_FLAGS, given_flags, run_parser
 from bench.cli.studies import cmd_sweep
 from bench.config import RUN_METADATA, ConfigError, RunConfig
@@ -22,6 +21,7 @@ from bench.loop.train import train
 from bench.progress import progress as make_progress
 from bench.resolve import resolve, resolved_hyperparameters
 from bench.studies.recipes import load_recipe
+from bench.variant_flags import selects, setting_flags
 from optimizers import available_optimizers, optimizer_class
 from optimizers.base import BASE_OPTIMIZERS
 from optimizers.registry import canonical_name
@@ -45,12 +45,12 @@ def variant_hyperparameters(name: str, given: dict[str, Any]) -> tuple[str, dict
     """Map the variant flags given onto ``name``'s settings; a boolean setting that selects another
     variant (the seed's ``--sam_type SAM --adaptive``) switches to it. Returns (name, settings, notes)."""
     notes: list[str] = []
-    flags = setting_flags(optimizer_class(name))
+    flags = setting_flags(name)
     for flag, value in list(given.items()):
-        selects = getattr(flags.get(flag), "selects", None)
-        if selects and value is True:
-            notes.append(f"--sam_type {name} --{flag} runs {selects}: {optimizer_class(selects).paper}")
-            name, flags = selects, setting_flags(optimizer_class(selects))
+        other = selects(name, flags[flag].name) if flag in flags else None
+        if other and value is True:
+            notes.append(f"--sam_type {name} --{flag} runs {other}: {optimizer_class(other).paper}")
+            name, flags = other, setting_flags(other)
             given.pop(flag)
     hyperparameters = {}
     for flag, value in given.items():
@@ -109,7 +109,7 @@ def resume_config(path: str, argv: list[str]) -> RunConfig:
         elif field in BY_FIELD:
             differ.append(f"{spelling} (a new run's flag)")
         else:  # a variant's own setting
-            flags = setting_flags(optimizer_class(saved.optimizer))
+            flags = setting_flags(saved.optimizer)
             if field not in flags:
                 differ.append(f"{spelling} (not used by {saved.optimizer})")
                 continue

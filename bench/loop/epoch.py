@@ -61,7 +61,7 @@ def train_on(run: Run, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, sums
         x[shard],
         y[shard],
         accelerator=run.accelerator,
-        sync_ascent=run.sync_ascent,
+        ascent_sync=run.ascent_sync,
         scaler=run.scaler,
         accumulation_steps=config.grad_accum_steps,
         sample_ids=ids[shard],

@@ -85,6 +85,7 @@ def summary_of(run: Run) -> dict[str, Any]:
         "sample_passes_per_step": sum(r["sample_passes_per_step"] for r in rows) / len(rows),
         "peak_memory_bytes": _peak_memory(run.device),
         "num_params": run.num_params,
+        "num_classes": run.train_set.num_classes,
         "world_size": run.accelerator.num_processes,
         "torch_threads": torch.get_num_threads(),
         "load_at_start": run.load_at_start,

@@ -31,7 +31,7 @@ from bench.loop.checkpoint import checkpoints, load_checkpoint
 from bench.loop.precision import LossScaler
 from bench.loop.splits import LoaderSplit, Split
 from bench.loop.state import Run, lr_lambda
-from bench.loop.step import StepSnapshot, ascent_is_synchronised
+from bench.loop.step import StepSnapshot, effective_ascent_sync
 from bench.loop.sync_bn import convert_sync_batchnorm
 from bench.resolve import optimizer_settings, resolved_hyperparameters
 from optimizers import SharpnessAwareOptimizer, create_optimizer
@@ -88,16 +88,14 @@ def build_model_and_optimizer(config: RunConfig, accelerator: Accelerator, train
     optimizer = create_optimizer(
         config.optimizer, model, base=config.base_optimizer, **optimizer_settings(config, len(train_set))
     )
-    sync_ascent = ascent_is_synchronised(optimizer, config.sam_sync)
+    ascent_sync = effective_ascent_sync(optimizer, config.ascent_sync)
     if fsdp is not None:
-        sharding.check_sharded_run(config.optimizer, optimizer, config.sam_sync)
-    if (
-        accelerator.num_processes > 1
-        and config.sam_sync == "global"
-        and getattr(type(optimizer), "ascent_sync", "any") == "local"
-    ):
-        raise ConfigError(f"{config.optimizer} needs --sam_sync local under data parallelism: its ascent pass leaves tensors out")
-    return model, optimizer, sync_ascent
+        sharding.check_sharded_run(config.optimizer, optimizer, config.ascent_sync)
+    if accelerator.num_processes > 1 and config.ascent_sync == "global" and ascent_sync == "local":
+        raise ConfigError(
+            f"{config.optimizer} needs --ascent_sync local under data parallelism: its ascent pass leaves tensors out"
+        )
+    return model, optimizer, ascent_sync
 
 
 def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDataset] | None = None) -> Run:
@@ -121,7 +119,7 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
             "--compile with FSDP sharding is not supported: the compiled graph would have to trace "
             "the shards' all-gathers (run sharded models without --compile)"
         )
-    model, optimizer, sync_ascent = build_model_and_optimizer(config, accelerator, train_set, fsdp)
+    model, optimizer, ascent_sync = build_model_and_optimizer(config, accelerator, train_set, fsdp)
     num_params = sum(p.numel() for p in model.parameters())
     # built from the bare model (a regulariser may copy it), before prepare() wraps it
     regularizer = build_regularizer(
@@ -158,7 +156,7 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
         batches=batches,
         splits=splits,
         num_params=num_params,
-        sync_ascent=sync_ascent,
+        ascent_sync=ascent_sync,
         steps_per_epoch=steps_per_epoch,
         aug_generator=aug_generator,
         loss_fn=nn.CrossEntropyLoss(reduction="none", label_smoothing=config.label_smoothing),
@@ -215,6 +213,7 @@ def start_or_resume(run: Run, resume: bool) -> None:
                 "world_size": accelerator.num_processes,
                 "device": str(run.device),
                 "environment": environment.describe(run.device),
+                "code": environment.code_version(),
                 "resolved_hyperparameters": resolved_hyperparameters(config),
             },
         )

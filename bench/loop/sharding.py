@@ -37,7 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bench.config import ConfigError
 from bench.loop.checkpoint import MODEL_FILE
-from bench.loop.step import ascent_is_synchronised
+from bench.loop.step import effective_ascent_sync
 from optimizers.base import SharpnessAwareOptimizer
 from optimizers.tensors import is_sharded, shard_like
 
@@ -108,20 +108,21 @@ def shard_model(accelerator, model: nn.Module, plugin: FullyShardedDataParallelP
     return fsdp2_prepare_model(accelerator, model)
 
 
-def check_sharded_run(name: str, optimizer, sam_sync: str) -> None:
-    """Refuse, in one line, what a sharded model cannot do (called with the optimizer built)."""
+def check_sharded_run(name: str, optimizer, requested: str) -> None:
+    """Refuse, in one line, what a sharded model cannot do (called with the optimizer built and the
+    run's requested ``ascent_sync``)."""
     reason = getattr(type(optimizer), "sharding_unsupported", "")
     if reason:
         raise ConfigError(f"{name} cannot train a sharded model (FSDP): {reason}")
-    if isinstance(optimizer, SharpnessAwareOptimizer) and not ascent_is_synchronised(optimizer, sam_sync):
+    if isinstance(optimizer, SharpnessAwareOptimizer) and effective_ascent_sync(optimizer, requested) != "global":
         if getattr(type(optimizer), "ascent_sync", "any") == "local":
             raise ConfigError(
                 f"{name} cannot train a sharded model (FSDP): its ascent gradient must stay per process "
                 "(ascent_sync 'local'), and FSDP reduce-scatters every gradient"
             )
         raise ConfigError(
-            "--sam_sync local cannot be honoured under FSDP, which reduce-scatters every gradient "
-            "(the ascent gradient is the whole batch's): use --sam_sync global"
+            "--ascent_sync local cannot be honoured under FSDP, which reduce-scatters every gradient "
+            "(the ascent gradient is the whole batch's): use --ascent_sync global"
         )
 
 

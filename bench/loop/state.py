@@ -80,8 +80,8 @@ class Run:
     batches: TrainBatches
     splits: list[Split | LoaderSplit]
     num_params: int
-    #: whether the ascent pass's gradient is all-reduced (bench.loop.step.ascent_is_synchronised)
-    sync_ascent: bool
+    #: "global" if the ascent pass's gradient is all-reduced, else "local" (bench.loop.step.effective_ascent_sync)
+    ascent_sync: str
     steps_per_epoch: int
     aug_generator: torch.Generator
     loss_fn: nn.Module

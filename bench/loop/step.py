@@ -1,7 +1,7 @@
 """One optimizer step inside the Accelerate loop: the harness's closure and the skip rule.
 
 The closure runs each pass the optimizer asks for under DDP's synchronisation rule for
-that pass (``--sam_sync``, or the variant's declared ``ascent_sync``), scales and
+that pass (the run's ``ascent_sync``, or the variant's declared one), scales and
 unscales fp16 losses, and flags a non-finite loss or gradient on the device.
 
 A step costs at most one host synchronisation: the skip decision. A plain torch
@@ -29,11 +29,12 @@ from optimizers import BatchClosure, SharpnessAwareOptimizer
 from optimizers.tensors import copy_into_kept, copy_tensors, local_tensor
 
 
-def ascent_is_synchronised(optimizer, sam_sync: str) -> bool:
-    """Whether the ascent pass's gradient is all-reduced: the variant's declaration decides where it
-    has one ("global": its ascent gradient reaches the update; "local": it must stay per replica)."""
+def effective_ascent_sync(optimizer, requested: str) -> str:
+    """The ascent synchronisation a run uses, "global" (the ascent pass's gradient all-reduced) or
+    "local" (kept per replica): the variant's declared ``ascent_sync`` where it has one ("global": its
+    ascent gradient reaches the update; "local": it must stay per replica); "any" takes ``requested``."""
     declared = getattr(type(optimizer), "ascent_sync", "any")
-    return declared == "global" or (declared == "any" and sam_sync == "global")
+    return requested if declared == "any" else declared
 
 
 class TrainClosure(BatchClosure):
@@ -56,7 +57,7 @@ class TrainClosure(BatchClosure):
         targets,
         *,
         accelerator,
-        sync_ascent: bool,
+        ascent_sync: str,
         scaler: LossScaler | None,
         accumulation_steps: int = 1,
         sample_ids=None,
@@ -68,7 +69,7 @@ class TrainClosure(BatchClosure):
         if regularizer is not None:
             loss_fn = self._regularised_loss
         super().__init__(model, loss_fn, inputs, targets, backward=self._scaled_backward, accumulation_steps=accumulation_steps)
-        self.accelerator, self.sync_ascent, self.scaler = accelerator, sync_ascent, scaler
+        self.accelerator, self.ascent_sync, self.scaler = accelerator, ascent_sync, scaler
         # every parameter, not only those needing a gradient now: a variant may switch requires_grad
         # between passes (ESAM), and each pass's gradients must be unscaled and checked
         self.params = list(model.parameters())
@@ -106,7 +107,7 @@ class TrainClosure(BatchClosure):
         return self.task_loss(outputs, targets) + self.regularizer.extra_loss(outputs, ids, self.epoch, inputs)
 
     def context(self, phase: str, last_micro_batch: bool = True):
-        if self.accelerator.num_processes > 1 and (not last_micro_batch or (phase == "ascent" and not self.sync_ascent)):
+        if self.accelerator.num_processes > 1 and (not last_micro_batch or (phase == "ascent" and self.ascent_sync != "global")):
             return self.accelerator.no_sync(self.model)
         return contextlib.nullcontext()
 

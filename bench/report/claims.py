@@ -1,19 +1,27 @@
 """Published claims about SAM-style optimizers, checked against finished runs.
 
-``python launch.py claims NAME=RUNS_DIR ... --out results/claims.md`` reads each folder of runs
-(one setting: same data, model and schedule, several seeds per optimizer) and, for each claim
-whose optimizers ran there, compares the two with their seed spread:
+``python launch.py claims NAME=RUNS ... --out results/claims.md`` reads each setting's runs (a folder
+of run directories, or a per-run file ``*_runs.csv``) and checks every claim of ``claims.toml``
+whose two optimizers both finished two runs or more there:
 
-- d = mean(A) - mean(B) of the claim's metric (lower-is-better metrics are flipped, so d > 0
-  always favours A), se = sqrt(s_A^2 / n_A + s_B^2 / n_B) from the seed standard deviations;
-- "beats" claims: **reproduced** if d > 2 se, **contradicted** if d < -2 se, else
-  **inconclusive**;
-- "matches at a lower cost" claims: **reproduced** if d > -2 se (not measurably worse) and A
-  takes fewer forward-backward passes per step than B; **contradicted** if d < -2 se or the cost
-  is not lower.
-
-Two standard errors over three seeds is a coarse test; the table says so and gives the
-numbers, so a reader can apply another.
+- **One setting per side.** Runs are grouped by every result-changing setting: A and B are compared
+  only where their data, model and schedule agree, and each setting of A (say two values of rho) is
+  its own row, never pooled.
+- **Paired intervals.** The difference A - B of the claim's metric (for a metric where lower is
+  better, B - A: a positive difference always favours A) with its 95% Student t interval: on the
+  per-seed differences where both sides ran the same seeds (same initialisation, data order,
+  augmentation and label noise), else Welch's unpaired interval.
+- **Two kinds of claim.** "beats": the null is no difference. "matches_cheaper": A is not worse than
+  B by more than the claim's margin, stated in advance (a number of points, or a fraction of B's
+  own gain over a reference optimizer in that setting); the null is a difference of minus the margin.
+  Its cost half is the measured step-time ratio A / B of quietly timed runs, with its interval; the
+  nominal passes per step are shown beside it and never decide.
+- **Holm's correction.** Each setting's claims are one family: a finding counts only where its
+  Holm-adjusted p-value is below 0.05. Otherwise it is "not resolved", with the interval's half-width:
+  the smallest effect this setting could have seen.
+- **Regime guards.** A side that did not train (test accuracy within 5 points of chance, or a training
+  loss above 90% of ln(classes)) makes the claim "not testable here". A finding against a claim reads
+  "contradicted" only in the paper's regime as the claim records it, else "not observed at this scale".
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -31,130 +40,277 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from bench.report.runs import ResultsError, load_runs
+from bench.report import stats
+from bench.report.runs import ResultsError, settings_key
 
 #: The metrics a claim may name: label, unit scale, and whether higher is better. The direction is the
-#: metric's: a lower ECE is better calibration, whatever the claim.
+#: metric's: a lower ECE is better calibration, a lower lambda_max a flatter minimum, whatever the claim.
 METRICS = {
     "final_test_acc": ("test acc (%)", 100.0, True),
     "final_test_ece": ("test ECE (%)", 100.0, False),
     "final_test_loss": ("test loss", 1.0, False),
+    "hessian_max_eigenvalue": ("λ_max", 1.0, False),
 }
 KINDS = ("beats", "matches_cheaper")
 CLAIMS_FILE = Path(__file__).with_name("claims.toml")
+ALPHA = 0.05
+#: a side within this many points of chance accuracy, or with a training loss above this fraction of
+#: ln(classes), did not train
+CHANCE_POINTS, LOSS_FRACTION = 5.0, 0.9
+#: settings only the optimizer reads: A and B may differ in these and still be compared
+OPTIMIZER_OWN = ("optimizer", "base_optimizer", "hyperparameters", "lr", "momentum", "weight_decay", "nesterov")
+#: a run shorter than this does not pin its step time (bench.report.tables.MIN_TIMED_S)
+MIN_TIMED_S = 30.0
 
 
 @dataclass(frozen=True)
 class Claim:
     text: str
+    source: str
     a: str
     b: str
     kind: str  # one of KINDS
     metric: str  # one of METRICS
-    source: str
+    #: matches_cheaper: the margin in the metric's units, or a fraction of B's gain over margin_reference
+    margin: float | None = None
+    margin_gain: float | None = None
+    margin_reference: str | None = None
+    #: the paper's regime in words, and what a setting needs to count as in it
+    regime: str = ""
+    regime_datasets: tuple[str, ...] = ()
+    regime_min_epochs: int = 0
+    #: the effect the paper reports, in words (from the reference sheet where it has one)
+    paper_effect: str = ""
 
     @property
     def higher_is_better(self) -> bool:
         return METRICS[self.metric][2]
 
 
+_REQUIRED = ("text", "source", "a", "b", "kind", "metric")
+_TYPES = {"margin": (int, float), "margin_gain": (int, float), "regime_min_epochs": (int,), "regime_datasets": (list,)}
+
+
+def _check_entry(entry: Any, where: str) -> Claim:
+    fields = {f.name for f in dataclasses.fields(Claim)}
+    if not isinstance(entry, dict):
+        raise ResultsError(f"{where}: expected a table")
+    missing, unknown = [k for k in _REQUIRED if k not in entry], sorted(set(entry) - fields)
+    if missing or unknown:
+        raise ResultsError(
+            f"{where}: "
+            + "; ".join(
+                [*(["missing " + ", ".join(missing)] * bool(missing)), *(["unknown " + ", ".join(unknown)] * bool(unknown))]
+            )
+        )
+    for key, value in entry.items():
+        kinds = _TYPES.get(key, (str,))
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise ResultsError(
+                f"{where}: {key} must be {'a number' if float in kinds else 'a list' if list in kinds else 'an integer' if int in kinds else 'text'}"
+            )
+    if entry["kind"] not in KINDS:
+        raise ResultsError(f"{where}: kind {entry['kind']!r} is not one of {', '.join(KINDS)}")
+    if entry["metric"] not in METRICS:
+        raise ResultsError(f"{where}: metric {entry['metric']!r} is not one of {', '.join(METRICS)}")
+    fixed, relative = "margin" in entry, "margin_gain" in entry or "margin_reference" in entry
+    if entry["kind"] == "matches_cheaper" and fixed == relative:
+        raise ResultsError(f"{where}: a matches_cheaper claim needs a margin, or margin_gain with margin_reference")
+    if relative and not ("margin_gain" in entry and "margin_reference" in entry):
+        raise ResultsError(f"{where}: margin_gain and margin_reference go together")
+    if entry["kind"] == "beats" and (fixed or relative):
+        raise ResultsError(f"{where}: a beats claim takes no margin")
+    if any(entry.get(k, 1) <= 0 for k in ("margin", "margin_gain")):
+        raise ResultsError(f"{where}: a margin must be > 0")
+    return Claim(**{**entry, "regime_datasets": tuple(entry.get("regime_datasets", ()))})
+
+
 def load_claims(path: Path = CLAIMS_FILE) -> tuple[Claim, ...]:
     """The claims of a TOML file (``[[claim]]`` tables), checked: one line per bad entry."""
     try:
-        entries = tomllib.loads(path.read_text()).get("claim", [])
-    except (OSError, tomllib.TOMLDecodeError) as err:
+        entries = tomllib.loads(Path(path).read_text(encoding="utf-8")).get("claim", [])
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise ResultsError(f"{path}: {err}") from None
-    fields = {f.name for f in dataclasses.fields(Claim)}
-    claims = []
-    for i, entry in enumerate(entries, 1):
-        where = f"{path.name}, claim {i}"
-        if not isinstance(entry, dict) or set(entry) != fields:
-            raise ResultsError(f"{where}: expected exactly the keys {', '.join(sorted(fields))}")
-        if not all(isinstance(v, str) for v in entry.values()):
-            raise ResultsError(f"{where}: every value must be a string")
-        if entry["kind"] not in KINDS:
-            raise ResultsError(f"{where}: kind {entry['kind']!r} is not one of {', '.join(KINDS)}")
-        if entry["metric"] not in METRICS:
-            raise ResultsError(f"{where}: metric {entry['metric']!r} is not one of {', '.join(METRICS)}")
-        claims.append(Claim(**entry))
-    return tuple(claims)
+    claims = tuple(_check_entry(entry, f"{Path(path).name}, claim {i}") for i, entry in enumerate(entries, 1))
+    from optimizers import available_optimizers
+
+    known = set(available_optimizers())
+    for i, claim in enumerate(claims, 1):
+        unknown = [n for n in (claim.a, claim.b, claim.margin_reference) if n is not None and n not in known]
+        if unknown:
+            raise ResultsError(f"{Path(path).name}, claim {i}: unknown optimizer {unknown[0]!r}")
+    return claims
 
 
-def _finished(runs: pd.DataFrame, optimizer: str) -> pd.DataFrame:
-    return runs[(runs["optimizer"] == optimizer) & (runs["status"] == "completed")]
+# ----------------------------------------------------------------------------- one setting's runs
 
 
-def check(claim: Claim, runs: pd.DataFrame) -> dict | None:
-    """The claim's row for one setting's runs, or None if either optimizer has fewer than two finished runs."""
-    a, b = _finished(runs, claim.a), _finished(runs, claim.b)
-    if len(a) < 2 or len(b) < 2:
+@dataclass(frozen=True)
+class Side:
+    """One optimizer at one setting: its completed runs."""
+
+    optimizer: str
+    runs: pd.DataFrame
+    label: str  # the settings that tell it apart from the optimizer's other settings here, or ""
+
+    def values(self, metric: str, orient: float = 1.0) -> dict[int, float]:
+        scale = METRICS[metric][1] if metric in METRICS else 1.0
+        return {int(s): orient * float(v) * scale for s, v in zip(self.runs.seed, self.runs[metric]) if math.isfinite(float(v))}
+
+    def describe(self, metric: str) -> str:
+        v = pd.Series(self.values(metric))
+        name = self.optimizer + (f" ({self.label})" if self.label else "")
+        return f"{name}: {v.mean():.2f} ± {v.std(ddof=1):.2f} (n={len(v)})"
+
+    def untrained(self) -> str | None:
+        """Why this side did not train, or None."""
+        classes = self.runs.num_classes.dropna()
+        if classes.empty:
+            return None
+        k = float(classes.iloc[0])
+        acc, loss = self.runs.final_test_acc.mean() * 100, self.runs.final_train_loss.mean()
+        if acc < 100 / k + CHANCE_POINTS:
+            return f"{self.optimizer} did not train (test acc {acc:.1f}%, chance {100 / k:.0f}%)"
+        if math.isfinite(loss) and loss > LOSS_FRACTION * math.log(k):
+            return f"{self.optimizer} did not train (training loss {loss:.2f}, ln {k:.0f} = {math.log(k):.2f})"
         return None
-    label, scale, _ = METRICS[claim.metric]
-    va, vb = a[claim.metric].astype(float) * scale, b[claim.metric].astype(float) * scale
-    sign = 1.0 if claim.higher_is_better else -1.0
-    d = sign * (va.mean() - vb.mean())
-    se = math.sqrt(va.var(ddof=1) / len(va) + vb.var(ddof=1) / len(vb))
-    cost_a, cost_b = a["sample_passes_per_step"].mean(), b["sample_passes_per_step"].mean()
-    if claim.kind == "beats":
-        verdict = "reproduced" if d > 2 * se else "contradicted" if d < -2 * se else "inconclusive"
-    else:
-        verdict = "reproduced" if d > -2 * se and cost_a < cost_b else "contradicted"
-    return {
-        "claim": claim.text,
-        "source": claim.source,
-        "metric": label,
-        "A": f"{claim.a}: {va.mean():.2f} ± {va.std(ddof=1):.2f} (n={len(va)})",
-        "B": f"{claim.b}: {vb.mean():.2f} ± {vb.std(ddof=1):.2f} (n={len(vb)})",
-        "difference (for A) ± se": f"{d:+.2f} ± {se:.2f}",
-        "sample passes/step A vs B": f"{cost_a:.2f} vs {cost_b:.2f}",
-        "verdict": verdict,
-    }
 
 
-def claims_table(runs: pd.DataFrame) -> pd.DataFrame:
-    rows = [row for row in (check(c, runs) for c in load_claims()) if row is not None]
-    return pd.DataFrame(rows)
+def _flat(identity: dict) -> dict[str, Any]:
+    flat = {k: v for k, v in identity.items() if k != "hyperparameters"}
+    flat.update(identity.get("hyperparameters") or {})
+    return flat
 
 
-def to_markdown(settings: list[tuple[str, str, pd.DataFrame]], command: str) -> str:
-    lines = [
-        "# Published claims against measured runs",
-        "",
-        f"Generated by `{command}` from the run files.",
-        "",
-        __doc__.split("\n\n", 1)[1].strip(),
-        "",
+def _sides(runs: pd.DataFrame, optimizer: str) -> list[Side]:
+    """One side per setting of ``optimizer`` among completed runs; a seed run twice at one setting is refused."""
+    mine = runs[(runs.optimizer == optimizer) & (runs.status == "completed")]
+    groups = [g for _, g in mine.groupby("settings_key", sort=True)]
+    flats = [_flat(g.identity.iloc[0]) for g in groups]
+    differing = sorted(k for k in set().union(*flats) if len({str(f.get(k, "default")) for f in flats}) > 1) if flats else []
+    sides = []
+    for group, flat in zip(groups, flats):
+        if group.seed.duplicated().any():
+            raise ResultsError(f"{optimizer}: two runs with seed {group.seed[group.seed.duplicated()].iloc[0]} at one setting")
+        sides.append(Side(optimizer, group, ", ".join(f"{k}={flat.get(k, 'default')}" for k in differing)))
+    return sides
+
+
+def _comparable(a: Side, b: Side) -> bool:
+    return settings_key(a.runs.identity.iloc[0], OPTIMIZER_OWN) == settings_key(b.runs.identity.iloc[0], OPTIMIZER_OWN)
+
+
+def _cost(a: Side, b: Side) -> tuple[str, int]:
+    """The measured step-time ratio A / B in words, and its sign: -1 cheaper, +1 dearer, 0 not resolved."""
+    quiet = [
+        s.runs[~s.runs.contended.astype(bool) & ~s.runs.oversubscribed.astype(bool) & s.runs.step_time_s.notna()] for s in (a, b)
     ]
-    for name, folder, table in settings:
-        lines += [f"## {name}", "", f"Runs: `{folder}`.", ""]
-        if table.empty:
-            lines += ["No claim has both of its optimizers with two or more finished runs here.", ""]
-            continue
-        columns = list(table.columns)
-        lines += ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
-        lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
-        lines.append("")
-    return "\n".join(lines)
+    if min(len(q) for q in quiet) < 2 or len({t for q in quiet for t in q.timing}) != 1:
+        return "not measured (fewer than two quietly timed runs a side at one thread and process count)", 0
+    r = stats.ratio(*({int(s): float(t) for s, t in zip(q.seed, q.step_time_s)} for q in quiet))
+    if min(q.train_time_s.median() for q in quiet) < MIN_TIMED_S:
+        return f"{r.describe()}, runs too short to time (< {MIN_TIMED_S:.0f} s)", 0
+    return r.describe(), -1 if r.high < 1 else 1 if r.low > 1 else 0
 
 
-def main(argv: list[str]) -> int:
-    from bench.io import write_text
-    from bench.usage import Parser
+def _in_regime(claim: Claim, side: Side) -> bool:
+    identity = side.runs.identity.iloc[0]
+    return identity.get("dataset") in claim.regime_datasets and int(identity.get("epochs") or 0) >= claim.regime_min_epochs
 
-    p = Parser(prog="launch.py claims", description="Check published claims against finished runs.")
-    p.add_argument("settings", nargs="+", metavar="NAME=RUNS_DIR", help="a setting's name and its folder of runs")
-    p.add_argument("--out", default="results/claims.md")
-    args = p.parse_args(argv)
-    settings = []
-    for item in args.settings:
-        name, sep, folder = item.partition("=")
-        if not sep or not name or not folder:
-            raise ResultsError(f"expected NAME=RUNS_DIR, got {item!r}")
-        settings.append((name, folder, claims_table(load_runs([folder]))))
-    command = (
-        "python launch.py claims " + " ".join(args.settings) + ("" if args.out == "results/claims.md" else f" --out {args.out}")
-    )
-    text = to_markdown(settings, command)
-    write_text(Path(args.out), text)
-    print(text)
-    return 0
+
+def _evaluate(claim: Claim, a: Side, b: Side, runs: pd.DataFrame) -> dict[str, Any]:
+    """The claim on one pair of sides: the numbers, and either a p-value or why it is not testable."""
+    orient = 1.0 if claim.higher_is_better else -1.0
+    va, vb = a.values(claim.metric, orient), b.values(claim.metric, orient)
+    row: dict[str, Any] = {"claim": claim, "a": a, "b": b, "p": None, "why": None, "margin": None, "cost": ("", 0)}
+    if len(va) < 2 or len(vb) < 2:
+        row["why"] = f"{claim.metric} missing on some runs"
+        return row
+    row["difference"] = stats.compare(va, vb)
+    row["why"] = a.untrained() or b.untrained()
+    if claim.kind == "matches_cheaper":
+        row["cost"] = _cost(a, b)
+        if claim.margin is not None:
+            row["margin"] = claim.margin
+        else:
+            references = [r for r in _sides(runs, claim.margin_reference) if _comparable(r, b)]
+            if len(references) != 1:
+                row["why"] = row["why"] or f"no single {claim.margin_reference} setting here to set the margin"
+            else:
+                gain = pd.Series(vb).mean() - pd.Series(references[0].values(claim.metric, orient)).mean()
+                row["margin"] = claim.margin_gain * gain
+                if gain <= 0:
+                    row["why"] = (
+                        row["why"] or f"{claim.b} gains nothing over {claim.margin_reference} here ({gain:+.2f}): no margin"
+                    )
+    if row["why"] is None:
+        row["p"] = row["difference"].p_value(-row["margin"] if claim.kind == "matches_cheaper" else 0.0)
+    return row
+
+
+def _words(row: dict[str, Any]) -> tuple[str, str]:
+    """The finding (what the interval says) and the verdict against the paper."""
+    if row["p"] is None:
+        return "", f"not testable here: {row['why']}"
+    claim, d = row["claim"], row["difference"]
+    if row["p_holm"] >= ALPHA:
+        return f"not resolved (±{d.half_width:.2f})", "inconclusive"
+    against = "contradicted" if _in_regime(claim, row["a"]) else "not observed at this scale"
+    if claim.kind == "beats":
+        return ("A better", "reproduced") if d.mean > 0 else ("A worse", against)
+    if d.mean < -row["margin"]:
+        return "A worse by more than the margin", against
+    cost = row["cost"][1]
+    verdict = "reproduced" if cost < 0 else against if cost > 0 else "inconclusive (cost not resolved)"
+    return "non-inferior", verdict
+
+
+def evaluate(claims: tuple[Claim, ...], runs: pd.DataFrame) -> list[dict[str, Any]]:
+    """Every claim on every comparable pair of settings in one setting's runs, Holm-adjusted as one family."""
+    rows = []
+    for claim in claims:
+        for a in _sides(runs, claim.a):
+            for b in _sides(runs, claim.b):
+                if _comparable(a, b) and len(a.runs) >= 2 and len(b.runs) >= 2:
+                    rows.append(_evaluate(claim, a, b, runs))
+    tested = [r for r in rows if r["p"] is not None]
+    for row, adjusted in zip(tested, stats.holm([r["p"] for r in tested])):
+        row["p_holm"] = adjusted
+    for row in rows:
+        row["finding"], row["verdict"] = _words(row)
+    return rows
+
+
+def _passes(row: dict[str, Any]) -> str:
+    """The nominal forward-backward passes per step of each side (shown, never used for a verdict)."""
+    a, b = (row[s].runs.sample_passes_per_step.astype(float).mean() for s in ("a", "b"))
+    return f"{a:.2f} vs {b:.2f}" if math.isfinite(a) and math.isfinite(b) else ""
+
+
+def claims_table(runs: pd.DataFrame, claims: tuple[Claim, ...] | None = None) -> pd.DataFrame:
+    """One row per (claim, pair of settings) in one setting's runs, as text for the report."""
+    return claims_table_of(evaluate(load_claims() if claims is None else claims, runs))
+
+
+def claims_table_of(evaluated: list[dict[str, Any]]) -> pd.DataFrame:
+    """:func:`evaluate`'s rows as text."""
+    rows = []
+    for r in evaluated:
+        claim, d = r["claim"], r.get("difference")
+        rows.append(
+            {
+                "claim": claim.text,
+                "source": claim.source,
+                "metric": METRICS[claim.metric][0],
+                "A": r["a"].describe(claim.metric),
+                "B": r["b"].describe(claim.metric),
+                "gain for A [95% CI]": "" if d is None else d.describe() + (" paired" if d.paired else " Welch"),
+                "p (Holm)": "" if r["p"] is None else f"{r['p']:.3f} ({r['p_holm']:.3f})",
+                "margin": "" if r["margin"] is None else f"{r['margin']:.2f}",
+                "step time A/B [95% CI]": r["cost"][0],
+                "passes/step A vs B": _passes(r) if claim.kind == "matches_cheaper" else "",
+                "finding": r["finding"],
+                "verdict": r["verdict"],
+            }
+        )
+    return pd.DataFrame(rows)

@@ -15,6 +15,9 @@ from bench import environment
 from bench.config import OPERATIONAL, RUN_METADATA, RunConfig
 from bench.errors import UserError
 from bench.io import read_json
+from bench.report.records import COLUMNS, RecordsError
+from bench.report.records import is_records_file as records_file
+from bench.report.records import read as records_read
 from optimizers import available_optimizers
 
 GROUP = ["dataset", "arch", "optimizer"]
@@ -26,6 +29,8 @@ STATUSES = ("completed", "stopped_early", "diverged", "unfinished")
 #: summary.json numbers the table reads: required keys, and optional ones (a null or absent value shows blank)
 SUMMARY_NUMBERS = ("final_test_acc", "best_test_acc", "train_time_s")
 SUMMARY_OPTIONAL = ("final_test_loss", "final_test_ece", "passes_per_step", "images_per_s", "step_time_s")
+#: summary.json values a per-run record keeps as they are
+SUMMARY_EXTRA = ("final_val_acc", "final_train_loss", "num_classes", "sample_passes_per_step", "torch_threads", "world_size")
 
 
 class ResultsError(UserError, ValueError):
@@ -141,67 +146,113 @@ def _identity(config: dict) -> dict:
     return {k: v for k, v in {**defaults, **config}.items() if k not in left_out}
 
 
-def _read_run(run: Path) -> tuple[dict | None, list[str]]:
-    """One table input row for a run directory and notes; None (and the note) when the run is skipped."""
+def _record(run: Path) -> tuple[dict | None, list[str]]:
+    """A run directory's per-run record (``bench.report.records.COLUMNS``) and notes; None (and the
+    note) when the run is skipped."""
     config, problem = _read_checked(run / "config.json", _config_problem)
     if problem:
         return None, [f"{problem}; run skipped"]
-    row: dict[str, Any] = {
+    machine, code = config.get("environment") or {}, config.get("code") or {}
+    record: dict[str, Any] = {
+        **{k: config[k] for k in GROUP},
+        "run_id": config.get("run_id", run.name),
+        "seed": config.get("seed"),
         "status": "unfinished",
         "contended": False,
         "oversubscribed": False,
-        "timing": None,
-        **{k: math.nan for k in SUMMARY_NUMBERS + SUMMARY_OPTIONAL},
+        "commit": code.get("commit"),
+        "dirty": code.get("dirty"),
+        "processor": machine.get("processor"),
+        "gpu": machine.get("gpu"),
+        "versions": {k: machine.get(k) for k in ("python", "torch", "accelerate", "numpy")} | {"project": code.get("version")},
+        "settings": _identity(config),
+        "variant_settings": config.get("resolved_hyperparameters"),
     }
     if (run / "summary.json").exists():
         summary, problem = _read_checked(run / "summary.json", _summary_problem)
         if problem:
             return None, [f"{problem}; run skipped"]
-        row.update(summary)
-        row.update({k: math.nan if summary.get(k) is None else float(summary[k]) for k in SUMMARY_NUMBERS + SUMMARY_OPTIONAL})
+        record.update({k: summary.get(k) for k in SUMMARY_EXTRA})
+        record["status"] = summary["status"]
         # recomputed from the recorded loads, so runs written under an older rule are judged by this one
         own = environment.own_threads(summary.get("torch_threads"), summary.get("world_size"))
-        cores = (config.get("environment") or {}).get("cpu_count")
         loads = (summary.get("load_at_start"), summary.get("load_at_end"))
-        row["contended"] = summary.get("contended") is True or environment.contended(loads, own, cores)
-        row["oversubscribed"] = environment.oversubscribed(loads, cores)
-        row["timing"] = (summary.get("torch_threads"), summary.get("world_size"))  # what a step time depends on
+        record["contended"] = summary.get("contended") is True or environment.contended(loads, own, machine.get("cpu_count"))
+        record["oversubscribed"] = environment.oversubscribed(loads, machine.get("cpu_count"))
+        record.update({k: math.nan if summary.get(k) is None else float(summary[k]) for k in SUMMARY_NUMBERS + SUMMARY_OPTIONAL})
     notes = []
     if (run / "sharpness.json").exists():
         sharpness, problem = _read_checked(run / "sharpness.json", _sharpness_problem)
         if problem:
             notes.append(f"{problem}; sharpness left out")
         else:
-            row.update({k: math.nan if sharpness.get(k) is None else float(sharpness[k]) for k in SHARPNESS})
-    identity = _identity(config)
+            record.update({k: sharpness.get(k) for k in SHARPNESS})
+    return record, notes
+
+
+def _row(record: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """A table's input row: the record (missing numbers as NaN) and what the tables derive from it."""
+    row = {
+        name: math.nan if kind == "number" and record.get(name) is None else record.get(name) for name, kind in COLUMNS.items()
+    }
+    identity = record["settings"]
     row.update(
-        {k: config[k] for k in GROUP},
-        seed=config.get("seed"),
-        label_noise=config.get("label_noise", 0.0),
-        run_id=config.get("run_id", row.get("run_id", run.name)),
-        run_dir=str(run),
         identity=identity,
         settings_key=settings_key(identity),
+        label_noise=identity.get("label_noise", 0.0),
+        # what a step time depends on (operational, so not part of the settings)
+        timing=None if record["status"] == "unfinished" else (record.get("torch_threads"), record.get("world_size")),
+        run_dir=run_dir,
     )
-    return row, notes
+    return row
+
+
+def read_records(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """The per-run records under ``paths`` (run folders, or per-run files ``*_runs.csv``), where each
+    came from, and one note per skipped run or file.  ResultsError when there is no run or none is readable."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ResultsError("no run directories given")
+    records, origins, notes = [], [], []
+    for path in paths:
+        if records_file(path):
+            try:
+                found = records_read(path)
+            except RecordsError as err:
+                raise ResultsError(str(err)) from None
+            records += found
+            origins += [str(path)] * len(found)
+    folders = [p for p in paths if not records_file(p)]
+    for run in find_run_dirs(folders) if folders else ():
+        record, run_notes = _record(run)
+        notes += run_notes
+        if record is not None:
+            records.append(record)
+            origins.append(str(run))
+    if not records:
+        raise ResultsError(f"no readable run: {'; '.join(notes)}")
+    return records, origins, notes
 
 
 def read_runs(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, list[str]]:
-    """One row per readable run directory under ``paths`` (unfinished ones with status "unfinished"), and
-    one note per skipped run or file naming it.  ResultsError when there is no run or none is readable."""
-    rows, notes = [], []
-    for run in find_run_dirs(paths):
-        row, run_notes = _read_run(run)
-        notes += run_notes
-        if row is not None:
-            rows.append(row)
-    if not rows:
-        raise ResultsError(f"no readable run: {'; '.join(notes)}")
-    return pd.DataFrame(rows), notes
+    """One row per readable run under ``paths`` (run folders or per-run files; unfinished runs with
+    status "unfinished"), and one note per skipped run or file naming it.  ResultsError when there is
+    no run or none is readable."""
+    records, origins, notes = read_records(paths)
+    return runs_frame(records, origins), notes
+
+
+def runs_frame(records: list[dict[str, Any]], origins: list[str]) -> pd.DataFrame:
+    """The tables' input: one row per record (``origins``: where each came from), the records kept in
+    ``.attrs["records"]`` (what a per-run file holds)."""
+    runs = pd.DataFrame([_row(record, origin) for record, origin in zip(records, origins)])
+    runs.attrs["records"] = records
+    return runs
 
 
 def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """As read_runs, emitting each note as a RunSkipped warning; the notes are also in ``.attrs["notes"]``."""
+    """As read_runs, emitting each note as a RunSkipped warning; the notes are also in ``.attrs["notes"]``,
+    the per-run records in ``.attrs["records"]``."""
     runs, notes = read_runs(paths)
     for note in notes:
         warnings.warn(note, RunSkipped, stacklevel=2)

@@ -51,6 +51,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.io import write_text
+from bench.report import records
 from bench.report.runs import GROUP, SHARPNESS, STATUSES, is_number, load_runs, optimizer_order, settings_key
 
 #: settings that only the optimizer reads: a baseline for "time vs sgd" may differ in these
@@ -301,16 +302,39 @@ def to_markdown(table: pd.DataFrame) -> str:
     return frame_to_markdown(shown.loc[:, [c for c in shown.columns if (shown[c] != "").any()]])
 
 
+def code_note(runs: list[dict[str, Any]]) -> str:
+    """One line when the runs were made by several commits of the code, or from a modified tree; else nothing."""
+    commits: dict[str, int] = {}
+    for run in runs:
+        commits[(run.get("commit") or "unrecorded")[:7]] = commits.get((run.get("commit") or "unrecorded")[:7], 0) + 1
+    dirty = sum(run.get("dirty") is True for run in runs)
+    parts = []
+    if len(commits) > 1:
+        parts.append(
+            f"these runs span {len(commits)} commits of the code ({', '.join(f'{c}: {n}' for c, n in commits.items())} runs)"
+        )
+    if dirty:
+        parts.append(f"{dirty} of {len(runs)} runs ran from a tree with uncommitted changes")
+    return f"Note: {'; '.join(parts)}.\n\n" if parts else ""
+
+
 def write_comparison(
-    paths: list[str | Path], out_prefix: str | Path, preamble: str = "", tuned: Mapping[str, str] | None = None
+    runs: list[str | Path] | pd.DataFrame,
+    out_prefix: str | Path,
+    preamble: str = "",
+    tuned: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Write ``{out_prefix}.csv/.md/.tex``; the table's ``.attrs["notes"]`` holds the skipped-run notes."""
-    runs = load_runs(paths)
+    """Write ``{out_prefix}.csv/.md/.tex`` for the runs (folders, per-run files, or a frame of
+    ``bench.report.runs.runs_frame``) and the per-run file ``{out_prefix}_runs.csv`` (from which the
+    same command regenerates the table without the run folders); the table's ``.attrs["notes"]`` holds
+    the skipped-run notes."""
+    runs = runs if isinstance(runs, pd.DataFrame) else load_runs(runs)
     table = comparison_table(runs, tuned=tuned)
     table.attrs["notes"] = runs.attrs.get("notes", [])
     out_prefix = Path(out_prefix)
+    write_text(records.path_for(out_prefix), records.to_csv(runs.attrs["records"]))
     write_text(out_prefix.with_suffix(".csv"), table.to_csv(index=False))
-    write_text(out_prefix.with_suffix(".md"), preamble + to_markdown(table))
+    write_text(out_prefix.with_suffix(".md"), preamble + code_note(runs.attrs["records"]) + to_markdown(table))
     write_text(out_prefix.with_suffix(".tex"), to_latex(table))
     return table
 
