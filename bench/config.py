@@ -127,6 +127,15 @@ def _choice(value: str, choices, what: str) -> str:
     return value
 
 
+def check_name(name: Any, what: str) -> str:
+    """``name`` if it names one folder (no path separator, not "." or ".."); else one ConfigError line."""
+    _need(
+        isinstance(name, str) and name.strip() == name and name not in ("", ".", "..") and not set("/\\") & set(name),
+        f"{what} must be a folder name, not a path (no / or \\, not . or ..), got {name!r}",
+    )
+    return name
+
+
 @dataclass
 class RunConfig:
     """Everything a training run depends on. ``hyperparameters`` are the variant's own
@@ -201,6 +210,8 @@ class RunConfig:
         if self.log_with is not None:
             _choice(self.log_with, TRACKERS, "log_with")
         _need(_writable(self.output_dir), f"output_dir {self.output_dir!r} is not writable")
+        if self.run_name is not None:
+            check_name(self.run_name, "run_name")
         self._check_relations()
         return self
 

@@ -64,10 +64,14 @@ def describe(device: torch.device) -> dict:
     }
 
 
+#: the paths whose changes change what a run computes (for code_version's dirty flag)
+CODE_PATHS = ("optimizers", "architectures", "bench", "launch.py", "pyproject.toml")
+
+
 @cache
 def code_version() -> dict:
     """The project's version, and the git commit of its source tree with whether files differ from it
-    (``dirty``); commit and dirty are None where the code is not a git checkout (an installed wheel)."""
+    (``dirty``: uncommitted changes under CODE_PATHS); commit and dirty are None where the code is not a git checkout (an installed wheel)."""
     from optimizers import __version__
 
     root = Path(__file__).resolve().parents[1]
@@ -80,7 +84,8 @@ def code_version() -> dict:
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    # the code only: a results table or a README edited since the commit does not change what a run computes
+    status = git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS) if commit else None
     return {"version": __version__, "commit": commit, "dirty": None if status is None else bool(status)}
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from architectures.registry import resolve as resolve_architecture
-from bench.config import TRACKERS, ConfigError, RunConfig
+from bench.config import RUN_METADATA, TRACKERS, ConfigError, RunConfig
 from bench.data.datasets import available_datasets
 from bench.data.datasets import canonical_name as dataset_name
 from bench.data.names import DEFAULT_IMAGE_SIZE, DataError, is_loader_dataset, loader_dataset_name
@@ -176,4 +176,30 @@ def check_recorded(config: RunConfig) -> None:
         not changed,
         f"{config.run_dir()} was run with {then_values}, which this version resolves to {now_values} "
         "(a changed default): move that run aside, or set those values to continue it",
+    )
+
+
+def check_not_taken(config: RunConfig) -> None:
+    """A new run (no --resume) never writes over another: a folder holding another configuration's run,
+    or this very run finished, is refused in one line, and nothing in it changes."""
+    folder = config.run_dir()
+    path = folder / "config.json"
+    if not path.is_file():
+        return
+    try:
+        recorded = RunConfig.from_dict(json.loads(path.read_text()), ignore=RUN_METADATA).identity()
+    except (OSError, ValueError, TypeError, ConfigError):
+        raise ConfigError(
+            f"{folder} holds a run whose config.json cannot be read: choose another --run_name or --output_dir"
+        ) from None
+    now = config.identity()
+    changed = sorted(k for k in {*recorded, *now} if recorded.get(k) != now.get(k))
+    _need(
+        not changed,
+        f"{folder} holds another configuration's run (it differs in {', '.join(changed)}): choose another "
+        "--run_name or --output_dir, or move that folder aside",
+    )
+    _need(
+        not (folder / "summary.json").is_file(),
+        f"{folder} holds this run, finished: --resume {folder} checks it, --run_name NAME starts another",
     )

@@ -134,7 +134,7 @@ def test_a_side_that_did_not_train_makes_a_claim_not_testable(tmp_path):
 
 def test_contradicted_only_in_the_papers_regime(tmp_path):
     runs_of(tmp_path, "sgd", [0.75, 0.80, 0.85])
-    runs_of(tmp_path, "sam", [0.74, 0.79, 0.84])  # 1 point worse on every seed
+    runs_of(tmp_path, "sam", [0.74, 0.788, 0.842])  # 1, 1.2 and 0.8 points worse
     outside = Claim("SAM beats SGD", "s", "sam", "sgd", "beats", "final_test_acc", regime_datasets=("cifar10",))
     inside = Claim("SAM beats SGD", "s", "sam", "sgd", "beats", "final_test_acc", regime_datasets=("digits",))
     assert evaluate((outside,), load_runs([tmp_path]))[0]["verdict"] == "not observed at this scale"
@@ -165,12 +165,12 @@ def test_every_claim_metric_has_its_direction():
 
 
 def test_a_lower_ece_favours_a(tmp_path):
-    """bSAM's ECE 2 points below SAM's on every seed: lower is better, so the gain for bSAM is +2."""
+    """bSAM's ECE 2, 1.9 and 2 points below SAM's: lower is better, so the gain for bSAM is +1.97."""
     runs_of(tmp_path, "sam", [0.040, 0.045, 0.039], metric="final_test_ece")
-    runs_of(tmp_path, "bsam", [0.020, 0.025, 0.019], metric="final_test_ece")
+    runs_of(tmp_path, "bsam", [0.020, 0.026, 0.019], metric="final_test_ece")
     claim = Claim("bSAM is better calibrated than SAM", "s", "bsam", "sam", "beats", "final_test_ece")
     (row,) = evaluate((claim,), load_runs([tmp_path]))
-    assert row["difference"].mean == pytest.approx(2.0) and row["finding"] == "A better"
+    assert row["difference"].mean == pytest.approx((2.0 + 1.9 + 2.0) / 3) and row["finding"] == "A better"
 
 
 def test_the_command_writes_sections_a_summary_and_a_forest_plot(tmp_path):
@@ -218,3 +218,11 @@ def test_a_bad_claims_file_is_one_line(tmp_path, body, message):
     path.write_text("[[claim]]\n" + body)
     with pytest.raises(ResultsError, match=message):
         load_claims(path)
+
+
+def test_identical_per_seed_differences_resolve_nothing(tmp_path):
+    """A - B exactly -1 on every seed: no spread, so a t test has nothing to go on (not "A worse", p 0)."""
+    runs_of(tmp_path, "sgd", [0.80, 0.85, 0.90])
+    runs_of(tmp_path, "sam", [0.79, 0.84, 0.89])
+    (row,) = evaluate((BEATS,), load_runs([tmp_path]))
+    assert row["p"] == 1.0 and row["finding"] == "not resolved (no spread across seeds)"

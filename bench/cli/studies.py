@@ -77,7 +77,11 @@ def cmd_sweep(argv: list[str]) -> int:
         with make_progress() as progress:
             run_dirs = run_sweep(recipe, configs, progress)
     # the same tables whether trained now, read from the run folders or from the per-run file
-    shown = [a for a in argv if a not in ("--from_records", "--tables_only")]
+    # (and wherever they are written: the folder they sit in says that)
+    shown = [a for a in argv if a not in ("--from_records", "--tables_only") and not a.startswith("--results_dir=")]
+    if "--results_dir" in shown:
+        at = shown.index("--results_dir")
+        del shown[at : at + 2]
     command = "python launch.py" if shown == ["digits"] else "python launch.py sweep " + shlex.join(shown)
     write_sweep_results(recipe, run_dirs, Path(args.results_dir), command, missing)
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import io
 import os
 import pickle
 from collections.abc import Sequence
@@ -41,16 +43,51 @@ _CIFAR = {
 }
 
 
+#: everything a CIFAR python batch may ask the unpickler for: a dict of bytes, lists and one numpy array
+_ARRAY_PARTS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol 5
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # how protocol 2 writes bytes from Python 3
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Reads a CIFAR batch and nothing else: any other object a file names (a function to call, a class to
+    build) is refused before it is looked up, so a planted file cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ARRAY_PARTS:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR batch never holds")
+        if name == "_reconstruct":  # numpy's own array rebuilders, wherever this numpy keeps them
+            return np.zeros(1).__reduce_ex__(2)[0]
+        if name == "_frombuffer":
+            return np.zeros(1).__reduce_ex__(5)[0]
+        if module == "_codecs":
+            return codecs.encode
+        return getattr(np, name)
+
+
+def read_batch_pickle(data: bytes):
+    """The object in a CIFAR python batch, unpickled with only the numpy array parts it needs."""
+    return _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
+
+
 def _read_cifar_batch(info: DatasetInfo, path: str) -> tuple[np.ndarray, np.ndarray]:
     spec = _CIFAR[info.name]
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
+            entry = read_batch_pickle(f.read())
         data = np.asarray(entry[b"data"], dtype=np.uint8)
         labels = np.asarray(entry[spec["label_key"]], dtype=np.int64)
         data = data.reshape(-1, 3, 32, 32)
     except KeyError as exc:
         raise DataError(f"{path}: missing key {exc} in the CIFAR pickle; is it the right dataset?") from None
+    except pickle.UnpicklingError as exc:
+        raise DataError(f"{path}: refused ({exc}); delete the folder and download again") from None
     except Exception as exc:
         raise DataError(f"cannot read {path} ({short_error(exc)}); delete the folder and download again") from None
     return data, check_labels(labels, data.shape[0], info.num_classes, path)

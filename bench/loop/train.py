@@ -14,7 +14,7 @@ from bench.loop.epoch import end_epoch, run_epoch
 from bench.loop.finish import finish, finished_summary
 from bench.loop.setup import setup, start_or_resume
 from bench.loop.state import RunResult
-from bench.resolve import check_recorded, resolve
+from bench.resolve import check_not_taken, check_recorded, resolve
 
 
 class TrainingStopped(RunStopped):
@@ -31,6 +31,8 @@ def train(config: RunConfig, progress=None, resume: bool = False) -> RunResult:
     resolve(config)
     if resume:
         check_recorded(config)
+    else:
+        check_not_taken(config)
     if resume and (done := finished_summary(config)) is not None:
         return RunResult(config.run_dir(), done, already_finished=True)
     run = setup(config, progress)

@@ -238,8 +238,9 @@ def _evaluate(claim: Claim, a: Side, b: Side, runs: pd.DataFrame) -> dict[str, A
                 row["why"] = row["why"] or f"no single {claim.margin_reference} setting here to set the margin"
             else:
                 gain = pd.Series(vb).mean() - pd.Series(references[0].values(claim.metric, orient)).mean()
-                row["margin"] = claim.margin_gain * gain
-                if gain <= 0:
+                if gain > 0:
+                    row["margin"] = claim.margin_gain * gain
+                else:
                     row["why"] = (
                         row["why"] or f"{claim.b} gains nothing over {claim.margin_reference} here ({gain:+.2f}): no margin"
                     )
@@ -253,6 +254,8 @@ def _words(row: dict[str, Any]) -> tuple[str, str]:
     if row["p"] is None:
         return "", f"not testable here: {row['why']}"
     claim, d = row["claim"], row["difference"]
+    if d.se == 0:
+        return "not resolved (no spread across seeds)", "inconclusive"
     if row["p_holm"] >= ALPHA:
         return f"not resolved (±{d.half_width:.2f})", "inconclusive"
     against = "contradicted" if _in_regime(claim, row["a"]) else "not observed at this scale"

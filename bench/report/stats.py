@@ -54,7 +54,7 @@ class Difference:
     def p_value(self, null: float = 0.0) -> float:
         """Two-sided p-value of "the true difference is ``null``"."""
         if self.se == 0:
-            return 1.0 if self.mean == null else 0.0
+            return 1.0  # no spread (identical per-seed differences): a t test has nothing to go on
         return float(2 * stats.t.sf(abs(self.mean - null) / self.se, self.df))
 
     def describe(self) -> str:

@@ -324,7 +324,7 @@ def write_comparison(
     preamble: str = "",
     tuned: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Write ``{out_prefix}.csv/.md/.tex`` for the runs (folders, per-run files, or a frame of
+    """Write ``{out_prefix}.csv/.md/.tex`` and ``{out_prefix}_acc_cost.png`` for the runs (folders, per-run files, or a frame of
     ``bench.report.runs.runs_frame``) and the per-run file ``{out_prefix}_runs.csv`` (from which the
     same command regenerates the table without the run folders); the table's ``.attrs["notes"]`` holds
     the skipped-run notes."""
@@ -336,6 +336,9 @@ def write_comparison(
     write_text(out_prefix.with_suffix(".csv"), table.to_csv(index=False))
     write_text(out_prefix.with_suffix(".md"), preamble + code_note(runs.attrs["records"]) + to_markdown(table))
     write_text(out_prefix.with_suffix(".tex"), to_latex(table))
+    from bench.report.cost_plot import plot_accuracy_vs_cost  # matplotlib only where a table is written
+
+    plot_accuracy_vs_cost(table, f"{out_prefix}_acc_cost.png", title=f"{out_prefix.name}: accuracy against measured cost")
     return table
 
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.config import ConfigError, RunConfig
+from bench.config import ConfigError, RunConfig, check_name
 from bench.resolve import resolve
 from optimizers import available_optimizers
 from optimizers.registry import is_sharpness_aware
@@ -168,7 +168,7 @@ def load_recipe(name_or_path: str) -> Recipe:
     if isinstance(grid.get("optimizer"), list):
         grid["optimizer"] = expand_optimizers(grid["optimizer"])
     return Recipe(
-        name=data.get("name", path.stem),
+        name=check_name(data.get("name", path.stem), f"recipe {path}: name"),
         path=path,
         description=data.get("description", ""),
         config=data.get("config", {}),

@@ -1,0 +1,81 @@
+"""Results are never written over or out of their folder, and a data file never runs code."""
+
+import builtins
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.config import ConfigError, RunConfig
+from bench.data.cifar import read_batch_pickle
+from bench.loop.train import train
+from bench.studies.recipes import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(dataset="digits", arch="smallcnn", optimizer="sgd", epochs=1, batch_size=256, cpu=True, save_every_epochs=0)
+
+
+@pytest.mark.parametrize("name", ["../victim", "a/b", "..", ".", "", " x", "a\\b"])
+def test_a_run_name_is_a_name_not_a_path(tmp_path, name):
+    with pytest.raises(ConfigError, match="run_name must be a folder name, not a path"):
+        RunConfig(**FAST, output_dir=str(tmp_path), run_name=name).validate()
+
+
+def test_a_recipe_name_is_a_name_not_a_path(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('name = "../../escape"\n[config]\nepochs = 1\n[grid]\nseed = [0]\n')
+    with pytest.raises(ConfigError, match=r"name must be a folder name, not a path .* got '../../escape'"):
+        load_recipe(str(path))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_another_configuration_never_overwrites_a_run(tmp_path):
+    first = RunConfig(**FAST, output_dir=str(tmp_path), run_name="mine").validate()
+    train(first)
+    before = _files(tmp_path / "mine")
+    other = RunConfig(**{**FAST, "lr": 0.05}, output_dir=str(tmp_path), run_name="mine").validate()
+    with pytest.raises(ConfigError, match=r"mine holds another configuration's run \(it differs in lr\)"):
+        train(other)
+    # the same configuration again, finished, without --resume: refused, nothing rewritten
+    with pytest.raises(ConfigError, match=r"mine holds this run, finished: --resume .* checks it"):
+        train(RunConfig(**FAST, output_dir=str(tmp_path), run_name="mine").validate())
+    assert _files(tmp_path / "mine") == before
+    assert train(first, resume=True).already_finished
+
+
+def test_the_command_line_refuses_in_one_line(tmp_path):
+    args = [sys.executable, "launch.py", "--dataset", "digits", "--epochs", "1", "--batch_size", "256", "--cpu"]
+    args += ["--output_dir", str(tmp_path), "--save_every_epochs", "0"]
+    assert subprocess.run([*args, "--run_name", "x"], cwd=ROOT, capture_output=True).returncode == 0
+    done = subprocess.run([*args, "--run_name", "x", "--lr", "0.05"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "differs in lr" in done.stderr
+    done = subprocess.run([*args, "--run_name", "../y"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "not a path" in done.stderr and not (tmp_path.parent / "y").exists()
+
+
+class _Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_a_planted_pickle_in_a_cifar_batch_runs_nothing(tmp_path, protocol):
+    marker = tmp_path / "created"
+    data = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1], b"x": _Planted(marker)}, protocol=protocol)
+    with pytest.raises(pickle.UnpicklingError, match=r"asks for (io|builtins)\.open"):
+        read_batch_pickle(data)
+    assert not marker.exists()
+    # a genuine batch still reads, whatever the protocol
+    batch = read_batch_pickle(
+        pickle.dumps({b"data": np.arange(6, dtype=np.uint8).reshape(2, 3), b"labels": [0, 1]}, protocol=protocol)
+    )
+    assert batch[b"data"].tolist() == [[0, 1, 2], [3, 4, 5]] and batch[b"labels"] == [0, 1]
