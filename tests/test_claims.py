@@ -226,3 +226,10 @@ def test_identical_per_seed_differences_resolve_nothing(tmp_path):
     runs_of(tmp_path, "sam", [0.79, 0.84, 0.89])
     (row,) = evaluate((BEATS,), load_runs([tmp_path]))
     assert row["p"] == 1.0 and row["finding"] == "not resolved (no spread across seeds)"
+
+
+def test_pairing_uses_the_seeds_both_sides_ran():
+    """Seeds 0-2 against 0-1: paired on 0 and 1 (differences 1 and 1.2), seed 2 left out."""
+    d = stats.compare({0: 71.0, 1: 81.2, 2: 50.0}, {0: 70.0, 1: 80.0})
+    assert d.paired and d.n_a == d.n_b == 2 and d.df == 1 and d.mean == pytest.approx(1.1)
+    assert d.se == pytest.approx(0.1)  # sd of (1, 1.2) is 0.1414, over sqrt 2

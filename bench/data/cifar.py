@@ -55,13 +55,17 @@ _ARRAY_PARTS = {
 }
 
 
+class RefusedPickle(pickle.UnpicklingError):
+    """A file that asks the unpickler for something a CIFAR batch never holds."""
+
+
 class _BatchUnpickler(pickle.Unpickler):
     """Reads a CIFAR batch and nothing else: any other object a file names (a function to call, a class to
     build) is refused before it is looked up, so a planted file cannot run code."""
 
     def find_class(self, module: str, name: str):
         if (module, name) not in _ARRAY_PARTS:
-            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR batch never holds")
+            raise RefusedPickle(f"it asks for {module}.{name}, which a CIFAR batch never holds")
         if name == "_reconstruct":  # numpy's own array rebuilders, wherever this numpy keeps them
             return np.zeros(1).__reduce_ex__(2)[0]
         if name == "_frombuffer":
@@ -86,7 +90,7 @@ def _read_cifar_batch(info: DatasetInfo, path: str) -> tuple[np.ndarray, np.ndar
         data = data.reshape(-1, 3, 32, 32)
     except KeyError as exc:
         raise DataError(f"{path}: missing key {exc} in the CIFAR pickle; is it the right dataset?") from None
-    except pickle.UnpicklingError as exc:
+    except RefusedPickle as exc:
         raise DataError(f"{path}: refused ({exc}); delete the folder and download again") from None
     except Exception as exc:
         raise DataError(f"cannot read {path} ({short_error(exc)}); delete the folder and download again") from None

@@ -9,8 +9,8 @@ whose two optimizers both finished two runs or more there:
   its own row, never pooled.
 - **Paired intervals.** The difference A - B of the claim's metric (for a metric where lower is
   better, B - A: a positive difference always favours A) with its 95% Student t interval: on the
-  per-seed differences where both sides ran the same seeds (same initialisation, data order,
-  augmentation and label noise), else Welch's unpaired interval.
+  per-seed differences of the seeds both sides ran (same initialisation, data order, augmentation
+  and label noise; a seed only one side ran is left out), else Welch's unpaired interval.
 - **Two kinds of claim.** "beats": the null is no difference. "matches_cheaper": A is not worse than
   B by more than the claim's margin, stated in advance (a number of points, or a fraction of B's
   own gain over a reference optimizer in that setting); the null is a difference of minus the margin.

@@ -63,14 +63,16 @@ class Difference:
 
 
 def compare(a: Mapping[int, float], b: Mapping[int, float]) -> Difference:
-    """A - B from per-seed values (seed -> value); paired when both sides ran the same seeds.
+    """A - B from per-seed values (seed -> value): paired on the seeds both sides ran when there are two
+    or more (a seed only one side ran is left out), else Welch's on all of them.
 
     ValueError when a side has fewer than two values (no spread, no interval)."""
     if len(a) < 2 or len(b) < 2:
         raise ValueError(f"an interval needs two runs or more per side (got {len(a)} and {len(b)})")
-    if set(a) == set(b):
-        d = np.array([a[s] - b[s] for s in sorted(a)], dtype=float)
-        return Difference(float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))), len(d) - 1.0, len(a), len(b), True)
+    shared = sorted(set(a) & set(b))
+    if len(shared) >= 2:  # a seed only one side ran has no partner: left out
+        d = np.array([a[s] - b[s] for s in shared], dtype=float)
+        return Difference(float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))), len(d) - 1.0, len(d), len(d), True)
     va, vb = np.array(list(a.values()), dtype=float), np.array(list(b.values()), dtype=float)
     sa, sb = va.var(ddof=1) / len(va), vb.var(ddof=1) / len(vb)
     se = math.sqrt(sa + sb)
@@ -140,8 +142,8 @@ def aggregate(strata: Sequence[tuple[Mapping[int, float], Mapping[int, float]]],
     seeds as pairs, the others each side on its own; the interval is the bootstrap's 2.5-97.5 percentiles."""
     data = []
     for a, b in strata:
-        paired = set(a) == set(b)
-        seeds = sorted(a) if paired else None
+        seeds = sorted(set(a) & set(b))
+        paired = len(seeds) >= 2
         va = np.array([a[s] for s in seeds] if paired else list(a.values()), dtype=float)
         vb = np.array([b[s] for s in seeds] if paired else list(b.values()), dtype=float)
         data.append((va, vb, paired))
