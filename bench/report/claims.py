@@ -40,7 +40,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from bench.report import stats
+from bench.report import stats, tables
 from bench.report.runs import ResultsError, settings_key
 
 #: The metrics a claim may name: label, unit scale, and whether higher is better. The direction is the
@@ -58,9 +58,7 @@ ALPHA = 0.05
 #: ln(classes), did not train
 CHANCE_POINTS, LOSS_FRACTION = 5.0, 0.9
 #: settings only the optimizer reads: A and B may differ in these and still be compared
-OPTIMIZER_OWN = ("optimizer", "base_optimizer", "hyperparameters", "lr", "momentum", "weight_decay", "nesterov")
-#: a run shorter than this does not pin its step time (bench.report.tables.MIN_TIMED_S)
-MIN_TIMED_S = 30.0
+OPTIMIZER_OWN = tables.OPTIMIZER_OWN + tables.STEP_SETTINGS
 
 
 @dataclass(frozen=True)
@@ -208,8 +206,8 @@ def _cost(a: Side, b: Side) -> tuple[str, int]:
     if min(len(q) for q in quiet) < 2 or len({t for q in quiet for t in q.timing}) != 1:
         return "not measured (fewer than two quietly timed runs a side at one thread and process count)", 0
     r = stats.ratio(*({int(s): float(t) for s, t in zip(q.seed, q.step_time_s)} for q in quiet))
-    if min(q.train_time_s.median() for q in quiet) < MIN_TIMED_S:
-        return f"{r.describe()}, runs too short to time (< {MIN_TIMED_S:.0f} s)", 0
+    if min(q.train_time_s.median() for q in quiet) < tables.MIN_TIMED_S:
+        return f"{r.describe()}, runs too short to time (< {tables.MIN_TIMED_S:.0f} s)", 0
     return r.describe(), -1 if r.high < 1 else 1 if r.low > 1 else 0
 
 

@@ -13,12 +13,12 @@ import pandas as pd
 from bench.report import claims as checks
 from bench.report import stats
 from bench.report.runs import ResultsError, load_runs
+from bench.report.tables import frame_to_markdown
 
 
 def _markdown_table(table: pd.DataFrame) -> list[str]:
-    columns = [c for c in table.columns if (table[c] != "").any()]
-    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
-    return lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in table[columns].itertuples(index=False)]
+    """The table without its empty columns, as Markdown lines."""
+    return frame_to_markdown(table.loc[:, [c for c in table.columns if (table[c] != "").any()]]).rstrip("\n").split("\n")
 
 
 def across_settings(results: list[tuple[str, list[dict[str, Any]]]]) -> pd.DataFrame:

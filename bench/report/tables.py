@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -304,9 +305,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def code_note(runs: list[dict[str, Any]]) -> str:
     """One line when the runs were made by several commits of the code, or from a modified tree; else nothing."""
-    commits: dict[str, int] = {}
-    for run in runs:
-        commits[(run.get("commit") or "unrecorded")[:7]] = commits.get((run.get("commit") or "unrecorded")[:7], 0) + 1
+    commits = Counter((run.get("commit") or "unrecorded")[:7] for run in runs)
     dirty = sum(run.get("dirty") is True for run in runs)
     parts = []
     if len(commits) > 1:
