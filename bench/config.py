@@ -238,6 +238,28 @@ class RunConfig:
             values["step_milestones"] = tuple(values["step_milestones"])
         return cls(**values)
 
+    @classmethod
+    def read(cls, run_dir: str | Path) -> RunConfig:
+        """The configuration recorded in a run folder's config.json; one ConfigError line when it is
+        missing, unreadable, not JSON, or holds what no configuration holds."""
+        path = Path(run_dir) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{run_dir} is not a run folder (no config.json there)")
+        try:
+            values = json.loads(path.read_bytes())
+        except OSError as err:
+            raise ConfigError(f"{path} cannot be read ({err.strerror or err})") from None
+        except ValueError as err:  # JSON and UTF-8 errors
+            raise ConfigError(f"{path} is not valid JSON ({err}); the run's files are damaged") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} holds {type(values).__name__}, not a run's settings; the run's files are damaged")
+        try:
+            return cls.from_dict(values, ignore=RUN_METADATA)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        except TypeError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
     def identity(self) -> dict[str, Any]:
         """The settings that change the result."""
         return {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL and not (k in UNSET_NOT_IDENTITY and v is None)}

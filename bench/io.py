@@ -11,6 +11,33 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.errors import UserError
+
+
+class WriteError(UserError):
+    """A file that cannot be written where asked: one line naming it and why."""
+
+
+def _reason(err: OSError) -> str:
+    return err.strerror or type(err).__name__
+
+
+def check_writable(path: str | Path, what: str = "--out") -> Path:
+    """``path`` if a file can be written there (its folder exists and is writable, or can be made); else one line.
+
+    Checked before any work, so that a long command does not fail at its last step."""
+    path = Path(path)
+    if not path.name or path.is_dir():
+        raise WriteError(f"{what} {path} is a folder; give a file path")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise WriteError(f"{what} {path} cannot be written: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise WriteError(f"{what} {path} cannot be written: {parent} is not writable")
+    return path
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -22,13 +49,19 @@ def _umask() -> int:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path next to ``path``; renamed onto it if the block succeeds, removed if not."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise WriteError(f"cannot write {path} ({_reason(err)})") from None
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            raise WriteError(f"cannot write {path} ({_reason(err)})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

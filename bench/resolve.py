@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from architectures.registry import resolve as resolve_architecture
-from bench.config import RUN_METADATA, TRACKERS, ConfigError, RunConfig
+from bench.config import TRACKERS, ConfigError, RunConfig
 from bench.data.datasets import available_datasets
 from bench.data.datasets import canonical_name as dataset_name
 from bench.data.names import DEFAULT_IMAGE_SIZE, DataError, is_loader_dataset, loader_dataset_name
@@ -183,12 +183,15 @@ def check_not_taken(config: RunConfig) -> None:
     """A new run (no --resume) never writes over another: a folder holding another configuration's run,
     or this very run finished, is refused in one line, and nothing in it changes."""
     folder = config.run_dir()
+    _need(
+        not folder.exists() or folder.is_dir(), f"{folder} is a file, not a run folder: choose another --run_name or --output_dir"
+    )
     path = folder / "config.json"
     if not path.is_file():
         return
     try:
-        recorded = RunConfig.from_dict(json.loads(path.read_text()), ignore=RUN_METADATA).identity()
-    except (OSError, ValueError, TypeError, ConfigError):
+        recorded = RunConfig.read(folder).identity()
+    except ConfigError:
         raise ConfigError(
             f"{folder} holds a run whose config.json cannot be read: choose another --run_name or --output_dir"
         ) from None

@@ -14,8 +14,7 @@ from rich.console import Console
 from bench.cli import declarations
 from bench.cli.flags import BY_FIELD, FLAGS, RECIPE_FLAGS, given_flags, run_parser
 from bench.cli.studies import cmd_sweep
-from bench.config import RUN_METADATA, ConfigError, RunConfig
-from bench.io import read_json
+from bench.config import ConfigError, RunConfig
 from bench.loop.checkpoint import checkpoints
 from bench.loop.train import train
 from bench.progress import progress as make_progress
@@ -80,10 +79,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, list[str]]:
 def resume_config(path: str, argv: list[str]) -> RunConfig:
     """The settings of the run in directory ``path``. A flag given beside ``--resume`` must say what the run
     already is: one that changes a setting (or that the run's optimizer does not use) is refused, naming it."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
+    if not (Path(path) / "config.json").is_file():
         raise ConfigError(f"--resume {path}: no config.json there (expected a run directory, or 'auto')")
-    saved = RunConfig.from_dict(read_json(config_file), ignore=RUN_METADATA)
+    try:
+        saved = RunConfig.read(path)
+    except ConfigError as err:
+        raise ConfigError(f"--resume {path}: {err}") from None
     saved.output_dir, saved.run_name = str(Path(path).parent), Path(path).name
     resolve(saved)
     given = {

@@ -28,15 +28,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from architectures import create_model
-from bench.config import RUN_METADATA, RunConfig
+from bench.config import ConfigError, RunConfig
 from bench.data.augment import normalize
 from bench.data.datasets import ImageDataset
 from bench.data.loader import fixed_samples, prepared_train_set, run_splits
-from bench.io import read_json, write_json
+from bench.io import write_json
+from bench.loop.checkpoint import MODEL_FILE
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -205,10 +207,16 @@ def final_sharpness(
 def measure_run_sharpness(run, samples: int | None = None) -> dict[str, float]:
     """Sharpness of a finished run's exported model; writes sharpness.json next to it."""
     run = Path(run)
-    config = RunConfig.from_dict(read_json(run / "config.json"), ignore=RUN_METADATA)
+    config = RunConfig.read(run)
+    if not (run / MODEL_FILE).is_file():
+        raise ConfigError(f"{run} has no {MODEL_FILE} (no model was exported: see its summary.json); nothing to measure")
     train_set = prepared_train_set(run_splits(config)[0], config).train
     model = create_model(config.arch, num_classes=train_set.num_classes, in_channels=train_set.channels)
-    model.load_state_dict(load_file(run / "model.safetensors"))
+    try:
+        model.load_state_dict(load_file(run / MODEL_FILE))
+    except (OSError, RuntimeError, SafetensorError) as err:  # a damaged file, a state dict of another model
+        reason = " ".join(str(err).split())[:200]
+        raise ConfigError(f"{run / MODEL_FILE} cannot be loaded into {config.arch} ({reason})") from None
     result = final_sharpness(
         model,
         train_set,

@@ -247,6 +247,10 @@ def _evaluate(claim: Claim, a: Side, b: Side, runs: pd.DataFrame) -> dict[str, A
     return row
 
 
+#: How a tested claim's row is told apart in a written report: its interval cell ends with the test used.
+TESTED_MARKERS = ("] paired |", "] Welch |")
+
+
 def _words(row: dict[str, Any]) -> tuple[str, str]:
     """The finding (what the interval says) and the verdict against the paper."""
     if row["p"] is None:

@@ -50,14 +50,19 @@ def settings_key(identity: dict, drop: tuple[str, ...] = ()) -> str:
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
-    """Finished run directories (those holding summary.json) under the given paths; missing paths are
-    ignored.  For commands that need finished runs (sharpness, reproduction); tables use find_run_dirs."""
+    """Finished run directories (those holding summary.json) under the given paths, for the commands that
+    need finished runs (sharpness, reproduction); tables use find_run_dirs. ResultsError for a path that
+    does not exist, or when none of the paths holds a finished run."""
     found: list[Path] = []
     for path in map(Path, paths):
+        if not path.exists():
+            raise ResultsError(f"no such folder: {path}")
         if (path / "summary.json").is_file():
             found.append(path)
         elif path.is_dir():
             found.extend(sorted(p.parent for p in path.rglob("summary.json")))
+    if not found:
+        raise ResultsError(f"no finished run (a folder with summary.json) under {', '.join(map(str, paths))}")
     return found
 
 

@@ -53,6 +53,7 @@ from rich.table import Table
 
 from bench.io import write_text
 from bench.report import records
+from bench.report.overwrite import check_runs_kept
 from bench.report.runs import GROUP, SHARPNESS, STATUSES, is_number, load_runs, optimizer_order, settings_key
 
 #: settings that only the optimizer reads: a baseline for "time vs sgd" may differ in these
@@ -322,15 +323,18 @@ def write_comparison(
     out_prefix: str | Path,
     preamble: str = "",
     tuned: Mapping[str, str] | None = None,
+    force: bool = False,
 ) -> pd.DataFrame:
     """Write ``{out_prefix}.csv/.md/.tex`` and ``{out_prefix}_acc_cost.png`` for the runs (folders, per-run files, or a frame of
     ``bench.report.runs.runs_frame``) and the per-run file ``{out_prefix}_runs.csv`` (from which the
     same command regenerates the table without the run folders); the table's ``.attrs["notes"]`` holds
-    the skipped-run notes."""
+    the skipped-run notes. An existing per-run file listing a finished run that these runs leave out is
+    refused (:class:`~bench.report.overwrite.WouldShrink`) unless ``force``."""
     runs = runs if isinstance(runs, pd.DataFrame) else load_runs(runs)
+    out_prefix = Path(out_prefix)
+    check_runs_kept(out_prefix, [r["run_id"] for r in runs.attrs["records"]], force)
     table = comparison_table(runs, tuned=tuned)
     table.attrs["notes"] = runs.attrs.get("notes", [])
-    out_prefix = Path(out_prefix)
     write_text(records.path_for(out_prefix), records.to_csv(runs.attrs["records"]))
     write_text(out_prefix.with_suffix(".csv"), table.to_csv(index=False))
     write_text(out_prefix.with_suffix(".md"), preamble + code_note(runs.attrs["records"]) + to_markdown(table))

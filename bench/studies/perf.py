@@ -22,11 +22,13 @@ import torch
 from torch import nn
 
 from architectures import create_model
+from architectures.registry import resolve as resolve_architecture
 from bench.config import ConfigError
 from bench.environment import synchronize
-from bench.io import write_text
+from bench.io import check_writable, write_text
 from bench.usage import Parser
 from optimizers import BatchClosure, SharpnessAwareOptimizer, available_optimizers, create_optimizer, optimizer_class
+from optimizers.registry import canonical_name
 from optimizers.regularizer import build_regularizer
 
 SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -228,6 +230,41 @@ def to_markdown(rows: list[dict], settings: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_arguments(args) -> None:
+    """Every value checked before any timing: one line for the first bad one."""
+    for name, low in (("batch_size", 1), ("image_size", 1), ("channels", 1), ("steps", 1), ("rounds", 1), ("warmup", 0)):
+        value = getattr(args, name)
+        if value < low:
+            raise ConfigError(f"perf: --{name} must be an integer >= {low}, got {value}")
+    if not args.recipe:
+        try:
+            resolve_architecture(args.arch)
+        except ValueError as err:
+            raise ConfigError(f"perf: {err}") from None
+    for name in args.optimizers or ():
+        try:
+            canonical_name(name)
+        except ValueError:
+            raise ConfigError(f"perf: unknown optimizer {name!r}; choose one of: {', '.join(available_optimizers())}") from None
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError(f"perf: --device {args.device!r} is not a device (cpu, cuda, cuda:N, mps)") from None
+    available = {
+        "cpu": lambda: True,
+        "cuda": lambda: torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": lambda: torch.backends.mps.is_available(),
+    }
+    if not available.get(device.type, lambda: False)():
+        raise ConfigError(f"perf: --device {args.device}: no such device on this machine")
+    if args.harness:
+        from bench.studies.perf_harness import parse_modes
+
+        parse_modes(args.modes)
+    if args.out is not None:
+        check_writable(args.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="launch.py perf", description="Time one training step of SGD and every variant.")
     p.add_argument("--arch", default="resnet18")
@@ -262,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         help="--harness: the layouts to time, comma-separated from eager, channels_last, compile, compile+channels_last",
     )
     args = p.parse_args(argv)
+    check_arguments(args)
     command = (
         "python launch.py perf"
         + "".join(

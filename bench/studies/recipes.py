@@ -152,28 +152,88 @@ def load_recipe(name_or_path: str) -> Recipe:
         path = RECIPE_DIR / f"{name_or_path.replace('-', '_')}.toml"
     if not path.is_file():
         raise ConfigError(f"unknown recipe {name_or_path!r}; choose one of: {', '.join(available_recipes())} (or a .toml path)")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"recipe {path}: {err}") from None
-    unknown = set(data) - {"name", "description", "config", "grid", "optimizers", "reported", "tune"}
-    if unknown:
-        raise ConfigError(f"recipe {path}: unknown section(s) {', '.join(sorted(unknown))}")
-    reported = {}
-    for optimizer, row in data.get("reported", {}).items():
-        if row.get("metric") not in ("last", "best"):
-            raise ConfigError(f"recipe {path}: reported.{optimizer}.metric must be 'last' or 'best'")
-        reported[optimizer] = Reported(**row)
-    grid = dict(data.get("grid", {}))
-    if isinstance(grid.get("optimizer"), list):
+    data = _read_toml(path)
+    where = f"recipe {path}"
+    _check_sections(data, where)
+    reported = {optimizer: _reported_row(row, f"{where}: reported.{optimizer}") for optimizer, row in data["reported"].items()}
+    grid = dict(data["grid"])
+    if "optimizer" in grid:
         grid["optimizer"] = expand_optimizers(grid["optimizer"])
     return Recipe(
         name=check_name(data.get("name", path.stem), f"recipe {path}: name"),
         path=path,
-        description=data.get("description", ""),
-        config=data.get("config", {}),
+        description=data["description"],
+        config=data["config"],
         grid=grid,
-        optimizers=data.get("optimizers", {}),
+        optimizers=data["optimizers"],
         reported=reported,
-        tune=data.get("tune", {}),
+        tune=data["tune"],
     )
+
+
+#: A recipe's top-level keys and the TOML type each must have (a missing one takes the empty value).
+SECTIONS = {"name": str, "description": str, "config": dict, "grid": dict, "optimizers": dict, "reported": dict, "tune": dict}
+_TOML_TYPE = {str: "a string", dict: "a table", list: "a list"}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The parsed file; a ConfigError naming it when it cannot be read, is not UTF-8 or not TOML."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+        return tomllib.loads(text)
+    except OSError as err:
+        raise ConfigError(f"recipe {path}: cannot be read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"recipe {path}: not UTF-8 text (byte {err.start})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"recipe {path}: {err}") from None
+
+
+def _check_sections(data: dict[str, Any], where: str) -> None:
+    """Every top-level key known and of its type; every grid axis a non-empty list; every optimizer entry a table.
+    Fills in the missing sections (``name`` excepted) with their empty value."""
+    unknown = set(data) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {', '.join(sorted(unknown))}")
+    for key, kind in SECTIONS.items():
+        if key in data and not isinstance(data[key], kind):
+            raise ConfigError(f"{where}: {key} must be {_TOML_TYPE[kind]}, got {data[key]!r}")
+        if key != "name":
+            data.setdefault(key, kind())
+    for axis, values in data["grid"].items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: grid.{axis} must be a non-empty list of values, got {values!r}")
+    for section in ("optimizers", "reported"):
+        for optimizer, entry in data[section].items():
+            if not isinstance(entry, dict):
+                raise ConfigError(f"{where}: {section}.{optimizer} must be a table, got {entry!r}")
+
+
+def _reported_row(row: dict[str, Any], where: str) -> Reported:
+    """A reported number, every key checked: accuracy (%), metric, source, and the optional spread and note."""
+    fields = {f.name: f for f in dataclasses.fields(Reported)}
+    unknown = sorted(set(row) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(fields)}")
+    missing = [name for name in ("accuracy", "metric", "source") if name not in row]
+    if missing:
+        raise ConfigError(f"{where}: missing {', '.join(missing)} (a reported number needs its accuracy, metric and source)")
+    number = (int, float)
+    checks = {
+        "accuracy": (
+            isinstance(row["accuracy"], number) and not isinstance(row["accuracy"], bool) and 0 <= row["accuracy"] <= 100,
+            "a number in [0, 100] (a percentage)",
+        ),
+        "metric": (row["metric"] in ("last", "best"), "'last' or 'best'"),
+        "source": (isinstance(row["source"], str) and bool(row["source"].strip()), "a non-empty string"),
+        "spread": (
+            row.get("spread") is None
+            or (isinstance(row["spread"], number) and not isinstance(row["spread"], bool) and row["spread"] >= 0),
+            "a number >= 0",
+        ),
+        "note": (isinstance(row.get("note", ""), str), "a string"),
+    }
+    for name, (ok, expected) in checks.items():
+        if not ok:
+            raise ConfigError(f"{where}.{name} must be {expected}, got {row.get(name)!r}")
+    return Reported(**row)
