@@ -181,3 +181,18 @@ def test_without_sync_bn_each_process_normalises_its_own_shard(tmp_path):
     two, one = launch(args, tmp_path / "two"), one_process(args, tmp_path / "one")
     a, b = weights(two), weights(one)
     assert max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in a if a[k].is_floating_point()) > 1e-3
+
+
+def test_a_two_process_run_is_not_resumed_by_one_process(tmp_path, capsys):
+    """Checkpoints hold every process's generators: a resume with another number of processes is refused in
+    one line (the data each process reads, and so the result, depend on it), and nothing changes."""
+    from bench.cli.main import main
+
+    run = launch_two([*FLAGS, "--save_every_steps", "1"], tmp_path)
+    (run / "summary.json").unlink()  # as if stopped after its last checkpoint
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    capsys.readouterr()
+    assert main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was run by 2 process(es), this resume by 1: resume it with 2" in err and "\n" not in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before

@@ -79,3 +79,31 @@ def test_a_planted_pickle_in_a_cifar_batch_runs_nothing(tmp_path, protocol):
         pickle.dumps({b"data": np.arange(6, dtype=np.uint8).reshape(2, 3), b"labels": [0, 1]}, protocol=protocol)
     )
     assert batch[b"data"].tolist() == [[0, 1, 2], [3, 4, 5]] and batch[b"labels"] == [0, 1]
+
+
+@pytest.mark.parametrize("target", ["trainer_state.pt", "random_states_0.pkl", "custom_checkpoint_0.pkl"])
+def test_a_planted_pickle_in_a_checkpoint_runs_nothing_on_resume(tmp_path, target, capsys):
+    """A forger who also rewrites the manifest still gets no code run: every pickle-format file is read
+    weights-only (the model is safetensors), and an extra pickle file is refused unread."""
+    import hashlib
+    import json
+
+    from bench.cli.main import main
+
+    flags = ["--arch", "mlp", "--epochs", "1", "--batch_size", "64", "--save_every_steps", "5", "--cpu"]
+    assert main([*flags, "--output_dir", str(tmp_path)]) == 0
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    marker = tmp_path / "created"
+    for checkpoint in (run / "checkpoints").iterdir():
+        (checkpoint / target).write_bytes(pickle.dumps(_Planted(marker)))
+        manifest = json.loads((checkpoint / "complete.json").read_text())
+        manifest["sha256"][target] = hashlib.sha256((checkpoint / target).read_bytes()).hexdigest()
+        (checkpoint / "complete.json").write_text(json.dumps(manifest))
+    (run / "summary.json").unlink()
+    capsys.readouterr()
+    code = main([*flags, "--output_dir", str(tmp_path), "--resume", "auto"])
+    assert not marker.exists()
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "cannot be loaded" in err and "\n" not in err, err
+    # a pickle is refused by the weights-only reader; an extra pickle file by Accelerate's count, unread
+    assert ("UnpicklingError" if target != "custom_checkpoint_0.pkl" else "Number of custom checkpoints") in err

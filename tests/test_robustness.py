@@ -59,7 +59,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_result(name, tmp_path):
     assert summary["wall_time_s"] >= summary["train_time_s"] > 0
 
 
-def test_a_corrupt_checkpoint_is_reported_and_the_previous_one_kept(tmp_path, capsys):
+def test_a_corrupt_checkpoint_is_named_and_the_previous_one_used(tmp_path, capsys):
     flags = [
         "--sam_type",
         "sam",
@@ -76,14 +76,31 @@ def test_a_corrupt_checkpoint_is_reported_and_the_previous_one_kept(tmp_path, ca
     assert main(flags) == 0
     capsys.readouterr()
     run = only_run(tmp_path)
+    uninterrupted = (run / "model.safetensors").read_bytes()
     older, latest = sorted((run / "checkpoints").iterdir())
     weights = latest / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))  # one bit flipped, same size
     (run / "summary.json").unlink()  # as if the process had died after that checkpoint
-    assert main(flags + ["--resume", "auto"]) == 2
+    assert main(flags + ["--resume", "auto"]) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "damaged" in line]
+    assert len(notes) == 1 and latest.name in notes[0] and "model.safetensors does not match its SHA-256" in notes[0]
+    assert f"resumed from {older.name}" in err
+    assert (run / "model.safetensors").read_bytes() == uninterrupted  # the same result as the uninterrupted run
+
+
+def test_no_intact_checkpoint_is_one_error_line(tmp_path, capsys):
+    flags = ["--arch", "mlp", "--epochs", "1", "--batch_size", "64", "--save_every_steps", "5", "--cpu"]
+    assert main([*flags, "--output_dir", str(tmp_path)]) == 0
+    run = only_run(tmp_path)
+    for checkpoint in (run / "checkpoints").iterdir():
+        (checkpoint / "trainer_state.pt").write_bytes(b"x")
+    (run / "summary.json").unlink()
+    capsys.readouterr()
+    assert main([*flags, "--output_dir", str(tmp_path), "--resume", "auto"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "is unreadable" in err and older.name in err and "\n" not in err
-    assert (older / "model.safetensors").is_file()
+    assert err.startswith("error: ") and "\n" not in err and "no intact checkpoint is left" in err
+    assert err.count("trainer_state.pt does not match its SHA-256") == 2
 
 
 @pytest.mark.parametrize("name", ["sam", "gsam"])

@@ -136,7 +136,7 @@ def test_msam_through_the_harness_exports_the_unperturbed_weights(tmp_path):
     exported = load_file(result.run_dir / "model.safetensors")
     last = checkpoints(result.run_dir)[-1]
     stored = load_file(last / "model.safetensors")  # the perturbed weights w~
-    saved_opt = torch.load(last / "custom_checkpoint_0.pkl", weights_only=False)  # the optimizer, registered first
+    saved_opt = torch.load(last / "trainer_state.pt", weights_only=True)["optimizer"]
     names = saved_opt["param_groups"][0]["param_names"]
     params = [(n, stored[n].clone().requires_grad_()) for n in names]
     opt = create_optimizer("msam", params)

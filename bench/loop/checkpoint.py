@@ -1,27 +1,38 @@
 """Checkpoints and the exported model.
 
-A checkpoint (``accelerator.save_state``, weights as safetensors) holds the model, the
-optimizer (base buffers and variant state), the scheduler, every RNG and the loop's
-:class:`~bench.loop.TrainState`, so a resumed run repeats exactly what the uninterrupted
-one would have done. It is written to a temporary folder, marked complete, then renamed:
-a crash never leaves a partial checkpoint.
+A checkpoint holds the model (``model.safetensors``), each process's random number generators
+(Accelerate's ``random_states_N.pkl``) and, in ``trainer_state.pt``, the optimizer (base buffers and
+variant state), the scheduler, the loop's :class:`~bench.loop.TrainState` and a loss term's state: a
+resumed run repeats exactly what the uninterrupted one would have done.
+
+Nothing in a checkpoint can run code when it is read: the model is safetensors, and every pickle-format
+file is read with ``torch.load(weights_only=True)``, whose unpickler builds tensors and plain containers
+only. ``complete.json`` is written last and lists every file with its SHA-256; a resume checks them
+all first, names a damaged checkpoint in one line and resumes from the newest intact one. A checkpoint
+is written to a temporary folder, then renamed: a crash never leaves a partial one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
+from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bench.errors import UserError
-from bench.io import atomic_path, write_json
+from bench.io import atomic_path, read_json, write_json
 
 COMPLETE = "complete.json"
 MODEL_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.pt"
+#: how each process's random generators are named by Accelerate (the only files it reads back)
+RNG_FILE = "random_states_{}.pkl"
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -34,7 +45,18 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file()) if root.is_dir() else []
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> None:
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, objects: dict[str, Any]) -> None:
+    """Write checkpoint ``step`` of the run: the model and random generators (Accelerate), then the
+    ``state_dict`` of each of ``objects`` (every process takes part: a sharded optimizer gathers), then
+    the manifest."""
     root = run_dir / "checkpoints"
     tmp, final = root / f".tmp_step_{step:08d}", root / f"step_{step:08d}"
     if accelerator.is_main_process:
@@ -42,9 +64,13 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> None:
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    states = {name: obj.state_dict() for name, obj in objects.items()}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json(tmp / COMPLETE, {"step": step})
+        torch.save(states, tmp / STATE_FILE)
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        manifest = {name: sha256(tmp / name) for name in files}
+        write_json(tmp / COMPLETE, {"step": step, "world_size": accelerator.num_processes, "sha256": manifest})
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         for old in checkpoints(run_dir)[:-keep]:
@@ -52,21 +78,67 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> None:
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator, checkpoint: Path) -> None:
+def damage(checkpoint: Path, world_size: int) -> str | None:
+    """Why ``checkpoint`` cannot be trusted (None when every file it needs matches its manifest)."""
     try:
+        manifest = read_json(checkpoint / COMPLETE).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return f"{COMPLETE} is unreadable"
+    if not isinstance(manifest, dict):
+        return "it has no file manifest (written by an earlier version, whose pickled state is never read)"
+    needed = [MODEL_FILE, STATE_FILE, *(RNG_FILE.format(rank) for rank in range(world_size))]
+    for name in [*needed, *sorted(set(manifest) - set(needed))]:
+        path = checkpoint / name
+        if name not in manifest:
+            return f"{name} is not in its manifest (saved by {len(manifest)} process(es)?)"
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256(path) != manifest[name]:
+            return f"{name} does not match its SHA-256"
+    return None
+
+
+def _saved_by(checkpoint: Path) -> int | None:
+    try:
+        world = read_json(checkpoint / COMPLETE).get("world_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return world if isinstance(world, int) else None
+
+
+def load_checkpoint(accelerator, run_dir: Path, objects: dict[str, Any]) -> list[str]:
+    """Load the newest intact checkpoint into the model, the random generators and ``objects``; returns a
+    note per damaged checkpoint passed over. CheckpointError when none is intact or one cannot be loaded."""
+    notes, world = [], accelerator.num_processes
+    saved_by = _saved_by(checkpoints(run_dir)[-1]) if checkpoints(run_dir) else None
+    if saved_by not in (None, world):
+        raise CheckpointError(
+            f"{run_dir} was run by {saved_by} process(es), this resume by {world}: resume it with {saved_by} "
+            "(the data each process reads, and so the result, depend on the number)"
+        )
+    for checkpoint in reversed(checkpoints(run_dir)):
+        why = damage(checkpoint, accelerator.num_processes)
+        if why is None:
+            break
+        notes.append(f"checkpoint {checkpoint} is damaged ({why}); not used")
+    else:
+        raise CheckpointError(f"{'; '.join(notes)}; no intact checkpoint is left in {run_dir / 'checkpoints'}")
+    try:
+        # read first by the same weights-only reader Accelerate uses, which Accelerate would let fail silently
+        accelerate_load(checkpoint / RNG_FILE.format(accelerator.process_index))
         accelerator.load_state(str(checkpoint))
-    except Exception as err:  # any unreadable file: say which checkpoint and what is left
-        others = [p.name for p in checkpoints(checkpoint.parent.parent) if p != checkpoint]
+        states = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+        for name, obj in objects.items():
+            obj.load_state_dict(states[name])
+    except Exception as err:  # a file that matches its manifest but does not load: say which checkpoint
         reason = " ".join(str(err).split())[:200]
         raise CheckpointError(
-            f"checkpoint {checkpoint} is unreadable ({type(err).__name__}: {reason}); "
-            + (
-                f"earlier checkpoints are intact in {checkpoint.parent}: {', '.join(others)}; "
-                "remove the bad one to resume from them"
-                if others
-                else "no earlier checkpoint is left"
-            )
+            f"checkpoint {checkpoint} cannot be loaded ({type(err).__name__}: {reason}); move it aside to resume from an "
+            "earlier one, or start the run again"
         ) from None
+    if notes:
+        notes.append(f"resumed from {checkpoint.name}")
+    return notes
 
 
 def _finite(state: dict[str, torch.Tensor]) -> bool:

@@ -168,7 +168,9 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
         progress=progress,
     )
     checkpointed = optimizer if fsdp is None else sharding.FullOptimizerState(optimizer, accelerator.is_main_process)
-    accelerator.register_for_checkpointing(checkpointed, run.scheduler, run.state, *[r for r in [regularizer] if r is not None])
+    run.checkpointed = {"optimizer": checkpointed, "scheduler": run.scheduler, "state": run.state}
+    if regularizer is not None:
+        run.checkpointed["regularizer"] = regularizer
     return run
 
 
@@ -195,7 +197,7 @@ def start_or_resume(run: Run, resume: bool) -> None:
     """Load the newest checkpoint (resume), or clear a previous run's files; then write config.json."""
     config, accelerator = run.config, run.accelerator
     if resume and checkpoints(run.run_dir):
-        load_checkpoint(accelerator, checkpoints(run.run_dir)[-1])
+        run.notes += load_checkpoint(accelerator, run.run_dir, run.checkpointed)
         rng = run.state.augmentation_rng
         run.aug_generator.set_state(rng.cpu() if run.device.type == "cpu" else rng)
         if run.scaler is not None and run.state.loss_scale:

@@ -100,6 +100,8 @@ class Run:
     segment_start: tuple[float, float] = (0.0, 0.0)
     load_at_end: float | None = None
     notes: list[str] = field(default_factory=list)
+    #: what a checkpoint holds besides the model and the random generators, by name (each has state_dict/load_state_dict)
+    checkpointed: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
