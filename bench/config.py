@@ -50,9 +50,9 @@ OPERATIONAL = (
     "test_every_epochs",
 )
 
-#: Settings of the datasets read through loader workers, left out of a run's identity while unset
-#: (None), so that the ids of runs on the in-memory datasets, which never set them, stay as they are.
-UNSET_NOT_IDENTITY = ("image_size", "image_column", "label_column")
+#: Settings of the datasets read through loader workers, and the data's fingerprint, left out of a run's
+#: identity while unset (None), so that the ids of runs that never set them stay as they are.
+UNSET_NOT_IDENTITY = ("image_size", "image_column", "label_column", "data_id")
 
 #: Keys of a run's config.json that describe the run, not its settings.
 RUN_METADATA = ("run_id", "world_size", "device", "versions", "environment", "code", "resolved_hyperparameters")
@@ -143,6 +143,9 @@ class RunConfig:
 
     dataset: str = "digits"
     data_dir: str | None = None
+    #: the fingerprint of the files under data_dir (bench.data.fingerprint), filled in by resolve: part of
+    #: the run's identity, so runs on different data never share an id; a recorded one must match the data
+    data_id: str | None = None
     arch: str = "smallcnn"
     optimizer: str = "sgd"
     base_optimizer: str = "sgd"

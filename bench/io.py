@@ -14,8 +14,9 @@ from typing import Any
 from bench.errors import UserError
 
 
-class WriteError(UserError):
-    """A file that cannot be written where asked: one line naming it and why."""
+class WriteError(UserError, OSError):
+    """A file that cannot be written where asked: one line naming it and why (an OSError still, for the
+    callers that fall back, such as a cache)."""
 
 
 def _reason(err: OSError) -> str:

@@ -21,6 +21,7 @@ from architectures.registry import resolve as resolve_architecture
 from bench.config import TRACKERS, ConfigError, RunConfig
 from bench.data.datasets import available_datasets
 from bench.data.datasets import canonical_name as dataset_name
+from bench.data.fingerprint import data_fingerprint
 from bench.data.names import DEFAULT_IMAGE_SIZE, DataError, is_loader_dataset, loader_dataset_name
 from bench.variant_flags import filled_by
 from optimizers import available_optimizers, create_optimizer, optimizer_class
@@ -80,7 +81,18 @@ def _resolve_names(config: RunConfig) -> None:
 
 
 def _check_data(config: RunConfig) -> None:
-    """The settings of the datasets read through loader workers: only for them, and what each allows."""
+    """The data's fingerprint (a recorded one must match), then the settings of the datasets read through
+    loader workers: only for them, and what each allows."""
+    try:
+        found = data_fingerprint(config.dataset, config.data_dir)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    _need(
+        config.data_id in (None, found),
+        f"the data under data_dir {config.data_dir} is not the data this run was made with "
+        f"(fingerprint {found or 'none'}, recorded {config.data_id}): point --data_dir at that data",
+    )
+    config.data_id = found
     if not is_loader_dataset(config.dataset):
         given = [f for f in ("image_size", "workers", "image_column", "label_column") if getattr(config, f) is not None]
         _need(not given, f"{', '.join(given)}: only for the imagefolder and hf: datasets, not {config.dataset}")

@@ -2,16 +2,19 @@
 with one graph for all its passes (no recompilation after the first step) and the same
 arithmetic as the eager model."""
 
+import shutil
+
 import pytest
 import torch
 import torch._dynamo
 from accelerate import Accelerator
 from helpers import with_loss_term
+from safetensors.torch import load_file
 from torch import nn
 from torch._dynamo.utils import counters
 
 from bench.config import ConfigError, RunConfig
-from bench.io import read_jsonl
+from bench.io import read_json, read_jsonl
 from bench.loop.step import StepSnapshot, TrainClosure, take_step
 from bench.loop.train import train
 from bench.resolve import resolve
@@ -226,7 +229,37 @@ def test_perf_recipe_steps_each_optimizer_of_a_recipe_with_the_loops_own_step(tm
         ("| bsam", rows[1][2], "16.00 |"),
         ("| looksam", rows[2][2], "1.20 |"),
     ]
-    with pytest.raises(ConfigError, match="^perf --recipe digits: its grid has no nope "):
-        perf_main(["--recipe", "digits", "--optimizers", "nope", "--out", str(out)])
+    with pytest.raises(ConfigError, match="^perf --recipe digits: its grid has no adamw "):
+        perf_main(["--recipe", "digits", "--optimizers", "adamw", "--out", str(out)])
     with pytest.raises(ConfigError, match="^perf: --set and --data_dir apply to --recipe only$"):
         perf_main(["--set", "epochs=2", "--out", str(out)])
+
+
+def test_compile_is_an_execution_detail_end_to_end(tmp_path, capsys):
+    """Sharpness is measured on the uncompiled module, the exported weights keep the module's own names, and a
+    run resumes with --compile switched either way, to the eager run's result."""
+    from bench.cli.main import main
+
+    same = dict(optimizer="sam", epochs=1, batch_size=128, cpu=True, save_every_steps=5, sharpness=True)
+    same.update(sharpness_samples=64, sharpness_iterations=3, sharpness_probes=2)
+    compiled = ["--compile", "--compile_backend", "aot_eager"]
+    runs = {}
+    for name, extra in (("eager", {}), ("compiled", dict(compile=True, compile_backend="aot_eager"))):
+        torch._dynamo.reset()
+        runs[name] = train(RunConfig(**same, **extra, output_dir=str(tmp_path / name)).validate()).run_dir
+    eager, done = (load_file(runs[k] / "model.safetensors") for k in ("eager", "compiled"))
+    assert eager.keys() == done.keys() and not any("_orig_mod" in k for k in done)
+    sharpness = {k: read_json(runs[k] / "sharpness.json") for k in runs}
+    assert sharpness["compiled"]["hessian_max_eigenvalue"] == pytest.approx(
+        sharpness["eager"]["hessian_max_eigenvalue"], rel=1e-2
+    )
+    for run, switch in ((runs["eager"], compiled), (runs["compiled"], [])):
+        (run / "summary.json").unlink()
+        newest = sorted((run / "checkpoints").iterdir())[-1]
+        shutil.rmtree(newest)  # resumed from step 5: six steps run again under the other setting
+        torch._dynamo.reset()
+        capsys.readouterr()
+        assert main(["--resume", str(run), *switch]) == 0, capsys.readouterr().err
+        resumed = load_file(run / "model.safetensors")
+        for k in eager:
+            assert torch.allclose(resumed[k].float(), eager[k].float(), rtol=1e-4, atol=1e-5), k

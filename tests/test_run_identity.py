@@ -50,6 +50,7 @@ OTHER = {
     "output_dir": "elsewhere",
     "run_name": "named",
     "data_dir": "data2",
+    "data_id": "0123456789abcdef",
     "log_with": "tensorboard",
 }
 
@@ -116,8 +117,9 @@ RESULT_FLAGS = [f for f in FLAGS if f.config and f.field not in NOT_RESULTS]
 def test_every_result_changing_setting_has_a_flag_checked_here():
     fields = {f.name for f in dataclasses.fields(RunConfig)} - NOT_RESULTS
     flagged = {f.field for f in RESULT_FLAGS}
-    # set in recipes only: the step schedule's milestones and factor; the variant's settings have their own flags
-    assert fields - flagged == {"step_milestones", "step_factor", "hyperparameters"}
+    # set in recipes only: the step schedule's milestones and factor; the variant's settings have their own flags;
+    # the data's fingerprint is found, not given
+    assert fields - flagged == {"step_milestones", "step_factor", "hyperparameters", "data_id"}
 
 
 @pytest.mark.parametrize("flag", RESULT_FLAGS, ids=lambda f: f.name)
@@ -151,3 +153,55 @@ def test_resume_with_the_runs_own_settings_changes_nothing(sam_run, capsys):
     assert main(["--resume", str(sam_run), "--sam_type", "SAM", "--optimizer", "sgd", "--rho", "0.05", "--lr", "0.1"]) == 0
     assert "already finished" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in sam_run.rglob("*") if p.is_file()} == before
+
+
+# -- the data is part of the identity -------------------------------------------------------------
+
+
+def _copy_with_fewer_test_images(source: Path, target: Path) -> Path:
+    import pickle
+    import shutil
+
+    shutil.copytree(source, target)
+    path = target / "cifar-10-batches-py" / "test_batch"
+    batch = pickle.loads(path.read_bytes())
+    path.write_bytes(pickle.dumps({b"data": batch[b"data"][:30], b"labels": batch[b"labels"][:30]}))
+    return target
+
+
+def test_runs_on_different_data_never_share_a_folder(cifar10_dir, tmp_path, capsys):
+    """A sweep on a second, different data folder trains its own runs: it never reports the first folder's."""
+    from bench.loop.train import train
+    from bench.resolve import resolve
+
+    other = _copy_with_fewer_test_images(cifar10_dir, tmp_path / "other")
+    same = dict(dataset="cifar10", arch="mlp", epochs=1, batch_size=32, max_steps=1, cpu=True, output_dir=str(tmp_path / "runs"))
+    first = train(RunConfig(**same, data_dir=str(cifar10_dir)))
+    second = train(RunConfig(**same, data_dir=str(other)), resume=True)  # as a sweep does: --resume auto
+    assert not second.already_finished and second.run_dir != first.run_dir
+    # a copy of the same files elsewhere is the same data: the same run
+    import shutil
+
+    shutil.copytree(cifar10_dir, tmp_path / "copy")
+    assert resolve(RunConfig(**same, data_dir=str(tmp_path / "copy"))).run_id() == first.run_dir.name
+    # the digits are embedded: no fingerprint, the ids of the committed digits runs stay as they were
+    assert resolve(RunConfig()).data_id is None
+
+
+def test_a_run_is_not_resumed_on_other_data(cifar10_dir, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(cifar10_dir, data)
+    assert main(["--dataset", "cifar10", "--data_dir", str(data), *FAST, "--output_dir", str(tmp_path / "runs")]) == 0
+    (run,) = list((tmp_path / "runs").iterdir())
+    (run / "summary.json").unlink()
+    shutil.rmtree(data)
+    _copy_with_fewer_test_images(cifar10_dir, data)
+    from bench.data import fingerprint
+
+    fingerprint.folder_fingerprint.cache_clear()  # a new process would see the new files
+    capsys.readouterr()
+    assert main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not the data this run was made with" in err and "\n" not in err

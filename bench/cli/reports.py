@@ -19,11 +19,13 @@ def cmd_reproduction(argv: list[str]) -> int:
     p = Parser(prog="launch.py reproduction", description="Reported against measured for every recipe with a reported number.")
     p.add_argument("runs", nargs="*", default=["runs"])
     p.add_argument("--out", default="results/reproduction.md")
+    p.add_argument("--data_dir", default=None, help="where the recipes' datasets are (as given to their sweeps)")
     p.add_argument("--force", action="store_true", help="replace --out even with fewer measured rows than it holds")
     args = p.parse_args(argv)
     check_writable(args.out)
     recipes = [r for r in map(load_recipe, available_recipes()) if r.reported]
-    table = reproduction_table(recipes, load_runs(find_runs(args.runs)))
+    sets = [f"data_dir={args.data_dir}"] if args.data_dir else []
+    table = reproduction_table(recipes, load_runs(find_runs(args.runs)), sets)
     measured = int((table.status != "not run").sum()) if not table.empty else 0
     before = count_lines(args.out, tuple(f"| {status} |" for status in ("within", "below", "above")))
     check_not_emptied(args.out, measured, before, "measured rows", args.force)

@@ -14,7 +14,7 @@ from rich.console import Console
 from bench.cli import declarations
 from bench.cli.flags import BY_FIELD, FLAGS, RECIPE_FLAGS, given_flags, run_parser
 from bench.cli.studies import cmd_sweep
-from bench.config import ConfigError, RunConfig
+from bench.config import OPERATIONAL, ConfigError, RunConfig
 from bench.loop.checkpoint import checkpoints
 from bench.loop.train import train
 from bench.progress import progress as make_progress
@@ -97,6 +97,9 @@ def resume_config(path: str, argv: list[str]) -> RunConfig:
     args = run_parser().parse_args(argv)
     differ = []
     for field, spelling in given.items():
+        if field in OPERATIONAL and field in BY_FIELD:  # how the run is carried out, not what it computes: taken
+            setattr(saved, field, getattr(args, field))
+            continue
         if field in BY_FIELD and BY_FIELD[field].config:
             there, asked = getattr(saved, field), getattr(args, field)
             if field == "optimizer":  # --sam_type: the variant, or none (the base optimizer alone)
@@ -122,7 +125,7 @@ def resume_config(path: str, argv: list[str]) -> RunConfig:
         raise ConfigError(
             f"--resume {path}: settings differ from its config.json: {'; '.join(differ)}; drop them to resume, or start a new run"
         )
-    return saved
+    return resolve(saved)
 
 
 def cmd_run(argv: list[str]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -87,7 +88,7 @@ def cmd_sweep(argv: list[str]) -> int:
         del shown[at : at + 2]
     command = "python launch.py" if shown == ["digits"] else "python launch.py sweep " + shlex.join(shown)
     others = [] if args.from_records else left_out(Path(configs[0].output_dir), configs)
-    write_sweep_results(recipe, run_dirs, Path(args.results_dir), command, missing, others, args.force)
+    write_sweep_results(recipe, run_dirs, Path(args.results_dir), command, missing, others, args.force, [*args.sets, *extra])
     return 0
 
 
@@ -102,20 +103,37 @@ def left_out(output_dir: Path, configs) -> list[str]:
 
 
 def recorded_runs(results_dir: Path, name: str, configs) -> tuple[pd.DataFrame, list[str]]:
-    """The finished runs of ``configs`` in the recipe's per-run file, and the names of those not there."""
+    """The finished runs of ``configs`` in the recipe's per-run file, and the names of those not there.
+
+    Where the data is not on this machine (no fingerprint to check), a configuration is matched with the
+    fingerprint its records carry; where it is, that fingerprint must be the data's."""
     path = records.path_for(results_dir / name)
     try:
         found = {r["run_id"]: r for r in records.read(path) if r["status"] != "unfinished"}
     except records.RecordsError as err:
         raise ConfigError(str(err)) from None
-    mine = [found[c.run_id()] for c in configs if c.run_id() in found]
+    recorded_data = {(r.get("settings") or {}).get("data_id") for r in found.values()}
+
+    def recorded_id(config) -> str | None:
+        candidates = [config] if config.data_id is not None else [replace(config, data_id=d) for d in recorded_data]
+        return next((c.run_id() for c in candidates if c.run_id() in found), None)
+
+    ids = {id(c): recorded_id(c) for c in configs}
+    mine = [found[ids[id(c)]] for c in configs if ids[id(c)]]
     if not mine:
         raise ConfigError(f"sweep {name} --from_records: {path} holds none of its {len(configs)} runs")
-    return runs_frame(mine, [str(path)] * len(mine)), [c.run_dir().name for c in configs if c.run_id() not in found]
+    return runs_frame(mine, [str(path)] * len(mine)), [c.run_dir().name for c in configs if not ids[id(c)]]
 
 
 def write_sweep_results(
-    recipe, runs, results_dir: Path, command: str, missing: list[str] = (), others: list[str] = (), force: bool = False
+    recipe,
+    runs,
+    results_dir: Path,
+    command: str,
+    missing: list[str] = (),
+    others: list[str] = (),
+    force: bool = False,
+    sets: list[str] = (),
 ) -> None:
     """The recipe's tables and plots from its finished runs (their folders, or a frame of per-run records);
     ``missing`` names its runs not done, ``others`` the finished runs beside them that the table leaves out."""
@@ -132,7 +150,7 @@ def write_sweep_results(
     table = comparison(runs, results_dir / recipe.name, preamble, force=force)
     plots = [] if isinstance(runs, pd.DataFrame) else write_plots(runs, results_dir / recipe.name)
     if recipe.reported:
-        reproduction = reproduction_table([recipe], runs if isinstance(runs, pd.DataFrame) else load_runs(runs))
+        reproduction = reproduction_table([recipe], runs if isinstance(runs, pd.DataFrame) else load_runs(runs), sets)
         write_text(results_dir / f"{recipe.name}_reproduction.md", preamble + frame_to_markdown(reproduction))
     print_table(table, title=str(results_dir / f"{recipe.name}.md"))
     for plot in plots:

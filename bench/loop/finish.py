@@ -110,6 +110,14 @@ def unsharded_model(run: Run) -> nn.Module | None:
     return model
 
 
+def plain_copy(run: Run, model: nn.Module) -> nn.Module:
+    """An uncompiled copy of a compiled model, on its device: sharpness differentiates twice, which a
+    compiled backward does not allow."""
+    plain = create_model(run.config.arch, num_classes=run.train_set.num_classes, in_channels=run.train_set.channels)
+    plain.load_state_dict(model.state_dict())
+    return plain.to(run.device)
+
+
 def finish(run: Run) -> RunResult:
     """Write model.safetensors, sharpness.json and summary.json (last: its presence marks a finished run)."""
     accelerator, config = run.accelerator, run.config
@@ -131,7 +139,7 @@ def finish(run: Run) -> RunResult:
                 write_json(
                     run.run_dir / "sharpness.json",
                     final_sharpness(
-                        model,
+                        plain_copy(run, model) if config.compile else model,
                         run.train_set,
                         device,
                         config.sharpness_samples,

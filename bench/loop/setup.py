@@ -131,7 +131,9 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
         gather=accelerator.gather if accelerator.num_processes > 1 else None,
     )
     if config.compile:  # one graph for every pass: no module attribute changes between them (see RunningStatsFreeze)
-        model = torch.compile(model, backend=config.compile_backend)
+        # compiled in place: the module keeps its own parameter names (checkpoints, the exported weights and a
+        # resume with --compile switched either way see the same state dict)
+        model.compile(backend=config.compile_backend)
     if fsdp is None:
         model = accelerator.prepare(model)
     else:  # sharded already; checkpoints hold the whole model and optimizer state (see bench.loop.sharding)

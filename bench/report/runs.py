@@ -148,7 +148,10 @@ def _identity(config: dict) -> dict:
     """What makes a run's result: config.json (missing fields at RunConfig's defaults) less OPERATIONAL and PER_RUN."""
     left_out = {*OPERATIONAL, *PER_RUN, *RUN_METADATA}
     defaults = json.loads(json.dumps(RunConfig().to_dict(), default=str))
-    return {k: v for k, v in {**defaults, **config}.items() if k not in left_out}
+    settings = {k: v for k, v in {**defaults, **config}.items() if k not in left_out}
+    if settings.get("data_id") is None:  # no fingerprint (embedded or downloaded data, or an older run)
+        settings.pop("data_id", None)
+    return settings
 
 
 def _record(run: Path) -> tuple[dict | None, list[str]]:

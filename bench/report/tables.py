@@ -233,12 +233,15 @@ def comparison_table(runs: pd.DataFrame, baseline: str = "sgd", tuned: Mapping[s
     return table.drop(columns=unused).reset_index(drop=True)
 
 
-def reproduction_table(recipes, runs: pd.DataFrame | None) -> pd.DataFrame:
-    """Reported against measured, per (recipe, optimizer) with a reported number (completed or diverged runs)."""
+def reproduction_table(recipes, runs: pd.DataFrame | None, sets: list[str] = ()) -> pd.DataFrame:
+    """Reported against measured, per (recipe, optimizer) with a reported number (completed or diverged runs
+    of the recipe's configurations, with the ``key=value`` overrides ``sets``: ``data_dir=DIR`` among them,
+    whose fingerprint is part of each run's id)."""
     rows = []
     for recipe in recipes:
+        configs = recipe.runs(sets)
         for optimizer, reported in recipe.reported.items():
-            ids = {c.run_id() for c in recipe.runs() if c.optimizer == optimizer}
+            ids = {c.run_id() for c in configs if c.optimizer == optimizer}
             mine = runs[runs.run_id.isin(ids) & runs.status.isin(["completed", "diverged"])] if runs is not None else []
             row = {
                 "recipe": recipe.name,

@@ -1,0 +1,51 @@
+"""What data a run read, as part of its identity: a fingerprint of the files under ``--data_dir``.
+
+Two folders holding different data never give a run the same id, so a sweep on a second folder never
+mistakes the first folder's finished runs for its own. The fingerprint hashes every visible file's
+path (relative to the folder) and size, sorted: cheap (no file is read, one ``stat`` each) and
+unchanged by moving or copying the folder. It is computed once per folder and process.
+
+No fingerprint (``None``) where the data is fixed by its name: the embedded digits, a Hub dataset
+(streamed by name), and the download that ``./data`` or an empty ``--data_dir`` receives (torchvision
+and the Hub check what they fetch).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+
+from bench.data.names import DataError
+
+
+def _visible_files(root: str) -> list[tuple[str, int]]:
+    found = []
+    for folder, dirs, files in os.walk(root, onerror=_raise):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if not name.startswith("."):
+                path = os.path.join(folder, name)
+                found.append((os.path.relpath(path, root).replace(os.sep, "/"), os.stat(path).st_size))
+    return sorted(found)
+
+
+def _raise(err: OSError) -> None:
+    raise DataError(f"cannot list {err.filename} ({err.strerror or err})")
+
+
+@functools.lru_cache(maxsize=None)
+def folder_fingerprint(root: str) -> str | None:
+    files = _visible_files(root)
+    if not files:
+        return None
+    digest = hashlib.sha256("".join(f"{path}\t{size}\n" for path, size in files).encode())
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(dataset: str, data_dir: str | None) -> str | None:
+    """The fingerprint of the files a run on ``dataset`` reads from ``data_dir`` (None: see the module)."""
+    if dataset == "digits" or dataset.startswith("hf:") or not data_dir:
+        return None
+    root = os.path.realpath(os.path.expanduser(data_dir))
+    return folder_fingerprint(root) if os.path.isdir(root) else None
