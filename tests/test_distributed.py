@@ -196,3 +196,52 @@ def test_a_two_process_run_is_not_resumed_by_one_process(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "was run by 2 process(es), this resume by 1: resume it with 2" in err and "\n" not in err
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def _launch_cmd(args, processes: int = 2, port: str = "29518") -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)] + [
+        "--main_process_port",
+        port,
+        "launch.py",
+        *args,
+    ]
+
+
+def test_a_refusal_under_the_launcher_is_printed_once(tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = _launch_cmd([*FLAGS, "--lr", "-1", "--output_dir", str(tmp_path)])
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.count("error: lr must be > 0, got -1") == 1, done.stderr[-2000:]
+
+
+def test_workers_end_when_their_launcher_is_killed(tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    marker = f"follow-{tmp_path.name}"
+    args = ["--arch_type", "mlp", "--epochs", "500", "--batch_size", "64", "--run_name", marker, "--output_dir", str(tmp_path)]
+    launcher = subprocess.Popen(
+        _launch_cmd(args, port="29519"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+    def workers() -> list[int]:
+        found = subprocess.run(["pgrep", "-f", f"launch.py .*{marker}"], capture_output=True, text=True).stdout.split()
+        return [int(p) for p in found if int(p) != launcher.pid]
+
+    try:
+        deadline = time.time() + 90
+        while not (tmp_path / marker / "config.json").is_file() and time.time() < deadline:
+            time.sleep(0.5)
+        assert len(workers()) == 2, "the two workers did not start"
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        deadline = time.time() + 10
+        while workers() and time.time() < deadline:
+            time.sleep(0.2)
+        assert not workers(), "workers kept running after their launcher died"
+    finally:
+        launcher.kill()
+        for pid in workers():
+            os.kill(pid, signal.SIGKILL)

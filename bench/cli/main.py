@@ -20,6 +20,7 @@ declared settings (``optimizers.settings.Setting``), spelled ``--NAME`` unless
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from importlib import import_module
@@ -49,9 +50,28 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def _follow_the_launcher() -> None:
+    """A process started by a launcher (``accelerate launch``, ``torchrun``: ``LOCAL_RANK`` is set) ends when
+    the launcher does, on Linux: killing the launcher never leaves its workers training on their own."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when the parent exits
+    if os.getppid() == 1:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _is_main_process() -> bool:
+    """Process 0 of a launched job, or a process not started by a launcher: the one that reports."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     warnings.formatwarning = _one_line_warning
+    _follow_the_launcher()
     try:
         if not argv:
             return _command(COMMANDS["sweep"])(["digits"])
@@ -61,10 +81,12 @@ def main(argv: list[str] | None = None) -> int:
             run_parser().parse_args(argv)
         return _command("bench.cli.run:cmd_run")(argv)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if _is_main_process():  # every process refuses alike; one says so
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except RunStopped as err:
-        print(f"error: {err}", file=sys.stderr)
+        if _is_main_process():
+            print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
