@@ -205,3 +205,40 @@ def test_a_run_is_not_resumed_on_other_data(cifar10_dir, tmp_path, capsys):
     assert main(["--resume", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert "is not the data this run was made with" in err and "\n" not in err
+
+
+def _variant_flag_cases():
+    from bench.variant_flags import setting_flags
+    from optimizers import available_optimizers
+
+    for name in available_optimizers():
+        for flag, setting in setting_flags(name).items():
+            yield name, flag, setting
+
+
+@pytest.mark.parametrize("name, flag, setting", list(_variant_flag_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_resume_compares_every_variant_flag_with_the_runs_own_variant(name, flag, setting, tmp_path):
+    """--resume DIR --FLAG VALUE (without --sam_type) is compared with the recorded run's variant: a value
+    other than the run's is refused, naming the flag; the run's own value is accepted."""
+    import json
+
+    from bench.cli.run import resume_config
+    from bench.config import ConfigError
+    from bench.resolve import resolve, resolved_hyperparameters
+
+    config = resolve(RunConfig(optimizer=name, output_dir=str(tmp_path)))
+    run = tmp_path / "run"
+    run.mkdir()
+    record = {**config.to_dict(), "resolved_hyperparameters": resolved_hyperparameters(config)}
+    (run / "config.json").write_text(json.dumps(record, default=str))
+    there = record["resolved_hyperparameters"].get(setting.name)
+    if setting.kind is bool:
+        words, same = ([f"--{flag}"] if not there else None), ([f"--{flag}"] if there else None)
+    else:
+        other = setting.kind(3 if there is None else there + 3)
+        words, same = [f"--{flag}", str(other)], ([f"--{flag}", str(there)] if there is not None else None)
+    if words is not None:
+        with pytest.raises(ConfigError, match=rf"settings differ from its config.json: --{flag} \("):
+            resume_config(str(run), ["--resume", str(run), *words])
+    if same is not None:
+        assert resume_config(str(run), ["--resume", str(run), *same]).optimizer == name
