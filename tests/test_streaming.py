@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import bench.data.hub
 import bench.data.loader
 import bench.data.views
 import bench.loop.epoch
@@ -86,6 +87,7 @@ def _load_dataset_redirected(monkeypatch, load):
         return load()
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(bench.data.hub, "hub_unreachable", lambda: None)  # the stand-in needs no network
     return "hf:someone/tiny"
 
 
@@ -306,3 +308,25 @@ def test_the_loader_evaluation_equals_the_in_memory_one(folder):
     expected = evaluate(model, in_memory, images, val.labels, accelerator, prefix="test")
     measured = LoaderSplit("test", val, batch_size=5, workers=0).evaluate(model, accelerator)
     assert measured.keys() == expected.keys() and measured == pytest.approx(expected, rel=1e-5)
+
+
+def test_an_unreachable_hub_is_one_line_before_any_retry(monkeypatch):
+    """Without a network the client retries for many seconds; the harness tries one connection (3 s at most)
+    and names the way out, without calling the client at all."""
+    import socket
+
+    import datasets
+
+    from bench.data.hub import open_hub_dataset
+
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", refused)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the client was called"))
+    with pytest.raises(DataError, match=r"^hf:someone/tiny: the Hugging Face Hub cannot be reached \(huggingface.co:443: "):
+        open_hub_dataset("someone/tiny")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the local cache: no connection tried
+    assert bench.data.hub.hub_unreachable() is None

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 from bench.data.datasets import short_error
 from bench.data.names import DEFAULT_IMAGE_SIZE, DataError
@@ -128,10 +130,36 @@ def _stream_split(dataset, split: str, repo: str, image_column: str, label_colum
     )
 
 
+#: seconds to wait for a connection to the Hub before calling it unreachable
+HUB_TIMEOUT_S = 3.0
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hub (``HF_ENDPOINT``, default huggingface.co) cannot be reached; None when it can, or when
+    ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` asks for the local cache."""
+    if any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    ):
+        return None
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=HUB_TIMEOUT_S).close()
+    except OSError as err:
+        return f"{host}:{port}: {err.strerror or type(err).__name__}"
+    return None
+
+
 def open_hub_dataset(
     repo: str, image_column: str | None = None, label_column: str | None = None
 ) -> tuple[StreamSplit, StreamSplit]:
     """``(train, evaluation)`` of the hub dataset ``repo``, streamed (``datasets.load_dataset(repo, streaming=True)``)."""
+    unreachable = hub_unreachable()
+    if unreachable:  # fail in seconds, not after the client's retries
+        raise DataError(
+            f"hf:{repo}: the Hugging Face Hub cannot be reached ({unreachable}); with the dataset in the local cache, "
+            "set HF_HUB_OFFLINE=1"
+        )
     with quiet_datasets() as datasets:
         try:
             dataset = datasets.load_dataset(repo, streaming=True)
