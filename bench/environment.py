@@ -106,6 +106,11 @@ def oversubscribed(loads: tuple[float | None, ...], cores: int | None = None) ->
     return any(load is not None and load > CONTENTION * (cores or cpu_count()) for load in loads)
 
 
+#: set in the environment of a run that a launcher starts beside others on one machine (bench.studies.launchers):
+#: its summary says ``contended`` whatever the loads were
+SIDE_BY_SIDE = "SAM_BENCH_SIDE_BY_SIDE"
+
+
 def contended(loads: tuple[float | None, ...], own: float | None = None, cores: int | None = None) -> bool:
     """Whether other work shared the machine during a run, so its times are inflated: it was
     oversubscribed, or a load exceeded the run's own busy threads (``own``: torch threads x processes)

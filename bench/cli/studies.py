@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,8 +18,9 @@ from bench.report import records
 from bench.report.plots import write_plots
 from bench.report.runs import find_runs, load_runs, runs_frame
 from bench.report.tables import frame_to_markdown, print_table, reproduction_table
+from bench.studies.launchers import Launcher, launcher_from, parse_sbatch, submit
 from bench.studies.recipes import load_recipe
-from bench.studies.sweep import commands, run_sweep
+from bench.studies.sweep import commands, execution_order, run_argv, run_sweep
 from bench.studies.sweep import status as sweep_status
 from bench.studies.tune import pending_commands, plan, run_tuning, write_tuning_results
 from bench.usage import Parser
@@ -39,6 +41,20 @@ def recipe_parser(command: str, description: str, recipe_help: str, output_help:
     p.add_argument(
         "--force", action="store_true", help="write the tables even if they leave out runs that RESULTS_DIR's per-run file lists"
     )
+    p.add_argument(
+        "--launcher",
+        default="inline",
+        help="inline: one run at a time in this process; local: jobs on this machine, side by side; slurm: "
+        'jobs on a SLURM cluster (local and slurm need submitit: pip install -e ".[cluster]")',
+    )
+    p.add_argument("--max_parallel", type=int, default=None, help="local: runs side by side; slurm: jobs running at once")
+    p.add_argument("--no_wait", action="store_true", help="slurm: submit and return (--tables_only collects the runs later)")
+    p.add_argument("--partition", default=None, help="slurm partition")
+    p.add_argument("--account", default=None, help="slurm account")
+    p.add_argument("--time_min", type=int, default=None, help="slurm: each job's time limit in minutes (default 240)")
+    p.add_argument("--gpus_per_run", type=int, default=None, help="GPUs per run (more than 1: accelerate launch in its job)")
+    p.add_argument("--cpus_per_run", type=int, default=None, help="slurm: CPUs per run")
+    p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="slurm: an extra sbatch option")
     if command == "sweep":
         p.add_argument(
             "--tables_only",
@@ -66,10 +82,20 @@ def cmd_sweep(argv: list[str]) -> int:
     recipe = load_recipe(args.recipe)
     extra = [f"{k}={v}" for k, v in (("data_dir", args.data_dir), ("cpu", "true" if args.cpu else None)) if v]
     configs = recipe.runs([*args.sets, *extra], output_dir=args.output_dir or f"runs/{recipe.name}")
+    launcher = launcher_of(args, recipe, configs[0].output_dir)
     if args.print_commands:
         print("\n".join(commands(recipe, args.sets, configs)))
         return 0
     missing = []
+    if launcher.kind != "inline" and not (args.from_records or args.tables_only):
+        pending = [c for c in execution_order(configs) if sweep_status(c) != "done"]
+        own = [*args.sets, *(["cpu=true"] if args.cpu else [])]
+        failed = submit(launcher, pending, lambda c: run_argv(recipe, own, c), f"sweep {recipe.name}")
+        for line in failed:
+            print(f"warning: {line}", file=sys.stderr)
+        if not launcher.wait:
+            return 0
+        args.tables_only = True  # the tables from what is done; the missing runs are named
     if args.from_records:
         run_dirs, missing = recorded_runs(Path(args.results_dir), recipe.name, configs)
     elif args.tables_only:
@@ -90,6 +116,24 @@ def cmd_sweep(argv: list[str]) -> int:
     others = [] if args.from_records else left_out(Path(configs[0].output_dir), configs)
     write_sweep_results(recipe, run_dirs, Path(args.results_dir), command, missing, others, args.force, [*args.sets, *extra])
     return 0
+
+
+def launcher_of(args, recipe, output_dir: str) -> Launcher:
+    """The checked launcher: the flags over the recipe's [launcher] section; its job logs under the output folder."""
+    given = dict(
+        kind=args.launcher,
+        max_parallel=args.max_parallel,
+        partition=args.partition,
+        account=args.account,
+        time_min=args.time_min,
+        gpus_per_run=args.gpus_per_run,
+        cpus_per_run=args.cpus_per_run,
+        sbatch=parse_sbatch(args.sbatch),
+        wait=not args.no_wait,
+    )
+    launcher = launcher_from(given, recipe.launcher, f"recipe {recipe.path}")
+    launcher.folder = Path(output_dir) / "_jobs"
+    return launcher
 
 
 def left_out(output_dir: Path, configs) -> list[str]:

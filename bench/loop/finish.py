@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import statistics
 import time
@@ -90,7 +91,8 @@ def summary_of(run: Run) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "load_at_start": run.load_at_start,
         "load_at_end": run.load_at_end,
-        "contended": environment.contended((run.load_at_start, run.load_at_end), _own_threads(run)),
+        "contended": environment.contended((run.load_at_start, run.load_at_end), _own_threads(run))
+        or os.environ.get(environment.SIDE_BY_SIDE) == "1",
     }
 
 

@@ -80,6 +80,7 @@ class Recipe:
     optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
     reported: dict[str, Reported] = field(default_factory=dict)
     tune: dict[str, Any] = field(default_factory=dict)  # the [tune] section as written (checked by bench.studies.tune)
+    launcher: dict[str, Any] = field(default_factory=dict)  # [launcher]: SLURM resources (checked by bench.studies.launchers)
 
     def runs(self, sets: list[str] = (), output_dir: str | None = None) -> list[RunConfig]:
         """Every run of the recipe, with ``key=value`` overrides applied."""
@@ -168,11 +169,21 @@ def load_recipe(name_or_path: str) -> Recipe:
         optimizers=data["optimizers"],
         reported=reported,
         tune=data["tune"],
+        launcher=data["launcher"],
     )
 
 
 #: A recipe's top-level keys and the TOML type each must have (a missing one takes the empty value).
-SECTIONS = {"name": str, "description": str, "config": dict, "grid": dict, "optimizers": dict, "reported": dict, "tune": dict}
+SECTIONS = {
+    "name": str,
+    "description": str,
+    "config": dict,
+    "grid": dict,
+    "optimizers": dict,
+    "reported": dict,
+    "tune": dict,
+    "launcher": dict,
+}
 _TOML_TYPE = {str: "a string", dict: "a table", list: "a list"}
 
 

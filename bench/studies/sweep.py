@@ -49,32 +49,37 @@ def execution_order(configs: list[RunConfig]) -> list[RunConfig]:
     return [config for _, config in sorted(zip(rank, configs), key=lambda pair: pair[0])]
 
 
+def run_argv(recipe: Recipe, sets: list[str], config: RunConfig, keys: Iterable[str] | Callable | None = None) -> list[str]:
+    """The ``launch.py`` arguments of one run of the recipe (what a sequential sweep trains): the recipe,
+    the scalar ``--set`` overrides, its values of ``keys`` (default: the recipe's grid axes; a function:
+    the run's own), its folder and ``--resume auto``."""
+    fixed = list(recipe.grid if keys is None or callable(keys) else keys)
+    chosen = [
+        f"{key}={_toml(getattr(config, key, None) if key in config.__dataclass_fields__ else config.hyperparameters[key])}"
+        for key in (keys(config) if callable(keys) else fixed)
+    ]
+    scalar_sets = [s for s in sets if not s.partition("=")[2].lstrip().startswith("[")]
+    argv = ["--recipe", str(recipe.path)]
+    for item in [*scalar_sets, *chosen]:
+        argv += ["--set", item]
+    argv += ["--output_dir", config.output_dir, "--resume", "auto"]
+    if config.data_dir:
+        argv += ["--data_dir", config.data_dir]
+    return argv
+
+
 def commands(
     recipe: Recipe,
     sets: list[str],
     configs: list[RunConfig],
     keys: Iterable[str] | Callable[[RunConfig], Iterable[str]] | None = None,
 ) -> list[str]:
-    """One `accelerate launch` command per run that is not done, in ``execution_order``; each spells out
-    its values of ``keys`` (default: the recipe's grid axes; a function: each run's own) with ``--set``."""
-    lines = []
-    fixed = list(recipe.grid if keys is None or callable(keys) else keys)
-    for config in execution_order(configs):
-        if status(config) == "done":
-            continue
-        chosen = [
-            f"{key}={_toml(getattr(config, key, None) if key in config.__dataclass_fields__ else config.hyperparameters[key])}"
-            for key in (keys(config) if callable(keys) else fixed)
-        ]
-        scalar_sets = [s for s in sets if not s.partition("=")[2].lstrip().startswith("[")]
-        argv = ["accelerate", "launch", "launch.py", "--recipe", str(recipe.path)]
-        for item in [*scalar_sets, *chosen]:
-            argv += ["--set", item]
-        argv += ["--output_dir", config.output_dir, "--resume", "auto"]
-        if config.data_dir:
-            argv += ["--data_dir", config.data_dir]
-        lines.append(shlex.join(argv))
-    return lines
+    """One `accelerate launch` command per run that is not done, in ``execution_order`` (see run_argv)."""
+    return [
+        shlex.join(["accelerate", "launch", "launch.py", *run_argv(recipe, sets, config, keys)])
+        for config in execution_order(configs)
+        if status(config) != "done"
+    ]
 
 
 def _toml(value) -> str:

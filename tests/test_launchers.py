@@ -1,0 +1,134 @@
+"""Sweeps through submitit: side by side on this machine (its local executor) with the sequential sweep's
+results, a killed job resumed by the next call, and the sbatch submission a SLURM sweep sends."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from bench.cli.main import main
+from bench.io import read_json
+
+pytest.importorskip("submitit")
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = """name = "tiny"
+[config]
+dataset = "digits"
+arch = "mlp"
+epochs = 2
+batch_size = 64
+cpu = true
+save_every_steps = 5
+[grid]
+optimizer = ["sgd", "sam"]
+seed = [0, 1]
+"""
+ACCURACY = ["optimizer", "n", "final acc (%)", "best acc (%)", "test loss"]
+
+
+@pytest.fixture
+def recipe(tmp_path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(RECIPE)
+    return path
+
+
+def test_local_jobs_side_by_side_give_the_sequential_sweeps_table(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    threads = str(max(1, (os.cpu_count() or 1) // 2))  # what two runs side by side each get
+    common = ["sweep", str(recipe), "--set", f"threads={threads}"]
+    assert main([*common, "--output_dir", "seq", "--results_dir", "seq_results"]) == 0
+    assert main(["sweep", str(recipe), "--launcher", "local", "--max_parallel", "2", "--output_dir", "par"]) == 0
+    sequential, parallel = (pd.read_csv(tmp_path / d / "tiny.csv") for d in ("seq_results", "results"))
+    assert sequential[ACCURACY].to_csv() == parallel[ACCURACY].to_csv()
+    runs = sorted((tmp_path / "par").glob("digits_*"))
+    assert len(runs) == 4
+    for run in runs:
+        job = read_json(run / "job.json")
+        assert job["launcher"] == "local" and Path(job["stderr"]).is_file()
+        assert read_json(run / "summary.json")["contended"] is True  # side by side: times are not step costs
+        assert read_json(run / "config.json")["threads"] == int(threads)
+
+
+def test_a_killed_local_sweep_is_resumed_by_the_next_call(recipe, tmp_path):
+    """Kill the sweep and its jobs mid-run; the next call resumes the interrupted runs from their checkpoints
+    and ends with the weights of an uninterrupted run."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, str(ROOT / "launch.py"), "sweep", str(recipe), "--launcher", "local", "--max_parallel", "2"]
+    sweep = subprocess.Popen(
+        argv, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((tmp_path / "runs" / "tiny").glob("*/checkpoints/step_*")):
+            time.sleep(0.2)
+        assert list((tmp_path / "runs" / "tiny").glob("*/checkpoints/step_*")), "no run reached a checkpoint"
+    finally:
+        os.killpg(sweep.pid, signal.SIGKILL)  # the sweep and every job it started
+        sweep.wait()
+    runs = (tmp_path / "runs" / "tiny").glob("digits_*")
+    interrupted = [run for run in runs if (run / "checkpoints").is_dir() and not (run / "summary.json").exists()]
+    assert interrupted, "every run had finished before the kill"
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reference = tmp_path / "reference"
+    for run in interrupted:
+        config = read_json(run / "config.json")
+        seed, optimizer = str(config["seed"]), config["optimizer"]
+        sets = ["--set", f"optimizer={optimizer}", "--set", f"seed={seed}", "--set", f"threads={config['threads']}"]
+        assert main(["--recipe", str(recipe), *sets, "--output_dir", str(reference)]) == 0
+        (uninterrupted,) = [p for p in reference.glob(f"*_{optimizer}_s{seed}_*")]
+        a, b = load_file(run / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
+        assert all((a[k] == b[k]).all() for k in a), run.name
+
+
+def test_a_slurm_sweep_sends_the_resources_asked_for(recipe, tmp_path, monkeypatch):
+    """Through submitit's own submission, to a stand-in sbatch that keeps the script it is given."""
+    bin_dir, captured = tmp_path / "bin", tmp_path / "captured.sh"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {captured}\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    flags = ["--launcher", "slurm", "--no_wait", "--partition", "gpu", "--account", "proj", "--time_min", "90"]
+    flags += ["--gpus_per_run", "2", "--cpus_per_run", "8", "--sbatch", "constraint=a100", "--max_parallel", "3"]
+    assert main(["sweep", str(recipe), *flags]) == 0
+    script = captured.read_text()
+    for line in ["--partition=gpu", "--account=proj", "--time=90", "--gpus-per-node=2", "--cpus-per-task=8"]:
+        assert f"#SBATCH {line}\n" in script, line
+    assert "#SBATCH --constraint=a100\n" in script and "#SBATCH --array=0-3%3\n" in script  # 4 runs, 3 at once
+    jobs = sorted(read_json(p)["job_id"] for p in (tmp_path / "runs" / "tiny").glob("*/job.json"))
+    assert jobs == ["4242_0", "4242_1", "4242_2", "4242_3"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--launcher", "cloud"], "--launcher must be one of inline, local, slurm"),
+        (["--launcher", "local", "--max_parallel", "0"], "--max_parallel must be an integer >= 1, got 0"),
+        (["--launcher", "local", "--partition", "gpu"], "--partition is for --launcher slurm"),
+        (["--launcher", "local", "--no_wait"], "--no_wait is for --launcher slurm"),
+        (["--max_parallel", "2"], "--max_parallel is for --launcher local or slurm"),
+        (["--launcher", "slurm", "--sbatch", "constraint"], "--sbatch expects key=value, got 'constraint'"),
+    ],
+)
+def test_bad_launcher_flags_are_one_line(recipe, flags, message, capsys):
+    assert main(["sweep", str(recipe), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_without_submitit_the_launcher_says_how_to_install_it(recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit raises ImportError
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(recipe), "--launcher", "local"]) == 2
+    assert capsys.readouterr().err.strip() == 'error: --launcher local and slurm need submitit: pip install -e ".[cluster]"'
