@@ -132,3 +132,20 @@ def test_without_submitit_the_launcher_says_how_to_install_it(recipe, tmp_path, 
     monkeypatch.chdir(tmp_path)
     assert main(["sweep", str(recipe), "--launcher", "local"]) == 2
     assert capsys.readouterr().err.strip() == 'error: --launcher local and slurm need submitit: pip install -e ".[cluster]"'
+
+
+def test_tuning_goes_through_the_launcher_stage_by_stage(tmp_path, monkeypatch):
+    """Trials, the choice, then the final runs, all as local jobs: the sequential tuning's choice and table."""
+    recipe = tmp_path / "tinytune.toml"
+    recipe.write_text(
+        RECIPE.replace('name = "tiny"', 'name = "tinytune"').replace("save_every_steps = 5\n", "")
+        + "[tune]\nval_fraction = 0.1\nseeds = [0]\nfinal_seeds = [0, 1]\n"
+        + "[tune.grid.sgd]\nlr = [0.05, 0.1]\n[tune.grid.sam]\nrho = [0.05, 0.1]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    assert main(["tune", str(recipe), "--launcher", "local", "--max_parallel", "2"]) == 0
+    assert main(["tune", str(recipe), "--set", f"threads={threads}", "--output_dir", "seq", "--results_dir", "seq_results"]) == 0
+    parallel, sequential = (pd.read_csv(tmp_path / d / "tinytune_tuned.csv") for d in ("results", "seq_results"))
+    assert parallel[["tuned", *ACCURACY]].to_csv() == sequential[["tuned", *ACCURACY]].to_csv()
+    assert len(list((tmp_path / "runs" / "tinytune_tune").glob("*/*/job.json"))) == 4 + 4  # trials, then final runs

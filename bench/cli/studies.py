@@ -213,12 +213,26 @@ def cmd_tune(argv: list[str]) -> int:
     args = p.parse_args(argv)
     recipe = load_recipe(args.recipe)
     extra = [f"{k}={v}" for k, v in (("data_dir", args.data_dir), ("cpu", "true" if args.cpu else None)) if v]
-    tuning = plan(recipe, [*args.sets, *extra], args.output_dir or f"runs/{recipe.name}_tune")
+    output_dir = args.output_dir or f"runs/{recipe.name}_tune"
+    tuning = plan(recipe, [*args.sets, *extra], output_dir)
+    launcher = launcher_of(args, recipe, output_dir)
     if args.print_commands:
         print("\n".join(pending_commands(tuning, args.sets)))
         return 0
+    launch = None
+    if launcher.kind != "inline":
+        own = [*args.sets, *(["cpu=true"] if args.cpu else [])]
+
+        def launch(configs, keys, label):
+            for line in submit(launcher, configs, lambda c: run_argv(recipe, own, c, keys), label):
+                print(f"warning: {line}", file=sys.stderr)
+
     with make_progress() as progress:
-        chosen, final_dirs = run_tuning(tuning, progress)
+        outcome = run_tuning(tuning, progress, launch)
+    if outcome is None:
+        print(f"tune {recipe.name}: not every run of this stage is done; run the same command again to go on")
+        return 0 if not launcher.wait else 1
+    chosen, final_dirs = outcome
     results_dir = Path(args.results_dir)
     table = write_tuning_results(
         tuning, chosen, final_dirs, results_dir, "python launch.py tune " + shlex.join(argv), force=args.force

@@ -31,7 +31,7 @@ from bench.config import ConfigError, RunConfig
 from bench.io import read_json, write_text
 from bench.report.tables import frame_to_markdown, write_comparison
 from bench.studies.recipes import Recipe, config_from_settings, parse_assignment
-from bench.studies.sweep import commands, run_sweep, status
+from bench.studies.sweep import commands, execution_order, run_sweep, status
 
 SECTION_KEYS = ("val_fraction", "seeds", "final_seeds", "trial_epochs", "equal_budget", "grid")
 #: set per run by the tuning: neither a grid key nor a --set may change them
@@ -261,14 +261,17 @@ def pending_commands(tuning: Plan, sets: list[str]) -> list[str]:
     return lines or _commands(tuning, sets, final_configs(tuning, choices(tuning)), [])
 
 
-def _commands(tuning: Plan, sets: list[str], runs: dict[str, list[RunConfig]], extra_keys: list[str]) -> list[str]:
-    """Each run's command spells out what the tuning sets (and its optimizer's grid keys)."""
+def _keys_of(tuning: Plan, runs: dict[str, list[RunConfig]], extra_keys: list[str]):
+    """What each run's command spells out: what the tuning sets (and its optimizer's grid keys)."""
     keys = {
         config.run_dir(): [*CONTROLLED, *tuning.grids[name], *extra_keys] for name, configs in runs.items() for config in configs
     }
-    return commands(
-        tuning.recipe, sets, [config for configs in runs.values() for config in configs], lambda config: keys[config.run_dir()]
-    )
+    return lambda config: keys[config.run_dir()]
+
+
+def _commands(tuning: Plan, sets: list[str], runs: dict[str, list[RunConfig]], extra_keys: list[str]) -> list[str]:
+    configs = [config for configs in runs.values() for config in configs]
+    return commands(tuning.recipe, sets, configs, _keys_of(tuning, runs, extra_keys))
 
 
 def optimizer_of(tuning: Plan, optimizer: str) -> str:
@@ -276,14 +279,33 @@ def optimizer_of(tuning: Plan, optimizer: str) -> str:
     return tuning.points[optimizer][0].trials[0].optimizer
 
 
-def run_tuning(tuning: Plan, progress=None) -> tuple[dict[str, Point], list[Path]]:
-    """Train the pending trials, choose, train the pending final runs; the choice and the final run directories."""
+def run_tuning(tuning: Plan, progress=None, launch=None) -> tuple[dict[str, Point], list[Path]] | None:
+    """Train the pending trials, choose, train the pending final runs; the choice and the final run directories.
+
+    ``launch(configs, argv_of, label)``, when given, trains a stage's pending runs instead (as jobs: see
+    bench.studies.launchers); a stage it leaves unfinished (jobs not waited for, or failed) ends the tuning
+    here (None): the next call goes on from where it stands."""
     name = tuning.recipe.name
-    run_sweep(tuning.recipe, tuning.trials(), progress, label=f"tune {name}: trials")
+    shorter = [] if tuning.trial_epochs is None else ["epochs"]
+    trials = {optimizer: [c for p in points for c in p.trials] for optimizer, points in tuning.points.items()}
+    if not _stage(tuning, trials, shorter, f"tune {name}: trials", progress, launch):
+        return None
     chosen = choices(tuning)
-    finals = [config for configs in final_configs(tuning, chosen).values() for config in configs]
-    final_dirs = run_sweep(tuning.recipe, finals, progress, label=f"tune {name}: final runs")
-    return chosen, final_dirs
+    finals = final_configs(tuning, chosen)
+    if not _stage(tuning, finals, [], f"tune {name}: final runs", progress, launch):
+        return None
+    return chosen, [config.run_dir() for configs in finals.values() for config in configs]
+
+
+def _stage(tuning: Plan, runs: dict[str, list[RunConfig]], extra_keys: list[str], label: str, progress, launch) -> bool:
+    """Train one stage's pending runs; whether all of them are done."""
+    configs = [config for configs in runs.values() for config in configs]
+    if launch is None:
+        run_sweep(tuning.recipe, configs, progress, label=label)
+        return True
+    keys = _keys_of(tuning, runs, extra_keys)
+    launch([c for c in execution_order(configs) if status(c) != "done"], keys, label)
+    return all(status(c) == "done" for c in configs)
 
 
 # -- the tables ------------------------------------------------------------------------------------
