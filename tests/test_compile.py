@@ -15,10 +15,11 @@ from torch._dynamo.utils import counters
 
 from bench.config import ConfigError, RunConfig
 from bench.io import read_json, read_jsonl
-from bench.loop.step import StepSnapshot, TrainClosure, take_step
+from bench.loop.step import TrainClosure, take_step
 from bench.loop.train import train
 from bench.resolve import resolve
 from optimizers import available_optimizers, create_optimizer
+from optimizers.snapshot import StepSnapshot
 
 #: ESAM's tensor dropping changes which weights need a gradient on every step (refused, below).
 SETTINGS = {"looksam": {"k": 2}, "esam": {"beta": 1.0}, "lookbehind_sam": {"k_steps": 2}}

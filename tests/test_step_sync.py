@@ -10,8 +10,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from bench.loop.precision import LossScaler
-from bench.loop.step import StepSnapshot, TrainClosure, take_step
+from bench.loop.step import TrainClosure, take_step
 from optimizers import create_optimizer
+from optimizers.snapshot import StepSnapshot
 
 #: Tensor methods that copy a device value to the host (each one waits for the device).
 HOST_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"}

@@ -31,11 +31,12 @@ from bench.loop.checkpoint import checkpoints, load_checkpoint
 from bench.loop.precision import LossScaler
 from bench.loop.splits import LoaderSplit, Split
 from bench.loop.state import Run, lr_lambda
-from bench.loop.step import StepSnapshot, effective_ascent_sync
+from bench.loop.step import effective_ascent_sync
 from bench.loop.sync_bn import convert_sync_batchnorm
 from bench.resolve import optimizer_settings, resolved_hyperparameters
 from optimizers import SharpnessAwareOptimizer, create_optimizer
 from optimizers.regularizer import build_regularizer
+from optimizers.snapshot import StepSnapshot
 
 #: Tracker project name; TensorBoard writes under RUN_DIR/sam-bench/.
 TRACKER_PROJECT = "sam-bench"

@@ -15,7 +15,7 @@ from torch import nn
 from bench.config import RunConfig
 from bench.data.batches import TrainBatches
 from bench.loop.precision import LossScaler
-from bench.loop.step import StepSnapshot
+from optimizers.snapshot import StepSnapshot
 
 if TYPE_CHECKING:
     from accelerate.utils import FullyShardedDataParallelPlugin
