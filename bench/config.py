@@ -52,7 +52,7 @@ OPERATIONAL = (
 
 #: Settings of the datasets read through loader workers, and the data's fingerprint, left out of a run's
 #: identity while unset (None), so that the ids of runs that never set them stay as they are.
-UNSET_NOT_IDENTITY = ("image_size", "image_column", "label_column", "data_id")
+UNSET_NOT_IDENTITY = ("image_size", "image_column", "label_column", "data_id", "max_grad_norm")
 
 #: Keys of a run's config.json that describe the run, not its settings.
 RUN_METADATA = ("run_id", "world_size", "device", "versions", "environment", "code", "resolved_hyperparameters")
@@ -70,6 +70,7 @@ FIELD_CHECKS = {
         Setting("warmup_epochs", 0.0, float, "[0, inf)"),
         Setting("step_factor", 0.2, float, "(0, 1]"),
         Setting("label_smoothing", 0.0, float, "[0, 1)"),
+        Setting("max_grad_norm", None, float, "(0, inf)", optional=True),
         Setting("cutout", False, bool),
         Setting("train_subset", None, int, "[1, inf)", optional=True),
         Setting("label_noise", 0.0, float, "[0, 1)"),
@@ -161,6 +162,8 @@ class RunConfig:
     step_milestones: tuple[float, ...] = (0.3, 0.6, 0.8)
     step_factor: float = 0.2
     label_smoothing: float = 0.0
+    #: the global norm the descent gradient is clipped to before each update (None: no clipping)
+    max_grad_norm: float | None = None
     cutout: bool = False
     train_subset: int | None = None
     label_noise: float = 0.0

@@ -132,6 +132,8 @@ def optimizer_settings(config: RunConfig, num_train: int) -> dict[str, Any]:
     declared = {s.name: s for s in getattr(cls, "settings", ())}
     fills = {"num_train": num_train, "total_steps": max(1, config.epochs * (num_train // config.batch_size))}
     filled = {name: fills[filled_by(cls, name)] for name in declared if filled_by(cls, name) in fills}
+    if config.max_grad_norm is not None and config.optimizer not in BASE_OPTIMIZERS:  # a variant clips its own descent
+        filled["max_grad_norm"] = config.max_grad_norm
     if not getattr(cls, "uses_base_optimizer", True):
         # an update rule of its own takes the run's lr, and its momentum and weight decay if it has them
         own = {k: v for k, v in own_rule_settings(config).items() if k in declared or k == "lr"}

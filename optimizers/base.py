@@ -149,6 +149,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     #: it needs (SAF's past logits, MESA's EMA model); None for the usual loss. See
     #: :mod:`optimizers.regularizer` for what a loop does with it.
     loss_regularizer: ClassVar[type[LossRegularizer] | None] = None
+    #: Whether ``max_grad_norm`` applies: the descent gradient clipped by global norm before the update.
+    #: False for an update that is not a gradient step (bSAM's), which refuses the setting.
+    clips_descent: ClassVar[bool] = True
 
     @classmethod
     def compile_obstacle(cls, settings: dict[str, Any]) -> str | None:
@@ -157,8 +160,24 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         the shared mechanics change none of it, so one graph serves every pass."""
         return None
 
-    def __init__(self, params, base_optimizer="sgd", *, model: nn.Module | None = None, seed: int | None = None, **kwargs):
+    def __init__(
+        self,
+        params,
+        base_optimizer="sgd",
+        *,
+        model: nn.Module | None = None,
+        seed: int | None = None,
+        max_grad_norm: float | None = None,
+        **kwargs,
+    ):
         params, model = split_params_and_model(params, model)
+        if max_grad_norm is not None:
+            if not type(self).clips_descent:
+                raise ValueError(f"{type(self).__name__} takes no max_grad_norm: its update is not a gradient step")
+            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0:
+                raise ValueError(f"max_grad_norm must be a number > 0, got {max_grad_norm!r}")
+        #: the global norm the descent gradient is clipped to before the update (None: not clipped)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         for setting in self.settings:
             if not setting.per_group:
                 setattr(self, setting.name, setting.check(kwargs.pop(setting.name, setting.default)))
@@ -323,6 +342,23 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def adjust_gradient(self) -> None:
         """Form the descent gradient in ``.grad`` from g_s (and whatever the variant kept)."""
 
+    @torch.no_grad()
+    def clip_descent_gradient(self) -> None:
+        """With ``max_grad_norm``: scale every ``.grad`` by min(1, max_grad_norm / (||g|| + 1e-6)), the norm
+        global over all parameters (and shards), as ``torch.nn.utils.clip_grad_norm_`` does in a plain loop;
+        on the device, no host synchronisation. The ascent direction is never clipped here."""
+        if self.max_grad_norm is None:
+            return
+        grads = [p.grad for _, params in self.params_with_grad() for p in params]
+        if grads:
+            coef = torch.clamp(self.max_grad_norm / (global_norm(grads) + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
+
+    def base_step(self) -> None:
+        """The base optimizer's step with the descent gradient in ``.grad``, clipped first (max_grad_norm)."""
+        self.clip_descent_gradient()
+        self.base_optimizer.step()
+
     @property
     def perturbs_this_step(self) -> bool:
         """Whether this step takes the second pass (LookSAM skips it on most steps)."""
@@ -352,7 +388,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """Restore w and take the base optimizer's step with the descent gradient."""
         self.restore()
         self.adjust_gradient()
-        self.base_optimizer.step()
+        self.base_step()
         if zero_grad:
             self.zero_grad()
 

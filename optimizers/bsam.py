@@ -65,6 +65,7 @@ class BayesianSAM(SharpnessAwareOptimizer):
     extra_memory = 3
     memory_note = "backup, gm, s"
     uses_base_optimizer = False
+    clips_descent = False
     freezes_batchnorm = False
     ascent_sync = "global"
 

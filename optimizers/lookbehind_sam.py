@@ -161,7 +161,7 @@ class LookbehindSAM(SharpnessAwareOptimizer):
             if not last:  # keep u_j for the next inner step
                 copy_tensors(self._buffers(params, "point"), params)
             copy_tensors(params, self._buffers(params, "slow" if j == 1 else "fast"))
-        self.base_optimizer.step()
+        self.base_step()
         if zero_grad:
             self.zero_grad()
         if not params:

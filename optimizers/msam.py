@@ -111,6 +111,7 @@ class MSAM(SharpnessAwareOptimizer):
     @torch.no_grad()
     def descend(self, zero_grad: bool = True) -> None:
         """The MSAM update from the gradient at w~ in ``.grad``; leaves the model at the new w~."""
+        self.clip_descent_gradient()  # g, before weight decay joins it, as a plain loop's clip_grad_norm_
         with_grad = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
         for group, params in with_grad:  # d = g + wd * w~ (the model still holds w~)
             if params and group["weight_decay"]:

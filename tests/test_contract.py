@@ -362,3 +362,44 @@ def test_readme_table_is_generated():
     table = variants_markdown()
     assert table in readme, "README.md's variant table is stale: paste optimizers.variants_markdown() into it"
     assert table.count("\n") == 2 + len(VARIANTS)
+
+
+# -- (h) max_grad_norm clips the descent gradient, in every variant that takes a gradient step -----------
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_max_grad_norm_clips_the_descent_gradient_of_every_variant(name):
+    """A norm no gradient reaches changes nothing, bit for bit; a binding one changes the step; bSAM, whose
+    update is not a gradient step, refuses it in one line."""
+    results = {}
+    for norm in (None, 1e12, 1e-3):
+        model = tiny_mlp(batchnorm=True)
+        extra = {} if norm is None else {"max_grad_norm": norm}
+        if name == "bsam":
+            if norm is None:
+                continue
+            with pytest.raises(ValueError, match=r"^BayesianSAM takes no max_grad_norm: its update is not a gradient step$"):
+                create_optimizer(name, model, **settings_for(name, **extra))
+            return
+        opt = create_optimizer(name, model, **settings_for(name, **extra))
+        for x, y in batches(3):
+            quietly(opt.step, plain_closure(model, x, y))
+        results[norm] = flat(model)
+    assert torch.equal(results[None], results[1e12])
+    assert not torch.equal(results[None], results[1e-3])
+
+
+def test_max_grad_norm_equals_clip_grad_norm_in_a_plain_loop():
+    model, reference = tiny_mlp(), tiny_mlp()
+    opt = create_bare("sam", model, lr=0.1, momentum=0.9, rho=0.05, max_grad_norm=0.01)
+    ref = create_bare("sam", reference, lr=0.1, momentum=0.9, rho=0.05)
+    for x, y in batches(3):
+        opt.step(plain_closure(model, x, y))
+        nn.functional.cross_entropy(reference(x), y).backward()  # the two-phase form, clipped by hand
+        ref.perturb()
+        nn.functional.cross_entropy(reference(x), y).backward()
+        ref.restore()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.01)
+        ref.base_optimizer.step()
+        ref.zero_grad()
+    assert torch.equal(flat(model), flat(reference))

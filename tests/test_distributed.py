@@ -245,3 +245,15 @@ def test_workers_end_when_their_launcher_is_killed(tmp_path):
         launcher.kill()
         for pid in workers():
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("name", ["none", "sam", "msam"])
+def test_clipping_in_two_processes_equals_one_process_and_a_plain_loop(name, tmp_path):
+    """--max_grad_norm clips the descent gradient by its global norm after the all-reduce: two processes (33
+    images each per step) give the weights of one process on the whole batch of 66, and a clipped run differs
+    from an unclipped one (the clip binds)."""
+    args = [*FLAGS, "--sam_type", name, "--ascent_sync", "global", "--max_grad_norm", "0.05", "--batch_size", "66"]
+    two, one = launch_two(args, tmp_path / "two"), one_process(args, tmp_path / "one")
+    assert_close(weights(two), weights(one))
+    free = one_process([a for a in args if a not in ("--max_grad_norm", "0.05")], tmp_path / "free")
+    assert any(not torch.equal(a, b) for a, b in zip(weights(one).values(), weights(free).values()))

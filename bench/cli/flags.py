@@ -132,6 +132,13 @@ FLAGS: tuple[Flag, ...] = (
     _f("schedule", "training", default="cosine", help="cosine, step (x0.2 at 30/60/80%%) or constant"),
     _f("warmup_epochs", "training", float, 0.0),
     _f("label_smoothing", "training", float, 0.0),
+    _f(
+        "max_grad_norm",
+        "training",
+        float,
+        help="clip the descent gradient to this global norm before each update, as clip_grad_norm_ in a plain loop "
+        "(the ascent direction is not clipped)",
+    ),
     _f("seed", "training", int, 0),
     _f("max_steps", "training", int, help="stop after this many optimizer steps"),
     _f("grad_accum_steps", "training", int, 1, "micro-batches per pass (batch_size is the whole batch)"),

@@ -18,6 +18,7 @@ from bench.io import write_jsonl
 from bench.loop.checkpoint import save_checkpoint
 from bench.loop.state import Run
 from bench.loop.step import TrainClosure, evaluation_weights, take_step
+from optimizers import SharpnessAwareOptimizer
 
 
 def finite_or_none(value: float) -> float | None:
@@ -68,6 +69,7 @@ def train_on(run: Run, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, sums
         regularizer=run.regularizer,
         epoch=run.state.epoch,
         totals=sums,
+        max_grad_norm=None if isinstance(run.optimizer, SharpnessAwareOptimizer) else config.max_grad_norm,
     )
     skipped = take_step(run.optimizer, closure, run.snapshot)
     if run.regularizer is not None:  # every process, taken or skipped: it may gather across processes

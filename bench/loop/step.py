@@ -61,7 +61,10 @@ class TrainClosure(BatchClosure):
         regularizer=None,
         epoch: int = 0,
         totals: dict[str, torch.Tensor] | None = None,
+        max_grad_norm: float | None = None,
     ):
+        #: a plain torch optimizer's clipping, after its one pass (a variant clips its own descent gradient)
+        self.max_grad_norm = max_grad_norm
         self.task_loss, self.sample_ids, self.regularizer, self.epoch = loss_fn, sample_ids, regularizer, epoch
         if regularizer is not None:
             loss_fn = self._regularised_loss
@@ -119,6 +122,8 @@ class TrainClosure(BatchClosure):
         unscale_and_check(self.params, inv_scale, found=self.bad, also_check=loss)
         if not self.defer_check and self.nonfinite():
             raise NonFiniteGradient(f"non-finite loss or gradient in a {phase} pass")
+        if self.max_grad_norm is not None:  # a plain optimizer's one pass (a variant clips its own descent)
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
 
     def nonfinite(self) -> bool:
         """Whether any pass so far, on any process, had a non-finite loss or gradient. Every process
