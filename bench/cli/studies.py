@@ -90,7 +90,8 @@ def cmd_sweep(argv: list[str]) -> int:
     if launcher.kind != "inline" and not (args.from_records or args.tables_only):
         pending = [c for c in execution_order(configs) if sweep_status(c) != "done"]
         own = [*args.sets, *(["cpu=true"] if args.cpu else [])]
-        failed = submit(launcher, pending, lambda c: run_argv(recipe, own, c), f"sweep {recipe.name}")
+        with make_progress() as progress:
+            failed = submit(launcher, pending, lambda c: run_argv(recipe, own, c), f"sweep {recipe.name}", progress)
         for line in failed:
             print(f"warning: {line}", file=sys.stderr)
         if not launcher.wait:
@@ -224,8 +225,8 @@ def cmd_tune(argv: list[str]) -> int:
         own = [*args.sets, *(["cpu=true"] if args.cpu else [])]
 
         def launch(configs, keys, label):
-            for line in submit(launcher, configs, lambda c: run_argv(recipe, own, c, keys), label):
-                print(f"warning: {line}", file=sys.stderr)
+            for line in submit(launcher, configs, lambda c: run_argv(recipe, own, c, keys), label, progress):
+                progress.print(f"warning: {line}")
 
     with make_progress() as progress:
         outcome = run_tuning(tuning, progress, launch)

@@ -172,12 +172,15 @@ def submit(
     pending: list[RunConfig],
     argv_of: Callable[[RunConfig], list[str]],
     label: str,
-    say: Callable[[str], None] = print,
+    progress=None,
 ) -> list[str]:
     """Train ``pending`` (the runs not done, in the order to start them) as jobs; with ``launcher.wait``,
-    wait for them all, one line per finished run. Returns one line per failed run (with its log)."""
+    wait for them all: a bar (bench.progress: rich on a terminal, plain lines otherwise) and one line per
+    finished or failed run. Returns one line per failed run (with its log)."""
     if not pending:
         return []
+    say = progress.print if progress is not None else print
+    task = progress.add_task(label, total=len(pending)) if progress is not None else None
     executor = _executor(launcher, label)
     threads = None
     if launcher.kind == "local":  # the machine's cores divided between the runs side by side
@@ -208,6 +211,8 @@ def submit(
         for job, config in [(j, c) for j, c in running if j.done()]:
             running.remove((job, config))
             done += 1
+            if task is not None:
+                progress.advance(task)
             try:
                 job.result()
                 say(f"[{done}/{len(pending)}] {config.run_dir().name}: done")
