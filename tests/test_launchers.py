@@ -90,7 +90,9 @@ def test_a_killed_local_sweep_is_resumed_by_the_next_call(recipe, tmp_path):
 
 
 def test_a_slurm_sweep_sends_the_resources_asked_for(recipe, tmp_path, monkeypatch):
-    """Through submitit's own submission, to a stand-in sbatch that keeps the script it is given."""
+    """Through submitit's own submission, to a stand-in sbatch that keeps the script it is given; the
+    recipe's [launcher] section gives what the flags do not."""
+    recipe.write_text(recipe.read_text() + '[launcher]\nnodes_per_run = 2\npartition = "cpu"\n')
     bin_dir, captured = tmp_path / "bin", tmp_path / "captured.sh"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {captured}\necho "Submitted batch job 4242"\n')
@@ -103,7 +105,7 @@ def test_a_slurm_sweep_sends_the_resources_asked_for(recipe, tmp_path, monkeypat
     flags += ["--gpus_per_run", "2", "--cpus_per_run", "8", "--sbatch", "constraint=a100", "--max_parallel", "3"]
     assert main(["sweep", str(recipe), *flags]) == 0
     script = captured.read_text()
-    for line in ["--partition=gpu", "--account=proj", "--time=90", "--gpus-per-node=2", "--cpus-per-task=8"]:
+    for line in ["--partition=gpu", "--account=proj", "--time=90", "--gpus-per-node=2", "--cpus-per-task=8", "--nodes=2"]:
         assert f"#SBATCH {line}\n" in script, line
     assert "#SBATCH --constraint=a100\n" in script and "#SBATCH --array=0-3%3\n" in script  # 4 runs, 3 at once
     jobs = sorted(read_json(p)["job_id"] for p in (tmp_path / "runs" / "tiny").glob("*/job.json"))
@@ -149,3 +151,15 @@ def test_tuning_goes_through_the_launcher_stage_by_stage(tmp_path, monkeypatch):
     parallel, sequential = (pd.read_csv(tmp_path / d / "tinytune_tuned.csv") for d in ("results", "seq_results"))
     assert parallel[["tuned", *ACCURACY]].to_csv() == sequential[["tuned", *ACCURACY]].to_csv()
     assert len(list((tmp_path / "runs" / "tinytune_tune").glob("*/*/job.json"))) == 4 + 4  # trials, then final runs
+
+
+def test_a_run_on_several_nodes_is_one_accelerate_launch_per_node():
+    from bench.studies.launchers import launch_command
+
+    command = launch_command(["--recipe", "r.toml"], processes=4, nodes=2, node_rank=1, main_host="node7")
+    launch = command[: command.index("--module")]
+    assert launch[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in launch
+    named = ("--num_processes", "--num_machines", "--machine_rank", "--main_process_ip")
+    flags = {k: launch[i + 1] for i, k in enumerate(launch) if k in named}
+    assert flags == {"--num_processes": "8", "--num_machines": "2", "--machine_rank": "1", "--main_process_ip": "node7"}
+    assert command[command.index("--module") :] == ["--module", "bench.cli.main", "--recipe", "r.toml"]

@@ -53,6 +53,7 @@ def recipe_parser(command: str, description: str, recipe_help: str, output_help:
     p.add_argument("--account", default=None, help="slurm account")
     p.add_argument("--time_min", type=int, default=None, help="slurm: each job's time limit in minutes (default 240)")
     p.add_argument("--gpus_per_run", type=int, default=None, help="GPUs per run (more than 1: accelerate launch in its job)")
+    p.add_argument("--nodes_per_run", type=int, default=None, help="slurm: nodes per run (accelerate launch across them)")
     p.add_argument("--cpus_per_run", type=int, default=None, help="slurm: CPUs per run")
     p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="slurm: an extra sbatch option")
     if command == "sweep":
@@ -128,6 +129,7 @@ def launcher_of(args, recipe, output_dir: str) -> Launcher:
         account=args.account,
         time_min=args.time_min,
         gpus_per_run=args.gpus_per_run,
+        nodes_per_run=args.nodes_per_run,
         cpus_per_run=args.cpus_per_run,
         sbatch=parse_sbatch(args.sbatch),
         wait=not args.no_wait,

@@ -42,11 +42,13 @@ class Launcher:
     account: str | None = None
     time_min: int = 240
     gpus_per_run: int = 0
+    nodes_per_run: int = 1
     cpus_per_run: int | None = None
     sbatch: dict[str, str] = field(default_factory=dict)
 
     @property
     def processes(self) -> int:
+        """Processes per node: one per GPU."""
         return max(1, self.gpus_per_run)
 
 
@@ -56,6 +58,7 @@ RECIPE_KEYS = {
     "account": str,
     "time_min": int,
     "gpus_per_run": int,
+    "nodes_per_run": int,
     "cpus_per_run": int,
     "max_parallel": int,
     "sbatch": dict,
@@ -76,12 +79,12 @@ def launcher_from(given: dict[str, Any], recipe_section: dict[str, Any], where: 
     launcher = Launcher(**{k: v for k, v in values.items() if k in Launcher.__dataclass_fields__ and v is not None})
     if launcher.kind not in LAUNCHERS:
         raise ConfigError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher.kind!r}")
-    for key, low in (("max_parallel", 1), ("time_min", 1), ("gpus_per_run", 0), ("cpus_per_run", 1)):
+    for key, low in (("max_parallel", 1), ("time_min", 1), ("gpus_per_run", 0), ("nodes_per_run", 1), ("cpus_per_run", 1)):
         value = getattr(launcher, key)
         if value is not None and value < low:
             raise ConfigError(f"--{key} must be an integer >= {low}, got {value}")
     launcher.sbatch = {str(k): str(v) for k, v in launcher.sbatch.items()}
-    slurm_only = [k for k in ("partition", "account", "sbatch", "time_min") if given.get(k) is not None]
+    slurm_only = [k for k in ("partition", "account", "sbatch", "time_min", "nodes_per_run") if given.get(k) is not None]
     if launcher.kind != "slurm" and slurm_only:
         raise ConfigError(f"--{slurm_only[0]} is for --launcher slurm")
     if launcher.kind != "slurm" and not launcher.wait:
@@ -110,19 +113,36 @@ def _submitit():
     return submitit
 
 
+def launch_command(argv: list[str], processes: int, nodes: int = 1, node_rank: int = 0, main_host: str = "") -> list[str]:
+    """The command a job runs for a run of ``processes`` per node on ``nodes`` nodes: ``accelerate launch``
+    of the harness's own module, with the multi-node settings (this node's rank, the first node's host)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes * nodes)]
+    if processes > 1:
+        launch += ["--multi_gpu"]
+    if nodes > 1:
+        launch += ["--num_machines", str(nodes), "--machine_rank", str(node_rank), "--main_process_ip", main_host]
+        launch += ["--main_process_port", "29500"]
+    return [*launch, "--module", "bench.cli.main", *argv]
+
+
 class RunJob:
     """One run as a job: ``launch.py`` with the run's arguments, in the job's process (or under ``accelerate
-    launch`` with ``processes`` > 1). Requeued on preemption or timeout, it resumes from its checkpoint."""
+    launch`` for several GPUs or nodes: one task per node). Requeued on preemption or timeout, it resumes
+    from its checkpoint. (submitit hands the job to its process as a pickle this sweep wrote.)"""
 
-    def __init__(self, argv: list[str], processes: int = 1, side_by_side: bool = False):
-        self.argv, self.processes, self.side_by_side = list(argv), processes, side_by_side
+    def __init__(self, argv: list[str], processes: int = 1, side_by_side: bool = False, nodes: int = 1):
+        self.argv, self.processes, self.side_by_side, self.nodes = list(argv), processes, side_by_side, nodes
 
     def __call__(self) -> int:
         if self.side_by_side:
             os.environ[SIDE_BY_SIDE] = "1"
-        if self.processes > 1:
-            launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(self.processes), "--module"]
-            return subprocess.run([*launch, "bench.cli.main", *self.argv], check=True).returncode
+        if self.processes > 1 or self.nodes > 1:
+            rank, host = 0, ""
+            if self.nodes > 1:
+                job = _submitit().JobEnvironment()
+                rank, host = job.node, job.hostnames[0]
+            command = launch_command(self.argv, self.processes, self.nodes, rank, host)
+            return subprocess.run(command, check=True).returncode
         from bench.cli.main import main
 
         code = main(self.argv)
@@ -131,7 +151,7 @@ class RunJob:
         return code
 
     def checkpoint(self, *args, **kwargs):  # submitit's hook on preemption or timeout: run again, resuming
-        return _submitit().helpers.DelayedSubmission(RunJob(self.argv, self.processes, self.side_by_side))
+        return _submitit().helpers.DelayedSubmission(RunJob(self.argv, self.processes, self.side_by_side, self.nodes))
 
 
 def _executor(launcher: Launcher, label: str):
@@ -139,7 +159,7 @@ def _executor(launcher: Launcher, label: str):
     executor = submitit.AutoExecutor(folder=str(launcher.folder), cluster=launcher.kind)
     params: dict[str, Any] = dict(name=label.replace(" ", "_"), timeout_min=launcher.time_min)
     if launcher.kind == "slurm":
-        params.update(tasks_per_node=1, nodes=1, slurm_array_parallelism=launcher.max_parallel)
+        params.update(tasks_per_node=1, nodes=launcher.nodes_per_run, slurm_array_parallelism=launcher.max_parallel)
         if launcher.gpus_per_run:
             params["gpus_per_node"] = launcher.gpus_per_run
         if launcher.cpus_per_run:
@@ -188,7 +208,8 @@ def submit(
 
     def job_of(config: RunConfig) -> RunJob:
         argv = argv_of(config) + ([] if threads is None else ["--set", f"threads={threads}"])
-        return RunJob(argv, launcher.processes, side_by_side=launcher.kind == "local" and launcher.max_parallel > 1)
+        side_by_side = launcher.kind == "local" and launcher.max_parallel > 1
+        return RunJob(argv, launcher.processes, side_by_side, launcher.nodes_per_run)
 
     queue, running, failed, done = list(pending), [], [], 0
     if launcher.kind == "slurm":  # one array; SLURM keeps at most max_parallel running
