@@ -47,7 +47,9 @@ def recipe_parser(command: str, description: str, recipe_help: str, output_help:
         help="inline: one run at a time in this process; local: jobs on this machine, side by side; slurm: "
         'jobs on a SLURM cluster (local and slurm need submitit: pip install -e ".[cluster]")',
     )
-    p.add_argument("--max_parallel", type=int, default=None, help="local: runs side by side; slurm: jobs running at once")
+    p.add_argument(
+        "--max_parallel", type=int, default=None, help="local: runs side by side (default: one per core); slurm: jobs at once"
+    )
     p.add_argument("--no_wait", action="store_true", help="slurm: submit and return (--tables_only collects the runs later)")
     p.add_argument("--partition", default=None, help="slurm partition")
     p.add_argument("--account", default=None, help="slurm account")

@@ -35,7 +35,8 @@ class Launcher:
     """How to launch the runs; checked by :func:`launcher_from` (one line per bad value)."""
 
     kind: str = "inline"
-    max_parallel: int = 1
+    #: jobs at once (None: local, one per core; slurm, no limit)
+    max_parallel: int | None = None
     wait: bool = True
     folder: Path = Path("runs/_jobs")
     partition: str | None = None
@@ -159,7 +160,9 @@ def _executor(launcher: Launcher, label: str):
     executor = submitit.AutoExecutor(folder=str(launcher.folder), cluster=launcher.kind)
     params: dict[str, Any] = dict(name=label.replace(" ", "_"), timeout_min=launcher.time_min)
     if launcher.kind == "slurm":
-        params.update(tasks_per_node=1, nodes=launcher.nodes_per_run, slurm_array_parallelism=launcher.max_parallel)
+        params.update(tasks_per_node=1, nodes=launcher.nodes_per_run)
+        if launcher.max_parallel:
+            params["slurm_array_parallelism"] = launcher.max_parallel
         if launcher.gpus_per_run:
             params["gpus_per_node"] = launcher.gpus_per_run
         if launcher.cpus_per_run:
@@ -202,13 +205,15 @@ def submit(
     say = progress.print if progress is not None else print
     task = progress.add_task(label, total=len(pending)) if progress is not None else None
     executor = _executor(launcher, label)
+    cores = os.cpu_count() or 1
+    parallel = launcher.max_parallel or (len(pending) if launcher.kind == "slurm" else cores)
     threads = None
     if launcher.kind == "local":  # the machine's cores divided between the runs side by side
-        threads = max(1, (os.cpu_count() or 1) // launcher.max_parallel)
+        threads = max(1, cores // parallel)
 
     def job_of(config: RunConfig) -> RunJob:
         argv = argv_of(config) + ([] if threads is None else ["--set", f"threads={threads}"])
-        side_by_side = launcher.kind == "local" and launcher.max_parallel > 1
+        side_by_side = launcher.kind == "local" and parallel > 1
         return RunJob(argv, launcher.processes, side_by_side, launcher.nodes_per_run)
 
     queue, running, failed, done = list(pending), [], [], 0
@@ -220,7 +225,7 @@ def submit(
         running, queue = list(zip(jobs, queue)), []
         say(f"{label}: submitted {len(jobs)} job(s) to SLURM (logs in {launcher.folder})")
     while queue or running:
-        while queue and len(running) < launcher.max_parallel:
+        while queue and len(running) < parallel:
             config = queue.pop(0)
             job = executor.submit(job_of(config))
             _record(job, config, launcher)
