@@ -14,7 +14,9 @@ the whole batch's, and SAM's ascent is the global one. Checks, in float64 (toler
   interrupted after two by a checkpoint round trip (the gathered optimizer and model state loaded
   into a fresh sharded model and optimizer), against four uninterrupted unsharded steps;
 - ``cnn/<variant>``: four steps on a small CNN with BatchNorm, the statistics taken over both
-  processes' shards (the harness's --sync_bn), parameters and running statistics compared.
+  processes' shards (the harness's --sync_bn), parameters and running statistics compared;
+- ``clip/<variant>``: the MLP's four steps with ``max_grad_norm`` (the descent gradient clipped by its
+  global norm over the uneven shards), for every variant that takes a gradient step.
 
 bSAM runs with msharpness 1 and ESAM with gamma 1: with more sub-batches (bSAM) or a selected
 fraction (ESAM) each process splits or selects within its own half, as under DDP, which one
@@ -99,8 +101,13 @@ def shard(model: nn.Module, mesh, sync_bn: bool) -> nn.Module:
     return model
 
 
-def settings(name: str) -> dict:
-    return {**optimizer_settings(RunConfig(optimizer=name, batch_size=16), num_train=64), **ORACLE_SETTINGS.get(name, {})}
+#: the global norm the ``clip/`` checks clip the descent gradient to (below the tiny MLP's gradient norms)
+CLIP = 0.2
+
+
+def settings(name: str, clip: bool = False) -> dict:
+    config = RunConfig(optimizer=name, batch_size=16, max_grad_norm=CLIP if clip else None)
+    return {**optimizer_settings(config, num_train=64), **ORACLE_SETTINGS.get(name, {})}
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -112,26 +119,26 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def make(name: str, model: nn.Module, device) -> torch.optim.Optimizer:
+def make(name: str, model: nn.Module, device, clip: bool = False) -> torch.optim.Optimizer:
     """The optimizer, with the loss term its class declares attached (this check's loss is the task loss alone:
     it compares the sharded update with the unsharded one; the terms are checked in tests/test_regularizers.py)."""
-    opt = create_optimizer(name, model, seed=0, **settings(name))
+    opt = create_optimizer(name, model, seed=0, **settings(name, clip))
     build_regularizer(opt, model, 64, 10, device)
     return opt
 
 
 def check_variant(name: str, kind: str, mesh, device, rank: int, world: int) -> str:
-    build = mlp if kind == "mlp" else cnn
-    data = batches(kind, device)
+    build, clip = (cnn, False) if kind == "cnn" else (mlp, kind == "clip")
+    data = batches("cnn" if kind == "cnn" else "mlp", device)
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     reference = build().to(device)
-    opt = make(name, reference, device)
+    opt = make(name, reference, device, clip)
     for x, y in data:
         opt.step(BatchClosure(reference, loss_fn, x, y))
 
     def sharded():
         model = shard(build().to(device), mesh, sync_bn=kind == "cnn")
-        return model, make(name, model, device)
+        return model, make(name, model, device, clip)
 
     model, opt = sharded()
     part = len(data[0][1]) // world
@@ -192,6 +199,8 @@ def main(argv=None) -> int:
     mesh = init_device_mesh(args.device, (world,))
     names = args.variants or [n for n in available_optimizers() if issubclass(optimizer_class(n), SharpnessAwareOptimizer)]
     checks = [("reductions", None)] + [(n, "mlp") for n in names] + [(n, "cnn") for n in names if n in CNN_VARIANTS]
+    clipped = [n for n in names if optimizer_class(n).clips_descent and not optimizer_class(n).sharding_unsupported]
+    checks += [(n, "clip") for n in clipped]  # max_grad_norm: the global norm over uneven shards
     failed = False
     for name, kind in checks:
         reason = getattr(optimizer_class(name), "sharding_unsupported", "") if kind else ""

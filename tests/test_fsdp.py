@@ -122,6 +122,8 @@ def test_every_variant_sharded_takes_the_unsharded_steps():
     shardable = [n for n in family if not optimizer_class(n).sharding_unsupported]
     assert [line.split(":")[0] for line in lines if line.startswith("PASS mlp/")] == [f"PASS mlp/{n}" for n in shardable]
     assert sum(line.startswith("PASS cnn/") for line in lines) == 5
+    clipped = [n for n in shardable if optimizer_class(n).clips_descent]
+    assert [line.split(":")[0] for line in lines if line.startswith("PASS clip/")] == [f"PASS clip/{n}" for n in clipped]
     assert [line.split(":")[0] for line in lines if line.startswith("SKIP")] == ["SKIP mlp/mesa"]
     assert lines[0].startswith("PASS reductions")
 
