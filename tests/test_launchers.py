@@ -60,26 +60,30 @@ def test_local_jobs_side_by_side_give_the_sequential_sweeps_table(recipe, tmp_pa
 def test_a_killed_local_sweep_is_resumed_by_the_next_call(recipe, tmp_path):
     """Kill the sweep and its jobs mid-run; the next call resumes the interrupted runs from their checkpoints
     and ends with the weights of an uninterrupted run."""
+    recipe.write_text(RECIPE.replace("epochs = 2", "epochs = 8"))  # long enough to be caught between checkpoints
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     argv = [sys.executable, str(ROOT / "launch.py"), "sweep", str(recipe), "--launcher", "local", "--max_parallel", "2"]
     sweep = subprocess.Popen(
         argv, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    runs = tmp_path / "runs" / "tiny"
+
+    def interrupted() -> list[Path]:
+        return [r for r in runs.glob("digits_*") if list(r.glob("checkpoints/step_*")) and not (r / "summary.json").exists()]
+
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not list((tmp_path / "runs" / "tiny").glob("*/checkpoints/step_*")):
-            time.sleep(0.2)
-        assert list((tmp_path / "runs" / "tiny").glob("*/checkpoints/step_*")), "no run reached a checkpoint"
+        while time.time() < deadline and not interrupted():
+            time.sleep(0.05)
     finally:
         os.killpg(sweep.pid, signal.SIGKILL)  # the sweep and every job it started
         sweep.wait()
-    runs = (tmp_path / "runs" / "tiny").glob("digits_*")
-    interrupted = [run for run in runs if (run / "checkpoints").is_dir() and not (run / "summary.json").exists()]
-    assert interrupted, "every run had finished before the kill"
+    stopped = interrupted()
+    assert stopped, "every run had finished before the kill"
     done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     reference = tmp_path / "reference"
-    for run in interrupted:
+    for run in stopped:
         config = read_json(run / "config.json")
         seed, optimizer = str(config["seed"]), config["optimizer"]
         sets = ["--set", f"optimizer={optimizer}", "--set", f"seed={seed}", "--set", f"threads={config['threads']}"]
@@ -110,6 +114,10 @@ def test_a_slurm_sweep_sends_the_resources_asked_for(recipe, tmp_path, monkeypat
     assert "#SBATCH --constraint=a100\n" in script and "#SBATCH --array=0-3%3\n" in script  # 4 runs, 3 at once
     jobs = sorted(read_json(p)["job_id"] for p in (tmp_path / "runs" / "tiny").glob("*/job.json"))
     assert jobs == ["4242_0", "4242_1", "4242_2", "4242_3"]
+    # the same command again while those jobs may be queued: nothing is submitted twice
+    captured.unlink()
+    assert main(["sweep", str(recipe), *flags]) == 0
+    assert not captured.exists()
 
 
 @pytest.mark.parametrize(
@@ -121,12 +129,19 @@ def test_a_slurm_sweep_sends_the_resources_asked_for(recipe, tmp_path, monkeypat
         (["--launcher", "local", "--no_wait"], "--no_wait is for --launcher slurm"),
         (["--max_parallel", "2"], "--max_parallel is for --launcher local or slurm"),
         (["--launcher", "slurm", "--sbatch", "constraint"], "--sbatch expects key=value, got 'constraint'"),
+        (["--launcher", "local", "--resubmit"], "--resubmit is for --launcher slurm"),
     ],
 )
 def test_bad_launcher_flags_are_one_line(recipe, flags, message, capsys):
     assert main(["sweep", str(recipe), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_a_recipes_node_count_is_refused_for_local_jobs(recipe, capsys):
+    recipe.write_text(recipe.read_text() + "[launcher]\nnodes_per_run = 2\n")
+    assert main(["sweep", str(recipe), "--launcher", "local"]) == 2
+    assert capsys.readouterr().err.strip() == "error: nodes_per_run 2 is for --launcher slurm"
 
 
 def test_without_submitit_the_launcher_says_how_to_install_it(recipe, tmp_path, monkeypatch, capsys):

@@ -86,19 +86,24 @@ def resume_config(path: str, argv: list[str]) -> RunConfig:
     except ConfigError as err:
         raise ConfigError(f"--resume {path}: {err}") from None
     saved.output_dir, saved.run_name = str(Path(path).parent), Path(path).name
-    resolve(saved)
     given = {
         field: spelling
         for field, spelling in given_flags(argv).items()
         if field not in ("resume", "output_dir", "run_name", "sets")
     }
+    args = run_parser().parse_args(argv) if given else None
+    for field in given:  # how the run is carried out, not what it computes (--data_dir, --compile, ...): taken
+        if field in OPERATIONAL and field in BY_FIELD:
+            setattr(saved, field, getattr(args, field))
+    recorded_data = saved.data_id
+    resolve(saved)  # a recorded fingerprint must match the data found
+    if recorded_data is None:  # none recorded (a download, or a run older than fingerprints): its id stays its own
+        saved.data_id = None
     if not given:
         return saved
-    args = run_parser().parse_args(argv)
     differ = []
     for field, spelling in given.items():
-        if field in OPERATIONAL and field in BY_FIELD:  # how the run is carried out, not what it computes: taken
-            setattr(saved, field, getattr(args, field))
+        if field in OPERATIONAL and field in BY_FIELD:
             continue
         if field in BY_FIELD and BY_FIELD[field].config:
             there, asked = getattr(saved, field), getattr(args, field)
@@ -125,7 +130,7 @@ def resume_config(path: str, argv: list[str]) -> RunConfig:
         raise ConfigError(
             f"--resume {path}: settings differ from its config.json: {'; '.join(differ)}; drop them to resume, or start a new run"
         )
-    return resolve(saved)
+    return saved
 
 
 def cmd_run(argv: list[str]) -> int:

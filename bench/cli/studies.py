@@ -15,6 +15,7 @@ from bench.io import check_writable, write_text
 from bench.loop.sharpness import measure_run_sharpness
 from bench.progress import progress as make_progress
 from bench.report import records
+from bench.report.overwrite import check_reproduction_kept
 from bench.report.plots import write_plots
 from bench.report.runs import find_runs, load_runs, runs_frame
 from bench.report.tables import frame_to_markdown, print_table, reproduction_table
@@ -51,9 +52,14 @@ def recipe_parser(command: str, description: str, recipe_help: str, output_help:
         "--max_parallel", type=int, default=None, help="local: runs side by side (default: one per core); slurm: jobs at once"
     )
     p.add_argument("--no_wait", action="store_true", help="slurm: submit and return (--tables_only collects the runs later)")
+    p.add_argument(
+        "--resubmit", action="store_true", help="slurm: submit again the runs not done whose job.json names an earlier job"
+    )
     p.add_argument("--partition", default=None, help="slurm partition")
     p.add_argument("--account", default=None, help="slurm account")
-    p.add_argument("--time_min", type=int, default=None, help="slurm: each job's time limit in minutes (default 240)")
+    p.add_argument(
+        "--time_min", type=int, default=None, help="each job's time limit in minutes (default: 240 on SLURM, a week locally)"
+    )
     p.add_argument("--gpus_per_run", type=int, default=None, help="GPUs per run (more than 1: accelerate launch in its job)")
     p.add_argument("--nodes_per_run", type=int, default=None, help="slurm: nodes per run (accelerate launch across them)")
     p.add_argument("--cpus_per_run", type=int, default=None, help="slurm: CPUs per run")
@@ -100,6 +106,8 @@ def cmd_sweep(argv: list[str]) -> int:
         if not launcher.wait:
             return 0
         args.tables_only = True  # the tables from what is done; the missing runs are named
+    else:
+        failed = []
     if args.from_records:
         run_dirs, missing = recorded_runs(Path(args.results_dir), recipe.name, configs)
     elif args.tables_only:
@@ -119,7 +127,7 @@ def cmd_sweep(argv: list[str]) -> int:
     command = "python launch.py" if shown == ["digits"] else "python launch.py sweep " + shlex.join(shown)
     others = [] if args.from_records else left_out(Path(configs[0].output_dir), configs)
     write_sweep_results(recipe, run_dirs, Path(args.results_dir), command, missing, others, args.force, [*args.sets, *extra])
-    return 0
+    return 1 if failed else 0  # the tables hold what is done; a failed run is a failed sweep
 
 
 def launcher_of(args, recipe, output_dir: str) -> Launcher:
@@ -135,6 +143,7 @@ def launcher_of(args, recipe, output_dir: str) -> Launcher:
         cpus_per_run=args.cpus_per_run,
         sbatch=parse_sbatch(args.sbatch),
         wait=not args.no_wait,
+        resubmit=args.resubmit,
     )
     launcher = launcher_from(given, recipe.launcher, f"recipe {recipe.path}")
     launcher.folder = Path(output_dir) / "_jobs"
@@ -196,10 +205,13 @@ def write_sweep_results(
         preamble += f"Partial: {done} of {done + len(missing)} runs done; not run: {', '.join(missing)}.\n\n"
     if others:
         preamble += f"Left out: {len(others)} finished run(s) in the same folder, not of this grid: {', '.join(others)}.\n\n"
+    reproduction = None
+    if recipe.reported:  # checked before anything is written
+        reproduction = reproduction_table([recipe], runs if isinstance(runs, pd.DataFrame) else load_runs(runs), sets)
+        check_reproduction_kept(results_dir / f"{recipe.name}_reproduction.md", reproduction, force)
     table = comparison(runs, results_dir / recipe.name, preamble, force=force)
     plots = [] if isinstance(runs, pd.DataFrame) else write_plots(runs, results_dir / recipe.name)
-    if recipe.reported:
-        reproduction = reproduction_table([recipe], runs if isinstance(runs, pd.DataFrame) else load_runs(runs), sets)
+    if reproduction is not None:
         write_text(results_dir / f"{recipe.name}_reproduction.md", preamble + frame_to_markdown(reproduction))
     print_table(table, title=str(results_dir / f"{recipe.name}.md"))
     for plot in plots:

@@ -2,8 +2,10 @@
 
 Two folders holding different data never give a run the same id, so a sweep on a second folder never
 mistakes the first folder's finished runs for its own. The fingerprint hashes every visible file's
-path (relative to the folder) and size, sorted: cheap (no file is read, one ``stat`` each) and
-unchanged by moving or copying the folder. It is computed once per folder and process.
+path (relative to the folder) and size, sorted, symbolic links followed: cheap (no file is read, one
+``stat`` each) and unchanged by moving or copying the folder. It is computed once per folder and
+process. It covers the whole folder: a file added beside the dataset changes it, and so the ids of
+the runs on that folder (a new run, never a wrong one); files of one size and other bytes do not.
 
 No fingerprint (``None``) where the data is fixed by its name: the embedded digits, a Hub dataset
 (streamed by name), and the download that ``./data`` or an empty ``--data_dir`` receives (torchvision
@@ -21,7 +23,7 @@ from bench.data.names import DataError
 
 def _visible_files(root: str) -> list[tuple[str, int]]:
     found = []
-    for folder, dirs, files in os.walk(root, onerror=_raise):
+    for folder, dirs, files in os.walk(root, onerror=_raise, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
             if not name.startswith("."):

@@ -110,14 +110,14 @@ def load_checkpoint(accelerator, run_dir: Path, objects: dict[str, Any]) -> list
     """Load the newest intact checkpoint into the model, the random generators and ``objects``; returns a
     note per damaged checkpoint passed over. CheckpointError when none is intact or one cannot be loaded."""
     notes, world = [], accelerator.num_processes
-    saved_by = _saved_by(checkpoints(run_dir)[-1]) if checkpoints(run_dir) else None
-    if saved_by not in (None, world):
-        raise CheckpointError(
-            f"{run_dir} was run by {saved_by} process(es), this resume by {world}: resume it with {saved_by} "
-            "(the data each process reads, and so the result, depend on the number)"
-        )
     for checkpoint in reversed(checkpoints(run_dir)):
-        why = damage(checkpoint, accelerator.num_processes)
+        saved_by = _saved_by(checkpoint)
+        if saved_by not in (None, world):
+            raise CheckpointError(
+                f"{run_dir} was run by {saved_by} process(es), this resume by {world}: resume it with {saved_by} "
+                "(the data each process reads, and so the result, depend on the number)"
+            )
+        why = damage(checkpoint, world)
         if why is None:
             break
         notes.append(f"checkpoint {checkpoint} is damaged ({why}); not used")

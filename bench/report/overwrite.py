@@ -56,3 +56,13 @@ def count_lines(path: str | Path, markers: tuple[str, ...]) -> int:
     except (OSError, UnicodeDecodeError):
         return 0
     return sum(any(m in line for m in markers) for line in text.splitlines())
+
+
+#: a measured row of a reproduction table, as written (bench.report.tables.reproduction_table's statuses)
+MEASURED = tuple(f"| {status} |" for status in ("within", "below", "above"))
+
+
+def check_reproduction_kept(path: str | Path, table, force: bool) -> None:
+    """A reproduction table replacing ``path`` keeps at least as many measured rows."""
+    measured = int((table.status != "not run").sum()) if not table.empty else 0
+    check_not_emptied(path, measured, count_lines(path, MEASURED), "measured rows", force)

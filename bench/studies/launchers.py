@@ -7,12 +7,15 @@ from its checkpoint, and a preempted or timed-out SLURM job is requeued and resu
 ``checkpoint`` hook). A run on several GPUs runs under ``accelerate launch`` inside its job. Each run
 folder gets ``job.json``: the launcher, the job id and its log files.
 
-Local jobs divide the machine's cores between them (``--set threads=N``) and their runs are flagged
-``contended``: their accuracy is what a sequential sweep gets; their step times are not step costs.
+Local jobs divide the machine's cores between them (``--set threads=N``), each gets ``--gpus_per_run``
+GPUs (one where the machine has any and none was asked for, as a sequential run uses), and their runs
+are flagged ``contended``: their accuracy is what a sequential sweep at that thread count gets; their
+step times are not step costs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from bench.config import ConfigError, RunConfig
 from bench.environment import SIDE_BY_SIDE
@@ -41,11 +46,14 @@ class Launcher:
     folder: Path = Path("runs/_jobs")
     partition: str | None = None
     account: str | None = None
-    time_min: int = 240
+    #: each job's time limit (None: 4 h on SLURM, a week locally)
+    time_min: int | None = None
     gpus_per_run: int = 0
     nodes_per_run: int = 1
     cpus_per_run: int | None = None
     sbatch: dict[str, str] = field(default_factory=dict)
+    #: slurm: submit again a run whose job.json names an earlier job (it may still be queued or running)
+    resubmit: bool = False
 
     @property
     def processes(self) -> int:
@@ -85,9 +93,13 @@ def launcher_from(given: dict[str, Any], recipe_section: dict[str, Any], where: 
         if value is not None and value < low:
             raise ConfigError(f"--{key} must be an integer >= {low}, got {value}")
     launcher.sbatch = {str(k): str(v) for k, v in launcher.sbatch.items()}
-    slurm_only = [k for k in ("partition", "account", "sbatch", "time_min", "nodes_per_run") if given.get(k) is not None]
+    slurm_only = [k for k in ("partition", "account", "sbatch", "nodes_per_run") if given.get(k) is not None]
     if launcher.kind != "slurm" and slurm_only:
         raise ConfigError(f"--{slurm_only[0]} is for --launcher slurm")
+    if launcher.kind != "slurm" and launcher.nodes_per_run > 1:
+        raise ConfigError(f"nodes_per_run {launcher.nodes_per_run} is for --launcher slurm")
+    if launcher.kind != "slurm" and launcher.resubmit:
+        raise ConfigError("--resubmit is for --launcher slurm")
     if launcher.kind != "slurm" and not launcher.wait:
         raise ConfigError("--no_wait is for --launcher slurm (inline and local runs train while the sweep waits)")
     if launcher.kind == "inline" and given.get("max_parallel") not in (None, 1):
@@ -158,7 +170,13 @@ class RunJob:
 def _executor(launcher: Launcher, label: str):
     submitit = _submitit()
     executor = submitit.AutoExecutor(folder=str(launcher.folder), cluster=launcher.kind)
-    params: dict[str, Any] = dict(name=label.replace(" ", "_"), timeout_min=launcher.time_min)
+    params: dict[str, Any] = dict(
+        name=label.replace(" ", "_"), timeout_min=launcher.time_min or (240 if launcher.kind == "slurm" else 7 * 24 * 60)
+    )
+    if launcher.kind == "local":  # submitit hides every GPU from a local job that asks for none
+        gpus = launcher.gpus_per_run or (1 if torch.cuda.is_available() else 0)
+        if gpus:
+            params["gpus_per_node"] = gpus
     if launcher.kind == "slurm":
         params.update(tasks_per_node=1, nodes=launcher.nodes_per_run)
         if launcher.max_parallel:
@@ -174,6 +192,15 @@ def _executor(launcher: Launcher, label: str):
             params["slurm_additional_parameters"] = dict(launcher.sbatch)
     executor.update_parameters(**params)
     return executor
+
+
+def _earlier_job(config: RunConfig) -> str | None:
+    """The SLURM job id a run's job.json names, if any."""
+    try:
+        job = json.loads((config.run_dir() / "job.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return str(job.get("job_id")) if isinstance(job, dict) and job.get("launcher") == "slurm" else None
 
 
 def _record(job, config: RunConfig, launcher: Launcher) -> None:
@@ -200,9 +227,18 @@ def submit(
     """Train ``pending`` (the runs not done, in the order to start them) as jobs; with ``launcher.wait``,
     wait for them all: a bar (bench.progress: rich on a terminal, plain lines otherwise) and one line per
     finished or failed run. Returns one line per failed run (with its log)."""
+    say = progress.print if progress is not None else print
+    if launcher.kind == "slurm" and not launcher.resubmit:  # a job of an earlier call may still be queued or running
+        earlier = [c for c in pending if _earlier_job(c) is not None]
+        if earlier:
+            say(
+                f"{label}: {len(earlier)} run(s) not done were submitted before (job.json: "
+                f"{', '.join(sorted({_earlier_job(c) for c in earlier})[:4])}); not submitted again "
+                "(--resubmit submits them anew, once those jobs have ended)"
+            )
+            pending = [c for c in pending if c not in earlier]
     if not pending:
         return []
-    say = progress.print if progress is not None else print
     task = progress.add_task(label, total=len(pending)) if progress is not None else None
     executor = _executor(launcher, label)
     cores = os.cpu_count() or 1
