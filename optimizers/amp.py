@@ -83,21 +83,29 @@ class ScaledStep:
     def descend(self) -> bool:
         """End the step: the variant's descent (a plain optimizer's step), or, when a pass overflowed, the
         weights and the optimizer's state as before it; then the scale's one update. Returns whether skipped."""
-        skipped = self._found is not None and bool(self._found.item())
+        skipped = self._overflowed()
         sharpness_aware = isinstance(self.optimizer, SharpnessAwareOptimizer)
-        if skipped:
-            if sharpness_aware:
-                self.optimizer.restore()  # out of the perturbed pass: BatchNorm statistics resume
-            self.snapshot.restore(self.optimizer)
-            self.optimizer.zero_grad()
+        if skipped and sharpness_aware:
+            self.optimizer.restore()  # out of the perturbed pass: BatchNorm statistics resume
         elif sharpness_aware:
             self.optimizer.descend()
-        else:
+        elif not skipped:
             self.optimizer.step()
+            self.optimizer.zero_grad()
+        self._end(skipped)
+        return skipped
+
+    def _overflowed(self) -> bool:
+        """Whether any pass of this step overflowed: the step's one host read."""
+        return self._found is not None and bool(self._found.item())
+
+    def _end(self, skipped: bool) -> None:
+        """Undo a skipped step from the snapshot, then the scale's one update."""
+        if skipped:
+            self.snapshot.restore(self.optimizer)
             self.optimizer.zero_grad()
         self.scaler.update()
         self._passes = []
-        return skipped
 
     # -- the closure form ---------------------------------------------------------------------------
 
@@ -114,10 +122,6 @@ class ScaledStep:
             return loss.detach()
 
         loss = self.optimizer.step(closure)  # the variant's own step: its passes, perturbations and descent
-        skipped = self._found is not None and bool(self._found.item())
-        if skipped:
-            self.snapshot.restore(self.optimizer)
-            self.optimizer.zero_grad()
-        self.scaler.update()
-        self._passes = []
+        skipped = self._overflowed()
+        self._end(skipped)
         return None if skipped else loss

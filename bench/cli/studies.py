@@ -98,9 +98,8 @@ def cmd_sweep(argv: list[str]) -> int:
     missing = []
     if launcher.kind != "inline" and not (args.from_records or args.tables_only):
         pending = [c for c in execution_order(configs) if sweep_status(c) != "done"]
-        own = [*args.sets, *(["cpu=true"] if args.cpu else [])]
         with make_progress() as progress:
-            failed = submit(launcher, pending, lambda c: run_argv(recipe, own, c), f"sweep {recipe.name}", progress)
+            failed = submit(launcher, pending, lambda c: run_argv(recipe, job_sets(args), c), f"sweep {recipe.name}", progress)
         for line in failed:
             print(f"warning: {line}", file=sys.stderr)
         if not launcher.wait:
@@ -128,6 +127,11 @@ def cmd_sweep(argv: list[str]) -> int:
     others = [] if args.from_records else left_out(Path(configs[0].output_dir), configs)
     write_sweep_results(recipe, run_dirs, Path(args.results_dir), command, missing, others, args.force, [*args.sets, *extra])
     return 1 if failed else 0  # the tables hold what is done; a failed run is a failed sweep
+
+
+def job_sets(args) -> list[str]:
+    """The ``--set`` overrides a launched run repeats (its data folder is spelled by run_argv)."""
+    return [*args.sets, *(["cpu=true"] if args.cpu else [])]
 
 
 def launcher_of(args, recipe, output_dir: str) -> Launcher:
@@ -176,11 +180,11 @@ def recorded_runs(results_dir: Path, name: str, configs) -> tuple[pd.DataFrame, 
         candidates = [config] if config.data_id is not None else [replace(config, data_id=d) for d in recorded_data]
         return next((c.run_id() for c in candidates if c.run_id() in found), None)
 
-    ids = {id(c): recorded_id(c) for c in configs}
-    mine = [found[ids[id(c)]] for c in configs if ids[id(c)]]
+    matched = [(config, recorded_id(config)) for config in configs]
+    mine = [found[run_id] for _, run_id in matched if run_id]
     if not mine:
         raise ConfigError(f"sweep {name} --from_records: {path} holds none of its {len(configs)} runs")
-    return runs_frame(mine, [str(path)] * len(mine)), [c.run_dir().name for c in configs if not ids[id(c)]]
+    return runs_frame(mine, [str(path)] * len(mine)), [config.run_dir().name for config, run_id in matched if not run_id]
 
 
 def write_sweep_results(
@@ -238,10 +242,9 @@ def cmd_tune(argv: list[str]) -> int:
         return 0
     launch = None
     if launcher.kind != "inline":
-        own = [*args.sets, *(["cpu=true"] if args.cpu else [])]
 
         def launch(configs, keys, label):
-            for line in submit(launcher, configs, lambda c: run_argv(recipe, own, c, keys), label, progress):
+            for line in submit(launcher, configs, lambda c: run_argv(recipe, job_sets(args), c, keys), label, progress):
                 progress.print(f"warning: {line}")
 
     with make_progress() as progress:

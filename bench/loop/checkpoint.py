@@ -78,12 +78,21 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, objects: d
     accelerator.wait_for_everyone()
 
 
-def damage(checkpoint: Path, world_size: int) -> str | None:
-    """Why ``checkpoint`` cannot be trusted (None when every file it needs matches its manifest)."""
+def _complete(checkpoint: Path) -> dict[str, Any] | None:
+    """The checkpoint's complete.json (step, world_size, sha256), or None when unreadable."""
     try:
-        manifest = read_json(checkpoint / COMPLETE).get("sha256")
-    except (OSError, ValueError, AttributeError):
+        complete = read_json(checkpoint / COMPLETE)
+    except (OSError, ValueError):
+        return None
+    return complete if isinstance(complete, dict) else None
+
+
+def damage(checkpoint: Path, world_size: int, complete: dict[str, Any] | None) -> str | None:
+    """Why ``checkpoint`` cannot be trusted (None when every file it needs matches the manifest in its
+    ``complete``, the content of its complete.json)."""
+    if complete is None:
         return f"{COMPLETE} is unreadable"
+    manifest = complete.get("sha256")
     if not isinstance(manifest, dict):
         return "it has no file manifest (written by an earlier version, whose pickled state is never read)"
     needed = [MODEL_FILE, STATE_FILE, *(RNG_FILE.format(rank) for rank in range(world_size))]
@@ -98,26 +107,19 @@ def damage(checkpoint: Path, world_size: int) -> str | None:
     return None
 
 
-def _saved_by(checkpoint: Path) -> int | None:
-    try:
-        world = read_json(checkpoint / COMPLETE).get("world_size")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return world if isinstance(world, int) else None
-
-
 def load_checkpoint(accelerator, run_dir: Path, objects: dict[str, Any]) -> list[str]:
     """Load the newest intact checkpoint into the model, the random generators and ``objects``; returns a
     note per damaged checkpoint passed over. CheckpointError when none is intact or one cannot be loaded."""
     notes, world = [], accelerator.num_processes
     for checkpoint in reversed(checkpoints(run_dir)):
-        saved_by = _saved_by(checkpoint)
-        if saved_by not in (None, world):
+        complete = _complete(checkpoint)
+        saved_by = complete.get("world_size") if complete is not None else None
+        if isinstance(saved_by, int) and saved_by != world:
             raise CheckpointError(
                 f"{run_dir} was run by {saved_by} process(es), this resume by {world}: resume it with {saved_by} "
                 "(the data each process reads, and so the result, depend on the number)"
             )
-        why = damage(checkpoint, world)
+        why = damage(checkpoint, world, complete)
         if why is None:
             break
         notes.append(f"checkpoint {checkpoint} is damaged ({why}); not used")

@@ -15,7 +15,6 @@ step times are not step costs.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import torch
 
 from bench.config import ConfigError, RunConfig
 from bench.environment import SIDE_BY_SIDE
-from bench.io import write_json
+from bench.io import read_json, write_json
 
 LAUNCHERS = ("inline", "local", "slurm")
 POLL_S = 2.0
@@ -197,7 +196,7 @@ def _executor(launcher: Launcher, label: str):
 def _earlier_job(config: RunConfig) -> str | None:
     """The SLURM job id a run's job.json names, if any."""
     try:
-        job = json.loads((config.run_dir() / "job.json").read_text())
+        job = read_json(config.run_dir() / "job.json")
     except (OSError, ValueError):
         return None
     return str(job.get("job_id")) if isinstance(job, dict) and job.get("launcher") == "slurm" else None
