@@ -53,7 +53,11 @@ class ScaledStep:
     """One sharpness-aware step (or a plain torch optimizer's) per :meth:`step` under ``scaler``."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, model: nn.Module):
-        self.optimizer, self.scaler = optimizer, scaler
+        # a prepared optimizer (Accelerate's wrapper, holding it as .optimizer) would step through the scaler
+        # itself: the step is driven on the optimizer it wraps
+        inner = getattr(optimizer, "optimizer", None)
+        self.optimizer = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+        self.scaler = scaler
         self.snapshot = StepSnapshot(model)
         self._passes: list[_Pass] = []
         self._found: Tensor | None = None

@@ -169,7 +169,7 @@ class ARWP(SharpnessAwareOptimizer):
     def step(self, closure=None):
         """One pass at w + e, then restore w and the base step with that gradient."""
         if closure is None:
-            raise RuntimeError("ARWP.step needs a closure (or use perturb() and descend() around your passes)")
+            return self.descend_after_passes()
         self._add_noise()
         loss = self.evaluate(closure, "descent")
         self.descend()

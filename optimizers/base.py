@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .closure import accepts_requests
+from .drivers import refuse_unsupported_driver
 from .settings import Setting
 from .tensors import copy_into_kept, copy_tensors, global_norm, is_sharded, shard_like
 
@@ -152,6 +153,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     #: Whether ``max_grad_norm`` applies: the descent gradient clipped by global norm before the update.
     #: False for an update that is not a gradient step (bSAM's), which refuses the setting.
     clips_descent: ClassVar[bool] = True
+    #: Tells ``torch.amp.GradScaler.step`` to call :meth:`step` as it is, so that the step can refuse it in one
+    #: line (see optimizers.drivers) instead of running on gradients unscaled once.
+    _step_supports_amp_scaling: ClassVar[bool] = True
 
     @classmethod
     def compile_obstacle(cls, settings: dict[str, Any]) -> str | None:
@@ -205,9 +209,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         )
         self._backup: dict[Tensor, Tensor] = {}
         self._perturbed: list[Tensor] = []
+        self._in_perturbed_pass = False  # perturb() ran and no descent followed yet
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
         self._warned: set[str] = set()
+        self.register_step_pre_hook(refuse_unsupported_driver)
 
     # -- self-description ----------------------------------------------------------------------
 
@@ -287,6 +293,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if self._perturbed:
             copy_tensors(self._perturbed, [self._backup[p] for p in self._perturbed])
         self._perturbed = []
+        self._in_perturbed_pass = False
         self._batchnorms.release()
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
@@ -358,6 +365,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """The base optimizer's step with the descent gradient in ``.grad``, clipped first (max_grad_norm)."""
         self.clip_descent_gradient()
         self.base_optimizer.step()
+        self._in_perturbed_pass = False
 
     @property
     def perturbs_this_step(self) -> bool:
@@ -378,6 +386,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     def enter_perturbed_pass(self, zero_grad: bool = True) -> None:
         """The weights are at w + e: freeze BatchNorm statistics (where the variant does) and clear the grads."""
+        self._in_perturbed_pass = True
         if self.freezes_batchnorm:
             self._batchnorms.freeze()
         if zero_grad:
@@ -407,9 +416,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[..., Tensor] | None = None) -> Tensor:
         """One full step; ``closure`` zeroes the grads, runs forward and backward, returns the loss."""
         if closure is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.step needs a closure (or use perturb() and descend() around your backward passes)"
-            )
+            return self.descend_after_passes()
         if not self.perturbs_this_step:  # the one pass of this step is the descent pass
             loss = self.evaluate(closure, "descent")
             self.descend()
@@ -419,6 +426,18 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.evaluate(closure, "descent")
         self.descend()
         return loss
+
+    def descend_after_passes(self) -> None:
+        """``step()`` with no closure, as a framework that calls ``step()`` itself does (the Transformers
+        Trainer): the step's passes ran in the caller's code, :meth:`perturb` between them (where
+        :attr:`perturbs_this_step`), and this is their :meth:`descend`; the gradients are left for the
+        caller to zero, as a torch optimizer leaves them."""
+        if self.perturbs_this_step and not (self._perturbed or self._in_perturbed_pass):
+            raise RuntimeError(
+                f"{type(self).__name__}.step needs a closure, or perturb() between the step's two backward passes "
+                "before step() (or descend())"
+            )
+        self.descend(zero_grad=False)
 
     # -- state ---------------------------------------------------------------------------------
 

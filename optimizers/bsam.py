@@ -97,7 +97,7 @@ class BayesianSAM(SharpnessAwareOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         if closure is None:
-            raise RuntimeError("BayesianSAM.step needs a closure")
+            return self.descend_after_passes()
         m = self.msharpness
         if m > 1 and not getattr(closure, "accepts_requests", False):
             self.warn_once("m", f"BayesianSAM: a plain closure cannot split the batch; using m=1 instead of {m}")

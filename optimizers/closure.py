@@ -42,6 +42,12 @@ class BatchClosure:
     ``loss.backward()`` (e.g. ``accelerator.backward``). With ``accumulation_steps`` A
     every pass runs as A micro-batches whose gradients add up to the full-batch mean.
 
+    Data parallel: ``no_sync`` makes a context in which a backward's gradients stay on this
+    process (``lambda: accelerator.no_sync(model)``, or a DDP module's ``no_sync``). Every
+    micro-batch but a pass's last runs in it, and so does the ascent pass unless
+    ``ascent_sync`` (the optimizer's :attr:`~optimizers.base.SharpnessAwareOptimizer.ascent_sync`)
+    is ``"global"``: one all-reduce per step saved, and what ESAM's ascent needs.
+
     The closure counts its work: ``passes`` forward-backward calls and
     ``sample_passes`` (forward-backward calls weighted by the fraction of the batch
     they used), and keeps the outputs and mean loss of its first pass (see :meth:`observe`).
@@ -57,9 +63,14 @@ class BatchClosure:
         targets: Tensor,
         backward: Callable[[Tensor], None] | None = None,
         accumulation_steps: int = 1,
+        no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+        ascent_sync: str = "global",
     ):
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
+        if ascent_sync not in ("any", "global", "local"):
+            raise ValueError(f"ascent_sync must be 'any', 'global' or 'local', got {ascent_sync!r}")
+        self.no_sync, self.ascent_sync = no_sync, ascent_sync
         self.model = model
         self.loss_fn = loss_fn
         self.inputs = inputs
@@ -76,7 +87,9 @@ class BatchClosure:
         return len(self.targets)
 
     def context(self, phase: str, last_micro_batch: bool = True):
-        """Context a pass of ``phase`` runs in; loops override it (autocast, DDP no_sync)."""
+        """Context a pass of ``phase`` runs in: ``no_sync()`` where its gradients stay on this process."""
+        if self.no_sync is not None and (not last_micro_batch or (phase == "ascent" and self.ascent_sync != "global")):
+            return self.no_sync()
         return contextlib.nullcontext()
 
     def after_backward(self, loss: Tensor, phase: str) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .base import SharpnessAwareOptimizer
 from .settings import Setting
-from .tensors import global_norm
+from .tensors import data_parallel, global_norm
 
 EPS = 1e-7
 
@@ -120,8 +120,15 @@ class ESAM(SharpnessAwareOptimizer):
     def step(self, closure=None):
         if closure is None:
             return super().step(closure)
+        plain = not getattr(closure, "accepts_requests", False)
+        if plain and any(group["beta"] < 1 for group in self.param_groups) and data_parallel():
+            raise RuntimeError(
+                "ESAM leaves tensors out of its ascent backward, which a data-parallel all-reduce cannot take: pass a "
+                "closure that keeps the ascent pass local, optimizers.BatchClosure(..., no_sync=lambda: "
+                "accelerator.no_sync(model), ascent_sync=optimizer.ascent_sync)"
+            )
         select = self.gamma < 1
-        if select and not getattr(closure, "accepts_requests", False):
+        if select and plain:
             self.warn_once("sds", "ESAM: a plain closure cannot evaluate sample subsets; data selection is off (gamma=1)")
             select = False
         if not select:

@@ -213,7 +213,7 @@ class LookbehindSAM(SharpnessAwareOptimizer):
     def step(self, closure=None):
         """The k inner steps on the closure's batch (what is left of the current cycle); the first pass's loss."""
         if closure is None:
-            raise RuntimeError("LookbehindSAM.step needs a closure (or use perturb() and descend() around your passes)")
+            return self.descend_after_passes()
         loss = None
         while True:
             value = self.evaluate(closure, "ascent")

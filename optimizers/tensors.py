@@ -119,3 +119,8 @@ def shard_like(value: Tensor, like: Tensor) -> Tensor:
     """This process's shard of the whole tensor ``value`` (the same on every process), sharded as ``like`` is
     (no communication)."""
     return distribute_tensor(value.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def data_parallel() -> bool:
+    """Whether this process is one of several in a torch.distributed group."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1

@@ -66,3 +66,12 @@ def with_loss_term(opt, model: nn.Module | None = None, num_train: int = 64, num
 
     build_regularizer(opt, model if model is not None else nn.Module(), num_train, num_classes, "cpu")
     return opt
+
+
+def free_port() -> str:
+    """A TCP port nobody listens on now, for a launched job's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

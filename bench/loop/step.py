@@ -68,8 +68,18 @@ class TrainClosure(BatchClosure):
         self.task_loss, self.sample_ids, self.regularizer, self.epoch = loss_fn, sample_ids, regularizer, epoch
         if regularizer is not None:
             loss_fn = self._regularised_loss
-        super().__init__(model, loss_fn, inputs, targets, backward=self._scaled_backward, accumulation_steps=accumulation_steps)
-        self.accelerator, self.ascent_sync, self.scaler = accelerator, ascent_sync, scaler
+        no_sync = (lambda: accelerator.no_sync(model)) if accelerator.num_processes > 1 else None
+        super().__init__(
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            backward=self._scaled_backward,
+            accumulation_steps=accumulation_steps,
+            no_sync=no_sync,
+            ascent_sync=ascent_sync,
+        )
+        self.accelerator, self.scaler = accelerator, scaler
         # every parameter, not only those needing a gradient now: a variant may switch requires_grad
         # between passes (ESAM), and each pass's gradients must be unscaled and checked
         self.params = list(model.parameters())
@@ -105,11 +115,6 @@ class TrainClosure(BatchClosure):
     def _regularised_loss(self, outputs, targets):
         inputs, ids = self._micro_batches.pop(0)
         return self.task_loss(outputs, targets) + self.regularizer.extra_loss(outputs, ids, self.epoch, inputs)
-
-    def context(self, phase: str, last_micro_batch: bool = True):
-        if self.accelerator.num_processes > 1 and (not last_micro_batch or (phase == "ascent" and self.ascent_sync != "global")):
-            return self.accelerator.no_sync(self.model)
-        return contextlib.nullcontext()
 
     def _scaled_backward(self, loss):
         if self.scaler is None:

@@ -1,0 +1,68 @@
+"""A sharpness-aware optimizer in a Transformers ``Trainer``: ``training_step`` runs the variant's passes
+(``perturb()`` between them) and the Trainer's own clipping and ``optimizer.step()`` take the descent."""
+
+import argparse
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from optimizers import create_optimizer
+
+
+class SharpnessAwareTrainer(Trainer):
+    def __init__(self, *args, optimizer_name: str = "sam", **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.gradient_accumulation_steps > 1:  # each micro-batch would perturb again
+            raise ValueError("SharpnessAwareTrainer needs gradient_accumulation_steps=1")
+        self.optimizer_name = optimizer_name
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.variant = create_optimizer(self.optimizer_name, self.model, lr=self.args.learning_rate, momentum=0.9)
+            self.optimizer = self.variant
+        return self.optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        loss = self.compute_loss(model, inputs)
+        self.accelerator.backward(loss)
+        if self.variant.perturbs_this_step:
+            self.variant.perturb()  # to w + e; the Trainer's optimizer.step() restores w and descends
+            self.accelerator.backward(self.compute_loss(model, inputs))
+        return loss.detach()
+
+
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4))
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def train(optimizer_name: str = "sam", epochs: int = 3) -> float:
+    torch.manual_seed(0)
+    x = torch.randn(512, 20)
+    labels = (x @ torch.randn(20, 4)).argmax(1)  # a learnable toy task
+    data = [{"x": x[i], "labels": labels[i]} for i in range(len(x))]
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            out, num_train_epochs=epochs, per_device_train_batch_size=64, learning_rate=0.1, max_grad_norm=1.0,
+            lr_scheduler_type="constant", save_strategy="no", report_to=[], logging_steps=8, use_cpu=not torch.cuda.is_available(),
+        )  # fmt: skip
+        trainer = SharpnessAwareTrainer(model=Classifier(), args=args, train_dataset=data, optimizer_name=optimizer_name)
+        result = trainer.train()
+    return result.training_loss
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--optimizer", default="sam")
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    train(args.optimizer, args.epochs)
