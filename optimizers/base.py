@@ -111,7 +111,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     ``k``) become attributes of the optimizer.
 
     A variant describes itself in class attributes, from which the harness builds its
-    flags and the README its table: :attr:`settings`, :attr:`paper`, :attr:`rule`,
+    flags and docs/variants.md its table: :attr:`settings`, :attr:`paper`, :attr:`rule`,
     :attr:`passes`, :attr:`extra_memory`, :attr:`memory_note` and the capabilities below.
     """
 

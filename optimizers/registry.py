@@ -1,4 +1,4 @@
-"""One registry, one factory: optimizers by name; and the README's variant table, generated."""
+"""One registry, one factory: optimizers by name; and the variant table of docs/variants.md, generated."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def _defaults(settings: tuple[Setting, ...]) -> str:
 
 
 def variants_markdown() -> str:
-    """The README's table of variants, from each class's declarations."""
+    """The table of variants in docs/variants.md, from each class's declarations."""
     lines = [
         "| name | paper | update rule (see the file's docstring) | defaults (source) | extra memory | passes |",
         "| --- | --- | --- | --- | --- | --- |",

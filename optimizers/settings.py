@@ -3,7 +3,7 @@
 A variant lists every setting it takes in ``settings`` on its class: name, default,
 valid range and the source of the default. Everything else is generated from that list:
 the optimizer's validation (the same one-line errors however the optimizer is built),
-its defaults, the README's variant table, and whatever a caller builds on it (a command
+its defaults, the variant table of docs/variants.md, and whatever a caller builds on it (a command
 line's flags and their help).
 
 Per-group settings (``per_group=True``, the default) live in each param group and may

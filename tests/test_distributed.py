@@ -175,7 +175,7 @@ def test_sync_bn_with_global_sync_equals_one_process_on_the_whole_batch(tmp_path
 
 
 def test_without_sync_bn_each_process_normalises_its_own_shard(tmp_path):
-    """The README's caveat, measured: without --sync_bn, global sync differs from one process once the
+    """docs/multi-gpu.md's caveat, measured: without --sync_bn, global sync differs from one process once the
     model has BatchNorm (per-shard batch statistics)."""
     args = [*BN_FLAGS, "--arch", "smallcnn", "--sam_type", "SAM", "--ascent_sync", "global"]
     two, one = launch(args, tmp_path / "two"), one_process(args, tmp_path / "one")

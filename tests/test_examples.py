@@ -108,3 +108,19 @@ def test_the_trainer_subclass_step_equals_the_closure_form(tmp_path):
 @needs("transformers")
 def test_the_trainer_subclass_trains():
     assert example("transformers_trainer").train("sam", epochs=3) < CHANCE
+
+
+@needs("lightning")
+def test_lightning_16_mixed_is_refused_in_one_line():
+    """Lightning's fp16 plugin runs the closure once and then GradScaler.step (a CPU scaler here: on a GPU the
+    same plugin and class)."""
+    import lightning as L
+    from lightning.pytorch.plugins import MixedPrecision
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.randn(64, 20)
+    data = TensorDataset(x, (x @ torch.randn(20, 4)).argmax(1))
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, plugins=[plugin], logger=False, enable_checkpointing=False)
+    with pytest.raises(RuntimeError, match=r"^a GradScaler cannot step SAM: .* ScaledStep"):
+        trainer.fit(example("lightning_module").SharpnessAwareModule("sam"), DataLoader(data, batch_size=32))

@@ -343,7 +343,7 @@ def test_bsam_updates_batchnorm_in_every_pass_like_the_official_code():
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_persistent_extra_memory(name):
-    """What the class declares (and the README's table shows) is what it keeps."""
+    """What the class declares (and docs/variants.md's table shows) is what it keeps."""
     model = tiny_mlp()
     opt = create_optimizer(name, model, lr=0.1, momentum=0.9) if name != "bsam" else create_optimizer(name, model)
     with_loss_term(opt, model)
