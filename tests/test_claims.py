@@ -16,10 +16,10 @@ from bench.report.runs import ResultsError, load_runs
 T975_2 = math.sqrt(2 * 0.9025 / 0.0975)
 
 
-def runs_of(root, optimizer, values, metric="final_test_acc", seeds=None, **summary_extra):
+def runs_of(root, optimizer, values, metric="final_test_acc", seeds=None, settings=None, **summary_extra):
     """One completed run per value (seeds 0, 1, ... unless given), the metric set to that value."""
     for seed, value in zip(seeds or range(len(values)), values):
-        run = make_run(root, optimizer, seed=seed, acc=value if metric == "final_test_acc" else 0.8)
+        run = make_run(root, optimizer, seed=seed, acc=value if metric == "final_test_acc" else 0.8, **(settings or {}))
         summary = json.loads((run / "summary.json").read_text())
         summary.update(
             {metric: value, "sample_passes_per_step": 1.0, "num_classes": 10, "final_train_loss": 0.3, **summary_extra}
@@ -233,3 +233,17 @@ def test_pairing_uses_the_seeds_both_sides_ran():
     d = stats.compare({0: 71.0, 1: 81.2, 2: 50.0}, {0: 70.0, 1: 80.0})
     assert d.paired and d.n_a == d.n_b == 2 and d.df == 1 and d.mean == pytest.approx(1.1)
     assert d.se == pytest.approx(0.1)  # sd of (1, 1.2) is 0.1414, over sqrt 2
+
+
+def test_a_compute_matched_claim_compares_against_b_at_its_multiple_of_the_epochs(tmp_path):
+    """SAM at 4 epochs against SGD at 8 (equal passes) and at 4 (equal epochs): each claim finds its own B."""
+    runs_of(tmp_path, "sam", [0.80, 0.82, 0.84], settings={"epochs": 4})
+    runs_of(tmp_path, "sgd", [0.70, 0.72, 0.74], settings={"epochs": 4})
+    runs_of(tmp_path, "sgd", [0.79, 0.815, 0.835], settings={"epochs": 8})
+    matched = Claim("SAM beats SGD at equal passes", "s", "sam", "sgd", "beats", "final_test_acc", b_epochs=2)
+    rows = evaluate((BEATS, matched), load_runs([tmp_path]))
+    by_claim = {row["claim"].text: row for row in rows}
+    assert len(rows) == 2  # not SAM at 4 against SGD at 8 for the equal-epochs claim, nor the reverse
+    assert by_claim["B2 beats B1"]["difference"].mean == pytest.approx(10.0)
+    assert by_claim["SAM beats SGD at equal passes"]["difference"].mean == pytest.approx(2 / 3)  # (1 + 0.5 + 0.5) / 3
+    assert "epochs=8" in by_claim["SAM beats SGD at equal passes"]["b"].label

@@ -13,7 +13,8 @@ from bench.cli.main import main
 from bench.cli.run import recipe_config
 from bench.io import read_json, write_json
 from bench.studies.recipes import load_recipe
-from bench.studies.tune import budget, choices, plan
+from bench.studies.tune import choices, plan
+from bench.studies.tuning_tables import budget
 
 TINY = """
 name = "tiny_tune"
@@ -97,7 +98,7 @@ def test_the_tuning_markdown_lists_every_trial_and_the_choice(tuned):
         assert f"* {optimizer}: {key} = [{', '.join(f'{v:g}' for v in values)}]" in text
         for value in values:
             assert f"| {optimizer} | {key}={value:g} |" in text
-    assert text.count("| yes |") == 2
+    assert text.count("| yes, on an edge (") == 2  # two-point grids: every choice sits on an edge, and says so
     assert (root / "results" / "tiny_tune_tuned_acc_final.png").stat().st_size > 0  # the final runs' figures
 
 
@@ -242,3 +243,78 @@ def test_printed_final_runs_go_seed_by_seed_across_optimizers(tmp_path, capsys):
     assert main(["tune", str(recipe), "--output_dir", str(tmp_path / "runs"), "--print_commands"]) == 0
     runs = [command_config(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [(c.optimizer, c.seed) for c in runs] == [("sgd", 0), ("sam", 0), ("sgd", 1), ("sam", 1)]
+
+
+# -- interior optima and the compute-matched baseline -------------------------------------------------
+
+
+def test_beyond_steps_past_an_edge_with_the_grids_own_spacing():
+    from bench.studies.tune import _beyond
+
+    assert _beyond([0.02, 0.05, 0.1, 0.2], -1) == pytest.approx(0.008) and _beyond([0.02, 0.05, 0.1, 0.2], 1) == 0.4
+    assert _beyond([2, 4], -1) == 1 and _beyond([2, 5], 1) == 8  # integers: geometric where it stays whole
+    assert _beyond([0.0, 0.5], 1) == 1.0 and _beyond([0.0, 0.5], -1) == -0.5  # a zero: arithmetic
+
+
+def test_a_choice_on_an_edge_extends_its_grid_there_up_to_the_limit(tmp_path):
+    recipe = write_recipe(tmp_path, TINY.replace("final_seeds = [1]", "final_seeds = [1]\nextend_edges = 2"))
+    tuning = plan(load_recipe(str(recipe)), [], tmp_path / "runs")
+    sgd_low, sgd_high = tuning.points["sgd"]
+    sam_low, sam_high = tuning.points["sam"]
+    plant(sgd_low.trials[0], val=0.6, test=0.5)
+    plant(sgd_high.trials[0], val=0.8, test=0.5)  # sgd: its highest lr, on the edge
+    plant(sam_low.trials[0], val=0.7, test=0.5)
+    plant(sam_high.trials[0], val=0.7, test=0.5)  # sam: a tie, the earlier point: its lowest rho
+    from bench.studies.tune import extend
+
+    added = extend(tuning, 1)
+    assert [c.lr for c in added["sgd"]] == [8.0] and [c.hyperparameters["rho"] for c in added["sam"]] == [0.0002]
+    assert tuning.grids["sgd"]["lr"] == [0.005, 0.2, 8.0] and tuning.points["sgd"][-1].extension == 1
+    (new_sgd,) = [p for p in tuning.points["sgd"] if p.extension]
+    plant(new_sgd.trials[0], val=0.7, test=0.99)  # worse than lr 0.2: sgd's choice is interior now
+    (new_sam,) = [p for p in tuning.points["sam"] if p.extension]
+    plant(new_sam.trials[0], val=0.9, test=0.1)  # better: sam's choice is on the (new) edge again
+    again = extend(tuning, 2)
+    assert list(again) == ["sam"] and choices(tuning)["sgd"] is sgd_high
+    from bench.studies.tuning_tables import _chosen
+
+    plant(tuning.points["sam"][-1].trials[0], val=0.95, test=0.1)
+    assert _chosen(tuning, choices(tuning)["sam"]) == "yes, on an edge (rho lowest)"  # past the limit: marked
+    assert _chosen(tuning, choices(tuning)["sgd"]) == "yes"
+
+
+def test_an_extension_outside_the_settings_range_is_not_added(tmp_path):
+    text = TINY.replace("[tune.grid.sam]\nrho = [0.01, 0.5]", "[tune.grid.esam]\nbeta = [0.5, 1.0]")
+    tuning = plan(load_recipe(str(write_recipe(tmp_path, text))), [], tmp_path / "runs")
+    for point, val in zip([*tuning.points["sgd"], *tuning.points["esam"]], [0.9, 0.5, 0.5, 0.9]):
+        plant(point.trials[0], val=val, test=0.5)
+    from bench.studies.tune import extend
+
+    added = extend(tuning, 1)  # sgd's lowest lr extends; ESAM's beta 1.0 is its range's end: beta 1.5 is refused
+    assert list(added) == ["sgd"] and tuning.grids["esam"]["beta"] == [0.5, 1.0]
+
+
+def test_equal_passes_tunes_the_baseline_again_for_twice_the_epochs(tmp_path):
+    text = TINY.replace("epochs = 1\n", "epochs = 2\n").replace(
+        "final_seeds = [1]", "final_seeds = [1]\nequal_passes = {sgd = 2}"
+    )
+    tuning = plan(load_recipe(str(write_recipe(tmp_path, text))), [], tmp_path / "runs")
+    matched = tuning.points["sgd at 2x epochs"]
+    assert [p.values for p in matched] == [p.values for p in tuning.points["sgd"]]
+    assert {c.epochs for p in matched for c in p.trials} == {4} and {
+        c.epochs for p in tuning.points["sgd"] for c in p.trials
+    } == {2}
+    assert {c.optimizer for p in matched for c in p.trials} == {"sgd"}
+    assert "sgd at 2x epochs: the same grid for 2x the epochs (equal passes)" in budget(tuning)
+
+
+def test_bad_tuning_extensions_are_refused_in_one_line(tmp_path, capsys):
+    for edit, message in [
+        ("equal_passes = {sgd = 1}", "equal_passes maps an optimizer"),
+        ("equal_passes = {adamw = 2}", "equal_passes names adamw, which has no tune.grid"),
+        ("extend_edges = -1", "extend_edges must be an integer >= 0"),
+    ]:
+        recipe = write_recipe(tmp_path, TINY.replace("final_seeds = [1]", f"final_seeds = [1]\n{edit}"))
+        assert main(["tune", str(recipe), "--output_dir", str(tmp_path / "runs"), "--print_commands"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err

@@ -23,7 +23,8 @@ from bench.studies.launchers import Launcher, launcher_from, parse_sbatch, submi
 from bench.studies.recipes import load_recipe
 from bench.studies.sweep import commands, execution_order, run_argv, run_sweep
 from bench.studies.sweep import status as sweep_status
-from bench.studies.tune import pending_commands, plan, run_tuning, write_tuning_results
+from bench.studies.tune import pending_commands, plan, run_tuning
+from bench.studies.tuning_tables import write_tuning_results
 from bench.usage import Parser
 
 # -- the other commands ----------------------------------------------------------------------------

@@ -40,6 +40,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from bench.config import RunConfig
 from bench.report import stats, tables
 from bench.report.runs import ResultsError, settings_key
 
@@ -79,6 +80,8 @@ class Claim:
     regime_min_epochs: int = 0
     #: the effect the paper reports, in words (from the reference sheet where it has one)
     paper_effect: str = ""
+    #: B trains for this many times A's epochs (2: SGD at the forward-backward passes of a two-pass method)
+    b_epochs: int = 1
 
     @property
     def higher_is_better(self) -> bool:
@@ -86,7 +89,13 @@ class Claim:
 
 
 _REQUIRED = ("text", "source", "a", "b", "kind", "metric")
-_TYPES = {"margin": (int, float), "margin_gain": (int, float), "regime_min_epochs": (int,), "regime_datasets": (list,)}
+_TYPES = {
+    "margin": (int, float),
+    "margin_gain": (int, float),
+    "regime_min_epochs": (int,),
+    "regime_datasets": (list,),
+    "b_epochs": (int,),
+}
 
 
 def _check_entry(entry: Any, where: str) -> Claim:
@@ -120,6 +129,8 @@ def _check_entry(entry: Any, where: str) -> Claim:
         raise ResultsError(f"{where}: a beats claim takes no margin")
     if any(entry.get(k, 1) <= 0 for k in ("margin", "margin_gain")):
         raise ResultsError(f"{where}: a margin must be > 0")
+    if entry.get("b_epochs", 1) < 1:
+        raise ResultsError(f"{where}: b_epochs must be >= 1")
     return Claim(**{**entry, "regime_datasets": tuple(entry.get("regime_datasets", ()))})
 
 
@@ -194,8 +205,14 @@ def _sides(runs: pd.DataFrame, optimizer: str) -> list[Side]:
     return sides
 
 
-def _comparable(a: Side, b: Side) -> bool:
-    return settings_key(a.runs.identity.iloc[0], OPTIMIZER_OWN) == settings_key(b.runs.identity.iloc[0], OPTIMIZER_OWN)
+def _comparable(a: Side, b: Side, b_epochs: int = 1) -> bool:
+    """The same setting but for the optimizer's own settings, and B trained for ``b_epochs`` times A's epochs."""
+    ia, ib = a.runs.identity.iloc[0], b.runs.identity.iloc[0]
+    if b_epochs == 1:
+        return settings_key(ia, OPTIMIZER_OWN) == settings_key(ib, OPTIMIZER_OWN)
+    epochs = [int(i.get("epochs", RunConfig.epochs)) for i in (ia, ib)]
+    same = settings_key(ia, (*OPTIMIZER_OWN, "epochs")) == settings_key(ib, (*OPTIMIZER_OWN, "epochs"))
+    return same and epochs[1] == b_epochs * epochs[0]
 
 
 def _cost(a: Side, b: Side) -> tuple[str, int]:
@@ -276,7 +293,7 @@ def evaluate(claims: tuple[Claim, ...], runs: pd.DataFrame) -> list[dict[str, An
     for claim in claims:
         for a in _sides(runs, claim.a):
             for b in _sides(runs, claim.b):
-                if _comparable(a, b) and len(a.runs) >= 2 and len(b.runs) >= 2:
+                if _comparable(a, b, claim.b_epochs) and len(a.runs) >= 2 and len(b.runs) >= 2:
                     rows.append(_evaluate(claim, a, b, runs))
     tested = [r for r in rows if r["p"] is not None]
     for row, adjusted in zip(tested, stats.holm([r["p"] for r in tested])):

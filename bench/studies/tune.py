@@ -12,12 +12,18 @@ trials' ``final_val_acc`` and nothing else, so the test set never enters the cho
 values are then run with the final seeds on the full training set (``val_fraction`` 0) and
 tabulated, the tuned values marked.
 
+``equal_passes = {sgd = 2}`` adds a contender per named optimizer: the same optimizer tuned on the same
+grid for twice the epochs (trials and final runs), so that it makes as many forward-backward passes as a
+two-pass method: the compute-matched baseline. Its rows carry their epochs; claims with ``b_epochs``
+compare against it (bench/report/claims.toml).
+
 Trials go to ``OUTPUT_DIR/trials`` and final runs to ``OUTPUT_DIR/final``, named by their settings
 (``bench.studies.sweep``): tuning resumes where it stopped and never trains a run twice.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import statistics
@@ -25,15 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from bench.config import ConfigError, RunConfig
-from bench.io import read_json, write_text
-from bench.report.tables import frame_to_markdown, write_comparison
+from bench.io import read_json
 from bench.studies.recipes import Recipe, config_from_settings, parse_assignment
 from bench.studies.sweep import commands, execution_order, run_sweep, status
 
-SECTION_KEYS = ("val_fraction", "seeds", "final_seeds", "trial_epochs", "equal_budget", "grid")
+SECTION_KEYS = ("val_fraction", "seeds", "final_seeds", "trial_epochs", "equal_budget", "equal_passes", "extend_edges", "grid")
 #: set per run by the tuning: neither a grid key nor a --set may change them
 CONTROLLED = ("optimizer", "seed", "val_fraction")
 #: the only [grid] axes a tunable recipe may have (they serve `sweep`, the untuned comparison)
@@ -44,13 +47,14 @@ SWEEP_AXES = ("optimizer", "seed")
 class Point:
     """One grid point of one optimizer and its trials (one run per trial seed)."""
 
-    optimizer: str  # as the recipe names it
+    optimizer: str  # the contender, as the recipe names it
     values: dict[str, Any]
     trials: tuple[RunConfig, ...]
+    extension: int = 0  # the round of grid extension that added it (0: the recipe's grid)
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{key}={_show(value)}" for key, value in self.values.items())
+        return ", ".join(f"{key}={show(value)}" for key, value in self.values.items())
 
 
 @dataclass
@@ -64,15 +68,19 @@ class Plan:
     seeds: list[int]
     final_seeds: list[int]
     equal_budget: bool
-    grids: dict[str, dict[str, list]]  # per optimizer, as the recipe writes it
+    grids: dict[str, dict[str, list]]  # per contender (an optimizer, or one at equal passes), as the recipe writes it
     points: dict[str, list[Point]]
-    bases: dict[str, dict[str, Any]]  # per optimizer: its settings before the grid point
+    bases: dict[str, dict[str, Any]]  # per contender: its settings before the grid point
+    #: per contender at equal passes (``equal_passes``): how many times the recipe's epochs it trains for
+    factors: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: rounds of grid extension past a chosen edge (``extend_edges``), the same limit for every contender
+    extend_edges: int = 0
 
     def trials(self) -> list[RunConfig]:
         return [config for points in self.points.values() for point in points for config in point.trials]
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
@@ -126,6 +134,19 @@ def _section(recipe: Recipe) -> dict[str, Any]:
         trial_epochs is None or (isinstance(trial_epochs, int) and not isinstance(trial_epochs, bool) and trial_epochs >= 1),
         f"{where}: trial_epochs must be a positive integer, got {trial_epochs!r}",
     )
+    passes = section.get("equal_passes", {})
+    _need(
+        isinstance(passes, dict) and all(isinstance(f, int) and not isinstance(f, bool) and f >= 2 for f in passes.values()),
+        f"{where}: equal_passes maps an optimizer to how many times the epochs it trains for (an integer >= 2), "
+        f"such as {{sgd = 2}}; got {passes!r}",
+    )
+    missing = [name for name in passes if name not in section.get("grid", {})]
+    _need(not missing, f"{where}: equal_passes names {', '.join(missing)}, which has no tune.grid (it is tuned the same way)")
+    extend_edges = section.get("extend_edges", 0)
+    _need(
+        isinstance(extend_edges, int) and not isinstance(extend_edges, bool) and extend_edges >= 0,
+        f"{where}: extend_edges must be an integer >= 0 (rounds of extension past a chosen edge), got {extend_edges!r}",
+    )
     axes = sorted(set(recipe.grid) - set(SWEEP_AXES))
     _need(not axes, f"recipe {recipe.name}: tune takes no [grid] axis but {' and '.join(SWEEP_AXES)} (got {', '.join(axes)})")
     return {
@@ -135,6 +156,8 @@ def _section(recipe: Recipe) -> dict[str, Any]:
         "final_seeds": _seeds(section, "final_seeds", where),
         "equal_budget": section.get("equal_budget", True),
         "grid": _grids(section, where),
+        "equal_passes": passes,
+        "extend_edges": extend_edges,
     }
 
 
@@ -156,11 +179,20 @@ def plan(recipe: Recipe, sets: list[str], output_dir: str | Path) -> Plan:
     spec, output_dir = _section(recipe), Path(output_dir)
     forced = _forced(sets, spec["grid"])
     trial_epochs = spec["trial_epochs"]
-    shorter = {} if trial_epochs is None else {"epochs": trial_epochs}
-    points, bases = {}, {}
-    for optimizer, grid in spec["grid"].items():
-        bases[optimizer] = {**recipe.config, "optimizer": optimizer, **recipe.optimizers.get(optimizer, {}), **forced}
-        epochs = bases[optimizer].get("epochs", RunConfig.epochs)
+    grids = {name: dict(grid) for name, grid in spec["grid"].items()}
+    factors = {}
+    for name, factor in spec["equal_passes"].items():  # the same optimizer, tuned the same way, for factor x the epochs
+        grids[f"{name} at {factor}x epochs"], factors[f"{name} at {factor}x epochs"] = dict(spec["grid"][name]), factor
+    tuning = Plan(
+        recipe, output_dir, spec["val_fraction"], trial_epochs, spec["seeds"], spec["final_seeds"], spec["equal_budget"],
+        grids, {}, {}, factors, spec["extend_edges"],
+    )  # fmt: skip
+    for contender, grid in grids.items():
+        optimizer, factor = contender.split(" at ")[0], factors.get(contender, 1)
+        base = {**recipe.config, "optimizer": optimizer, **recipe.optimizers.get(optimizer, {}), **forced}
+        epochs = base.get("epochs", RunConfig.epochs)
+        base["epochs"] = epochs * factor
+        tuning.bases[contender] = base
         _need(
             trial_epochs is None or ("epochs" not in grid and trial_epochs <= epochs),
             f"recipe {recipe.name} [tune]: trial_epochs {trial_epochs} "
@@ -170,39 +202,66 @@ def plan(recipe: Recipe, sets: list[str], output_dir: str | Path) -> Plan:
                 else f"exceeds the final runs' {epochs} epochs ({optimizer})"
             ),
         )
-        points[optimizer] = [
-            Point(
-                optimizer,
-                values,
-                tuple(
-                    config_from_settings(
-                        {
-                            **bases[optimizer],
-                            **values,
-                            **shorter,
-                            "seed": seed,
-                            "val_fraction": spec["val_fraction"],
-                            "output_dir": str(output_dir / "trials"),
-                        },
-                        recipe.name,
-                    )
-                    for seed in spec["seeds"]
-                ),
-            )
-            for values in (dict(zip(grid, combo)) for combo in itertools.product(*grid.values()))
-        ]
-    return Plan(
-        recipe,
-        output_dir,
-        spec["val_fraction"],
-        trial_epochs,
-        spec["seeds"],
-        spec["final_seeds"],
-        spec["equal_budget"],
-        spec["grid"],
-        points,
-        bases,
+        combos = (dict(zip(grid, combo)) for combo in itertools.product(*grid.values()))
+        tuning.points[contender] = [grid_point(tuning, contender, values) for values in combos]
+    return tuning
+
+
+def grid_point(tuning: Plan, contender: str, values: dict[str, Any], extension: int = 0) -> Point:
+    """The trials of one grid point: one run per trial seed on the training set less the validation split."""
+    shorter = {} if tuning.trial_epochs is None else {"epochs": tuning.trial_epochs * tuning.factors.get(contender, 1)}
+    settings = {"val_fraction": tuning.val_fraction, "output_dir": str(tuning.output_dir / "trials")}
+    return Point(
+        contender,
+        values,
+        tuple(
+            config_from_settings({**tuning.bases[contender], **values, **shorter, "seed": seed, **settings}, tuning.recipe.name)
+            for seed in tuning.seeds
+        ),
+        extension,
     )
+
+
+# -- interior optima: a choice on an edge of its grid extends the grid there ------------------------
+
+
+def _beyond(values: list, side: int) -> Any:
+    """The next value past the lowest (side -1) or highest (+1) of a numeric axis: one step of the grid's own
+    spacing there, geometric where every value is positive (log-spaced grids), else arithmetic."""
+    ordered = sorted(set(values))
+    edge, inner = (ordered[0], ordered[1]) if side < 0 else (ordered[-1], ordered[-2])
+    if min(ordered) > 0 and (not all(isinstance(v, int) for v in ordered) or (edge * edge) % inner == 0):
+        nxt = edge * edge / inner
+        return round(nxt) if all(isinstance(v, int) for v in ordered) else float(f"{nxt:.6g}")
+    return edge + (edge - inner)
+
+
+def edges(tuning: Plan, point: Point) -> list[tuple[str, int]]:
+    """(axis, side) for each numeric axis of the point's grid on whose lowest (-1) or highest (+1) value it sits."""
+    found = []
+    for key, values in tuning.grids[point.optimizer].items():
+        numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(numeric) == len(values) and len(set(values)) >= 2 and point.values[key] in (min(values), max(values)):
+            found.append((key, -1 if point.values[key] == min(values) else 1))
+    return found
+
+
+def extend(tuning: Plan, round_: int) -> dict[str, list[RunConfig]]:
+    """One round of extension: for every contender whose choice sits on an edge, the next value past that edge
+    (the other axes at the chosen values), added to its grid and points; the new trials by contender. A value
+    outside the setting's allowed range is not added (the choice then stays on the edge, and says so)."""
+    added: dict[str, list[RunConfig]] = {}
+    for contender, point in choices(tuning).items():
+        for key, side in edges(tuning, point):
+            value = _beyond(tuning.grids[contender][key], side)
+            try:
+                new = grid_point(tuning, contender, {**point.values, key: value}, round_)
+            except ConfigError:
+                continue
+            tuning.grids[contender][key] = sorted([*tuning.grids[contender][key], value])
+            tuning.points[contender].append(new)
+            added.setdefault(contender, []).extend(new.trials)
+    return added
 
 
 # -- the choice: validation accuracy only ----------------------------------------------------------
@@ -258,13 +317,20 @@ def pending_commands(tuning: Plan, sets: list[str]) -> list[str]:
     lines = _commands(
         tuning, sets, {name: [c for p in points for c in p.trials] for name, points in tuning.points.items()}, shorter
     )
+    for round_ in range(1, 1 + (tuning.extend_edges if not lines else 0)):  # a round's trials once the one before is done
+        added = extend(tuning, round_)
+        lines = _commands(tuning, sets, added, shorter) if added else []
+        if lines or not added:
+            break
     return lines or _commands(tuning, sets, final_configs(tuning, choices(tuning)), [])
 
 
 def _keys_of(tuning: Plan, runs: dict[str, list[RunConfig]], extra_keys: list[str]):
     """What each run's command spells out: what the tuning sets (and its optimizer's grid keys)."""
     keys = {
-        config.run_dir(): [*CONTROLLED, *tuning.grids[name], *extra_keys] for name, configs in runs.items() for config in configs
+        config.run_dir(): [*CONTROLLED, *tuning.grids[name], *extra_keys, *(["epochs"] if name in tuning.factors else [])]
+        for name, configs in runs.items()
+        for config in configs
     }
     return lambda config: keys[config.run_dir()]
 
@@ -290,6 +356,12 @@ def run_tuning(tuning: Plan, progress=None, launch=None) -> tuple[dict[str, Poin
     trials = {optimizer: [c for p in points for c in p.trials] for optimizer, points in tuning.points.items()}
     if not _stage(tuning, trials, shorter, f"tune {name}: trials", progress, launch):
         return None
+    for round_ in range(1, tuning.extend_edges + 1):
+        added = extend(tuning, round_)
+        if not added:
+            break
+        if not _stage(tuning, added, shorter, f"tune {name}: trials past an edge, round {round_}", progress, launch):
+            return None
     chosen = choices(tuning)
     finals = final_configs(tuning, chosen)
     if not _stage(tuning, finals, [], f"tune {name}: final runs", progress, launch):
@@ -306,95 +378,3 @@ def _stage(tuning: Plan, runs: dict[str, list[RunConfig]], extra_keys: list[str]
     keys = _keys_of(tuning, runs, extra_keys)
     launch([c for c in execution_order(configs) if status(c) != "done"], keys, label)
     return all(status(c) == "done" for c in configs)
-
-
-# -- the tables ------------------------------------------------------------------------------------
-
-
-def budget(tuning: Plan) -> str:
-    trials = {name: len(points) * len(tuning.seeds) for name, points in tuning.points.items()}
-    each = f"trial seeds {tuning.seeds}"  # what every optimizer's trials share
-    if tuning.trial_epochs is not None:
-        final = sorted({base.get("epochs", RunConfig.epochs) for base in tuning.bases.values()})
-        each += f", trials of {tuning.trial_epochs} epochs (final runs: {'/'.join(map(str, final))})"
-    if len(set(trials.values())) == 1:
-        n = next(iter(trials.values()))
-        return f"equal budget: {n} trials per optimizer, {n // len(tuning.seeds)} grid points × {each}"
-    return f"budgets differ (equal_budget = false): {', '.join(f'{k} {v} trials' for k, v in trials.items())}, {each}"
-
-
-def _percent(values: list[float]) -> str:
-    if not values or not all(math.isfinite(v) for v in values):
-        return ""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values) * 100:.2f} ± {std * 100:.2f}"
-
-
-def _trial_status(config: RunConfig) -> str:
-    if status(config) != "done":
-        return status(config)
-    try:
-        return str(read_json(config.run_dir() / "summary.json").get("status", "?"))
-    except (OSError, ValueError, AttributeError):
-        return "unreadable"
-
-
-def _tables(tuning: Plan, chosen: dict[str, Point]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    points, trials = [], []
-    for optimizer, grid_points in tuning.points.items():
-        for point in grid_points:
-            scores = [val_accuracy(c) for c in point.trials]
-            points.append(
-                {
-                    "optimizer": optimizer,
-                    "grid point": point.label,
-                    "n": len(scores),
-                    "val acc (%)": _percent(scores),
-                    "chosen": "yes" if point is chosen[optimizer] else "",
-                }
-            )
-            trials += [
-                {
-                    "optimizer": optimizer,
-                    "grid point": point.label,
-                    "seed": c.seed,
-                    "val acc (%)": f"{s * 100:.2f}" if math.isfinite(s) else "",
-                    "status": _trial_status(c),
-                    "run": f"`{c.run_dir().name}`",
-                }
-                for c, s in zip(point.trials, scores)
-            ]
-    return pd.DataFrame(points), pd.DataFrame(trials)
-
-
-def tuning_markdown(tuning: Plan, chosen: dict[str, Point], command: str) -> str:
-    recipe = tuning.recipe
-    grids = "\n".join(
-        f"* {optimizer}: " + "; ".join(f"{key} = [{', '.join(map(_show, values))}]" for key, values in grid.items())
-        for optimizer, grid in tuning.grids.items()
-    )
-    points, trials = _tables(tuning, chosen)
-    return (
-        f"# {recipe.name}: tuning\n\n{recipe.description.strip()}\n\nGenerated by `{command}` from the run files.\n\n"
-        f"Trials on a stratified validation split ({tuning.val_fraction:g} of the training set, the same for every run), "
-        f"{budget(tuning)}. Chosen per optimizer: the grid point with the best mean final validation accuracy over the "
-        "trial seeds (the earlier point among equals); the test set is not read for the choice. The chosen values then "
-        f"ran with seeds {tuning.final_seeds} on the full training set: `{recipe.name}_tuned.md`.\n\n"
-        f"## Grids\n\n{grids}\n\n## Grid points\n\n{frame_to_markdown(points)}\n## Trials\n\n{frame_to_markdown(trials)}"
-    )
-
-
-def write_tuning_results(
-    tuning: Plan, chosen: dict[str, Point], final_dirs: list[Path], results_dir: str | Path, command: str, force: bool = False
-) -> pd.DataFrame:
-    """``RECIPE_tuning.md`` (grids, every trial, the choice) and ``RECIPE_tuned.{md,csv,tex}`` (the final runs)."""
-    recipe, results_dir = tuning.recipe, Path(results_dir)
-    preamble = (
-        f"# {recipe.name}: tuned\n\n{recipe.description.strip()}\n\nGenerated by `{command}` from the run files. "
-        f"Seeds {tuning.final_seeds} on the full training set, with the values in the `tuned` column, chosen on a "
-        f"validation split ({budget(tuning)}; the trials and the choice: `{recipe.name}_tuning.md`).\n\n"
-    )
-    tuned = {optimizer_of(tuning, name): point.label for name, point in chosen.items()}
-    table = write_comparison(final_dirs, results_dir / f"{recipe.name}_tuned", preamble, tuned=tuned, force=force)
-    write_text(results_dir / f"{recipe.name}_tuning.md", tuning_markdown(tuning, chosen, command))
-    return table
