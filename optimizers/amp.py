@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from optimizers.base import SharpnessAwareOptimizer
 from optimizers.snapshot import StepSnapshot
+from optimizers.tensors import unscale_and_check
 
 
 class _Pass:
@@ -62,13 +63,6 @@ class ScaledStep:
         self._passes: list[_Pass] = []
         self._found: Tensor | None = None
 
-    def _flag(self) -> Tensor:
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        found = torch.zeros((), device=grads[0].device if grads else "cpu")
-        if grads:  # the unscaled gradients hold an inf or a NaN wherever a scaled one overflowed
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones((), device=found.device))
-        return found
-
     # -- the two-phase form: begin(), backward() per pass (perturb() between), descend() ------------------
 
     def begin(self) -> None:
@@ -81,7 +75,8 @@ class ScaledStep:
         self.scaler.scale(loss).backward()
         self._passes.append(_Pass(self.optimizer.param_groups))
         self.scaler.unscale_(self._passes[-1])
-        flag = self._flag()
+        # the unscaled gradients hold an inf or a NaN wherever a scaled one overflowed
+        flag = unscale_and_check([p for group in self.optimizer.param_groups for p in group["params"]])
         self._found = flag if self._found is None else self._found + flag
 
     def descend(self) -> bool:

@@ -7,6 +7,8 @@ its norm and its inner products sum over every process's shard, the same result 
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 from torch import Tensor
 
@@ -124,3 +126,39 @@ def shard_like(value: Tensor, like: Tensor) -> Tensor:
 def data_parallel() -> bool:
     """Whether this process is one of several in a torch.distributed group."""
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def unscale_and_check(
+    params: list[Tensor], inv_scale: float = 1.0, found: Tensor | None = None, also_check: Tensor | None = None
+) -> Tensor:
+    """Multiply the gradients by ``inv_scale`` in place (1.0: leave them) and return a 0-dim float flag,
+    nonzero if any gradient (or ``also_check``, left unscaled) holds an inf or a NaN: ``found`` when
+    given (the flag is set in it, never cleared, so one tensor gathers a whole step), else a new one on
+    the first gradient's device. One fused kernel per (device, dtype); no host synchronisation."""
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]  # a sharded gradient: this process's shard
+    if found is None:
+        device = grads[0].device if grads else (also_check.device if also_check is not None else torch.device("cpu"))
+        found = torch.zeros((), device=device)
+    if also_check is not None:
+        torch._amp_foreach_non_finite_check_and_unscale_([also_check.detach().reshape(1)], found, _one(found.device))
+    by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+    for grad in grads:
+        by_device[grad.device].append(grad)
+    for grad_device, same_device in by_device.items():
+        flag = found if grad_device == found.device else torch.zeros((), device=grad_device)
+        scale = _one(grad_device) if inv_scale == 1.0 else torch.full((), inv_scale, device=grad_device)
+        torch._amp_foreach_non_finite_check_and_unscale_(same_device, flag, scale)
+        if flag is not found:
+            found += flag.to(found.device)
+    return found
+
+
+_ONES: dict[torch.device, Tensor] = {}
+
+
+def _one(device: torch.device) -> Tensor:
+    """A 1.0 on ``device``, made once: the unscale factor of an unscaled pass costs no kernel."""
+    one = _ONES.get(device)
+    if one is None:
+        one = _ONES[device] = torch.ones((), device=device)
+    return one

@@ -21,9 +21,10 @@ import contextlib
 
 import torch
 
-from bench.loop.precision import LossScaler, NonFiniteGradient, unscale_and_check
+from bench.loop.precision import LossScaler, NonFiniteGradient
 from optimizers import BatchClosure, SharpnessAwareOptimizer
 from optimizers.snapshot import StepSnapshot
+from optimizers.tensors import unscale_and_check
 
 
 def effective_ascent_sync(optimizer, requested: str) -> str:
