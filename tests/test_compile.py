@@ -147,6 +147,11 @@ def test_perf_harness_writes_its_table(tmp_path):
         "| harness (sam, --compile --channels_last)",
     ]
     assert rows[0].split(" | ")[3] == "1.000"
+    # what a step dispatches beyond its passes: the bare loop's zero_grad, SGD and scheduler; no host read
+    # there, one in the harness's (the skip decision); SAM's step does more bookkeeping than the bare loop's
+    cells = [r.strip(" |").split(" | ") for r in rows]
+    (bare_ops, bare_reads), (sam_ops, sam_reads) = map(int, cells[0][-2:]), map(int, cells[1][-2:])
+    assert (bare_reads, sam_reads) == (0, 1) and 0 < bare_ops < sam_ops
 
 
 def test_perf_times_every_optimizer_asked_for_on_images_of_the_given_shape(tmp_path):

@@ -121,3 +121,23 @@ def test_a_step_skipped_at_its_end_is_undone_exactly(name, fail_on_pass):
     assert not take_step(ref_opt, closure_for(reference, *batch(3)))
     for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_the_dispatch_counter_counts_operators_and_host_reads():
+    from bench.studies.dispatch import counted, step_counts
+
+    t = torch.ones(4)
+    c = counted(lambda: (t.sum().item(), bool(t.max() > 0), t * 2))
+    assert (c.operators, c.host_reads) == (6, 2)  # sum, item, max, gt, bool, mul
+    model = nn.Linear(4, 2)
+
+    def forward_backward():
+        model(t[None]).sum().backward()
+
+    def step():  # two passes and two operators of bookkeeping, one of them a host read
+        forward_backward()
+        forward_backward()
+        model.weight.grad.norm().item()
+
+    counts = step_counts(step, forward_backward, lambda: 2)
+    assert (counts.operators_outside_passes, counts.host_reads) == (2, 1)

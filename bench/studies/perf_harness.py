@@ -43,6 +43,7 @@ from bench.environment import synchronize
 from bench.loop.epoch import epoch_sums, one_step, train_on
 from bench.loop.setup import setup
 from bench.resolve import resolve
+from bench.studies.dispatch import step_counts
 from bench.studies.recipes import load_recipe
 from optimizers.registry import REFERENCE
 
@@ -53,6 +54,10 @@ class Contender:
     step: Callable[[], None]
     first_step_s: float = 0.0
     passes: Callable[[], float] | None = None  # forward-backward passes per timed step
+    #: one forward-backward pass of its model on its batch, and the passes its last step ran: for
+    #: counting what a step dispatches beyond its passes (bench.studies.dispatch)
+    forward_backward: Callable[[], None] | None = None
+    last_passes: Callable[[], float] = lambda: 1.0
 
 
 def synthetic_dataset(n: int, image_size: int, num_classes: int = 10, seed: int = 0) -> ImageDataset:
@@ -132,22 +137,38 @@ def _bare(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: torc
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     bf16 = arch_config.mixed_precision == "bf16"
 
-    def step():
-        opt.zero_grad(set_to_none=True)
+    def forward_backward():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        forward_backward()
         opt.step()
         scheduler.step()
 
-    return Contender("bare PyTorch loop (SGD)", step)
+    return Contender("bare PyTorch loop (SGD)", step, forward_backward=forward_backward)
 
 
 def _harness(config: RunConfig, data: ImageDataset, x, y, label: str) -> Contender:
     run = setup(config, data=(data, data))
+    x, y = x.to(run.device), y.to(run.device)
     ids = torch.arange(len(y), device=run.device)
     sums = epoch_sums(run)
-    return Contender(label, lambda: train_on(run, x.to(run.device), y.to(run.device), ids, sums))
+    before = [0]
+
+    def step():
+        before[0] = sums["passes"]
+        train_on(run, x, y, ids, sums)
+
+    def forward_backward():
+        with run.accelerator.autocast():
+            loss = nn.functional.cross_entropy(run.model(x), y)
+        loss.backward()
+        run.model.zero_grad(set_to_none=True)
+
+    return Contender(label, step, forward_backward=forward_backward, last_passes=lambda: sums["passes"] - before[0])
 
 
 #: (--compile, --channels_last) combinations timed for each optimizer.
@@ -219,6 +240,7 @@ def measure(contenders: list[Contender], steps: int, rounds: int, warmup: int, d
         for name, seconds in this_round.items():
             times[name].append(seconds)
             ratios[name].append(seconds / this_round[reference])
+    counts = {c.name: step_counts(c.step, c.forward_backward, c.last_passes) for c in contenders if c.forward_backward}
     return [
         {
             "contender": c.name,
@@ -226,6 +248,7 @@ def measure(contenders: list[Contender], steps: int, rounds: int, warmup: int, d
             "ratio_to_first": statistics.median(ratios[c.name]),
             "first_step_s": c.first_step_s,
             "passes_per_step": c.passes() if c.passes is not None else None,
+            "counts": counts.get(c.name),
         }
         for c in contenders
     ]
@@ -261,14 +284,21 @@ def to_markdown(rows: list[dict], settings: dict, command: str) -> str:
         "time, and median over rounds of the ratio to the bare loop in the same round. First step: the first call's "
         "time (the compilation, for compiled contenders), not in the medians. " + _load_line(settings),
         "",
-        "| contender | step (ms) | images/s | x bare loop | first step (s) |",
-        "| --- | --- | --- | --- | --- |",
+        "Operators: ATen operators one step dispatches beyond its forward-backward passes (on a GPU, at least one "
+        "kernel launch each; a compiled graph's own kernels are not counted). Host reads: device values the host "
+        "reads in one step (on a GPU, a synchronisation each). Counted on one step after the timing "
+        "(bench/studies/dispatch.py).",
+        "",
+        "| contender | step (ms) | images/s | x bare loop | first step (s) | operators / step | host reads / step |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         images_per_s = settings["batch_size"] / (r["step_ms"] / 1e3)
+        counts = r.get("counts")
+        counted_cells = f"{counts.operators_outside_passes} | {counts.host_reads}" if counts else " | "
         lines.append(
             f"| {r['contender']} | {r['step_ms']:.1f} | {images_per_s:.0f} | {r['ratio_to_first']:.3f} | "
-            f"{r['first_step_s']:.2f} |"
+            f"{r['first_step_s']:.2f} | {counted_cells} |"
         )
     return "\n".join(lines) + "\n"
 
