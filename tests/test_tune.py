@@ -318,3 +318,27 @@ def test_bad_tuning_extensions_are_refused_in_one_line(tmp_path, capsys):
         assert main(["tune", str(recipe), "--output_dir", str(tmp_path / "runs"), "--print_commands"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err, err
+
+
+def test_the_tables_regenerate_from_the_per_run_files_alone(tuned, tmp_path):
+    """tune --from_records: the choice replayed from the trials' records, every table byte for byte, no run folder."""
+    root, argv = tuned
+    results = root / "results"
+    assert (results / "tiny_tune_tuning_runs.csv").is_file() and (results / "tiny_tune_tuned_runs.csv").is_file()
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("tiny_tune_tuning_runs.csv", "tiny_tune_tuned_runs.csv"):
+        shutil.copy(results / name, out / name)
+    moved = root / "runs_moved"
+    (root / "runs").rename(moved)  # no run folder
+    try:
+        recipe = argv[1]
+        assert main(["tune", recipe, "--output_dir", str(root / "runs"), "--results_dir", str(out), "--from_records"]) == 0
+    finally:
+        moved.rename(root / "runs")
+    for name in (
+        "tiny_tune_tuning.md",
+        "tiny_tune_tuning_runs.csv",
+        *(f"tiny_tune_tuned{s}" for s in (".md", ".csv", ".tex", "_runs.csv")),
+    ):
+        assert (out / name).read_bytes() == (results / name).read_bytes(), name

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -21,10 +20,11 @@ from bench.report.runs import find_runs, load_runs, runs_frame
 from bench.report.tables import frame_to_markdown, print_table, reproduction_table
 from bench.studies.launchers import Launcher, launcher_from, parse_sbatch, submit
 from bench.studies.recipes import load_recipe
+from bench.studies.recorded import Recorded
 from bench.studies.sweep import commands, execution_order, run_argv, run_sweep
 from bench.studies.sweep import status as sweep_status
-from bench.studies.tune import pending_commands, plan, run_tuning
-from bench.studies.tuning_tables import write_tuning_results
+from bench.studies.tune import final_configs, pending_commands, plan, replay, run_tuning
+from bench.studies.tuning_tables import recorded_score, write_tuning_results
 from bench.usage import Parser
 
 # -- the other commands ----------------------------------------------------------------------------
@@ -71,13 +71,25 @@ def recipe_parser(command: str, description: str, recipe_help: str, output_help:
             action="store_true",
             help="train nothing: write the tables and plots from the runs already done (the tables name the missing ones)",
         )
-        p.add_argument(
-            "--from_records",
-            action="store_true",
-            help="train nothing: rewrite the tables from the per-run file RESULTS_DIR/RECIPE_runs.csv alone "
-            "(no run folders needed; the plots, which need them, are left as they are)",
-        )
+    p.add_argument(
+        "--from_records",
+        action="store_true",
+        help="train nothing: rewrite the tables from the per-run files in RESULTS_DIR alone (sweep: RECIPE_runs.csv; tune: "
+        "RECIPE_tuning_runs.csv and RECIPE_tuned_runs.csv); no run folders needed; the plots, which need them, are left as they are",
+    )
     return p
+
+
+def shown_command(command: str, argv: list[str]) -> str:
+    """The command a table names at its top: the same whether trained now, read from the run folders or from
+    the per-run files, and wherever written (the folder it sits in says that)."""
+    shown = [a for a in argv if a not in ("--from_records", "--tables_only", "--force") and not a.startswith("--results_dir=")]
+    if "--results_dir" in shown:
+        at = shown.index("--results_dir")
+        del shown[at : at + 2]
+    return (
+        "python launch.py" if command == "sweep" and shown == ["digits"] else f"python launch.py {command} " + shlex.join(shown)
+    )
 
 
 def cmd_sweep(argv: list[str]) -> int:
@@ -118,13 +130,7 @@ def cmd_sweep(argv: list[str]) -> int:
     else:
         with make_progress() as progress:
             run_dirs = run_sweep(recipe, configs, progress)
-    # the same tables whether trained now, read from the run folders or from the per-run file
-    # (and wherever they are written: the folder they sit in says that)
-    shown = [a for a in argv if a not in ("--from_records", "--tables_only", "--force") and not a.startswith("--results_dir=")]
-    if "--results_dir" in shown:
-        at = shown.index("--results_dir")
-        del shown[at : at + 2]
-    command = "python launch.py" if shown == ["digits"] else "python launch.py sweep " + shlex.join(shown)
+    command = shown_command("sweep", argv)
     others = [] if args.from_records else left_out(Path(configs[0].output_dir), configs)
     write_sweep_results(recipe, run_dirs, Path(args.results_dir), command, missing, others, args.force, [*args.sets, *extra])
     return 1 if failed else 0  # the tables hold what is done; a failed run is a failed sweep
@@ -166,26 +172,13 @@ def left_out(output_dir: Path, configs) -> list[str]:
 
 
 def recorded_runs(results_dir: Path, name: str, configs) -> tuple[pd.DataFrame, list[str]]:
-    """The finished runs of ``configs`` in the recipe's per-run file, and the names of those not there.
-
-    Where the data is not on this machine (no fingerprint to check), a configuration is matched with the
-    fingerprint its records carry; where it is, that fingerprint must be the data's."""
-    path = records.path_for(results_dir / name)
-    try:
-        found = {r["run_id"]: r for r in records.read(path) if r["status"] != "unfinished"}
-    except records.RecordsError as err:
-        raise ConfigError(str(err)) from None
-    recorded_data = {(r.get("settings") or {}).get("data_id") for r in found.values()}
-
-    def recorded_id(config) -> str | None:
-        candidates = [config] if config.data_id is not None else [replace(config, data_id=d) for d in recorded_data]
-        return next((c.run_id() for c in candidates if c.run_id() in found), None)
-
-    matched = [(config, recorded_id(config)) for config in configs]
-    mine = [found[run_id] for _, run_id in matched if run_id]
+    """The finished runs of ``configs`` in the per-run file of table ``name``, and the names of those not there."""
+    recorded = Recorded(records.path_for(results_dir / name))
+    matched = [(config, recorded.find(config)) for config in configs]
+    mine = [record for _, record in matched if record is not None]
     if not mine:
-        raise ConfigError(f"sweep {name} --from_records: {path} holds none of its {len(configs)} runs")
-    return runs_frame(mine, [str(path)] * len(mine)), [config.run_dir().name for config, run_id in matched if not run_id]
+        raise ConfigError(f"{name} --from_records: {recorded.path} holds none of its {len(configs)} runs")
+    return runs_frame(mine, [str(recorded.path)] * len(mine)), [c.run_dir().name for c, record in matched if record is None]
 
 
 def write_sweep_results(
@@ -237,6 +230,15 @@ def cmd_tune(argv: list[str]) -> int:
     extra = [f"{k}={v}" for k, v in (("data_dir", args.data_dir), ("cpu", "true" if args.cpu else None)) if v]
     output_dir = args.output_dir or f"runs/{recipe.name}_tune"
     tuning = plan(recipe, [*args.sets, *extra], output_dir)
+    results_dir = Path(args.results_dir)
+    if args.from_records:  # the choice replayed from the trials' records, the tables from the records alone
+        find = Recorded(records.path_for(results_dir / f"{recipe.name}_tuning")).find
+        chosen = replay(tuning, recorded_score(find))
+        finals, _ = recorded_runs(
+            results_dir, f"{recipe.name}_tuned", [c for cs in final_configs(tuning, chosen).values() for c in cs]
+        )
+        write_tuning_results(tuning, chosen, finals, results_dir, shown_command("tune", argv), args.force, find)
+        return 0
     launcher = launcher_of(args, recipe, output_dir)
     if args.print_commands:
         print("\n".join(pending_commands(tuning, args.sets)))
@@ -254,10 +256,7 @@ def cmd_tune(argv: list[str]) -> int:
         print(f"tune {recipe.name}: not every run of this stage is done; run the same command again to go on")
         return 0 if not launcher.wait else 1
     chosen, final_dirs = outcome
-    results_dir = Path(args.results_dir)
-    table = write_tuning_results(
-        tuning, chosen, final_dirs, results_dir, "python launch.py tune " + shlex.join(argv), force=args.force
-    )
+    table = write_tuning_results(tuning, chosen, final_dirs, results_dir, shown_command("tune", argv), force=args.force)
     print_table(table, title=str(results_dir / f"{recipe.name}_tuned.md"))
     for written in [results_dir / f"{recipe.name}_tuning.md", *write_plots(final_dirs, results_dir / f"{recipe.name}_tuned")]:
         print(f"wrote {written}")

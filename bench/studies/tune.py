@@ -27,6 +27,7 @@ import dataclasses
 import itertools
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,53 @@ def grid_point(tuning: Plan, contender: str, values: dict[str, Any], extension: 
     )
 
 
+# -- the choice: validation accuracy only ----------------------------------------------------------
+
+
+def val_accuracy(config: RunConfig) -> float:
+    """A trial's score: ``final_val_acc`` of its summary.json, the one key read (-inf if missing or not finite)."""
+    try:
+        value = read_json(config.run_dir() / "summary.json").get("final_val_acc")
+    except (OSError, ValueError, AttributeError):
+        return -math.inf
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else -math.inf
+
+
+#: a trial's score: its final validation accuracy (-inf where there is none), from its run or its record
+Score = Callable[[RunConfig], float]
+
+
+def choose(points: list[Point], score: Score = val_accuracy) -> Point:
+    """The point with the best mean trial score, the earlier one among equals."""
+    means = [statistics.fmean(map(score, point.trials)) for point in points]
+    return points[max(range(len(points)), key=lambda i: (means[i], -i))]
+
+
+def choices(tuning: Plan, score: Score = val_accuracy) -> dict[str, Point]:
+    return {optimizer: choose(points, score) for optimizer, points in tuning.points.items()}
+
+
+def final_configs(tuning: Plan, chosen: dict[str, Point]) -> dict[str, list[RunConfig]]:
+    """Per optimizer, the final seeds of its chosen point, on the full training set."""
+    return {
+        optimizer: [
+            config_from_settings(
+                {
+                    **tuning.bases[optimizer],
+                    **point.values,
+                    "seed": seed,
+                    "val_fraction": 0.0,
+                    "output_dir": str(tuning.output_dir / "final"),
+                },
+                tuning.recipe.name,
+            )
+            for seed in tuning.final_seeds
+        ]
+        for optimizer, point in chosen.items()
+    }
+
+
 # -- interior optima: a choice on an edge of its grid extends the grid there ------------------------
 
 
@@ -246,12 +294,12 @@ def edges(tuning: Plan, point: Point) -> list[tuple[str, int]]:
     return found
 
 
-def extend(tuning: Plan, round_: int) -> dict[str, list[RunConfig]]:
+def extend(tuning: Plan, round_: int, score: Score = val_accuracy) -> dict[str, list[RunConfig]]:
     """One round of extension: for every contender whose choice sits on an edge, the next value past that edge
     (the other axes at the chosen values), added to its grid and points; the new trials by contender. A value
     outside the setting's allowed range is not added (the choice then stays on the edge, and says so)."""
     added: dict[str, list[RunConfig]] = {}
-    for contender, point in choices(tuning).items():
+    for contender, point in choices(tuning, score).items():
         for key, side in edges(tuning, point):
             value = _beyond(tuning.grids[contender][key], side)
             try:
@@ -264,50 +312,16 @@ def extend(tuning: Plan, round_: int) -> dict[str, list[RunConfig]]:
     return added
 
 
-# -- the choice: validation accuracy only ----------------------------------------------------------
-
-
-def val_accuracy(config: RunConfig) -> float:
-    """A trial's score: ``final_val_acc`` of its summary.json, the one key read (-inf if missing or not finite)."""
-    try:
-        value = read_json(config.run_dir() / "summary.json").get("final_val_acc")
-    except (OSError, ValueError, AttributeError):
-        return -math.inf
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else -math.inf
-
-
-def choose(points: list[Point]) -> Point:
-    """The point with the best mean trial score, the earlier one among equals."""
-    means = [statistics.fmean(map(val_accuracy, point.trials)) for point in points]
-    return points[max(range(len(points)), key=lambda i: (means[i], -i))]
-
-
-def choices(tuning: Plan) -> dict[str, Point]:
-    return {optimizer: choose(points) for optimizer, points in tuning.points.items()}
-
-
-def final_configs(tuning: Plan, chosen: dict[str, Point]) -> dict[str, list[RunConfig]]:
-    """Per optimizer, the final seeds of its chosen point, on the full training set."""
-    return {
-        optimizer: [
-            config_from_settings(
-                {
-                    **tuning.bases[optimizer],
-                    **point.values,
-                    "seed": seed,
-                    "val_fraction": 0.0,
-                    "output_dir": str(tuning.output_dir / "final"),
-                },
-                tuning.recipe.name,
-            )
-            for seed in tuning.final_seeds
-        ]
-        for optimizer, point in chosen.items()
-    }
-
-
 # -- running ---------------------------------------------------------------------------------------
+
+
+def replay(tuning: Plan, score: Score) -> dict[str, Point]:
+    """The choice as the tuning made it, from its trials' scores alone (their records): the extension rounds
+    replayed, no run trained."""
+    for round_ in range(1, tuning.extend_edges + 1):
+        if not extend(tuning, round_, score):
+            break
+    return choices(tuning, score)
 
 
 def pending_commands(tuning: Plan, sets: list[str]) -> list[str]:
