@@ -243,7 +243,7 @@ def test_claims_and_reproduction_never_replace_a_report_with_an_empty_one(tmp_pa
     assert main([*FAST, "--output_dir", str(runs)]) == 0
     capsys.readouterr()
     assert main(["claims", f"one={runs}", "--out", str(claims)]) == 2
-    assert "holds 1 tested claims, the new one 0" in capsys.readouterr().err
+    assert "holds 1 compared claims, the new one 0" in capsys.readouterr().err
     assert main(["reproduction", str(runs), "--out", str(reproduction)]) == 2
     assert "holds 1 measured rows, the new one 0" in capsys.readouterr().err
     assert claims.read_text().startswith("| a |") and reproduction.read_text().startswith("| r |")

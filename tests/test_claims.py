@@ -247,3 +247,13 @@ def test_a_compute_matched_claim_compares_against_b_at_its_multiple_of_the_epoch
     assert by_claim["B2 beats B1"]["difference"].mean == pytest.approx(10.0)
     assert by_claim["SAM beats SGD at equal passes"]["difference"].mean == pytest.approx(2 / 3)  # (1 + 0.5 + 0.5) / 3
     assert "epochs=8" in by_claim["SAM beats SGD at equal passes"]["b"].label
+
+
+def test_the_report_keeps_its_compared_claims_when_rewritten_from_the_same_runs(tmp_path):
+    """A claim whose side did not train has an interval but no test: the guard counts both files alike."""
+    runs_of(tmp_path / "runs", "sgd", [0.70, 0.80, 0.90])
+    runs_of(tmp_path / "runs", "sam", [0.71, 0.812, 0.908])
+    runs_of(tmp_path / "runs", "bsam", [0.10, 0.11, 0.12])  # did not train: its claims are compared, not tested
+    out = tmp_path / "claims.md"
+    assert main([f"one={tmp_path / 'runs'}", "--out", str(out)]) == 0
+    assert main([f"one={tmp_path / 'runs'}", "--out", str(out)]) == 0  # the same runs again: not fewer

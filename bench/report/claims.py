@@ -264,7 +264,8 @@ def _evaluate(claim: Claim, a: Side, b: Side, runs: pd.DataFrame) -> dict[str, A
     return row
 
 
-#: How a tested claim's row is told apart in a written report: its interval cell ends with the test used.
+#: How a compared claim's row (one with an interval) is told apart in a written report: its interval cell ends
+#: with the test used.
 TESTED_MARKERS = ("] paired |", "] Welch |")
 
 

@@ -123,7 +123,7 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--out", default="results/claims.md", help="the report; its forest plot goes beside it (NAME_forest.png)")
     p.add_argument("--claims", default=str(checks.CLAIMS_FILE), help="the claims file (TOML, [[claim]] tables)")
-    p.add_argument("--force", action="store_true", help="replace --out even with fewer tested claims than it holds")
+    p.add_argument("--force", action="store_true", help="replace --out even with fewer compared claims than it holds")
     args = p.parse_args(argv)
     check_writable(args.out)
     claims = checks.load_claims(Path(args.claims))
@@ -140,8 +140,9 @@ def main(argv: list[str]) -> int:
     )
     if args.claims != str(checks.CLAIMS_FILE):
         command += f" --claims {args.claims}"
-    tested = sum(r["p"] is not None for _, _, rows, _ in results for r in rows)
-    check_not_emptied(out, tested, count_lines(out, checks.TESTED_MARKERS), "tested claims", args.force)
+    # rows with an interval, counted as the written report marks them (TESTED_MARKERS), whether or not testable
+    compared = sum("difference" in r for _, _, rows, _ in results for r in rows)
+    check_not_emptied(out, compared, count_lines(out, checks.TESTED_MARKERS), "compared claims", args.force)
     figure = forest_plot([(name, rows) for name, _, rows, _ in results], out.with_name(out.stem + "_forest.png"))
     text = to_markdown(results, command, figure)
     write_text(out, text)
