@@ -19,3 +19,18 @@ def counted(*args, **kwargs):
 bench.loop.epoch.one_step = counted
 sys.exit(main(sys.argv[1:]))
 """
+
+#: launch.py, with process 0 unable to write a checkpoint's state (a full disk).
+FULL_DISK_ON_RANK_0 = """
+import errno, os, sys
+import torch
+import bench.loop.checkpoint
+from bench.cli import main
+
+def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+if os.environ.get("RANK") == "0":
+    bench.loop.checkpoint.torch = type("torch", (), {**vars(torch), "save": staticmethod(full)})
+sys.exit(main(sys.argv[1:]))
+"""

@@ -257,3 +257,18 @@ def test_clipping_in_two_processes_equals_one_process_and_a_plain_loop(name, tmp
     assert_close(weights(two), weights(one))
     free = one_process([a for a in args if a not in ("--max_grad_norm", "0.05")], tmp_path / "free")
     assert any(not torch.equal(a, b) for a, b in zip(weights(one).values(), weights(free).values()))
+
+
+def test_a_checkpoint_process_0_cannot_write_stops_every_process(tmp_path):
+    """Process 0 fails to write (a full disk): both processes stop with one error line, neither waits forever."""
+    from helpers import free_port
+    from launching import FULL_DISK_ON_RANK_0
+
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK_ON_RANK_0)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [*_launch_cmd([*FLAGS, "--output_dir", str(tmp_path / "runs")], port=free_port())]
+    cmd[cmd.index("launch.py")] = str(script)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.count("could not be written (OSError: [Errno 28] No space left on device)") == 1, done.stderr[-2000:]

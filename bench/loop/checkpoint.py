@@ -66,16 +66,31 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, objects: d
     accelerator.save_state(str(tmp), safe_serialization=True)
     states = {name: obj.state_dict() for name, obj in objects.items()}
     accelerator.wait_for_everyone()
+    failure = None
     if accelerator.is_main_process:
-        torch.save(states, tmp / STATE_FILE)
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        manifest = {name: sha256(tmp / name) for name in files}
-        write_json(tmp / COMPLETE, {"step": step, "world_size": accelerator.num_processes, "sha256": manifest})
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        for old in checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+        try:
+            torch.save(states, tmp / STATE_FILE)
+            files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+            manifest = {name: sha256(tmp / name) for name in files}
+            write_json(tmp / COMPLETE, {"step": step, "world_size": accelerator.num_processes, "sha256": manifest})
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+            for old in checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as err:  # a full disk, a folder gone: every process stops, none waits for the others
+            failure = f"checkpoint {final} could not be written ({type(err).__name__}: {err})"
+    _stop_together(accelerator, failure)
+
+
+def _stop_together(accelerator, failure: str | None) -> None:
+    """Every process learns whether any failed (one all-reduce, which each reaches), and all raise if one did:
+    a process that went on alone would wait forever in the next collective."""
+    failed = failure is not None
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
+        failed = bool(accelerator.reduce(flag, reduction="sum").item())
+    if failed:
+        raise CheckpointError(failure or "another process could not write or read the checkpoint; its message says why")
 
 
 def _complete(checkpoint: Path) -> dict[str, Any] | None:
@@ -125,6 +140,7 @@ def load_checkpoint(accelerator, run_dir: Path, objects: dict[str, Any]) -> list
         notes.append(f"checkpoint {checkpoint} is damaged ({why}); not used")
     else:
         raise CheckpointError(f"{'; '.join(notes)}; no intact checkpoint is left in {run_dir / 'checkpoints'}")
+    failure = None
     try:
         # read first by the same weights-only reader Accelerate uses, which Accelerate would let fail silently
         accelerate_load(checkpoint / RNG_FILE.format(accelerator.process_index))
@@ -134,10 +150,11 @@ def load_checkpoint(accelerator, run_dir: Path, objects: dict[str, Any]) -> list
             obj.load_state_dict(states[name])
     except Exception as err:  # a file that matches its manifest but does not load: say which checkpoint
         reason = " ".join(str(err).split())[:200]
-        raise CheckpointError(
+        failure = (
             f"checkpoint {checkpoint} cannot be loaded ({type(err).__name__}: {reason}); move it aside to resume from an "
             "earlier one, or start the run again"
-        ) from None
+        )
+    _stop_together(accelerator, failure)
     if notes:
         notes.append(f"resumed from {checkpoint.name}")
     return notes
