@@ -196,11 +196,13 @@ def test_sets_that_would_change_the_tuning_are_refused(tmp_path, capsys, sets, m
     assert message in capsys.readouterr().err
 
 
-def test_the_digits_tuning_recipe_has_equal_budgets(tmp_path):
+def test_the_digits_tuning_recipe_tunes_the_learning_rate_and_a_knob_of_every_optimizer(tmp_path):
     tuning = plan(load_recipe("digits_tune"), [], tmp_path)
     sizes = {name: len(points) for name, points in tuning.points.items()}
-    assert set(sizes) >= {"sgd", "sam", "asam", "looksam"} and len(set(sizes.values())) == 1
-    assert json.dumps(tuning.grids["looksam"]) == '{"alpha": [0.5, 0.9], "k": [2, 5]}'
+    assert set(sizes) == {"sgd", "sam", "asam", "looksam", "sgd at 2x epochs"} and set(sizes.values()) == {9}
+    assert all(list(grid)[0] == "lr" and len(grid) == 2 for grid in tuning.grids.values())
+    assert json.dumps(tuning.grids["looksam"]) == '{"lr": [0.02, 0.05, 0.1], "alpha": [0.1, 0.3, 0.7]}'
+    assert tuning.extend_edges == 2 and tuning.factors == {"sgd at 2x epochs": 2}
 
 
 def test_trial_epochs_shortens_the_trials_and_their_commands_only(tmp_path, capsys):
@@ -341,4 +343,24 @@ def test_the_tables_regenerate_from_the_per_run_files_alone(tuned, tmp_path):
         "tiny_tune_tuning_runs.csv",
         *(f"tiny_tune_tuned{s}" for s in (".md", ".csv", ".tex", "_runs.csv")),
     ):
+        assert (out / name).read_bytes() == (results / name).read_bytes(), name
+
+
+def test_a_second_tuning_seed_reruns_the_choice_and_sets_it_beside_the_first(tuned, tmp_path):
+    root, argv = tuned
+    results = root / "results"
+    assert main([*argv, "--tuning_seed", "1"]) == 0
+    trials = [c for c, _ in runs_under(root / "runs" / "trials") if c["seed"] >= 1000]
+    assert len(trials) == 4 and {(c["seed"], c["split_seed"]) for c in trials} == {(1000, 1)}
+    text = (results / "tiny_tune_tuning_seed1.md").read_text()
+    assert "## Against tuning seed 0" in text and "of 2 choices differ from tuning seed 0's" in text
+    assert (results / "tiny_tune_tuned_seed1.md").is_file() and (results / "tiny_tune_tuned.md").is_file()
+    # and from the per-run files alone, both tunings' files byte for byte
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("tiny_tune_tuning_runs.csv", "tiny_tune_tuning_seed1_runs.csv", "tiny_tune_tuned_seed1_runs.csv"):
+        shutil.copy(results / name, out / name)
+    at = argv.index("--results_dir")
+    assert main([*argv[:at], "--results_dir", str(out), "--tuning_seed", "1", "--from_records"]) == 0
+    for name in ("tiny_tune_tuning_seed1.md", "tiny_tune_tuned_seed1.md", "tiny_tune_tuned_seed1_runs.csv"):
         assert (out / name).read_bytes() == (results / name).read_bytes(), name

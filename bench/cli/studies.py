@@ -24,7 +24,7 @@ from bench.studies.recorded import Recorded
 from bench.studies.sweep import commands, execution_order, run_argv, run_sweep
 from bench.studies.sweep import status as sweep_status
 from bench.studies.tune import final_configs, pending_commands, plan, replay, run_tuning
-from bench.studies.tuning_tables import recorded_score, write_tuning_results
+from bench.studies.tuning_tables import recorded_score, trial_records, write_tuning_results
 from bench.usage import Parser
 
 # -- the other commands ----------------------------------------------------------------------------
@@ -65,6 +65,14 @@ def recipe_parser(command: str, description: str, recipe_help: str, output_help:
     p.add_argument("--nodes_per_run", type=int, default=None, help="slurm: nodes per run (accelerate launch across them)")
     p.add_argument("--cpus_per_run", type=int, default=None, help="slurm: CPUs per run")
     p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="slurm: an extra sbatch option")
+    if command == "tune":
+        p.add_argument(
+            "--tuning_seed",
+            type=int,
+            default=0,
+            help="another whole tuning (trial seeds + 1000 x N, split_seed + N); its tables (RECIPE_tuning_seedN.md, ...) "
+            "set its choices beside tuning seed 0's",
+        )
     if command == "sweep":
         p.add_argument(
             "--tables_only",
@@ -229,15 +237,17 @@ def cmd_tune(argv: list[str]) -> int:
     recipe = load_recipe(args.recipe)
     extra = [f"{k}={v}" for k, v in (("data_dir", args.data_dir), ("cpu", "true" if args.cpu else None)) if v]
     output_dir = args.output_dir or f"runs/{recipe.name}_tune"
-    tuning = plan(recipe, [*args.sets, *extra], output_dir)
+    if args.tuning_seed < 0:
+        raise ConfigError(f"--tuning_seed must be >= 0, got {args.tuning_seed}")
+    tuning = plan(recipe, [*args.sets, *extra], output_dir, args.tuning_seed)
     results_dir = Path(args.results_dir)
     if args.from_records:  # the choice replayed from the trials' records, the tables from the records alone
-        find = Recorded(records.path_for(results_dir / f"{recipe.name}_tuning")).find
+        find = Recorded(records.path_for(results_dir / f"{recipe.name}_tuning{tuning.suffix}")).find
         chosen = replay(tuning, recorded_score(find))
-        finals, _ = recorded_runs(
-            results_dir, f"{recipe.name}_tuned", [c for cs in final_configs(tuning, chosen).values() for c in cs]
-        )
-        write_tuning_results(tuning, chosen, finals, results_dir, shown_command("tune", argv), args.force, find)
+        finals = [c for cs in final_configs(tuning, chosen).values() for c in cs]
+        finals, _ = recorded_runs(results_dir, f"{recipe.name}_tuned{tuning.suffix}", finals)
+        first = first_choices(recipe, [*args.sets, *extra], output_dir, tuning, results_dir, from_records=True)
+        write_tuning_results(tuning, chosen, finals, results_dir, shown_command("tune", argv), args.force, find, first)
         return 0
     launcher = launcher_of(args, recipe, output_dir)
     if args.print_commands:
@@ -256,11 +266,30 @@ def cmd_tune(argv: list[str]) -> int:
         print(f"tune {recipe.name}: not every run of this stage is done; run the same command again to go on")
         return 0 if not launcher.wait else 1
     chosen, final_dirs = outcome
-    table = write_tuning_results(tuning, chosen, final_dirs, results_dir, shown_command("tune", argv), force=args.force)
-    print_table(table, title=str(results_dir / f"{recipe.name}_tuned.md"))
-    for written in [results_dir / f"{recipe.name}_tuning.md", *write_plots(final_dirs, results_dir / f"{recipe.name}_tuned")]:
+    first = first_choices(recipe, [*args.sets, *extra], output_dir, tuning, results_dir, from_records=False)
+    command = shown_command("tune", argv)
+    table = write_tuning_results(tuning, chosen, final_dirs, results_dir, command, force=args.force, first=first)
+    name = f"{recipe.name}_tuned{tuning.suffix}"
+    print_table(table, title=str(results_dir / f"{name}.md"))
+    for written in [results_dir / f"{recipe.name}_tuning{tuning.suffix}.md", *write_plots(final_dirs, results_dir / name)]:
         print(f"wrote {written}")
     return 0
+
+
+def first_choices(recipe, sets, output_dir, tuning, results_dir: Path, from_records: bool):
+    """For a tuning seed other than 0: tuning seed 0's choices, from its trials' run folders or per-run file, or
+    None where not all of its trials are there."""
+    if not tuning.tuning_seed:
+        return None
+    first = plan(recipe, sets, output_dir)
+    if from_records:
+        path = records.path_for(results_dir / f"{recipe.name}_tuning")
+        find = Recorded(path).find if path.is_file() else (lambda config: None)
+    else:
+        find = trial_records(first)
+    if any(find(config) is None for config in first.trials()):
+        return None
+    return replay(first, recorded_score(find))
 
 
 def cmd_sharpness(argv: list[str]) -> int:

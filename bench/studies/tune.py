@@ -34,14 +34,10 @@ from typing import Any
 
 from bench.config import ConfigError, RunConfig
 from bench.io import read_json
-from bench.studies.recipes import Recipe, config_from_settings, parse_assignment
+from bench.studies.recipes import Recipe, config_from_settings
 from bench.studies.sweep import commands, execution_order, run_sweep, status
-
-SECTION_KEYS = ("val_fraction", "seeds", "final_seeds", "trial_epochs", "equal_budget", "equal_passes", "extend_edges", "grid")
-#: set per run by the tuning: neither a grid key nor a --set may change them
-CONTROLLED = ("optimizer", "seed", "val_fraction")
-#: the only [grid] axes a tunable recipe may have (they serve `sweep`, the untuned comparison)
-SWEEP_AXES = ("optimizer", "seed")
+from bench.studies.tune_spec import CONTROLLED, need, section
+from bench.studies.tune_spec import forced as forced_settings
 
 
 @dataclass(frozen=True)
@@ -76,6 +72,13 @@ class Plan:
     factors: dict[str, int] = dataclasses.field(default_factory=dict)
     #: rounds of grid extension past a chosen edge (``extend_edges``), the same limit for every contender
     extend_edges: int = 0
+    #: 0, or another whole tuning: trial seeds shifted by 1000 x it and another validation split (split_seed + it)
+    tuning_seed: int = 0
+
+    @property
+    def suffix(self) -> str:
+        """What this tuning's tables add to their names: "" for tuning seed 0, "_seedN" for another."""
+        return f"_seed{self.tuning_seed}" if self.tuning_seed else ""
 
     def trials(self) -> list[RunConfig]:
         return [config for points in self.points.values() for point in points for config in point.trials]
@@ -85,100 +88,11 @@ def show(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _need(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _seeds(section: dict, key: str, where: str) -> list[int]:
-    seeds = section.get(key)
-    ok = isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-    _need(ok and len(set(seeds)) == len(seeds), f"{where}: {key} must be a non-empty list of distinct integers, got {seeds!r}")
-    return seeds
-
-
-def _grids(section: dict, where: str) -> dict[str, dict[str, list]]:
-    grids = section.get("grid")
-    _need(
-        isinstance(grids, dict) and grids and all(isinstance(g, dict) and g for g in grids.values()),
-        f"{where}: needs a grid per optimizer, such as [tune.grid.NAME] with KEY = [values]",
-    )
-    for optimizer, grid in grids.items():
-        for key, values in grid.items():
-            _need(key not in CONTROLLED, f"{where}: grid.{optimizer}.{key}: {key} is set by the tuning, not by a grid")
-            _need(
-                isinstance(values, list) and values, f"{where}: grid.{optimizer}.{key} must be a non-empty list, got {values!r}"
-            )
-    sizes = {optimizer: math.prod(len(v) for v in grid.values()) for optimizer, grid in grids.items()}
-    if section.get("equal_budget", True) and len(set(sizes.values())) > 1:
-        listed = ", ".join(f"{name} {n} points" for name, n in sizes.items())
-        raise ConfigError(
-            f"{where}: unequal budgets ({listed}); give every optimizer as many grid points, or set equal_budget = false"
-        )
-    return grids
-
-
-def _section(recipe: Recipe) -> dict[str, Any]:
-    """The recipe's [tune] section, checked; one-line ConfigError naming what is wrong."""
-    where, section = f"recipe {recipe.name} [tune]", recipe.tune
-    _need(bool(section), f"recipe {recipe.name} has no [tune] section (its format: bench/recipes.py)")
-    unknown = sorted(set(section) - set(SECTION_KEYS))
-    _need(not unknown, f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(SECTION_KEYS)}")
-    fraction = section.get("val_fraction", 0.1)
-    _need(
-        isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction < 1,
-        f"{where}: val_fraction must be in (0, 1), got {fraction!r}",
-    )
-    _need(isinstance(section.get("equal_budget", True), bool), f"{where}: equal_budget must be true or false")
-    trial_epochs = section.get("trial_epochs")
-    _need(
-        trial_epochs is None or (isinstance(trial_epochs, int) and not isinstance(trial_epochs, bool) and trial_epochs >= 1),
-        f"{where}: trial_epochs must be a positive integer, got {trial_epochs!r}",
-    )
-    passes = section.get("equal_passes", {})
-    _need(
-        isinstance(passes, dict) and all(isinstance(f, int) and not isinstance(f, bool) and f >= 2 for f in passes.values()),
-        f"{where}: equal_passes maps an optimizer to how many times the epochs it trains for (an integer >= 2), "
-        f"such as {{sgd = 2}}; got {passes!r}",
-    )
-    missing = [name for name in passes if name not in section.get("grid", {})]
-    _need(not missing, f"{where}: equal_passes names {', '.join(missing)}, which has no tune.grid (it is tuned the same way)")
-    extend_edges = section.get("extend_edges", 0)
-    _need(
-        isinstance(extend_edges, int) and not isinstance(extend_edges, bool) and extend_edges >= 0,
-        f"{where}: extend_edges must be an integer >= 0 (rounds of extension past a chosen edge), got {extend_edges!r}",
-    )
-    axes = sorted(set(recipe.grid) - set(SWEEP_AXES))
-    _need(not axes, f"recipe {recipe.name}: tune takes no [grid] axis but {' and '.join(SWEEP_AXES)} (got {', '.join(axes)})")
-    return {
-        "val_fraction": float(fraction),
-        "trial_epochs": trial_epochs,
-        "seeds": _seeds(section, "seeds", where),
-        "final_seeds": _seeds(section, "final_seeds", where),
-        "equal_budget": section.get("equal_budget", True),
-        "grid": _grids(section, where),
-        "equal_passes": passes,
-        "extend_edges": extend_edges,
-    }
-
-
-def _forced(sets: list[str], grids: dict[str, dict[str, list]]) -> dict[str, Any]:
-    forced = dict(map(parse_assignment, sets))
-    for key, value in forced.items():
-        _need(not isinstance(value, list), f"tune: --set {key}= takes one value (the trials come from [tune])")
-        tuned = [name for name, grid in grids.items() if key in grid]
-        _need(
-            key not in CONTROLLED and not tuned,
-            f"tune: --set {key} would override what the tuning sets"
-            + (f" (tune.grid.{', tune.grid.'.join(tuned)})" if tuned else ""),
-        )
-    return forced
-
-
-def plan(recipe: Recipe, sets: list[str], output_dir: str | Path) -> Plan:
-    """Every trial of ``recipe``'s [tune] section, validated, with ``key=value`` overrides applied."""
-    spec, output_dir = _section(recipe), Path(output_dir)
-    forced = _forced(sets, spec["grid"])
+def plan(recipe: Recipe, sets: list[str], output_dir: str | Path, tuning_seed: int = 0) -> Plan:
+    """Every trial of ``recipe``'s [tune] section, validated, with ``key=value`` overrides applied; with a
+    ``tuning_seed`` other than 0, another whole tuning of it (other trial seeds, another validation split)."""
+    spec, output_dir = section(recipe), Path(output_dir)
+    forced = forced_settings(sets, spec["grid"])
     trial_epochs = spec["trial_epochs"]
     grids = {name: dict(grid) for name, grid in spec["grid"].items()}
     factors = {}
@@ -186,7 +100,7 @@ def plan(recipe: Recipe, sets: list[str], output_dir: str | Path) -> Plan:
         grids[f"{name} at {factor}x epochs"], factors[f"{name} at {factor}x epochs"] = dict(spec["grid"][name]), factor
     tuning = Plan(
         recipe, output_dir, spec["val_fraction"], trial_epochs, spec["seeds"], spec["final_seeds"], spec["equal_budget"],
-        grids, {}, {}, factors, spec["extend_edges"],
+        grids, {}, {}, factors, spec["extend_edges"], tuning_seed,
     )  # fmt: skip
     for contender, grid in grids.items():
         optimizer, factor = contender.split(" at ")[0], factors.get(contender, 1)
@@ -194,7 +108,7 @@ def plan(recipe: Recipe, sets: list[str], output_dir: str | Path) -> Plan:
         epochs = base.get("epochs", RunConfig.epochs)
         base["epochs"] = epochs * factor
         tuning.bases[contender] = base
-        _need(
+        need(
             trial_epochs is None or ("epochs" not in grid and trial_epochs <= epochs),
             f"recipe {recipe.name} [tune]: trial_epochs {trial_epochs} "
             + (
@@ -212,11 +126,17 @@ def grid_point(tuning: Plan, contender: str, values: dict[str, Any], extension: 
     """The trials of one grid point: one run per trial seed on the training set less the validation split."""
     shorter = {} if tuning.trial_epochs is None else {"epochs": tuning.trial_epochs * tuning.factors.get(contender, 1)}
     settings = {"val_fraction": tuning.val_fraction, "output_dir": str(tuning.output_dir / "trials")}
+    if tuning.tuning_seed:
+        base_split = tuning.bases[contender].get("split_seed", RunConfig.split_seed)
+        settings["split_seed"] = base_split + tuning.tuning_seed
     return Point(
         contender,
         values,
         tuple(
-            config_from_settings({**tuning.bases[contender], **values, **shorter, "seed": seed, **settings}, tuning.recipe.name)
+            config_from_settings(
+                {**tuning.bases[contender], **values, **shorter, "seed": seed + 1000 * tuning.tuning_seed, **settings},
+                tuning.recipe.name,
+            )
             for seed in tuning.seeds
         ),
         extension,
