@@ -286,7 +286,7 @@ def first_choices(recipe, sets, output_dir, tuning, results_dir: Path, from_reco
         path = records.path_for(results_dir / f"{recipe.name}_tuning")
         find = Recorded(path).find if path.is_file() else (lambda config: None)
     else:
-        find = trial_records(first)
+        find = trial_records()
     if any(find(config) is None for config in first.trials()):
         return None
     return replay(first, recorded_score(find))
