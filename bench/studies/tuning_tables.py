@@ -107,7 +107,8 @@ def _tables(tuning: Plan, chosen: dict[str, Point], find: Find) -> tuple[pd.Data
                     "seed": c.seed,
                     "val acc (%)": f"{s * 100:.2f}" if math.isfinite(s) else "",
                     "status": (find(c) or {}).get("status", "not run"),
-                    "run": f"`{c.run_dir().name}`",
+                    # the run as recorded: its id holds the data's fingerprint, which the plan lacks where the data is absent
+                    "run": f"`{(find(c) or {}).get('run_id') or c.run_dir().name}`",
                 }
                 for c, s in zip(point.trials, scores)
             ]
