@@ -42,6 +42,7 @@ def train(optimizer_name: str = "sam", epochs: int = 3, mixed_precision: str = "
         with torch.no_grad():
             loss = accelerator.gather(F.cross_entropy(model(x), y)).mean().item()
         accelerator.print(f"epoch {epoch}: training loss {loss:.4f}")
+    accelerator.wait_for_everyone()  # every process leaves together
     accelerator.end_training()
     return loss
 
