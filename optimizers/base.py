@@ -432,7 +432,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         Trainer): the step's passes ran in the caller's code, :meth:`perturb` between them (where
         :attr:`perturbs_this_step`), and this is their :meth:`descend`; the gradients are left for the
         caller to zero, as a torch optimizer leaves them."""
-        if self.perturbs_this_step and not (self._perturbed or self._in_perturbed_pass):
+        if self.perturbs_this_step and not self._in_perturbed_pass:
             raise RuntimeError(
                 f"{type(self).__name__}.step needs a closure, or perturb() between the step's two backward passes "
                 "before step() (or descend())"

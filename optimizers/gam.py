@@ -101,7 +101,7 @@ class GAM(SharpnessAwareOptimizer):
         if self._stage == 0:
             self._groups = self.params_with_grad()
             self.save_weights([p for _, params in self._groups for p in params])
-            self._batchnorms.freeze()
+            self.enter_perturbed_pass(zero_grad=False)  # BatchNorm statistics frozen; the gradients are read below
         elif self._stage == 3:
             raise RuntimeError("GAM takes four passes: call descend() after the fourth")
         grads = self._take_grads()
