@@ -50,9 +50,18 @@ OPERATIONAL = (
     "test_every_epochs",
 )
 
-#: Settings of the datasets read through loader workers, and the data's fingerprint, left out of a run's
-#: identity while unset (None), so that the ids of runs that never set them stay as they are.
-UNSET_NOT_IDENTITY = ("image_size", "image_column", "label_column", "data_id", "max_grad_norm")
+#: Settings added after runs were recorded (the datasets read through loader workers, the data's fingerprint,
+#: clipping, the validation fold), left out of a run's identity while at this value, so that the ids of runs
+#: that never set them stay as they are.
+LATER_SETTINGS = {
+    "image_size": None,
+    "image_column": None,
+    "label_column": None,
+    "data_id": None,
+    "max_grad_norm": None,
+    "val_fold": 0,
+    "no_augment": False,
+}
 
 #: Keys of a run's config.json that describe the run, not its settings.
 RUN_METADATA = ("run_id", "world_size", "device", "versions", "environment", "code", "resolved_hyperparameters")
@@ -72,10 +81,12 @@ FIELD_CHECKS = {
         Setting("label_smoothing", 0.0, float, "[0, 1)"),
         Setting("max_grad_norm", None, float, "(0, inf)", optional=True),
         Setting("cutout", False, bool),
+        Setting("no_augment", False, bool),
         Setting("train_subset", None, int, "[1, inf)", optional=True),
         Setting("label_noise", 0.0, float, "[0, 1)"),
         Setting("val_fraction", 0.0, float, "[0, 1)"),
         Setting("split_seed", 0, int, SEED_RANGE),
+        Setting("val_fold", 0, int, "[0, inf)"),
         Setting("sharpness", False, bool),
         Setting("sharpness_samples", 1024, int, "[1, inf)"),
         Setting("sharpness_iterations", 20, int, "[0, inf)"),
@@ -165,10 +176,14 @@ class RunConfig:
     #: the global norm the descent gradient is clipped to before each update (None: no clipping)
     max_grad_norm: float | None = None
     cutout: bool = False
+    #: in-memory datasets: train on the images as they are (no crop, flip or cutout)
+    no_augment: bool = False
     train_subset: int | None = None
     label_noise: float = 0.0
     val_fraction: float = 0.0
     split_seed: int = 0
+    #: which block of the split's order is held out (k-fold validation: val_fraction 1/k, folds 0 .. k-1)
+    val_fold: int = 0
     #: imagefolder and hf: datasets only: the side of the training crop and the evaluation view
     #: (None: 224), and for hf: datasets the image and label columns (None: detected)
     image_size: int | None = None
@@ -229,6 +244,12 @@ class RunConfig:
             f"step_milestones must be fractions in (0, 1), got {self.step_milestones}",
         )
         self.step_milestones = milestones
+        _need(not (self.no_augment and self.cutout), "no_augment and cutout: cutout is an augmentation; choose one")
+        _need(
+            self.val_fold == 0 or 0 < self.val_fraction and self.val_fold * self.val_fraction < 1 - 1e-9,
+            f"val_fold {self.val_fold} needs val_fraction > 0 and val_fold < 1 / val_fraction "
+            f"(k-fold: val_fraction 1/k, folds 0 .. k-1), got val_fraction {self.val_fraction}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -268,7 +289,11 @@ class RunConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings that change the result."""
-        return {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL and not (k in UNSET_NOT_IDENTITY and v is None)}
+        return {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in OPERATIONAL and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])
+        }
 
     def run_id(self) -> str:
         """Deterministic name from the settings that change the result."""

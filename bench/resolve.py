@@ -99,7 +99,8 @@ def _check_data(config: RunConfig) -> None:
         return
     if config.image_size is None:
         config.image_size = DEFAULT_IMAGE_SIZE
-    _need(not config.cutout, f"cutout is for the in-memory datasets; {config.dataset} has its own augmentation")
+    for switch in ("cutout", "no_augment"):
+        _need(not getattr(config, switch), f"{switch} is for the in-memory datasets; {config.dataset} has its own augmentation")
     if config.dataset == "imagefolder":
         _need(bool(config.data_dir), "imagefolder needs --data_dir DIR holding train/<class>/ and val/<class>/ image folders")
         columns = [f for f in ("image_column", "label_column") if getattr(config, f) is not None]

@@ -36,9 +36,13 @@ for step in "${steps[@]}"; do
     digits_noisy)
       python launch.py sweep "$step" --print_commands | in_pairs "$step"
       python launch.py sweep "$step" --tables_only ;;
-    *)  # a tuned regime
-      python launch.py tune "$step" --data_dir "$data" --print_commands | in_pairs "$step trials"
-      python launch.py tune "$step" --data_dir "$data" --print_commands | in_pairs "$step final runs"
+    *)  # a tuned regime: each stage's pending runs (trials, trials past an edge, final runs) two at a time
+      prev=
+      while cmds=$(python launch.py tune "$step" --data_dir "$data" --print_commands) && [ -n "$cmds" ]; do
+        [ "$cmds" != "$prev" ] || { echo "$step: the same runs are still pending after a try; see $log"; exit 1; }
+        printf '%s\n' "$cmds" | in_pairs "$step ($(printf '%s\n' "$cmds" | wc -l) runs)"
+        prev=$cmds
+      done
       python launch.py tune "$step" --data_dir "$data" ;;
   esac
 done

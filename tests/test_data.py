@@ -19,6 +19,7 @@ from PIL import Image as PILImage
 import bench.data.cifar
 import bench.data.parquet
 import bench.data.tinyimagenet
+from bench.config import ConfigError, RunConfig
 from bench.data.augment import Augmentation, augment, default_augmentation, normalize
 from bench.data.cache import default_cache_dir
 from bench.data.datasets import DATASET_INFO, ImageDataset, available_datasets, canonical_name
@@ -696,6 +697,31 @@ def test_validation_split_is_stratified_and_disjoint(fraction):
     assert val.num_classes == data.num_classes and val.name == data.name and val.images.is_contiguous()
 
 
+def test_validation_folds_partition_each_class_and_fold_0_is_the_plain_split():
+    """k-fold validation: folds 0 .. k-1 of val_fraction 1/k hold out disjoint blocks of every class that
+    together cover it (here every class divides by 3); fold 0 is the split without a fold."""
+    counts = [30, 12, 9, 3]
+    data = _indexed_dataset(counts)
+    kw = dict(subset=None, label_noise=0.0, seed=0, val_fraction=1 / 3, split_seed=4)
+    folds = [prepare_train_set(data, **kw, val_fold=k) for k in range(3)]
+    held = [_indices(fold.val).tolist() for fold in folds]
+    assert sorted(sum(held, [])) == list(range(len(data)))  # disjoint, and every image is validated once
+    for fold in folds:
+        assert torch.bincount(fold.val.labels, minlength=4).tolist() == [n // 3 for n in counts]
+        assert sorted(_indices(fold.train).tolist() + _indices(fold.val).tolist()) == list(range(len(data)))
+    plain = prepare_train_set(data, **kw)
+    assert torch.equal(plain.val.images, folds[0].val.images) and torch.equal(plain.train.images, folds[0].train.images)
+
+
+def test_a_fold_past_the_split_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"^val_fold 3 needs val_fraction > 0 and val_fold < 1 / val_fraction"):
+        RunConfig(val_fraction=1 / 3, val_fold=3).validate()
+    with pytest.raises(ConfigError, match=r"^val_fold 1 needs val_fraction > 0"):
+        RunConfig(val_fold=1).validate()
+    RunConfig(val_fraction=1 / 3, val_fold=2).validate()
+    assert "val_fold" not in RunConfig().identity() and RunConfig(val_fraction=0.5, val_fold=1).identity()["val_fold"] == 1
+
+
 def test_many_small_classes_get_the_exact_total():
     """100 classes of 5 images at 10%: 50 classes hold out one image, not every class (per-class rounding)."""
     data = _indexed_dataset([5] * 100)
@@ -951,3 +977,25 @@ def test_generator_on_wrong_device_is_rejected():
     x = _nonzero_batch(device="cuda")
     with pytest.raises(ValueError, match="generator"):
         augment(x, Augmentation(), torch.Generator().manual_seed(0))
+
+
+def test_no_augment_trains_on_the_images_as_they_are():
+    """--no_augment: every training batch is its images, normalised, untouched (no crop, no flip); the default
+    crops and flips them; with --cutout it is refused in one line."""
+    from types import SimpleNamespace
+
+    from bench.loop.setup import data_access
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=g)
+    data = ImageDataset(images, torch.arange(40) % 2, 2, (0.5,) * 3, (0.25,) * 3, "cifar10")
+    accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0)
+    first = {}
+    for no_augment in (True, False):
+        config = RunConfig(dataset="cifar10", batch_size=40, no_augment=no_augment).validate()
+        batches, _ = data_access(config, accelerator, data, [], 1, torch.Generator().manual_seed(0))
+        images, _, ids = batches.batch(0, 0)
+        first[no_augment] = torch.equal(images, normalize(data.images[ids], data.mean, data.std))
+    assert first == {True: True, False: False}
+    with pytest.raises(ConfigError, match=r"^no_augment and cutout: cutout is an augmentation; choose one$"):
+        RunConfig(no_augment=True, cutout=True).validate()

@@ -296,6 +296,24 @@ def test_an_extension_outside_the_settings_range_is_not_added(tmp_path):
     assert list(added) == ["sgd"] and tuning.grids["esam"]["beta"] == [0.5, 1.0]
 
 
+def test_k_fold_trials_run_every_seed_on_every_fold_and_the_choice_takes_their_mean(tmp_path, capsys):
+    text = TINY.replace("val_fraction = 0.2\nseeds = [0]", "folds = 3\nseeds = [0, 1]")
+    tuning = plan(load_recipe(str(write_recipe(tmp_path, text))), [], tmp_path / "runs")
+    low, high = tuning.points["sgd"]
+    assert [(c.seed, c.val_fold) for c in low.trials] == [(s, f) for s in (0, 1) for f in range(3)]
+    assert {c.val_fraction for c in low.trials} == {1 / 3} and tuning.trials_per_point == 6
+    assert len({c.run_dir() for p in tuning.points["sgd"] for c in p.trials}) == 12  # every trial its own run
+    for c, val in zip(low.trials, [0.9, 0.2, 0.2, 0.9, 0.2, 0.2]):  # one lucky fold per seed: mean 0.433
+        plant(c, val=val, test=0.5)
+    for c in high.trials:
+        plant(c, val=0.5, test=0.5)
+    assert choices(tuning)["sgd"] is high  # the mean over seeds and folds, not the best trial
+    assert "12 trials per optimizer, 2 grid points × trial seeds [0, 1] × 3 validation folds" in budget(tuning)
+    both = write_recipe(tmp_path, text.replace("folds = 3", "folds = 3\nval_fraction = 0.2"))
+    assert main(["tune", str(both), "--output_dir", str(tmp_path / "runs"), "--print_commands"]) == 2
+    assert "folds 3 holds out 1/3 per fold; drop val_fraction" in capsys.readouterr().err
+
+
 def test_equal_passes_tunes_the_baseline_again_for_twice_the_epochs(tmp_path):
     text = TINY.replace("epochs = 1\n", "epochs = 2\n").replace(
         "final_seeds = [1]", "final_seeds = [1]\nequal_passes = {sgd = 2}"

@@ -82,7 +82,9 @@ FLAGS: tuple[Flag, ...] = (
     _f("label_noise", "data", float, 0.0, "fraction of training labels replaced at random"),
     _f("val_fraction", "data", float, 0.0, "hold out this fraction of the training set (stratified) for validation"),
     _f("split_seed", "data", int, 0, "seed of the validation split (the same for every run seed)"),
+    _f("val_fold", "data", int, 0, "hold out the validation split's Nth block (k-fold: --val_fraction 1/k, N < k)"),
     _f("cutout", "data", "switch", help="cutout augmentation (in-memory datasets)"),
+    _f("no_augment", "data", "switch", help="no crop, flip or cutout: train on the images as they are (in-memory datasets)"),
     _f(
         "image_size",
         "data",

@@ -185,4 +185,5 @@ def prepared_train_set(train_set, config) -> PreparedData:
         seed=config.seed,
         val_fraction=config.val_fraction,
         split_seed=config.split_seed,
+        val_fold=config.val_fold,
     )

@@ -53,13 +53,15 @@ def prepare_train_set(
     seed: int,
     val_fraction: float = 0.0,
     split_seed: int = 0,
+    val_fold: int = 0,
 ) -> PreparedData:
     """Apply a run's training-set options, in this order:
 
     1. ``subset`` (None: all images): the fixed subset of :func:`training_subset`;
     2. ``val_fraction`` in [0, 1) (0: no split): a held-out validation split,
        stratified by class and fixed by ``split_seed`` alone (see
-       :func:`_validation_split`), so every run seed and optimizer sees the same one;
+       :func:`_validation_split`), so every run seed and optimizer sees the same one; ``val_fold``
+       k holds out the k-th block of the split's order instead of the first (k-fold validation);
     3. ``label_noise`` in [0, 1) (0: none): :func:`with_label_noise` with the run
        ``seed``, on the remaining training part only; validation labels stay clean.
 
@@ -75,7 +77,7 @@ def prepare_train_set(
         train = training_subset(train, subset)
     val = None
     if val_fraction:
-        train, val = _validation_split(train, val_fraction, split_seed)
+        train, val = _validation_split(train, val_fraction, split_seed, val_fold)
     noisy = None
     if label_noise:
         train, noisy = with_label_noise(train, label_noise, seed)
@@ -112,13 +114,14 @@ def _validation_counts(counts: np.ndarray, fraction: float, class_order: np.ndar
     return take
 
 
-def _validation_split(data: ImageDataset, fraction: float, split_seed: int) -> tuple[ImageDataset, ImageDataset]:
+def _validation_split(data: ImageDataset, fraction: float, split_seed: int, fold: int = 0) -> tuple[ImageDataset, ImageDataset]:
     """``(train, val)``: a stratified split holding out ``fraction`` of every class.
 
     A generator seeded with ``split_seed`` draws, in this order, a permutation of the
     classes (tie-break among equal remainders, see :func:`_validation_counts`) and a
-    permutation of the images; each class holds out its images that come first in the
-    latter. Both parts keep the original image order.
+    permutation of the images; each class, holding out ``n_c`` images, holds out its images
+    ranked ``fold * n_c`` to ``(fold + 1) * n_c - 1`` in the latter (fold 0: those that come
+    first; the last fold may hold fewer). Both parts keep the original image order.
     """
     g = torch.Generator().manual_seed(int(split_seed))
     class_order = torch.randperm(data.num_classes, generator=g).numpy()
@@ -130,7 +133,10 @@ def _validation_split(data: ImageDataset, fraction: float, split_seed: int) -> t
     by_class = np.argsort(permuted, kind="stable")  # positions in ``order``, grouped by class
     rank = np.arange(len(data)) - (np.cumsum(counts) - counts)[permuted[by_class]]
     held = np.zeros(len(data), dtype=bool)
-    held[order.numpy()[by_class[rank < take[permuted[by_class]]]]] = True
+    quota = take[permuted[by_class]]
+    held[order.numpy()[by_class[(rank >= fold * quota) & (rank < (fold + 1) * quota)]]] = True
+    if not held.any():
+        raise DataError(f"val_fold {fold} of val_fraction {fraction} holds out no image of {data.name}; use a smaller val_fold")
     keep, out = torch.from_numpy(np.flatnonzero(~held)), torch.from_numpy(np.flatnonzero(held))
     return _select(data, keep), _select(data, out)
 

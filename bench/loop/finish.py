@@ -155,7 +155,7 @@ def finish(run: Run) -> RunResult:
         write_json(run.run_dir / "summary.json", summary)
     if config.log_with:
         accelerator.end_training()
-    elif run.fsdp is not None:  # every process leaves a sharded run together
+    elif accelerator.num_processes > 1:  # every process leaves together
         accelerator.wait_for_everyone()
     return RunResult(run.run_dir, summary, notes=run.notes)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
@@ -15,7 +17,7 @@ from torch import nn
 from architectures import create_model
 from bench import environment
 from bench.config import ConfigError, RunConfig
-from bench.data.augment import default_augmentation
+from bench.data.augment import Augmentation, default_augmentation
 from bench.data.batches import (
     MemoryBatches,  # noqa: F401 (re-exported)
     TrainBatches,  # noqa: F401 (re-exported)
@@ -55,6 +57,25 @@ RUN_FILES = (
 # -- setup -------------------------------------------------------------------------------------
 
 
+_teardown_registered = False
+
+
+def take_down_process_group_at_exit() -> None:
+    """Destroy the process group before the interpreter exits (as torch asks), rather than leave it to
+    the interpreter's teardown: finished multi-process runs on CPU were seen to abort there, about one
+    launch in a hundred ("terminate called without an active exception")."""
+    global _teardown_registered
+    if _teardown_registered:
+        return
+
+    def teardown():
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+    atexit.register(teardown)
+    _teardown_registered = True
+
+
 def make_accelerator(config: RunConfig) -> Accelerator:
     AcceleratorState._reset_state()  # runs in one process may differ in mixed precision
     accelerator = Accelerator(
@@ -69,6 +90,8 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     if config.mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("mixed_precision bf16 is not supported by this GPU; use fp16")
     world = accelerator.num_processes
+    if world > 1:
+        take_down_process_group_at_exit()
     if config.batch_size % (world * config.grad_accum_steps):
         raise ConfigError(
             f"batch_size {config.batch_size} must be divisible by processes x grad_accum_steps = {world * config.grad_accum_steps}"
@@ -191,7 +214,7 @@ def data_access(
     if is_loader_dataset(config.dataset):
         batches = LoaderBatches(config, train_set, steps_per_epoch, device, accelerator.process_index, world, config.workers)
         return batches, [LoaderSplit(name, data, config.batch_size // world, batches.workers) for name, data in held_out]
-    aug = default_augmentation(config.dataset, cutout=config.cutout)
+    aug = Augmentation(crop_padding=0, flip=False) if config.no_augment else default_augmentation(config.dataset, config.cutout)
     batches = MemoryBatches(config, train_set, device, aug, aug_generator)
     return batches, [Split(name, data, data.images.to(device), data.labels.to(device)) for name, data in held_out]
 

@@ -22,7 +22,6 @@ parameters (``fully_shard`` replaces every parameter by a DTensor).
 
 from __future__ import annotations
 
-import atexit
 import os
 from pathlib import Path
 from typing import Any
@@ -40,22 +39,6 @@ from bench.loop.checkpoint import MODEL_FILE
 from bench.loop.step import effective_ascent_sync
 from optimizers.base import SharpnessAwareOptimizer
 from optimizers.tensors import is_sharded, shard_like
-
-_teardown_registered = False
-
-
-def _register_teardown() -> None:
-    """Take the process group down before the interpreter exits (as torch asks), rather than leave it
-    to the interpreter's teardown: finished FSDP runs on CPU processes were seen to abort there
-    ("terminate called without an active exception")."""
-    global _teardown_registered
-
-    def teardown():
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-    atexit.register(teardown)
-    _teardown_registered = True
 
 
 def fsdp_requested() -> bool:
@@ -82,8 +65,6 @@ def fsdp_plugin(accelerator, mixed_precision: str = "no") -> FullyShardedDataPar
         accelerator.state.fsdp_plugin = plugin  # where Accelerate's FSDP2 preparation reads it
     else:
         return None
-    if not _teardown_registered:
-        _register_teardown()
     if plugin.fsdp_version != 2:
         raise ConfigError(
             "the harness shards with FSDP2 only (fsdp_version: 2 in the launch config): FSDP1's shards are flat "

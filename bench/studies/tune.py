@@ -4,10 +4,11 @@
 Every optimizer with a grid gets the same trials: each of its grid points (the same number for
 all, unless the recipe sets ``equal_budget = false``) with the same trial seeds, trained on the
 training set less a stratified validation split (``val_fraction``, fixed by ``split_seed``, the
-same for every seed and optimizer), for the recipe's epochs or, where ``trial_epochs`` is set, for
+same for every seed and optimizer; with ``folds = k``, k-fold validation: every trial seed on each
+of the k folds of 1/k, so that every training image is validated once), for the recipe's epochs or, where ``trial_epochs`` is set, for
 that many (a shorter schedule of their own: a cheaper, lower-fidelity search, the same for every
 optimizer).  Per optimizer, the point with the best mean final validation accuracy over the
-trial seeds is chosen, the earlier point among equals; the chooser reads the
+trials (seeds and folds) is chosen, the earlier point among equals; the chooser reads the
 trials' ``final_val_acc`` and nothing else, so the test set never enters the choice.  The chosen
 values are then run with the final seeds on the full training set (``val_fraction`` 0) and
 tabulated, the tuned values marked.
@@ -74,6 +75,12 @@ class Plan:
     extend_edges: int = 0
     #: 0, or another whole tuning: trial seeds shifted by 1000 x it and another validation split (split_seed + it)
     tuning_seed: int = 0
+    #: k-fold validation (``folds``): each trial seed runs on each fold; 1: one validation split
+    folds: int = 1
+
+    @property
+    def trials_per_point(self) -> int:
+        return len(self.seeds) * self.folds
 
     @property
     def suffix(self) -> str:
@@ -100,7 +107,7 @@ def plan(recipe: Recipe, sets: list[str], output_dir: str | Path, tuning_seed: i
         grids[f"{name} at {factor}x epochs"], factors[f"{name} at {factor}x epochs"] = dict(spec["grid"][name]), factor
     tuning = Plan(
         recipe, output_dir, spec["val_fraction"], trial_epochs, spec["seeds"], spec["final_seeds"], spec["equal_budget"],
-        grids, {}, {}, factors, spec["extend_edges"], tuning_seed,
+        grids, {}, {}, factors, spec["extend_edges"], tuning_seed, spec["folds"],
     )  # fmt: skip
     for contender, grid in grids.items():
         optimizer, factor = contender.split(" at ")[0], factors.get(contender, 1)
@@ -123,7 +130,7 @@ def plan(recipe: Recipe, sets: list[str], output_dir: str | Path, tuning_seed: i
 
 
 def grid_point(tuning: Plan, contender: str, values: dict[str, Any], extension: int = 0) -> Point:
-    """The trials of one grid point: one run per trial seed on the training set less the validation split."""
+    """The trials of one grid point: one run per trial seed (and fold) on the training set less the validation split."""
     shorter = {} if tuning.trial_epochs is None else {"epochs": tuning.trial_epochs * tuning.factors.get(contender, 1)}
     settings = {"val_fraction": tuning.val_fraction, "output_dir": str(tuning.output_dir / "trials")}
     if tuning.tuning_seed:
@@ -134,10 +141,18 @@ def grid_point(tuning: Plan, contender: str, values: dict[str, Any], extension: 
         values,
         tuple(
             config_from_settings(
-                {**tuning.bases[contender], **values, **shorter, "seed": seed + 1000 * tuning.tuning_seed, **settings},
+                {
+                    **tuning.bases[contender],
+                    **values,
+                    **shorter,
+                    "seed": seed + 1000 * tuning.tuning_seed,
+                    **settings,
+                    **({"val_fold": fold} if fold else {}),
+                },
                 tuning.recipe.name,
             )
             for seed in tuning.seeds
+            for fold in range(tuning.folds)
         ),
         extension,
     )
@@ -261,8 +276,9 @@ def pending_commands(tuning: Plan, sets: list[str]) -> list[str]:
 
 def _keys_of(tuning: Plan, runs: dict[str, list[RunConfig]], extra_keys: list[str]):
     """What each run's command spells out: what the tuning sets (and its optimizer's grid keys)."""
+    controlled = [key for key in CONTROLLED if key != "val_fold" or tuning.folds > 1]
     keys = {
-        config.run_dir(): [*CONTROLLED, *tuning.grids[name], *extra_keys, *(["epochs"] if name in tuning.factors else [])]
+        config.run_dir(): [*controlled, *tuning.grids[name], *extra_keys, *(["epochs"] if name in tuning.factors else [])]
         for name, configs in runs.items()
         for config in configs
     }

@@ -9,9 +9,19 @@ from typing import Any
 from bench.config import ConfigError
 from bench.studies.recipes import Recipe, parse_assignment
 
-SECTION_KEYS = ("val_fraction", "seeds", "final_seeds", "trial_epochs", "equal_budget", "equal_passes", "extend_edges", "grid")
+SECTION_KEYS = (
+    "val_fraction",
+    "folds",
+    "seeds",
+    "final_seeds",
+    "trial_epochs",
+    "equal_budget",
+    "equal_passes",
+    "extend_edges",
+    "grid",
+)
 #: set per run by the tuning: neither a grid key nor a --set may change them
-CONTROLLED = ("optimizer", "seed", "val_fraction")  # and split_seed, for a tuning seed other than 0
+CONTROLLED = ("optimizer", "seed", "val_fraction", "val_fold")  # and split_seed, for a tuning seed other than 0
 #: the only [grid] axes a tunable recipe may have (they serve `sweep`, the untuned comparison)
 SWEEP_AXES = ("optimizer", "seed")
 
@@ -53,7 +63,13 @@ def section(recipe: Recipe) -> dict[str, Any]:
     need(bool(section), f"recipe {recipe.name} has no [tune] section (its format: bench/recipes.py)")
     unknown = sorted(set(section) - set(SECTION_KEYS))
     need(not unknown, f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(SECTION_KEYS)}")
-    fraction = section.get("val_fraction", 0.1)
+    folds = section.get("folds", 1)
+    need(
+        isinstance(folds, int) and not isinstance(folds, bool) and folds >= 1,
+        f"{where}: folds must be an integer >= 1 (k-fold validation: every trial seed on each of k folds), got {folds!r}",
+    )
+    need(folds == 1 or "val_fraction" not in section, f"{where}: folds {folds} holds out 1/{folds} per fold; drop val_fraction")
+    fraction = section.get("val_fraction", 0.1 if folds == 1 else 1 / folds)
     need(
         isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction < 1,
         f"{where}: val_fraction must be in (0, 1), got {fraction!r}",
@@ -81,6 +97,7 @@ def section(recipe: Recipe) -> dict[str, Any]:
     need(not axes, f"recipe {recipe.name}: tune takes no [grid] axis but {' and '.join(SWEEP_AXES)} (got {', '.join(axes)})")
     return {
         "val_fraction": float(fraction),
+        "folds": folds,
         "trial_epochs": trial_epochs,
         "seeds": _seeds(section, "seeds", where),
         "final_seeds": _seeds(section, "final_seeds", where),
