@@ -91,10 +91,12 @@ def test_every_committed_table_regenerates_from_its_per_run_file(tmp_path, monke
         out.mkdir()
         written = [f"{name}{suffix}" for suffix in (".csv", ".md", ".tex", records.SUFFIX)]
         inputs = []
-        if subcommand == "tune":  # its trials' file too, and tuning seed 0's, whose choices a later seed's stand beside
+        if (
+            subcommand == "tune"
+        ):  # its trials' file too, and tuning seed 0's, whose choices and verdicts a later seed's stand beside
             recipe, seed = re.fullmatch(r"(.*)_tuned(_seed\d+)?", name).groups()
             written += [f"{recipe}_tuning{seed or ''}.md", f"{recipe}_tuning{seed or ''}{records.SUFFIX}"]
-            inputs = [f"{recipe}_tuning{records.SUFFIX}"]
+            inputs = [f"{recipe}_tuning{records.SUFFIX}", f"{recipe}_tuned{records.SUFFIX}"]
         for given in {*inputs, *(w for w in written if w.endswith(records.SUFFIX))}:
             shutil.copy(results / given, out / given)
         done = subprocess.run(

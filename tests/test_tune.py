@@ -372,11 +372,18 @@ def test_a_second_tuning_seed_reruns_the_choice_and_sets_it_beside_the_first(tun
     assert len(trials) == 4 and {(c["seed"], c["split_seed"]) for c in trials} == {(1000, 1)}
     text = (results / "tiny_tune_tuning_seed1.md").read_text()
     assert "## Against tuning seed 0" in text and "of 2 choices differ from tuning seed 0's" in text
+    # one final seed a side: no claim has two seeds to pair (digits_tune_tuning_seed1.md shows the verdicts compared)
+    assert "## Verdicts against tuning seed 0\n\nNo claim compares two optimizers that both tunings ran." in text
     assert (results / "tiny_tune_tuned_seed1.md").is_file() and (results / "tiny_tune_tuned.md").is_file()
     # and from the per-run files alone, both tunings' files byte for byte
     out = tmp_path / "out"
     out.mkdir()
-    for name in ("tiny_tune_tuning_runs.csv", "tiny_tune_tuning_seed1_runs.csv", "tiny_tune_tuned_seed1_runs.csv"):
+    for name in (
+        "tiny_tune_tuning_runs.csv",
+        "tiny_tune_tuned_runs.csv",
+        "tiny_tune_tuning_seed1_runs.csv",
+        "tiny_tune_tuned_seed1_runs.csv",
+    ):
         shutil.copy(results / name, out / name)
     at = argv.index("--results_dir")
     assert main([*argv[:at], "--results_dir", str(out), "--tuning_seed", "1", "--from_records"]) == 0

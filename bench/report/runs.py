@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from bench import environment
-from bench.config import OPERATIONAL, RUN_METADATA, RunConfig
+from bench.config import LATER_SETTINGS, OPERATIONAL, RUN_METADATA, RunConfig
 from bench.errors import UserError
 from bench.io import read_json
 from bench.report.records import COLUMNS, RecordsError
@@ -44,9 +44,16 @@ class RunSkipped(UserWarning):
 # ----------------------------------------------------------------------------- finding and reading runs
 
 
+def _later_unset(key: str, value: Any) -> bool:
+    """A setting added after runs were recorded, at the value that leaves it out of a run's id: a record that
+    has it and one that lacks it are the same setting."""
+    return key in LATER_SETTINGS and value == LATER_SETTINGS[key]
+
+
 def settings_key(identity: dict, drop: tuple[str, ...] = ()) -> str:
     """The settings of an identity as one sortable string, less the fields in ``drop``."""
-    return json.dumps({k: v for k, v in identity.items() if k not in drop}, sort_keys=True, default=str)
+    kept = {k: v for k, v in identity.items() if k not in drop and not _later_unset(k, v)}
+    return json.dumps(kept, sort_keys=True, default=str)
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -145,13 +152,13 @@ def _read_checked(path: Path, problem_of) -> tuple[Any, str | None]:
 
 
 def _identity(config: dict) -> dict:
-    """What makes a run's result: config.json (missing fields at RunConfig's defaults) less OPERATIONAL and PER_RUN."""
+    """What makes a run's result: config.json (missing fields at RunConfig's defaults) less OPERATIONAL and PER_RUN,
+    and less the settings added later at their unset values (``bench.config.LATER_SETTINGS``)."""
     left_out = {*OPERATIONAL, *PER_RUN, *RUN_METADATA}
     defaults = json.loads(json.dumps(RunConfig().to_dict(), default=str))
-    settings = {k: v for k, v in {**defaults, **config}.items() if k not in left_out}
-    if settings.get("data_id") is None:  # no fingerprint (embedded or downloaded data, or an older run)
-        settings.pop("data_id", None)
-    return settings
+    # as in the run's id: a setting added later, at its unset value, is left out (no fingerprint: embedded or
+    # downloaded data, or an older run)
+    return {k: v for k, v in {**defaults, **config}.items() if k not in left_out and not _later_unset(k, v)}
 
 
 def _record(run: Path) -> tuple[dict | None, list[str]]:

@@ -14,7 +14,8 @@ import pandas as pd
 from bench.config import RunConfig
 from bench.io import write_text
 from bench.report import records
-from bench.report.runs import ResultsError, read_records
+from bench.report.claims import evaluate, load_claims
+from bench.report.runs import ResultsError, read_records, read_runs
 from bench.report.tables import frame_to_markdown, write_comparison
 from bench.studies.tune import Plan, Point, edges, optimizer_of, show
 
@@ -140,8 +141,44 @@ def compared_markdown(tuning: Plan, chosen: dict[str, Point], first: dict[str, P
     )
 
 
+def verdicts_markdown(tuning: Plan, first_finals: Path, finals: Path) -> str:
+    """The claims (bench/report/claims.toml) on tuning seed 0's final runs and on this tuning's, side by side:
+    how far a verdict depends on the luck of one tuning. From the two tunings' per-run files."""
+    title = "## Verdicts against tuning seed 0\n\n"
+    if not first_finals.is_file():
+        return f"{title}Tuning seed 0's final runs have no per-run file here (`{first_finals.name}`): nothing to compare.\n"
+    claims = load_claims()
+    before, after = (evaluate(claims, read_runs([path])[0]) for path in (first_finals, finals))
+    key = lambda row: (row["claim"].text, row["a"].optimizer, row["b"].optimizer)  # noqa: E731
+    earlier = {key(row): row for row in before}
+    shown = lambda row: row["verdict"] + (f", {row['difference'].describe()}" if "difference" in row else "")  # noqa: E731
+    rows = [
+        {
+            "claim": row["claim"].text,
+            "A vs B": f"{row['a'].optimizer} vs {row['b'].optimizer}",
+            "tuning seed 0": shown(earlier[key(row)]),
+            f"tuning seed {tuning.tuning_seed}": shown(row),
+            "same verdict": "yes" if earlier[key(row)]["verdict"] == row["verdict"] else "no",
+        }
+        for row in after
+        if key(row) in earlier
+    ]
+    if not rows:
+        return f"{title}No claim compares two optimizers that both tunings ran.\n"
+    changed = sum(row["same verdict"] == "no" for row in rows)
+    return (
+        f"{title}The claims of `bench/report/claims.toml` on each tuning's final runs (paired by seed, Holm-adjusted within "
+        f"each tuning): {changed} of {len(rows)} verdicts differ from tuning seed 0's.\n\n{frame_to_markdown(pd.DataFrame(rows))}"
+    )
+
+
 def tuning_markdown(
-    tuning: Plan, chosen: dict[str, Point], command: str, find: Find, first: dict[str, Point] | None = None
+    tuning: Plan,
+    chosen: dict[str, Point],
+    command: str,
+    find: Find,
+    first: dict[str, Point] | None = None,
+    verdicts: str = "",
 ) -> str:
     recipe = tuning.recipe
     grids = "\n".join(
@@ -164,6 +201,7 @@ def tuning_markdown(
         f"ran with seeds {tuning.final_seeds} on the full training set: `{recipe.name}_tuned{tuning.suffix}.md`.\n\n"
         f"## Grids\n\n{grids}\n\n## Grid points\n\n{frame_to_markdown(points)}\n## Trials\n\n{frame_to_markdown(trials)}"
         + (f"\n{compared_markdown(tuning, chosen, first)}" if tuning.tuning_seed else "")
+        + (f"\n{verdicts}" if verdicts else "")
     )
 
 
@@ -198,5 +236,9 @@ def write_tuning_results(
         tuned[optimizer] = f"{tuned[optimizer]}; {label}" if optimizer in tuned else label
     table = write_comparison(finals, results_dir / f"{recipe.name}_tuned{suffix}", preamble, tuned=tuned, force=force)
     write_text(records.path_for(results_dir / f"{recipe.name}_tuning{suffix}"), records.to_csv(trials))
-    write_text(results_dir / f"{recipe.name}_tuning{suffix}.md", tuning_markdown(tuning, chosen, command, find, first))
+    verdicts = ""
+    if tuning.tuning_seed:
+        first_finals = records.path_for(results_dir / f"{recipe.name}_tuned")
+        verdicts = verdicts_markdown(tuning, first_finals, records.path_for(results_dir / f"{recipe.name}_tuned{suffix}"))
+    write_text(results_dir / f"{recipe.name}_tuning{suffix}.md", tuning_markdown(tuning, chosen, command, find, first, verdicts))
     return table
