@@ -8,7 +8,9 @@ is removed from the descent: g_s - alpha * g_v.
 rho_t follows the group's learning rate, so the lr scheduler drives it:
     rho_t = rho_min + (rho - rho_min) (lr_t - lr_min) / (lr_max - lr_min),
 with lr_max the group's initial lr (``initial_lr``, set by torch schedulers) unless
-given, and rho_min = rho (a constant radius) unless given.
+given, and rho_min = rho unless given: a constant radius, GSAM's schedule-free form. The
+paper's runs set it (ImageNet ResNet-50: rho 0.04 to rho_min 0.02); claims about GSAM
+require it (``a_sets`` in bench/report/claims.toml).
 """
 
 import torch
@@ -30,7 +32,12 @@ class GSAM(SAM):
             help="radius at the group's initial lr (rho_max)",
         ),
         Setting(
-            "rho_min", None, range="[0, inf)", optional=True, source="rho (a constant radius)", help="radius at lr_min (<= rho)"
+            "rho_min",
+            None,
+            range="[0, inf)",
+            optional=True,
+            source="rho: a constant radius, the schedule-free form; the paper's schedule sets it (ResNet-50: rho / 2)",
+            help="radius at lr_min (<= rho); unset: rho, a constant radius (GSAM without its schedule)",
         ),
         Setting(
             "alpha",

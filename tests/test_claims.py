@@ -132,6 +132,21 @@ def test_a_side_that_did_not_train_makes_a_claim_not_testable(tmp_path):
     assert "training loss 2.20" in row["verdict"]
 
 
+def test_a_claim_on_a_form_of_a_that_leaves_a_setting_unset_is_not_testable(tmp_path):
+    """GSAM's claim names rho_min (a_sets): GSAM run without it (a constant radius, its schedule-free form)
+    is not the algorithm the paper tests, however the numbers come out; with rho_min set the claim is tested."""
+    claim = Claim("GSAM beats SAM", "s", "gsam", "sam", "beats", "final_test_acc", a_sets=("rho_min",))
+    runs_of(tmp_path / "free", "sam", [0.70, 0.80, 0.90])
+    runs_of(tmp_path / "free", "gsam", [0.72, 0.82, 0.92])
+    (row,) = evaluate((claim,), load_runs([tmp_path / "free"]))
+    assert row["p"] is None and row["verdict"] == "not testable here: gsam runs without rho_min, which the paper's algorithm sets"
+    runs_of(tmp_path / "scheduled", "sam", [0.70, 0.80, 0.90])
+    runs_of(tmp_path / "scheduled", "gsam", [0.72, 0.821, 0.919], settings={"hyperparameters": {"rho_min": 0.025}})
+    (row,) = evaluate((claim,), load_runs([tmp_path / "scheduled"]))
+    assert row["p"] is not None and row["verdict"] == "reproduced"
+    assert load_claims()[[c.text for c in load_claims()].index("GSAM beats SAM")].a_sets == ("rho_min",)
+
+
 def test_contradicted_only_in_the_papers_regime(tmp_path):
     runs_of(tmp_path, "sgd", [0.75, 0.80, 0.85])
     runs_of(tmp_path, "sam", [0.74, 0.788, 0.842])  # 1, 1.2 and 0.8 points worse

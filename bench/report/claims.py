@@ -82,6 +82,9 @@ class Claim:
     paper_effect: str = ""
     #: B trains for this many times A's epochs (2: SGD at the forward-backward passes of a two-pass method)
     b_epochs: int = 1
+    #: A's own settings that the paper's algorithm sets: a side that runs with one of them unset tests another
+    #: form of A (GSAM without rho_min: its schedule-free form), and the claim is not testable there
+    a_sets: tuple[str, ...] = ()
 
     @property
     def higher_is_better(self) -> bool:
@@ -95,6 +98,7 @@ _TYPES = {
     "regime_min_epochs": (int,),
     "regime_datasets": (list,),
     "b_epochs": (int,),
+    "a_sets": (list,),
 }
 
 
@@ -131,7 +135,9 @@ def _check_entry(entry: Any, where: str) -> Claim:
         raise ResultsError(f"{where}: a margin must be > 0")
     if entry.get("b_epochs", 1) < 1:
         raise ResultsError(f"{where}: b_epochs must be >= 1")
-    return Claim(**{**entry, "regime_datasets": tuple(entry.get("regime_datasets", ()))})
+    return Claim(
+        **{**entry, "regime_datasets": tuple(entry.get("regime_datasets", ())), "a_sets": tuple(entry.get("a_sets", ()))}
+    )
 
 
 def load_claims(path: Path = CLAIMS_FILE) -> tuple[Claim, ...]:
@@ -170,6 +176,19 @@ class Side:
         v = pd.Series(self.values(metric))
         name = self.optimizer + (f" ({self.label})" if self.label else "")
         return f"{name}: {v.mean():.2f} ± {v.std(ddof=1):.2f} (n={len(v)})"
+
+    def unset(self, names: tuple[str, ...]) -> list[str]:
+        """Those of the optimizer's own settings ``names`` that some run of this side left unset (None), as it
+        resolved them (an older record without them: as given)."""
+        missing = []
+        for name in names:
+            for resolved, identity in zip(self.runs.variant_settings, self.runs.identity):
+                given = (identity.get("hyperparameters") or {}).get(name)
+                value = resolved.get(name, given) if isinstance(resolved, dict) else given
+                if value is None:
+                    missing.append(name)
+                    break
+        return missing
 
     def untrained(self) -> str | None:
         """Why this side did not train, or None."""
@@ -242,7 +261,9 @@ def _evaluate(claim: Claim, a: Side, b: Side, runs: pd.DataFrame) -> dict[str, A
         row["why"] = f"{claim.metric} missing on some runs"
         return row
     row["difference"] = stats.compare(va, vb)
-    row["why"] = a.untrained() or b.untrained()
+    unset = a.unset(claim.a_sets)
+    form = f"{claim.a} runs without {', '.join(unset)}, which the paper's algorithm sets" if unset else None
+    row["why"] = form or a.untrained() or b.untrained()
     if claim.kind == "matches_cheaper":
         row["cost"] = _cost(a, b)
         if claim.margin is not None:
