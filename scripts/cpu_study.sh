@@ -7,8 +7,9 @@
 #   cifar10_noisy_cpu, cifar10_overfit_cpu: tuned with `launch.py tune` (trials of 40 epochs, then
 #     the final seeds of 100), their tables and plots;
 #   digits_noisy: every optimizer (swept).
-# Named only (not in the default): cifar10_small_cpu (tuned, about 45 min) and
-# looksam_cifar10_cpu (LookSAM's alpha x k grid, about 20 min).
+# Named only (not in the default): cifar10_small_cpu (tuned, about 45 min), looksam_alpha_tune
+# (LookSAM's default alpha by 3-fold validation, about 15 min), the swept suites digits, cifar10_cpu,
+# looksam_digits and looksam_cifar10_cpu (LookSAM's alpha x k grid, about 20 min).
 # Last, `python launch.py claims` over every setting whose runs are on this machine, into
 # results/claims.md (its command is at the top of that file).
 # Interrupted, it resumes: finished runs are kept and never trained twice.
@@ -30,12 +31,9 @@ in_pairs() {  # run the printed commands two at a time, one thread each (each ru
 
 for step in "${steps[@]}"; do
   case $step in
-    looksam_cifar10_cpu)
+    digits|digits_noisy|cifar10_cpu|looksam_cifar10_cpu|looksam_digits)  # swept, untuned
       python launch.py sweep "$step" --data_dir "$data" --print_commands | in_pairs "$step"
       python launch.py sweep "$step" --data_dir "$data" --tables_only ;;
-    digits_noisy)
-      python launch.py sweep "$step" --print_commands | in_pairs "$step"
-      python launch.py sweep "$step" --tables_only ;;
     *)  # a tuned regime: each stage's pending runs (trials, trials past an edge, final runs) two at a time
       prev=
       while cmds=$(python launch.py tune "$step" --data_dir "$data" --print_commands) && [ -n "$cmds" ]; do
