@@ -33,7 +33,7 @@ for step in "${steps[@]}"; do
   case $step in
     digits|digits_noisy|cifar10_cpu|looksam_cifar10_cpu|looksam_digits)  # swept, untuned
       python launch.py sweep "$step" --data_dir "$data" --print_commands | in_pairs "$step"
-      python launch.py sweep "$step" --data_dir "$data" --tables_only ;;
+      python launch.py sweep "$step" --data_dir "$data" --tables_only || echo "$step: tables not written (above)" ;;
     *)  # a tuned regime: each stage's pending runs (trials, trials past an edge, final runs) two at a time
       prev=
       while cmds=$(python launch.py tune "$step" --data_dir "$data" --print_commands) && [ -n "$cmds" ]; do
@@ -41,7 +41,7 @@ for step in "${steps[@]}"; do
         printf '%s\n' "$cmds" | in_pairs "$step ($(printf '%s\n' "$cmds" | wc -l) runs)"
         prev=$cmds
       done
-      python launch.py tune "$step" --data_dir "$data" ;;
+      python launch.py tune "$step" --data_dir "$data" || echo "$step: tables not written (above)" ;;
   esac
 done
 settings=()
