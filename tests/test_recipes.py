@@ -169,12 +169,12 @@ def test_a_run_made_under_another_default_is_refused_not_reused(tmp_path, capsys
     assert main(argv) == 0
     (config_file,) = runs.glob("*looksam*/config.json")
     recorded = read_json(config_file)["resolved_hyperparameters"]
-    assert recorded["alpha"] == 0.1 and recorded["k"] == 5  # the defaults, recorded
+    assert recorded["alpha"] == 0.03 and recorded["k"] == 5  # the defaults, recorded
     assert main(argv) == 0  # the same settings: reused
-    config_file.write_text(config_file.read_text().replace('"alpha": 0.1', '"alpha": 0.7'))  # as an older version wrote it
+    config_file.write_text(config_file.read_text().replace('"alpha": 0.03', '"alpha": 0.7'))  # as an older version wrote it
     capsys.readouterr()
     assert main(argv) == 2
-    assert "was run with alpha=0.7, which this version resolves to alpha=0.1 (a changed default)" in capsys.readouterr().err
+    assert "was run with alpha=0.7, which this version resolves to alpha=0.03 (a changed default)" in capsys.readouterr().err
     assert (
         main(
             [
@@ -193,7 +193,7 @@ def test_a_run_made_under_another_default_is_refused_not_reused(tmp_path, capsys
         )
         == 2
     )
-    assert "alpha=0.7, which this version resolves to alpha=0.1" in capsys.readouterr().err
+    assert "alpha=0.7, which this version resolves to alpha=0.03" in capsys.readouterr().err
 
 
 def test_reproduction_table_statuses(tmp_path):
