@@ -62,8 +62,8 @@ _teardown_registered = False
 
 def take_down_process_group_at_exit() -> None:
     """Destroy the process group before the interpreter exits (as torch asks), rather than leave it to
-    the interpreter's teardown: finished multi-process runs on CPU were seen to abort there, about one
-    launch in a hundred ("terminate called without an active exception")."""
+    the interpreter's teardown: finished two-process runs on CPU aborted there about one launch in 40
+    ("terminate called without an active exception")."""
     global _teardown_registered
     if _teardown_registered:
         return
