@@ -63,6 +63,13 @@ LATER_SETTINGS = {
     "no_augment": False,
 }
 
+
+def added_later_and_unset(key: str, value: Any) -> bool:
+    """A setting added after runs were recorded, at the value that leaves it out of a run's id: a run (or a
+    record) that has it at that value and one that lacks it are the same setting."""
+    return key in LATER_SETTINGS and value == LATER_SETTINGS[key]
+
+
 #: Keys of a run's config.json that describe the run, not its settings.
 RUN_METADATA = ("run_id", "world_size", "device", "versions", "environment", "code", "resolved_hyperparameters")
 
@@ -289,11 +296,7 @@ class RunConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings that change the result."""
-        return {
-            k: v
-            for k, v in self.to_dict().items()
-            if k not in OPERATIONAL and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])
-        }
+        return {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL and not added_later_and_unset(k, v)}
 
     def run_id(self) -> str:
         """Deterministic name from the settings that change the result."""

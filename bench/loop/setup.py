@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import shutil
 import time
 from typing import Any
@@ -57,23 +58,17 @@ RUN_FILES = (
 # -- setup -------------------------------------------------------------------------------------
 
 
-_teardown_registered = False
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
+@functools.cache
 def take_down_process_group_at_exit() -> None:
     """Destroy the process group before the interpreter exits (as torch asks), rather than leave it to
     the interpreter's teardown: finished two-process runs on CPU aborted there about one launch in 40
-    ("terminate called without an active exception")."""
-    global _teardown_registered
-    if _teardown_registered:
-        return
-
-    def teardown():
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-    atexit.register(teardown)
-    _teardown_registered = True
+    ("terminate called without an active exception"). Registered once per process."""
+    atexit.register(_destroy_process_group)
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:

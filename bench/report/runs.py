@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from bench import environment
-from bench.config import LATER_SETTINGS, OPERATIONAL, RUN_METADATA, RunConfig
+from bench.config import OPERATIONAL, RUN_METADATA, RunConfig, added_later_and_unset
 from bench.errors import UserError
 from bench.io import read_json
 from bench.report.records import COLUMNS, RecordsError
@@ -44,15 +44,9 @@ class RunSkipped(UserWarning):
 # ----------------------------------------------------------------------------- finding and reading runs
 
 
-def _later_unset(key: str, value: Any) -> bool:
-    """A setting added after runs were recorded, at the value that leaves it out of a run's id: a record that
-    has it and one that lacks it are the same setting."""
-    return key in LATER_SETTINGS and value == LATER_SETTINGS[key]
-
-
 def settings_key(identity: dict, drop: tuple[str, ...] = ()) -> str:
     """The settings of an identity as one sortable string, less the fields in ``drop``."""
-    kept = {k: v for k, v in identity.items() if k not in drop and not _later_unset(k, v)}
+    kept = {k: v for k, v in identity.items() if k not in drop and not added_later_and_unset(k, v)}
     return json.dumps(kept, sort_keys=True, default=str)
 
 
@@ -158,7 +152,7 @@ def _identity(config: dict) -> dict:
     defaults = json.loads(json.dumps(RunConfig().to_dict(), default=str))
     # as in the run's id: a setting added later, at its unset value, is left out (no fingerprint: embedded or
     # downloaded data, or an older run)
-    return {k: v for k, v in {**defaults, **config}.items() if k not in left_out and not _later_unset(k, v)}
+    return {k: v for k, v in {**defaults, **config}.items() if k not in left_out and not added_later_and_unset(k, v)}
 
 
 def _record(run: Path) -> tuple[dict | None, list[str]]:

@@ -5,9 +5,9 @@ Every optimizer with a grid gets the same trials: each of its grid points (the s
 all, unless the recipe sets ``equal_budget = false``) with the same trial seeds, trained on the
 training set less a stratified validation split (``val_fraction``, fixed by ``split_seed``, the
 same for every seed and optimizer; with ``folds = k``, k-fold validation: every trial seed on each
-of the k folds of 1/k, so that every training image is validated once), for the recipe's epochs or, where ``trial_epochs`` is set, for
-that many (a shorter schedule of their own: a cheaper, lower-fidelity search, the same for every
-optimizer).  Per optimizer, the point with the best mean final validation accuracy over the
+of the k folds of 1/k, so that every training image is validated once), for the recipe's epochs
+or, where ``trial_epochs`` is set, for that many (a shorter schedule of their own: a cheaper,
+lower-fidelity search, the same for every optimizer).  Per optimizer, the point with the best mean final validation accuracy over the
 trials (seeds and folds) is chosen, the earlier point among equals; the chooser reads the
 trials' ``final_val_acc`` and nothing else, so the test set never enters the choice.  The chosen
 values are then run with the final seeds on the full training set (``val_fraction`` 0) and
@@ -147,7 +147,7 @@ def grid_point(tuning: Plan, contender: str, values: dict[str, Any], extension: 
                     **shorter,
                     "seed": seed + 1000 * tuning.tuning_seed,
                     **settings,
-                    **({"val_fold": fold} if fold else {}),
+                    "val_fold": fold,  # 0 (one split, or the first fold) is left out of a run's id
                 },
                 tuning.recipe.name,
             )

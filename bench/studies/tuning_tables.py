@@ -149,9 +149,14 @@ def verdicts_markdown(tuning: Plan, first_finals: Path, finals: Path) -> str:
         return f"{title}Tuning seed 0's final runs have no per-run file here (`{first_finals.name}`): nothing to compare.\n"
     claims = load_claims()
     before, after = (evaluate(claims, read_runs([path])[0]) for path in (first_finals, finals))
-    key = lambda row: (row["claim"].text, row["a"].optimizer, row["b"].optimizer)  # noqa: E731
+
+    def key(row: dict) -> tuple[str, str, str]:
+        return row["claim"].text, row["a"].optimizer, row["b"].optimizer
+
+    def shown(row: dict) -> str:  # the verdict and the paired interval it rests on
+        return row["verdict"] + (f", {row['difference'].describe()}" if "difference" in row else "")
+
     earlier = {key(row): row for row in before}
-    shown = lambda row: row["verdict"] + (f", {row['difference'].describe()}" if "difference" in row else "")  # noqa: E731
     rows = [
         {
             "claim": row["claim"].text,
