@@ -98,7 +98,7 @@ FIELD_CHECKS = {
         Setting("sharpness_samples", 1024, int, "[1, inf)"),
         Setting("sharpness_iterations", 20, int, "[0, inf)"),
         Setting("sharpness_probes", 10, int, "[0, inf)"),
-        Setting("test_every_epochs", 1, int, "[1, inf)"),
+        Setting("test_every_epochs", 1, int, "[0, inf)"),
         Setting("seed", 0, int, SEED_RANGE),
         Setting("sync_bn", False, bool),
         Setting("cpu", False, bool),

@@ -3,13 +3,13 @@
 # and two run side by side (the fastest use of 2 cores; nothing else should run). Their tables
 # flag the time ratios as contended: results/perf_resnet8.md has the quiet ones.
 #   bash scripts/cpu_study.sh CIFAR10_DIR [STEP ...]     # CIFAR10_DIR e.g. ../shared/data/cifar10
-# Steps (default: the study, in this order, then the claims; about 2 hours on 2 cores):
-#   cifar10_noisy_cpu, cifar10_overfit_cpu: tuned with `launch.py tune` (trials of 40 epochs, then
-#     the final seeds of 100), their tables and plots;
-#   digits_noisy: every optimizer (swept).
+# Steps (default: the study, in this order, then the claims; about 2 h 45 min on 2 cores):
+#   cifar10_noise40_cpu, cifar10_fit_cpu, cifar10_noise20_cpu: 250 real CIFAR-10 images that SGD fits
+#     (40% noisy, clean and 20% noisy labels), 12 contenders each tuned with `launch.py tune` (3 points x
+#     3 validation folds, an edge extended once), then 5 final seeds; their tables and plots.
 # Named only (not in the default): cifar10_small_cpu (tuned, about 45 min), looksam_alpha_tune
-# (LookSAM's default alpha by 3-fold validation, about 15 min), the swept suites digits, cifar10_cpu,
-# looksam_digits and looksam_cifar10_cpu (LookSAM's alpha x k grid, about 20 min).
+# (LookSAM's default alpha by 3-fold validation, about 15 min), the swept suites digits, digits_noisy,
+# cifar10_cpu, looksam_digits and looksam_cifar10_cpu (LookSAM's alpha x k grid, about 20 min).
 # Last, `python launch.py claims` over every setting whose runs are on this machine, into
 # results/claims.md (its command is at the top of that file).
 # Interrupted, it resumes: finished runs are kept and never trained twice.
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 data=${1:?usage: bash scripts/cpu_study.sh CIFAR10_DIR [STEP ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(cifar10_noisy_cpu cifar10_overfit_cpu digits_noisy)
+[ ${#steps[@]} -gt 0 ] || steps=(cifar10_noise40_cpu cifar10_fit_cpu cifar10_noise20_cpu)
 log=${STUDY_LOG:-runs/cpu_study.log}
 mkdir -p "$(dirname "$log")"
 start=$(date +%s)
@@ -46,8 +46,8 @@ for step in "${steps[@]}"; do
 done
 settings=()
 for setting in digits=runs/digits digits_noisy=runs/digits_noisy cifar10_cpu=runs/cifar10_cpu \
-    cifar10_small_cpu_tuned=runs/cifar10_small_cpu_tune/final cifar10_noisy_cpu_tuned=runs/cifar10_noisy_cpu_tune/final \
-    cifar10_overfit_cpu_tuned=runs/cifar10_overfit_cpu_tune/final; do
+    cifar10_small_cpu_tuned=runs/cifar10_small_cpu_tune/final cifar10_fit_cpu_tuned=runs/cifar10_fit_cpu_tune/final \
+    cifar10_noise20_cpu_tuned=runs/cifar10_noise20_cpu_tune/final cifar10_noise40_cpu_tuned=runs/cifar10_noise40_cpu_tune/final; do
   [ -d "${setting#*=}" ] && settings+=("$setting")
 done
 python launch.py claims "${settings[@]}"

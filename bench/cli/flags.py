@@ -150,7 +150,7 @@ FLAGS: tuple[Flag, ...] = (
         "training",
         int,
         1,
-        "evaluate the test set every N epochs and after the last (the validation split: every epoch)",
+        "evaluate the test set every N epochs and after the last; 0: never (a tuning's trials) (the validation split: every epoch)",
     ),
     _f(
         "resume",

@@ -133,7 +133,8 @@ def epoch_row(run: Run, sums: dict[str, Any], epoch_steps: int) -> dict[str, Any
     correct, loss_sum, seen = totals.tolist()
     held_out = {}
     epoch, every = run.state.epoch + 1, run.config.test_every_epochs
-    test_due = epoch % every == 0 or epoch >= run.config.epochs or run.state.status != "running"  # a last row
+    # a last row is due, unless the test set is never read (0: a tuning's trials)
+    test_due = every > 0 and (epoch % every == 0 or epoch >= run.config.epochs or run.state.status != "running")
     with evaluation_weights(run.optimizer):
         for split in run.splits:
             if split.name != "test" or test_due:

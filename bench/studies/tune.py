@@ -9,7 +9,7 @@ of the k folds of 1/k, so that every training image is validated once), for the 
 or, where ``trial_epochs`` is set, for that many (a shorter schedule of their own: a cheaper,
 lower-fidelity search, the same for every optimizer).  Per optimizer, the point with the best mean final validation accuracy over the
 trials (seeds and folds) is chosen, the earlier point among equals; the chooser reads the
-trials' ``final_val_acc`` and nothing else, so the test set never enters the choice.  The chosen
+trials' ``final_val_acc`` and nothing else, and a trial never evaluates the test set, so it cannot enter the choice.  The chosen
 values are then run with the final seeds on the full training set (``val_fraction`` 0) and
 tabulated, the tuned values marked.
 
@@ -132,7 +132,8 @@ def plan(recipe: Recipe, sets: list[str], output_dir: str | Path, tuning_seed: i
 def grid_point(tuning: Plan, contender: str, values: dict[str, Any], extension: int = 0) -> Point:
     """The trials of one grid point: one run per trial seed (and fold) on the training set less the validation split."""
     shorter = {} if tuning.trial_epochs is None else {"epochs": tuning.trial_epochs * tuning.factors.get(contender, 1)}
-    settings = {"val_fraction": tuning.val_fraction, "output_dir": str(tuning.output_dir / "trials")}
+    # the test set is never evaluated in a trial (an operational setting: the trial's id is unchanged)
+    settings = {"val_fraction": tuning.val_fraction, "test_every_epochs": 0, "output_dir": str(tuning.output_dir / "trials")}
     if tuning.tuning_seed:
         base_split = tuning.bases[contender].get("split_seed", RunConfig.split_seed)
         settings["split_seed"] = base_split + tuning.tuning_seed
@@ -278,7 +279,13 @@ def _keys_of(tuning: Plan, runs: dict[str, list[RunConfig]], extra_keys: list[st
     """What each run's command spells out: what the tuning sets (and its optimizer's grid keys)."""
     controlled = [key for key in CONTROLLED if key != "val_fold" or tuning.folds > 1]
     keys = {
-        config.run_dir(): [*controlled, *tuning.grids[name], *extra_keys, *(["epochs"] if name in tuning.factors else [])]
+        config.run_dir(): [
+            *controlled,
+            *tuning.grids[name],
+            *extra_keys,
+            *(["epochs"] if name in tuning.factors else []),
+            *(["test_every_epochs"] if config.test_every_epochs == 0 else []),  # a trial: no test set
+        ]
         for name, configs in runs.items()
         for config in configs
     }
