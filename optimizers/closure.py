@@ -65,6 +65,7 @@ class BatchClosure:
         accumulation_steps: int = 1,
         no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
         ascent_sync: str = "global",
+        params: list[Tensor] | None = None,
     ):
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
@@ -77,6 +78,9 @@ class BatchClosure:
         self.targets = targets
         self.accumulation_steps = accumulation_steps
         self._backward = backward or Tensor.backward
+        #: the model's parameters, where the caller keeps the list (each pass zeroes their gradients
+        #: without walking the model's modules); None: ``model.zero_grad``
+        self.params = params
         self.passes = 0
         self.sample_passes = 0.0
         self.outputs: Tensor | None = None
@@ -108,14 +112,21 @@ class BatchClosure:
             inputs, targets = inputs[subset], targets[subset]
         # Gradient accumulation: the pass's gradient is the mean over the whole (sub)batch,
         # built from micro-batches whose losses are weighted by their share of it.
-        micro = list(zip(inputs.tensor_split(self.accumulation_steps), targets.tensor_split(self.accumulation_steps)))
-        micro = [(x, y) for x, y in micro if len(y)]
+        if self.accumulation_steps == 1:  # the whole (sub)batch: no split
+            micro = [(inputs, targets)] if len(targets) else []
+        else:
+            micro = list(zip(inputs.tensor_split(self.accumulation_steps), targets.tensor_split(self.accumulation_steps)))
+            micro = [(x, y) for x, y in micro if len(y)]
         if not backward:
             with torch.no_grad(), self.context("select"):
                 losses = torch.cat([self.loss_fn(self.model(x), y) for x, y in micro])
             return losses.detach() if per_sample else losses.mean().detach()
 
-        self.model.zero_grad(set_to_none=True)
+        if self.params is None:
+            self.model.zero_grad(set_to_none=True)
+        else:
+            for p in self.params:
+                p.grad = None
         outputs, losses = [], []
         for i, (x, y) in enumerate(micro):
             with torch.enable_grad(), self.context(phase, last_micro_batch=i == len(micro) - 1):

@@ -8,7 +8,6 @@ import copy
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from optimizers.tensors import copy_into_kept, copy_tensors, local_tensor
 
@@ -24,21 +23,48 @@ class StepSnapshot:
         self.live = [local_tensor(t) for t in [*model.parameters(), *model.buffers()]]  # a shard, when sharded
         self.saved: list[torch.Tensor] = []
         self._buffers: list[torch.Tensor] = []  # one per tensor in the optimizer's state_dict
-        self._state_leaves: list = []
-        self._state_spec = None
+        self._state = None  # the state_dict's structure, its tensors replaced by their index in _buffers
 
     @torch.no_grad()
     def save(self, optimizer) -> None:
         self.saved = copy_into_kept(self.saved, self.live)
-        leaves, self._state_spec = tree_flatten(optimizer.state_dict())
-        tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
+        tensors: list[torch.Tensor] = []
+        self._state = _structure(optimizer.state_dict(), tensors)
         self._buffers = copy_into_kept(self._buffers, tensors)
-        buffers = iter(self._buffers)
-        self._state_leaves = [next(buffers) if isinstance(v, torch.Tensor) else copy.deepcopy(v) for v in leaves]
 
     @torch.no_grad()
     def restore(self, optimizer) -> None:
         copy_tensors(self.live, self.saved)
         # clones: the optimizer adopts the tensors it is given, and these buffers serve the next save
-        leaves = [v.clone() if isinstance(v, torch.Tensor) else v for v in self._state_leaves]
-        optimizer.load_state_dict(tree_unflatten(leaves, self._state_spec))
+        optimizer.load_state_dict(_rebuilt(self._state, [t.clone() for t in self._buffers]))
+
+
+class _Slot(int):
+    """Where a tensor stood in a saved structure: its index in the list of tensors saved with it."""
+
+
+_ATOMIC = (int, float, bool, str, bytes, type(None))
+
+
+def _structure(value, tensors: list[torch.Tensor]):
+    """A copy of ``value``'s containers (dicts, lists, tuples), each tensor appended to ``tensors`` and
+    replaced by its :class:`_Slot`, every other value copied (a later step may change it in place)."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return _Slot(len(tensors) - 1)
+    if type(value) is dict:
+        return {key: _structure(item, tensors) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_structure(item, tensors) for item in value)
+    return value if type(value) in _ATOMIC else copy.deepcopy(value)
+
+
+def _rebuilt(structure, tensors: list[torch.Tensor]):
+    """The structure :func:`_structure` copied, its slots filled from ``tensors``."""
+    if type(structure) is _Slot:
+        return tensors[structure]
+    if type(structure) is dict:
+        return {key: _rebuilt(item, tensors) for key, item in structure.items()}
+    if type(structure) in (list, tuple):
+        return type(structure)(_rebuilt(item, tensors) for item in structure)
+    return structure

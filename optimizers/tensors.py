@@ -109,7 +109,8 @@ def copy_into_kept(kept: list[Tensor], tensors: list[Tensor]) -> list[Tensor]:
     """Copy ``tensors`` into ``kept`` (buffers from an earlier call, reallocated when they no longer
     fit) with :func:`copy_tensors`, and return the buffers: a snapshot that allocates only when shapes change."""
     fits = len(kept) == len(tensors) and all(
-        k.shape == t.shape and k.dtype == t.dtype and k.device == t.device and type(k) is type(t) for k, t in zip(kept, tensors)
+        k.shape == t.shape and k.dtype == t.dtype and k.device == t.device and is_sharded(k) == is_sharded(t)
+        for k, t in zip(kept, tensors)
     )
     if not fits:
         kept = [torch.empty_like(t) for t in tensors]
@@ -139,15 +140,20 @@ def unscale_and_check(
     if found is None:
         device = grads[0].device if grads else (also_check.device if also_check is not None else torch.device("cpu"))
         found = torch.zeros((), device=device)
-    if also_check is not None:
-        torch._amp_foreach_non_finite_check_and_unscale_([also_check.detach().reshape(1)], found, _one(found.device))
-    by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+    # one fused kernel per (device, dtype) of the gradients, as GradScaler groups them
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
     for grad in grads:
-        by_device[grad.device].append(grad)
-    for grad_device, same_device in by_device.items():
+        groups[grad.device, grad.dtype].append(grad)
+    if also_check is not None:
+        check = also_check.detach().reshape(1)
+        if inv_scale == 1.0 and (check.device, check.dtype) in groups:  # checked with its gradients: x 1 leaves it
+            groups[check.device, check.dtype].append(check)
+        else:  # left unscaled
+            torch._amp_foreach_non_finite_check_and_unscale_([check], found, _one(found.device))
+    for (grad_device, _), same_group in groups.items():
         flag = found if grad_device == found.device else torch.zeros((), device=grad_device)
         scale = _one(grad_device) if inv_scale == 1.0 else torch.full((), inv_scale, device=grad_device)
-        torch._amp_foreach_non_finite_check_and_unscale_(same_device, flag, scale)
+        torch._amp_foreach_non_finite_check_and_unscale_(same_group, flag, scale)
         if flag is not found:
             found += flag.to(found.device)
     return found

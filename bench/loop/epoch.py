@@ -54,22 +54,25 @@ def train_on(run: Run, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, sums
     config, world, rank = run.config, run.accelerator.num_processes, run.accelerator.process_index
     if config.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    local_batch = config.batch_size // world
-    shard = slice(rank * local_batch, (rank + 1) * local_batch)
+    if world > 1:  # this process's shard of the global batch
+        local_batch = config.batch_size // world
+        shard = slice(rank * local_batch, (rank + 1) * local_batch)
+        x, y, ids = x[shard], y[shard], ids[shard]
     closure = TrainClosure(
         run.model,
         run.loss_fn,
-        x[shard],
-        y[shard],
+        x,
+        y,
         accelerator=run.accelerator,
         ascent_sync=run.ascent_sync,
         scaler=run.scaler,
         accumulation_steps=config.grad_accum_steps,
-        sample_ids=ids[shard],
+        sample_ids=ids,
         regularizer=run.regularizer,
         epoch=run.state.epoch,
         totals=sums,
         max_grad_norm=None if isinstance(run.optimizer, SharpnessAwareOptimizer) else config.max_grad_norm,
+        params=run.params,
     )
     skipped = take_step(run.optimizer, closure, run.snapshot)
     if run.regularizer is not None:  # every process, taken or skipped: it may gather across processes

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,11 @@ class Run:
     notes: list[str] = field(default_factory=list)
     #: what a checkpoint holds besides the model and the random generators, by name (each has state_dict/load_state_dict)
     checkpointed: dict[str, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def params(self) -> list[torch.Tensor]:
+        """The model's parameters, listed once (every step's closure zeroes and checks their gradients)."""
+        return list(self.model.parameters())
 
     @property
     def device(self) -> torch.device:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from accelerate.utils import DistributedType
 
 from bench.loop.precision import LossScaler, NonFiniteGradient
 from optimizers import BatchClosure, SharpnessAwareOptimizer
@@ -63,6 +64,7 @@ class TrainClosure(BatchClosure):
         epoch: int = 0,
         totals: dict[str, torch.Tensor] | None = None,
         max_grad_norm: float | None = None,
+        params: list[torch.Tensor] | None = None,
     ):
         #: a plain torch optimizer's clipping, after its one pass (a variant clips its own descent gradient)
         self.max_grad_norm = max_grad_norm
@@ -70,6 +72,9 @@ class TrainClosure(BatchClosure):
         if regularizer is not None:
             loss_fn = self._regularised_loss
         no_sync = (lambda: accelerator.no_sync(model)) if accelerator.num_processes > 1 else None
+        # every parameter, not only those needing a gradient now: a variant may switch requires_grad
+        # between passes (ESAM), and each pass's gradients must be unscaled and checked (``params``: the
+        # loop's list of them, kept across steps)
         super().__init__(
             model,
             loss_fn,
@@ -79,11 +84,19 @@ class TrainClosure(BatchClosure):
             accumulation_steps=accumulation_steps,
             no_sync=no_sync,
             ascent_sync=ascent_sync,
+            params=list(model.parameters()) if params is None else params,
         )
         self.accelerator, self.scaler = accelerator, scaler
-        # every parameter, not only those needing a gradient now: a variant may switch requires_grad
-        # between passes (ESAM), and each pass's gradients must be unscaled and checked
-        self.params = list(model.parameters())
+        # What accelerator.backward does here (no DeepSpeed or Megatron, no scaler of its own, no
+        # accumulation of its own) is loss.backward() after dividing the loss by 1: called directly, the
+        # same gradients bit for bit, two operators fewer per pass.
+        self._plain_backward = (
+            scaler is None
+            and accelerator.scaler is None
+            and accelerator.gradient_accumulation_steps == 1
+            and accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+            and not accelerator.has_lomo_optimizer
+        )
         #: The training metrics (sums over the samples counted) are added to ``totals`` (the loop's
         #: running sums on the device), else to fresh zeros of this step.
         if totals is None:
@@ -118,7 +131,9 @@ class TrainClosure(BatchClosure):
         return self.task_loss(outputs, targets) + self.regularizer.extra_loss(outputs, ids, self.epoch, inputs)
 
     def _scaled_backward(self, loss):
-        if self.scaler is None:
+        if self._plain_backward:
+            loss.backward()
+        elif self.scaler is None:
             self.accelerator.backward(loss)
         else:
             self.scaler.backward(loss)
