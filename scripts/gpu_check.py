@@ -1,25 +1,35 @@
 """The GPU check: what the CPU test suite cannot show, in a few minutes on one CUDA GPU.
 
     bash scripts/gpu_check.sh            # writes results/gpu.md
+    python scripts/gpu_check.py --dry_run --out /tmp/gpu.md   # every section on the CPU, tiny sizes
 
 1. Every optimizer for a few steps in bf16 and in fp16 on a CIFAR ResNet-18 (synthetic
    32x32 batches, so no dataset is needed): the loss stays finite; in fp16 an overflow is
    injected into one step, which must be skipped with the weights untouched and the loss
    scale halved, and training goes on. Peak memory per optimizer.
 2. ``perf --harness`` on CUDA for ResNet-18 and WRN-16-8 in bf16: the harness's SGD and SAM
-   steps against a bare loop, with --channels_last and --compile; SAM/SGD step ratio and images/s.
+   steps against a bare loop, with --channels_last and --compile; SAM/SGD step ratio and images/s;
+   operators dispatched and host synchronisations per step (bench/studies/dispatch.py).
+3. Host synchronisations of the harness's steps under ``torch.cuda.set_sync_debug_mode("warn")``.
+4. A profile of one harness SAM step: the operators that take the most host time, kernels per step.
+5. The targets (:data:`TARGETS`), each reported met or not with its number.
 
 Sections are written to the report as they finish, so a run cut short keeps what it measured.
+``--dry_run`` runs every section on the CPU with a small model and few steps (fp16 and
+--compile are left out there: fp16 needs CUDA, compiling takes minutes on a CPU); its targets
+are shown, not judged. The test suite runs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,13 +45,24 @@ from bench.loop.epoch import (
 )
 from bench.loop.setup import setup  # noqa: E402
 from bench.resolve import resolve  # noqa: E402
-from bench.studies.perf_harness import (
-    contenders,  # noqa: E402
-    measure,  # noqa: E402
-    synthetic_dataset,  # noqa: E402
+from bench.studies.dispatch import counted  # noqa: E402
+from bench.studies.perf_harness import (  # noqa: E402
+    contenders,
+    harness_contender,
+    measure,
+    synthetic_dataset,
 )
 from bench.variant_flags import filled_by  # noqa: E402
 from optimizers import available_optimizers, optimizer_class  # noqa: E402
+
+#: What the check must show on a GPU (issue: the loop within 5% of a bare loop), each judged in section 5.
+TARGETS = (
+    ("harness SGD step <= 1.05x the bare loop's (first step-time table, eager)", "sgd_vs_bare", "<=", 1.05),
+    ("harness SAM step <= 2.1x the bare SGD step (first step-time table, eager)", "sam_vs_bare", "<=", 2.1),
+    ("compiled SAM step faster than eager SAM (first step-time table: compiled / eager)", "sam_compiled_vs_eager", "<", 1.0),
+    ("host synchronisations per steady-state step (harness SGD and SAM, sync debug mode)", "syncs_per_step", "<=", 0),
+    ("the GPU-minutes study (5 seeds, SGD, SGD at equal passes, SAM, 5 variants) in minutes", "study_minutes", "<=", 8),
+)
 
 
 class Report:
@@ -53,6 +74,10 @@ class Report:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("\n".join(self.lines) + "\n")
         print(*lines, sep="\n", flush=True)
+
+
+def _shown(precision: str) -> str:
+    return "fp32" if precision == "no" else precision
 
 
 def _overflowing(loss_fn, on_call: int):
@@ -67,14 +92,12 @@ def _overflowing(loss_fn, on_call: int):
     return loss
 
 
-def check_variant(name: str, precision: str, arch: str, batch: int, steps: int, output_dir: str) -> dict:
-    """A few steps; in fp16 the second step's first pass overflows and must be skipped."""
-    data = synthetic_dataset(batch * steps, 32)
+def _config(name: str, precision: str, arch: str, batch: int, steps: int, output_dir: str, device: str) -> RunConfig:
     cls = optimizer_class(name)
     settings = (
         {"total_steps": steps} if any(filled_by(cls, s.name) == "total_steps" for s in getattr(cls, "settings", ())) else {}
     )
-    config = resolve(
+    return resolve(
         RunConfig(
             arch=arch,
             optimizer=name,
@@ -84,14 +107,21 @@ def check_variant(name: str, precision: str, arch: str, batch: int, steps: int, 
             mixed_precision=precision,
             output_dir=output_dir,
             save_every_epochs=0,
+            cpu=device == "cpu",
             hyperparameters=settings,
         )
     )
-    run = setup(config, data=(data, data))
-    device = run.device
-    torch.cuda.reset_peak_memory_stats(device)
-    x = ((data.images.float() / 255 - 0.5) / 0.25).to(device)
-    y = data.labels.to(device)
+
+
+def check_variant(name: str, precision: str, arch: str, batch: int, steps: int, output_dir: str, device: str) -> dict:
+    """A few steps; in fp16 the second step's first pass overflows and must be skipped."""
+    data = synthetic_dataset(batch * steps, 32)
+    run = setup(_config(name, precision, arch, batch, steps, output_dir, device), data=(data, data))
+    cuda = run.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(run.device)
+    x = ((data.images.float() / 255 - 0.5) / 0.25).to(run.device)
+    y = data.labels.to(run.device)
     losses, skipped_ok, scale_halved = [], None, None
     for i in range(steps):
         xs, ys = x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]
@@ -101,7 +131,7 @@ def check_variant(name: str, precision: str, arch: str, batch: int, steps: int, 
             clean_loss_fn, run.loss_fn = run.loss_fn, _overflowing(run.loss_fn, 1)
             before = [p.detach().clone() for p in run.optimizer.param_groups[0]["params"]]
             scale = run.scaler.scale
-        skipped = train_on(run, xs, ys, torch.arange(batch, device=device), sums)
+        skipped = train_on(run, xs, ys, torch.arange(batch, device=run.device), sums)
         if inject:
             run.loss_fn = clean_loss_fn
             untouched = all(torch.equal(a, p) for a, p in zip(before, run.optimizer.param_groups[0]["params"]))
@@ -116,13 +146,14 @@ def check_variant(name: str, precision: str, arch: str, batch: int, steps: int, 
         "last_loss": losses[-1] if losses else float("nan"),
         "overflow_skipped": skipped_ok,
         "scale_halved": scale_halved,
-        "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+        "peak_mib": torch.cuda.max_memory_allocated(run.device) / 2**20 if cuda else None,
     }
 
 
-def section_variants(report: Report, arch: str, batch: int, steps: int, deadline: float) -> None:
+def section_variants(report: Report, plan: dict, deadline: float) -> None:
+    arch, batch, steps, precisions = plan["variants_arch"], plan["batch"], plan["variant_steps"], plan["precisions"]
     report.add(
-        "## Every optimizer in bf16 and fp16",
+        f"## Every optimizer in {' and '.join(precisions)}",
         "",
         f"{arch}, batch {batch} of synthetic 32x32 images, {steps} steps, lr 0.05. fp16: the second step's "
         "first pass is made to overflow (loss x inf); it must be skipped with the weights untouched and the "
@@ -133,16 +164,17 @@ def section_variants(report: Report, arch: str, batch: int, steps: int, deadline
     )
     with tempfile.TemporaryDirectory() as out:
         for name in available_optimizers():
-            for precision in ("bf16", "fp16"):
+            for precision in precisions:
                 if time.time() > deadline:
                     report.add(f"| {name} | {precision} | not run: time budget spent | | | | |")
                     continue
                 try:
-                    r = check_variant(name, precision, arch, batch, steps, out)
+                    r = check_variant(name, precision, arch, batch, steps, out, plan["device"])
                     report.add(
                         f"| {name} | {precision} | {r['losses_finite']} | {r['last_loss']:.4f} | "
                         f"{'' if r['overflow_skipped'] is None else r['overflow_skipped']} | "
-                        f"{'' if r['scale_halved'] is None else r['scale_halved']} | {r['peak_mib']:.0f} |"
+                        f"{'' if r['scale_halved'] is None else r['scale_halved']} | "
+                        f"{'' if r['peak_mib'] is None else format(r['peak_mib'], '.0f')} |"
                     )
                 except Exception as err:  # one variant's failure must not hide the others
                     report.add(f"| {name} | {precision} | FAILED: {type(err).__name__}: {str(err)[:120]} | | | | |")
@@ -150,52 +182,194 @@ def section_variants(report: Report, arch: str, batch: int, steps: int, deadline
     report.add("")
 
 
-def section_speed(report: Report, arch: str, batch: int, deadline: float) -> None:
-    report.add(f"## Step time: {arch}, batch {batch}, bf16", "")
+def section_speed(report: Report, plan: dict, arch: str, deadline: float, measured: dict) -> None:
+    batch, precision = plan["batch"], plan["precision"]
+    report.add(f"## Step time: {arch}, batch {batch}, {_shown(precision)}", "")
     if time.time() > deadline:
         report.add("not run: time budget spent", "")
         return
-    modes = ((False, False), (False, True), (True, True))
     with tempfile.TemporaryDirectory() as out:
-        found = contenders(arch, batch, 32, "cuda", ["sgd", "sam"], out, "inductor", "bf16", modes)
-        rows = measure(found, steps=20, rounds=5, warmup=5, device="cuda")
+        found = contenders(arch, batch, 32, plan["device"], ["sgd", "sam"], out, "inductor", precision, plan["modes"])
+        rows = measure(found, device=plan["device"], **plan["timing"])
     sgd = {r["contender"].replace("sgd", "X"): r["step_ms"] for r in rows if "(sgd" in r["contender"]}
     report.add(
-        "| contender | step (ms) | images/s | x bare loop | SAM/SGD | first step (s) |", "| --- | --- | --- | --- | --- | --- |"
+        "| contender | step (ms) | images/s | x bare loop | SAM/SGD | first step (s) | operators / step | host reads / step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     )
     for r in rows:
         ratio = r["step_ms"] / sgd[r["contender"].replace("sam", "X")] if "(sam" in r["contender"] else None
+        counts = r["counts"]
         report.add(
             f"| {r['contender']} | {r['step_ms']:.2f} | {batch / (r['step_ms'] / 1e3):.0f} | "
-            f"{r['ratio_to_first']:.3f} | {'' if ratio is None else f'{ratio:.2f}'} | {r['first_step_s']:.1f} |"
+            f"{r['ratio_to_first']:.3f} | {'' if ratio is None else f'{ratio:.2f}'} | {r['first_step_s']:.1f} | "
+            f"{'' if counts is None else counts.operators_outside_passes} | {'' if counts is None else counts.host_reads} |"
         )
+    if arch == plan["speed_archs"][0]:  # the targets are judged on the first architecture
+        by_name = {r["contender"]: r for r in rows}
+        measured["sgd_vs_bare"] = by_name["harness (sgd)"]["ratio_to_first"]
+        measured["sam_vs_bare"] = by_name["harness (sam)"]["ratio_to_first"]
+        if "harness (sam, --compile)" in by_name:
+            measured["sam_compiled_vs_eager"] = (
+                by_name["harness (sam, --compile)"]["step_ms"] / by_name["harness (sam)"]["step_ms"]
+            )
     report.add("")
+
+
+def _harness_steps(plan: dict, out: str):
+    """The harness's eager SGD and SAM steps on the speed section's first architecture (name, step)."""
+    arch, batch = plan["speed_archs"][0], plan["batch"]
+    data = synthetic_dataset(batch, 32)
+    x = ((data.images.float() / 255 - 0.5) / 0.25).to(plan["device"])
+    y = data.labels.to(plan["device"])
+    for name in ("sgd", "sam"):
+        config = dataclasses.replace(
+            _config(name, plan["precision"], arch, batch, 1, out, plan["device"]), threads=torch.get_num_threads()
+        )
+        yield name, harness_contender(config, data, x, y, f"harness ({name})").step
+
+
+def section_syncs(report: Report, plan: dict, deadline: float, measured: dict) -> None:
+    """Host synchronisations per steady-state step: the sync debug mode's warnings on CUDA; on a CPU
+    (where nothing waits) the host reads a GPU would wait on, counted by the dispatch counter."""
+    cuda = plan["device"] == "cuda"
+    how = (
+        'torch.cuda.set_sync_debug_mode("warn"), warnings per step' if cuda else "host reads counted by bench/studies/dispatch.py"
+    )
+    report.add(
+        "## Host synchronisations per step",
+        "",
+        f"{plan['speed_archs'][0]}, batch {plan['batch']}, {_shown(plan['precision'])}, 3 steps after 3 warm-up steps; {how}.",
+        "",
+    )
+    if time.time() > deadline:
+        report.add("not run: time budget spent", "")
+        return
+    report.add("| contender | per step |", "| --- | --- |")
+    worst = 0.0
+    with tempfile.TemporaryDirectory() as out:
+        for name, step in _harness_steps(plan, out):
+            for _ in range(3):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        for _ in range(3):
+                            step()
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                per_step = sum("synchroniz" in str(w.message) for w in caught) / 3
+            else:
+                per_step = sum(counted(step).host_reads for _ in range(3)) / 3
+            worst = max(worst, per_step)
+            report.add(f"| harness ({name}) | {per_step:g} |")
+    measured["syncs_per_step"] = worst
+    report.add("")
+
+
+def section_profile(report: Report, plan: dict, deadline: float) -> None:
+    """One harness SAM step under torch.profiler: the operators with the most host time, kernels per step."""
+    report.add("## Profile of one harness SAM step", "")
+    if time.time() > deadline:
+        report.add("not run: time budget spent", "")
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = plan["device"] == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with tempfile.TemporaryDirectory() as out:
+        (_, step), *_ = [(n, s) for n, s in _harness_steps(plan, out) if n == "sam"]
+        for _ in range(3):
+            step()
+        with profile(activities=activities) as prof:
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA"))
+    report.add(
+        f"{plan['speed_archs'][0]}, batch {plan['batch']}, {_shown(plan['precision'])}. Kernels launched in the step: "
+        f"{kernels if cuda else 'n/a (CPU)'}. Top operators by host (CPU) self time:",
+        "",
+        "| operator | calls | host self time (us) |",
+        "| --- | --- | --- |",
+    )
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    for e in top:
+        report.add(f"| `{e.key}` | {e.count} | {e.self_cpu_time_total:.0f} |")
+    report.add("")
+
+
+def section_targets(report: Report, plan: dict, measured: dict) -> None:
+    judged = plan["device"] == "cuda"
+    report.add(
+        "## Targets",
+        "",
+        "Each target with what this check measured" + ("" if judged else " (a dry run on the CPU: shown, not judged)") + ".",
+        "",
+        "| target | measured | met |",
+        "| --- | --- | --- |",
+    )
+    for text, key, op, bound in TARGETS:
+        value = measured.get(key)
+        if value is None:
+            shown, met = "not measured" + (" (the study is not built yet)" if key == "study_minutes" else ""), "not known"
+        else:
+            shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+            ok = value <= bound if op == "<=" else value < bound
+            met = ("yes" if ok else "no") if judged else "not judged (dry run)"
+        report.add(f"| {text} | {shown} | {met} |")
+    report.add("")
+
+
+#: Sizes of a real check (CUDA) and of a dry run (CPU).
+PLANS = {
+    "cuda": dict(
+        device="cuda", variants_arch="resnet18", batch=128, variant_steps=4, precisions=("bf16", "fp16"), precision="bf16",
+        speed_archs=("resnet18", "wrn16_8"), modes=((False, False), (False, True), (True, False), (True, True)),
+        timing=dict(steps=20, rounds=5, warmup=5),
+    ),
+    "cpu": dict(
+        device="cpu", variants_arch="smallcnn", batch=8, variant_steps=3, precisions=("bf16",), precision="no",
+        speed_archs=("smallcnn",), modes=((False, False), (False, True)), timing=dict(steps=2, rounds=2, warmup=1),
+    ),
+}  # fmt: skip
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "results" / "gpu.md"))
     p.add_argument("--budget_s", type=float, default=420.0, help="sections not started by then are marked not run")
+    p.add_argument("--dry_run", action="store_true", help="every section on the CPU, tiny sizes (targets not judged)")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device; nothing to check", file=sys.stderr)
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device; nothing to check (--dry_run runs every section on the CPU)", file=sys.stderr)
         return 2
+    plan = PLANS["cpu" if args.dry_run else "cuda"]
     start = time.time()
     deadline = start + args.budget_s
     report = Report(Path(args.out))
-    env = environment.describe(torch.device("cuda"))
+    env = environment.describe(torch.device(plan["device"]))
+    where = f"GPU {env['gpu']}" if plan["device"] == "cuda" else "a dry run on the CPU (no GPU)"
     report.add(
         "# GPU check",
         "",
-        "Generated by `bash scripts/gpu_check.sh`.",
+        "Generated by `bash scripts/gpu_check.sh`" + (" --dry_run" if args.dry_run else "") + ".",
         "",
-        f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-        f"processor {env.get('processor')}.",
+        f"{where}, torch {torch.__version__}"
+        + (f" (CUDA {torch.version.cuda})" if plan["device"] == "cuda" else "")
+        + f", processor {env.get('processor')}.",
         "",
     )
-    section_variants(report, "resnet18", 128, 4, start + 0.45 * args.budget_s)
-    for arch in ("resnet18", "wrn16_8"):
-        section_speed(report, arch, 128, deadline)
+    measured: dict = {}
+    section_variants(report, plan, start + 0.4 * args.budget_s)
+    for arch in plan["speed_archs"]:
+        section_speed(report, plan, arch, start + 0.8 * args.budget_s, measured)
+    section_syncs(report, plan, deadline, measured)
+    section_profile(report, plan, deadline)
+    section_targets(report, plan, measured)
     report.add(f"Finished in {time.time() - start:.0f} s.")
     return 0
 

@@ -151,7 +151,7 @@ def _bare(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: torc
     return Contender("bare PyTorch loop (SGD)", step, forward_backward=forward_backward)
 
 
-def _harness(config: RunConfig, data: ImageDataset, x, y, label: str) -> Contender:
+def harness_contender(config: RunConfig, data: ImageDataset, x, y, label: str) -> Contender:
     run = setup(config, data=(data, data))
     x, y = x.to(run.device), y.to(run.device)
     ids = torch.arange(len(y), device=run.device)
@@ -209,7 +209,7 @@ def contenders(
         for compiled, channels_last in modes:
             flags = " ".join(f for f, on in (("--compile", compiled), ("--channels_last", channels_last)) if on)
             config = resolve(dataclasses.replace(base, optimizer=name, compile=compiled, channels_last=channels_last))
-            found.append(_harness(config, data, x, y, f"harness ({name}{', ' + flags if flags else ''})"))
+            found.append(harness_contender(config, data, x, y, f"harness ({name}{', ' + flags if flags else ''})"))
     return found
 
 
