@@ -162,14 +162,19 @@ def grid_point(tuning: Plan, contender: str, values: dict[str, Any], extension: 
 # -- the choice: validation accuracy only ----------------------------------------------------------
 
 
+def trial_score(final_val_acc: Any) -> float:
+    """A trial's score from its final validation accuracy, as its summary or its record holds it: -inf
+    where there is none or it is not finite (a diverged trial ranks last)."""
+    ok = isinstance(final_val_acc, (int, float)) and not isinstance(final_val_acc, bool) and math.isfinite(final_val_acc)
+    return float(final_val_acc) if ok else -math.inf
+
+
 def val_accuracy(config: RunConfig) -> float:
-    """A trial's score: ``final_val_acc`` of its summary.json, the one key read (-inf if missing or not finite)."""
+    """A trial's score from its run: ``final_val_acc`` of its summary.json, the one key read."""
     try:
-        value = read_json(config.run_dir() / "summary.json").get("final_val_acc")
+        return trial_score(read_json(config.run_dir() / "summary.json").get("final_val_acc"))
     except (OSError, ValueError, AttributeError):
         return -math.inf
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else -math.inf
 
 
 #: a trial's score: its final validation accuracy (-inf where there is none), from its run or its record

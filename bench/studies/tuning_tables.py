@@ -17,7 +17,7 @@ from bench.report import records
 from bench.report.claims import evaluate, load_claims
 from bench.report.runs import ResultsError, read_records, read_runs
 from bench.report.tables import frame_to_markdown, write_comparison
-from bench.studies.tune import Plan, Point, edges, optimizer_of, show
+from bench.studies.tune import Plan, Point, edges, optimizer_of, show, trial_score
 
 
 def budget(tuning: Plan) -> str:
@@ -77,8 +77,7 @@ def recorded_score(find: Find):
 
     def score(config: RunConfig) -> float:
         record = find(config)
-        value = None if record is None else record.get("final_val_acc")
-        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
+        return trial_score(None if record is None else record.get("final_val_acc"))
 
     return score
 
