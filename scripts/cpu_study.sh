@@ -10,7 +10,7 @@
 # Named only (not in the default): cifar10_small_cpu (tuned, about 45 min), looksam_alpha_tune
 # (LookSAM's default alpha by 3-fold validation, about 15 min), the swept suites digits, digits_noisy,
 # cifar10_cpu, looksam_digits and looksam_cifar10_cpu (LookSAM's alpha x k grid, about 20 min).
-# Last, `python launch.py claims` over every setting whose runs are on this machine, into
+# Last, `python launch.py claims` over every setting whose per-run file (results/*_runs.csv) exists, into
 # results/claims.md (its command is at the top of that file).
 # Interrupted, it resumes: finished runs are kept and never trained twice.
 set -euo pipefail
@@ -30,25 +30,27 @@ in_pairs() {  # run the printed commands two at a time, one thread each (each ru
 }
 
 for step in "${steps[@]}"; do
-  case $step in
-    digits|digits_noisy|cifar10_cpu|looksam_cifar10_cpu|looksam_digits)  # swept, untuned
+  recipe=bench/recipes/$step.toml
+  [ -f "$recipe" ] || { echo "$step: no recipe $recipe"; exit 1; }
+  if ! grep -q '^\[tune\]' "$recipe"; then  # swept, untuned: every run of its grid
       python launch.py sweep "$step" --data_dir "$data" --print_commands | in_pairs "$step"
-      python launch.py sweep "$step" --data_dir "$data" --tables_only || echo "$step: tables not written (above)" ;;
-    *)  # a tuned regime: each stage's pending runs (trials, trials past an edge, final runs) two at a time
+      python launch.py sweep "$step" --data_dir "$data" --tables_only || echo "$step: tables not written (above)"
+  else  # tuned: each stage's pending runs (trials, trials past an edge, final runs) two at a time
       prev=
       while cmds=$(python launch.py tune "$step" --data_dir "$data" --print_commands) && [ -n "$cmds" ]; do
         [ "$cmds" != "$prev" ] || { echo "$step: the same runs are still pending after a try; see $log"; exit 1; }
         printf '%s\n' "$cmds" | in_pairs "$step ($(printf '%s\n' "$cmds" | wc -l) runs)"
         prev=$cmds
       done
-      python launch.py tune "$step" --data_dir "$data" || echo "$step: tables not written (above)" ;;
-  esac
+      python launch.py tune "$step" --data_dir "$data" || echo "$step: tables not written (above)"
+  fi
 done
-settings=()
-for setting in digits=runs/digits digits_noisy=runs/digits_noisy cifar10_cpu=runs/cifar10_cpu \
-    cifar10_small_cpu_tuned=runs/cifar10_small_cpu_tune/final cifar10_fit_cpu_tuned=runs/cifar10_fit_cpu_tune/final \
-    cifar10_noise20_cpu_tuned=runs/cifar10_noise20_cpu_tune/final cifar10_noise40_cpu_tuned=runs/cifar10_noise40_cpu_tune/final; do
-  [ -d "${setting#*=}" ] && settings+=("$setting")
+settings=()  # every setting whose per-run file is here, committed or just written
+for setting in digits=results/digits_runs.csv digits_noisy=results/digits_noisy_runs.csv \
+    cifar10_cpu=results/cifar10_cpu_runs.csv digits_tune=results/digits_tune_tuned_runs.csv \
+    cifar10_small_cpu=results/cifar10_small_cpu_tuned_runs.csv cifar10_fit_cpu=results/cifar10_fit_cpu_tuned_runs.csv \
+    cifar10_noise20_cpu=results/cifar10_noise20_cpu_tuned_runs.csv cifar10_noise40_cpu=results/cifar10_noise40_cpu_tuned_runs.csv; do
+  [ -f "${setting#*=}" ] && settings+=("$setting")
 done
 python launch.py claims "${settings[@]}"
 echo "[$(( ($(date +%s) - start) / 60 )) min] study done"
