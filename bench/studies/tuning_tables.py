@@ -35,7 +35,7 @@ def budget(tuning: Plan) -> str:
             f"{name}: the same grid for {f}x the epochs (equal passes)" for name, f in tuning.factors.items()
         )
     if tuning.extend_edges:
-        each += f"; a choice on an edge of its grid extends the grid there by one step, up to {tuning.extend_edges} rounds"
+        each += f"; a choice on an edge of its grid extends the grid there by one step, up to {tuning.extend_edges} round{'s' if tuning.extend_edges > 1 else ''}"
         each += " (trials past an edge: " + (", ".join(f"{k} {v}" for k, v in extra.items() if v) or "none") + ")"
     if len(set(trials.values())) == 1:
         n = next(iter(trials.values()))
