@@ -47,8 +47,9 @@ _ATOMIC = (int, float, bool, str, bytes, type(None))
 
 
 def _structure(value, tensors: list[torch.Tensor]):
-    """A copy of ``value``'s containers (dicts, lists, tuples), each tensor appended to ``tensors`` and
-    replaced by its :class:`_Slot`, every other value copied (a later step may change it in place)."""
+    """A copy of ``value``'s containers (plain dicts, lists and tuples, as every optimizer's state_dict here
+    holds), each tensor appended to ``tensors`` and replaced by its :class:`_Slot`, every other value
+    copied whole (a later step may change it in place)."""
     if isinstance(value, torch.Tensor):
         tensors.append(value)
         return _Slot(len(tensors) - 1)
@@ -67,4 +68,5 @@ def _rebuilt(structure, tensors: list[torch.Tensor]):
         return {key: _rebuilt(item, tensors) for key, item in structure.items()}
     if type(structure) in (list, tuple):
         return type(structure)(_rebuilt(item, tensors) for item in structure)
-    return structure
+    # a copy: the optimizer adopts what it is given, and the snapshot may be restored from again
+    return structure if type(structure) in _ATOMIC else copy.deepcopy(structure)
