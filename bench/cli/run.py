@@ -13,11 +13,13 @@ from rich.console import Console
 
 from bench.cli import declarations
 from bench.cli.flags import BY_FIELD, FLAGS, RECIPE_FLAGS, given_flags, run_parser
+from bench.cli.studies import cmd_sweep
 from bench.config import OPERATIONAL, ConfigError, RunConfig
 from bench.loop.checkpoint import checkpoints
 from bench.loop.train import train
 from bench.progress import progress as make_progress
 from bench.resolve import resolve, resolved_hyperparameters
+from bench.studies.recipes import load_recipe
 from bench.variant_flags import selects, setting_flags
 from optimizers import available_optimizers, optimizer_class
 from optimizers.base import BASE_OPTIMIZERS
@@ -135,8 +137,6 @@ def cmd_run(argv: list[str]) -> int:
     parser = run_parser()
     args = parser.parse_args(argv)
     if args.suite:
-        from bench.cli.studies import cmd_sweep  # a sweep's imports (tables, statistics) stay out of a single run
-
         return cmd_sweep([args.suite, *[f"--set={s}" for s in args.sets]])
     console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in a log
     if args.resume not in (None, "auto"):
@@ -185,8 +185,6 @@ def recipe_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     ]
     if stray:
         raise ConfigError(f"with --recipe, change settings with --set field=value (got {', '.join(stray)})")
-    from bench.studies.recipes import load_recipe  # as cmd_sweep: out of a plain run's imports
-
     recipe = load_recipe(args.recipe)
     configs = recipe.runs(args.sets)
     if len(configs) != 1:
