@@ -153,6 +153,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     #: Whether ``max_grad_norm`` applies: the descent gradient clipped by global norm before the update.
     #: False for an update that is not a gradient step (bSAM's), which refuses the setting.
     clips_descent: ClassVar[bool] = True
+    #: Host-side entries of ``self.state`` (numbers, host tensors) that follow the loop's clock of attempted
+    #: steps: a step undone on the device (see :meth:`optimizers.snapshot.StepSnapshot.undo_where`) leaves
+    #: them advanced, as it leaves the learning-rate schedule, the data order and the random streams.
+    #: LookSAM's step count (its k-step cycle); ESAM's draw of the tensors its next ascent differentiates.
+    advances_when_skipped: ClassVar[tuple[str, ...]] = ()
     #: Tells ``torch.amp.GradScaler.step`` to call :meth:`step` as it is, so that the step can refuse it in one
     #: line (see optimizers.drivers) instead of running on gradients unscaled once.
     _step_supports_amp_scaling: ClassVar[bool] = True

@@ -64,6 +64,8 @@ class ESAM(SharpnessAwareOptimizer):
             )
         return None
 
+    advances_when_skipped = ("kept",)  # a draw from its random stream, which advances too
+
     def __init__(self, params, base_optimizer="sgd", **kwargs):
         self._trainable: dict[Tensor, None] = {}  # filled by add_param_group, in order
         super().__init__(params, base_optimizer, **kwargs)

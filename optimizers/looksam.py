@@ -55,6 +55,7 @@ class LookSAM(SharpnessAwareOptimizer):
     extra_memory = 2
     memory_note = "weight backup, g_v"
     ascent_sync = "global"
+    advances_when_skipped = ("step",)  # the k-step cycle runs on attempted steps
 
     def __init__(self, params, base_optimizer="sgd", **kwargs):
         super().__init__(params, base_optimizer, **kwargs)

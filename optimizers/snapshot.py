@@ -9,7 +9,7 @@ import copy
 import torch
 from torch import nn
 
-from optimizers.tensors import copy_into_kept, copy_tensors, local_tensor
+from optimizers.tensors import copy_into_kept, copy_tensors, local_tensor, select_where
 
 
 class StepSnapshot:
@@ -31,6 +31,32 @@ class StepSnapshot:
         tensors: list[torch.Tensor] = []
         self._state = _structure(optimizer.state_dict(), tensors)
         self._buffers = copy_into_kept(self._buffers, tensors)
+
+    @torch.no_grad()
+    def undo_where(self, optimizer, flag: torch.Tensor) -> bool:
+        """Undo the step taken since :meth:`save` where ``flag`` (0-dim, on the step's device) is nonzero,
+        without reading it: every weight, buffer and tensor of the optimizer's state on the flag's device is
+        selected between its copy and its value now, on the device.
+
+        What lives on the host cannot follow a flag the host does not read. The random streams, and the
+        entries of ``optimizer.state`` its class names in ``advances_when_skipped``, keep what the step made
+        of them: they follow the loop's clock of attempted steps, as the learning-rate schedule and the data
+        order do. Any other host-side change (a number in the state, a tensor on another device, a state
+        entry added or removed, as on a first step) returns False with nothing changed: the caller decides
+        on the host."""
+        tensors: list[torch.Tensor] = []
+        structure = _structure(optimizer.state_dict(), tensors)
+        advancing = getattr(type(optimizer), "advances_when_skipped", ())
+        now = _undoable(structure, advancing)
+        if now != _undoable(self._state, advancing):
+            return False
+        slots = _slots(now)
+        for slot in slots:
+            t, kept = tensors[slot], self._buffers[slot]
+            if t.device != flag.device or t.shape != kept.shape or t.dtype != kept.dtype:
+                return False
+        select_where([*self.live, *(tensors[s] for s in slots)], [*self.saved, *(self._buffers[s] for s in slots)], flag)
+        return True
 
     @torch.no_grad()
     def restore(self, optimizer) -> None:
@@ -58,6 +84,26 @@ def _structure(value, tensors: list[torch.Tensor]):
     if type(value) in (list, tuple):
         return type(value)(_structure(item, tensors) for item in value)
     return value if type(value) in _ATOMIC else copy.deepcopy(value)
+
+
+def _undoable(structure: dict, advancing: tuple[str, ...]) -> dict:
+    """A saved state_dict structure without what a step undone on the device leaves advanced: the random
+    streams' states (``generators``) and the named entries of its ``state``."""
+    kept = {key: value for key, value in structure.items() if key != "generators"}
+    if advancing and isinstance(kept.get("state"), dict):
+        kept["state"] = {key: value for key, value in kept["state"].items() if key not in advancing}
+    return kept
+
+
+def _slots(structure) -> list[int]:
+    """The tensor slots in a structure, in order."""
+    if type(structure) is _Slot:
+        return [structure]
+    if type(structure) is dict:
+        return [slot for item in structure.values() for slot in _slots(item)]
+    if type(structure) in (list, tuple):
+        return [slot for item in structure for slot in _slots(item)]
+    return []
 
 
 def _rebuilt(structure, tensors: list[torch.Tensor]):

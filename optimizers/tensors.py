@@ -118,6 +118,26 @@ def copy_into_kept(kept: list[Tensor], tensors: list[Tensor]) -> list[Tensor]:
     return kept
 
 
+def select_where(destinations: list[Tensor], sources: list[Tensor], flag: Tensor) -> None:
+    """``destinations[i]`` becomes ``sources[i]`` where the 0-dim ``flag`` is nonzero and stays bit for bit
+    as it is where it is zero, decided on the device: no host read. Per (device, dtype): one select over the
+    concatenated tensors and one fused copy back; sharded tensors select their local shards."""
+    groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+    for d, s in zip(destinations, sources):
+        d, s = local_tensor(d), local_tensor(s)
+        into, out_of = groups.setdefault((d.device, d.dtype), ([], []))
+        into.append(d)
+        out_of.append(s)
+    conditions: dict[torch.device, Tensor] = {}
+    for (device, _), (into, out_of) in groups.items():
+        if device not in conditions:
+            conditions[device] = flag.to(device) != 0
+        chosen = torch.where(
+            conditions[device], torch.cat([t.reshape(-1) for t in out_of]), torch.cat([t.reshape(-1) for t in into])
+        )
+        torch._foreach_copy_(into, [c.view(t.shape) for c, t in zip(chosen.split([t.numel() for t in into]), into)])
+
+
 def shard_like(value: Tensor, like: Tensor) -> Tensor:
     """This process's shard of the whole tensor ``value`` (the same on every process), sharded as ``like`` is
     (no communication)."""

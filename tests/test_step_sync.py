@@ -8,6 +8,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.loop.precision import LossScaler
 from bench.loop.step import TrainClosure, take_step
@@ -141,3 +142,139 @@ def test_the_dispatch_counter_counts_operators_and_host_reads():
 
     counts = step_counts(step, forward_backward, lambda: 2)
     assert (counts.operators_outside_passes, counts.host_reads) == (2, 1)
+
+
+# -- steps undone on the device ------------------------------------------------------------------
+
+
+class DeviceReads(TorchDispatchMode):
+    """Counts the scalar reads a step dispatches (each one waits for an accelerator), less those of tensors
+    torch keeps on the host by design (``host``: Adam's step counts, which stay on the CPU beside a GPU's
+    parameters unless the optimizer is ``capturable``). On a CPU nothing else tells the two apart."""
+
+    def __init__(self, host=()):
+        super().__init__()
+        self.host, self.reads = {id(t) for t in host}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and id(args[0]) not in self.host:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_kept(opt) -> list[torch.Tensor]:
+    """The step counts a torch Adam keeps on the host (none before its first step)."""
+    base = getattr(opt, "base_optimizer", None) or opt
+    return [s["step"] for s in base.state.values() if isinstance(s, dict) and isinstance(s.get("step"), torch.Tensor)]
+
+STEADY = [
+    ("sgd", {}),
+    ("adamw", {}),
+    ("sam", {}),
+    ("gsam", {}),
+    ("looksam", {"k": 2}),
+    ("esam", {"seed": 0}),
+    ("sam", {"accumulation_steps": 2}),
+]
+
+
+@pytest.mark.parametrize("name, settings", STEADY)
+def test_a_step_undone_on_the_device_reads_nothing_on_the_host(name, settings):
+    """A first step that creates the optimizer's state is decided on the host; every later step, with
+    or without LookSAM's second pass, ESAM's selection pass included, dispatches no host read."""
+    model = bn_cnn()
+    accumulation = settings.pop("accumulation_steps", 1)
+    opt = create_optimizer(name, model, lr=0.05, **settings)
+    snapshot = StepSnapshot(model)
+    reads, flags = [], []
+    for step in range(5):
+        closure = closure_for(model, *batch(step), accumulation_steps=accumulation)
+        with DeviceReads(host_kept(opt)) as counter:
+            flags.append(take_step(opt, closure, snapshot, on_device=True))
+        reads.append(counter.reads)
+    assert reads[1:] == [0, 0, 0, 0]  # the first step, which makes the state, is not counted
+    assert all(isinstance(f, torch.Tensor) and f.item() == 0 for f in flags[1:]) and not flags[0]
+
+
+@pytest.mark.parametrize("name, settings", STEADY[:6])
+def test_the_device_form_gives_the_host_form_bit_for_bit(name, settings):
+    model, reference = bn_cnn(), bn_cnn()
+    opt, ref_opt = create_optimizer(name, model, lr=0.05, **settings), create_optimizer(name, reference, lr=0.05, **settings)
+    snapshot = StepSnapshot(model)
+    for step in range(4):
+        take_step(opt, closure_for(model, *batch(step)), snapshot, on_device=True)
+        take_step(ref_opt, closure_for(reference, *batch(step)), StepSnapshot(reference))
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "name, fail_on_pass",
+    # ESAM's second loss is its selection pass, without a backward: its descent is the third
+    [("sgd", 1), ("adamw", 1), ("esam", 1), ("esam", 3), *((name, n) for name in ("sam", "gsam", "looksam", "vasso") for n in (1, 2))],
+)
+def test_a_non_finite_step_undone_on_the_device_changes_nothing(name, fail_on_pass):
+    """Two good steps, then one whose first or second pass is non-finite: no host read, its flag set, and
+    weights, BatchNorm buffers and every tensor of the optimizer's state bit for bit as before it (what
+    follows the loop's clock, the random streams and a declared counter, advanced). The next good step
+    equals a reference that never saw the bad one, for a variant whose clock did not reach a different
+    branch (LookSAM with k=1: a SAM step every step)."""
+    settings = {"k": 1} if name == "looksam" else {"seed": 0} if name in ("esam", "vasso") else {}
+    model, reference = bn_cnn(), bn_cnn()
+    opt = create_optimizer(name, model, lr=0.05, **settings)
+    ref_opt = create_optimizer(name, reference, lr=0.05, **settings)
+    snapshot = StepSnapshot(model)
+    for step in range(2):
+        take_step(opt, closure_for(model, *batch(step)), snapshot, on_device=True)
+        take_step(ref_opt, closure_for(reference, *batch(step)))
+    weights = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(opt.state_dict())
+    bad = closure_for(model, *batch(7), loss_fn=_loss_failing_on(fail_on_pass))
+    with DeviceReads(host_kept(opt)) as counter:
+        flag = take_step(opt, bad, snapshot, on_device=True)
+    assert counter.reads == 0 and flag.item() != 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    after = opt.state_dict()
+    advancing = type(opt).__dict__.get("advances_when_skipped", ())
+    for key, value in state["state"].items():
+        if key in advancing:
+            continue
+        for field, tensor in value.items() if isinstance(value, dict) else [(None, value)]:
+            now = after["state"][key] if field is None else after["state"][key][field]
+            assert (torch.equal(now, tensor) if isinstance(tensor, torch.Tensor) else now == tensor), (key, field)
+    for key, value in state.get("base_state", {}).items():
+        for field, tensor in value.items():
+            assert torch.equal(after["base_state"][key][field], tensor), (key, field)
+    take_step(opt, closure_for(model, *batch(3)), snapshot, on_device=True)
+    take_step(ref_opt, closure_for(reference, *batch(3)))
+    if name not in ("esam",):  # ESAM's next draw comes from a stream that advanced
+        for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def _train(tmp_path, monkeypatch, on_device: bool, *argv):
+    from bench.cli.main import main
+    from bench.io import read_json, read_jsonl
+
+    monkeypatch.setattr("bench.loop.setup.skips_on_device", lambda *args: on_device)
+    out = tmp_path / ("device" if on_device else "host")
+    code = main(["--arch", "mlp", "--epochs", "2", "--batch_size", "64", "--cpu", "--output_dir", str(out), *argv])
+    (run,) = [p.parent for p in out.rglob("summary.json")]
+    timeless = [{k: v for k, v in row.items() if "time" not in k and "per_s" not in k} for row in read_jsonl(run / "metrics.jsonl")]
+    return code, read_json(run / "summary.json"), timeless
+
+
+@pytest.mark.parametrize("optimizer", [[], ["--sam_type", "LookSAM", "--k", "2"]])
+def test_a_run_undoing_its_steps_on_the_device_trains_as_one_deciding_on_the_host(tmp_path, monkeypatch, optimizer):
+    host = _train(tmp_path, monkeypatch, False, *optimizer)
+    device = _train(tmp_path, monkeypatch, True, *optimizer)
+    assert host[0] == device[0] == 0 and host[2] == device[2]
+
+
+def test_a_run_undoing_its_steps_on_the_device_finds_its_divergence(tmp_path, monkeypatch):
+    code, summary, rows = _train(tmp_path, monkeypatch, True, "--lr", "1e30", "--momentum", "0", "--max_consecutive_skips", "3")
+    assert code == 1 and summary["status"] == "diverged"
+    # the first step is finite and every later one is not: a step deciding on the host stops at step 4; the
+    # flags read three at a time find the run of skips at step 6, steps 2-6 skipped (and changing nothing)
+    assert (summary["skipped_steps"], rows[-1]["step"]) == (5, 6)

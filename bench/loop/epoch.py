@@ -43,13 +43,14 @@ def _host_sums(sums: dict[str, Any]) -> dict[str, Any]:
     return {**sums, "correct": sums["correct"].item(), "loss_sum": sums["loss_sum"].item(), "seen": int(sums["seen"].item())}
 
 
-def one_step(run: Run, i: int, sums: dict[str, Any]) -> bool:
-    """Train on step ``i`` of the epoch; returns whether the step was skipped."""
+def one_step(run: Run, i: int, sums: dict[str, Any]) -> bool | torch.Tensor:
+    """Train on step ``i`` of the epoch; returns whether the step was skipped (see
+    :func:`bench.loop.step.take_step`: a bool, or a flag on the device)."""
     x, y, ids = run.batches.batch(run.state.epoch, i)
     return train_on(run, x, y, ids, sums)
 
 
-def train_on(run: Run, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, sums: dict[str, Any]) -> bool:
+def train_on(run: Run, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, sums: dict[str, Any]) -> bool | torch.Tensor:
     """One optimizer step on a whole (global) batch, of which this process trains its shard."""
     config, world, rank = run.config, run.accelerator.num_processes, run.accelerator.process_index
     if config.channels_last and x.dim() == 4:
@@ -74,7 +75,7 @@ def train_on(run: Run, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, sums
         max_grad_norm=None if isinstance(run.optimizer, SharpnessAwareOptimizer) else config.max_grad_norm,
         params=run.params,
     )
-    skipped = take_step(run.optimizer, closure, run.snapshot)
+    skipped = take_step(run.optimizer, closure, run.snapshot, on_device=run.skip_on_device)
     if run.regularizer is not None:  # every process, taken or skipped: it may gather across processes
         run.regularizer.after_step(run.accelerator.unwrap_model(run.model), skipped=skipped)
     if run.scaler is not None:
@@ -90,28 +91,50 @@ def run_epoch(run: Run) -> tuple[dict[str, Any], int]:
     config, state = run.config, run.state
     sums = epoch_sums(run)
     lap = time.perf_counter()
+    pending: list[bool | torch.Tensor] = []  # skip flags the host has not counted yet
     for i in range(state.step_in_epoch, run.steps_per_epoch):
-        skipped = one_step(run, i, sums)
-        state.skipped += skipped
-        state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
+        pending.append(one_step(run, i, sums))
         state.step, state.step_in_epoch = state.step + 1, i + 1
         if run.task is not None:
             run.progress.advance(run.task)
-        if state.consecutive_skips >= config.max_consecutive_skips:
-            state.status = "diverged"
-        elif config.max_steps is not None and state.step >= config.max_steps:
+        # a flag on the device is read with others, once per max_consecutive_skips steps (or sooner, below)
+        if not isinstance(pending[-1], torch.Tensor) or len(pending) >= config.max_consecutive_skips:
+            count_skips(run, pending)
+        if state.status == "running" and config.max_steps is not None and state.step >= config.max_steps:
             state.status = "stopped_early"
         if state.status != "running" or state.step_in_epoch == run.steps_per_epoch:
             break
         if config.save_every_steps and state.step % config.save_every_steps == 0:
+            count_skips(run, pending)
+            if state.status != "running":
+                break
             sums["time"] += time.perf_counter() - lap
             lap = time.perf_counter()
             state.epoch_sums = _host_sums(sums)
             checkpoint(run)
+    count_skips(run, pending)
     sums["time"] += time.perf_counter() - lap
     if state.status != "running":
         run.batches.close()
     return _host_sums(sums), state.step_in_epoch
+
+
+def count_skips(run: Run, pending: list[bool | torch.Tensor]) -> None:
+    """Count the skipped steps among ``pending`` (the latest steps' flags, in order; those on the device
+    read in one host read) and empty it; a run of ``max_consecutive_skips`` skipped steps in a row marks
+    the run diverged. Flags read late find a divergence late: the steps after it ran too (skipped, or
+    taken where the run recovered), and it is marked diverged all the same, as a run whose steps decide
+    on the host would have stopped there."""
+    state, limit = run.state, run.config.max_consecutive_skips
+    on_device = [flag for flag in pending if isinstance(flag, torch.Tensor)]
+    read = iter(torch.stack(on_device).ne(0).tolist() if on_device else ())
+    for flag in pending:
+        skipped = next(read) if isinstance(flag, torch.Tensor) else flag
+        state.skipped += skipped
+        state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
+        if state.consecutive_skips >= limit and state.status == "running":
+            state.status = "diverged"
+    pending.clear()
 
 
 def checkpoint(run: Run) -> None:

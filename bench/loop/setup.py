@@ -34,7 +34,7 @@ from bench.loop.checkpoint import checkpoints, load_checkpoint
 from bench.loop.precision import LossScaler
 from bench.loop.splits import LoaderSplit, Split
 from bench.loop.state import Run, lr_lambda
-from bench.loop.step import effective_ascent_sync
+from bench.loop.step import effective_ascent_sync, skips_on_device
 from bench.loop.sync_bn import convert_sync_batchnorm
 from bench.resolve import optimizer_settings, resolved_hyperparameters
 from optimizers import SharpnessAwareOptimizer, create_optimizer
@@ -164,7 +164,13 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
     aug_generator = torch.Generator(device).manual_seed(config.seed)
     batches, splits = data_access(config, accelerator, train_set, [*held_out, ("test", test_set)], steps_per_epoch, aug_generator)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps_per_epoch))
-    snapshot = StepSnapshot(accelerator.unwrap_model(model)) if isinstance(optimizer, SharpnessAwareOptimizer) else None
+    scaler = LossScaler() if config.mixed_precision == "fp16" else None
+    on_device = skips_on_device(device, scaler, regularizer)
+    if on_device and device.type == "cuda":  # torch's Adam keeps its step count on the host unless capturable
+        for group in optimizer.param_groups:
+            if "capturable" in group:
+                group["capturable"] = True
+    snapshot = StepSnapshot(accelerator.unwrap_model(model)) if on_device or isinstance(optimizer, SharpnessAwareOptimizer) else None
     run = Run(
         config=config,
         accelerator=accelerator,
@@ -172,7 +178,7 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        scaler=LossScaler() if config.mixed_precision == "fp16" else None,
+        scaler=scaler,
         train_set=train_set,
         batches=batches,
         splits=splits,
@@ -186,6 +192,7 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
         snapshot=snapshot,
         fsdp=fsdp,
         load_at_start=environment.load_average(),
+        skip_on_device=on_device,
         progress=progress,
     )
     checkpointed = optimizer if fsdp is None else sharding.FullOptimizerState(optimizer, accelerator.is_main_process)

@@ -90,11 +90,14 @@ class Run:
     noisy_indices: torch.Tensor | None
     #: The extra loss term the optimizer's class declares (``loss_regularizer``), if any.
     regularizer: LossRegularizer | None
-    #: Where a skipped sharpness-aware step is undone from (see bench.loop.step); None for plain optimizers.
+    #: Where a skipped step is undone from (see bench.loop.step); None for a plain optimizer whose steps are
+    #: decided on the host.
     snapshot: StepSnapshot | None
     #: The FSDP plugin when the model is sharded (see :mod:`bench.loop.sharding`), else None.
     fsdp: FullyShardedDataParallelPlugin | None
     load_at_start: float | None
+    #: Whether steps are undone on the device, without a host read (:func:`bench.loop.step.skips_on_device`).
+    skip_on_device: bool = False
     progress: Progress | None = None
     state: TrainState = field(default_factory=TrainState)
     task: TaskID | None = None

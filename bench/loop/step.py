@@ -4,15 +4,25 @@ The closure runs each pass the optimizer asks for under DDP's synchronisation ru
 that pass (the run's ``ascent_sync``, or the variant's declared one), scales and
 unscales fp16 losses, and flags a non-finite loss or gradient on the device.
 
-A step costs at most one host synchronisation: the skip decision. A plain torch
-optimizer evaluates its closure once, before it changes anything, so its one pass
-decides there. A sharpness-aware step runs all its passes without looking (a non-finite
-ascent gradient makes the perturbed weights, and so every later pass, non-finite too),
-and is decided once at its end; a skipped step is then undone from a
-:class:`StepSnapshot` taken on the device before it began (weights, BatchNorm buffers and
-the optimizer's state as its ``state_dict`` holds it). Every process must agree before a
-step is skipped, or one would wait forever in the next synchronised backward: the flag is
-summed across processes, once per step, by every process.
+The skip rule has two forms, with the same result for every step taken.
+
+- **On the host** (a CPU, where reading a flag costs nothing; an fp16 run, whose loss scale is a
+  host number; a variant with a loss term): one host read per step, the skip decision. A plain
+  torch optimizer evaluates its closure once, before it changes anything, so its one pass
+  decides there. A sharpness-aware step runs all its passes without looking (a non-finite
+  ascent gradient makes the perturbed weights, and so every later pass, non-finite too), and is
+  decided once at its end; a skipped step is then undone from a :class:`StepSnapshot` taken on
+  the device before it began (weights, BatchNorm buffers and the optimizer's state as its
+  ``state_dict`` holds it).
+- **On the device** (an accelerator otherwise): no host read. Every step is taken, then undone
+  on the device where its flag is set (:meth:`StepSnapshot.undo_where`: a select between the
+  snapshot and the new values); the loop reads the flags of many steps at once, later (see
+  :mod:`bench.loop.epoch`). Host-side values a step changes (a first step's new state, a
+  variant's counters) make that step decide on the host instead, except those that follow
+  the loop's clock (the random streams, a variant's ``advances_when_skipped``).
+
+Every process must agree before a step is skipped, or one would wait forever in the next
+synchronised backward: the flag is summed across processes, once per step, by every process.
 """
 
 from __future__ import annotations
@@ -146,13 +156,16 @@ class TrainClosure(BatchClosure):
         if self.max_grad_norm is not None:  # a plain optimizer's one pass (a variant clips its own descent)
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
 
+    def flag(self) -> torch.Tensor:
+        """Nonzero where any pass so far, on any process, had a non-finite loss or gradient: a 0-dim tensor
+        on the device. Every process must call it at the same point (one all-reduce, no host read)."""
+        if self.accelerator.num_processes == 1:
+            return self.bad
+        return self.accelerator.reduce(self.bad.reshape(1), reduction="sum").reshape(())
+
     def nonfinite(self) -> bool:
-        """Whether any pass so far, on any process, had a non-finite loss or gradient. Every process
-        must call it at the same point: one all-reduce and one host synchronisation."""
-        bad = self.bad.reshape(1)
-        if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        return bool(bad.item())
+        """:meth:`flag`, read by the host: one host synchronisation."""
+        return bool(self.flag().item())
 
     def observe(self, outputs, targets, losses, phase):
         if self._subset is None and self._counted is None:
@@ -187,9 +200,32 @@ def evaluation_weights(optimizer):
     return swap() if swap is not None else contextlib.nullcontext()
 
 
-def take_step(optimizer, closure: TrainClosure, snapshot: StepSnapshot | None = None) -> bool:
-    """One optimizer step with at most one host synchronisation; a non-finite pass skips it, leaving
-    weights and optimizer state as they were. Returns whether it was skipped."""
+def skips_on_device(device: torch.device, scaler: LossScaler | None, regularizer) -> bool:
+    """Whether a run's steps are undone on the device rather than decided on the host (see the module's
+    docstring): on an accelerator, unless an fp16 loss scale or a loss term needs each decision on the host."""
+    return device.type != "cpu" and scaler is None and regularizer is None
+
+
+def take_step(
+    optimizer, closure: TrainClosure, snapshot: StepSnapshot | None = None, *, on_device: bool = False
+) -> bool | torch.Tensor:
+    """One optimizer step; a non-finite pass skips it, leaving weights and optimizer state as they were.
+
+    Returns whether it was skipped: a bool decided on the host (one host read), or, ``on_device``, the
+    step's flag as a 0-dim device tensor (nonzero: skipped, and undone already) where the step could be
+    undone without a host read."""
+    if on_device:
+        snapshot = snapshot or StepSnapshot(closure.model)
+        snapshot.save(optimizer)
+        closure.defer_check = True
+        optimizer.step(closure)
+        flag = closure.flag()
+        if snapshot.undo_where(optimizer, flag):
+            return flag
+        if not bool(flag.item()):  # a host-side change: decided on the host
+            return False
+        _undo(optimizer, snapshot)
+        return True
     if not isinstance(optimizer, SharpnessAwareOptimizer):
         closure.defer_check = False
         try:
@@ -204,7 +240,12 @@ def take_step(optimizer, closure: TrainClosure, snapshot: StepSnapshot | None = 
     optimizer.step(closure)
     if not closure.nonfinite():
         return False
-    optimizer.restore()  # drop a half-done step's bookkeeping (a perturbation still applied)
+    _undo(optimizer, snapshot)
+    return True
+
+
+def _undo(optimizer, snapshot: StepSnapshot) -> None:
+    if isinstance(optimizer, SharpnessAwareOptimizer):
+        optimizer.restore()  # drop a half-done step's bookkeeping (a perturbation still applied)
     snapshot.restore(optimizer)
     optimizer.zero_grad()
-    return True
