@@ -30,9 +30,10 @@ in_pairs() {  # run the printed commands two at a time, one thread each (each ru
 }
 
 for step in "${steps[@]}"; do
-  recipe=bench/recipes/$step.toml
-  [ -f "$recipe" ] || { echo "$step: no recipe $recipe"; exit 1; }
-  if ! grep -q '^\[tune\]' "$recipe"; then  # swept, untuned: every run of its grid
+  # a recipe with a [tune] section (its own or one it extends) is tuned, else swept
+  tuned=$(python -c 'import sys; from bench.studies.recipes import load_recipe; print(int(bool(load_recipe(sys.argv[1]).tune)))' "$step") ||
+    { echo "$step: not a recipe (above)"; exit 1; }
+  if [ "$tuned" = 0 ]; then  # swept, untuned: every run of its grid
       python launch.py sweep "$step" --data_dir "$data" --print_commands | in_pairs "$step"
       python launch.py sweep "$step" --data_dir "$data" --tables_only || echo "$step: tables not written (above)"
   else  # tuned: each stage's pending runs (trials, trials past an edge, final runs) two at a time

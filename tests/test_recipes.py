@@ -70,6 +70,52 @@ def test_set_overrides_fields_hyperparameters_and_grid_axes():
         load_recipe("nope")
 
 
+def test_a_recipe_extends_another_merging_table_by_table(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    (tmp_path / "noisy.toml").write_text(
+        'name = "noisy"\nextends = "' + str(tmp_path / "tiny.toml") + '"\ndescription = "tiny, noisy"\n'
+        "[config]\nlabel_noise = 0.2\nepochs = 3\n[optimizers.sam]\nseed = 5\n"
+    )
+    tiny, noisy = load_recipe(str(tmp_path / "tiny.toml")), load_recipe(str(tmp_path / "noisy.toml"))
+    assert (noisy.name, noisy.description) == ("noisy", "tiny, noisy")
+    assert noisy.config == {**tiny.config, "label_noise": 0.2, "epochs": 3}
+    assert noisy.grid == tiny.grid and noisy.reported == tiny.reported
+    assert noisy.optimizers == {"sam": {"rho": 0.1, "seed": 5}}
+    # the study's noisy regimes are the clean one with noisy labels, nothing else
+    fit = load_recipe("cifar10_fit_cpu")
+    for name, noise in (("cifar10_noise20_cpu", 0.2), ("cifar10_noise40_cpu", 0.4)):
+        regime = load_recipe(name)
+        assert regime.config == {**fit.config, "label_noise": noise}
+        assert (regime.grid, regime.optimizers, regime.tune) == (fit.grid, fit.optimizers, fit.tune)
+    (tmp_path / "loop.toml").write_text(f'extends = "{tmp_path / "loop.toml"}"\ndescription = "x"\n')
+    with pytest.raises(ConfigError, match="extends it back"):
+        load_recipe(str(tmp_path / "loop.toml"))
+    (tmp_path / "orphan.toml").write_text('extends = "no_such_recipe"\n')
+    with pytest.raises(ConfigError, match="unknown recipe 'no_such_recipe'"):
+        load_recipe(str(tmp_path / "orphan.toml"))
+
+
+def test_equal_passes_runs_an_optimizer_again_for_a_multiple_of_the_epochs(tmp_path):
+    from bench.studies.sweep import run_argv
+
+    (tmp_path / "tiny.toml").write_text(TINY + "[equal_passes]\nsgd = 2\n")
+    recipe = load_recipe(str(tmp_path / "tiny.toml"))
+    runs = recipe.runs()
+    assert [(r.optimizer, r.seed, r.epochs) for r in runs] == [
+        ("sgd", 0, 2), ("sgd", 0, 4), ("sgd", 1, 2), ("sgd", 1, 4), ("sam", 0, 2), ("sam", 1, 2)
+    ]  # fmt: skip
+    assert len(recipe.runs(equal_passes=False)) == 4 and len(recipe.runs(["epochs=3"])) == 4
+    for run in runs:  # each run's command names it alone
+        argv = run_argv(recipe, [], run)
+        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        assert f"epochs={run.epochs}" in sets
+        (again,) = recipe.runs(sets)
+        assert again.run_id() == run.run_id()
+    (tmp_path / "bad.toml").write_text(TINY + "[equal_passes]\nsgd = 1\n")
+    with pytest.raises(ConfigError, match="equal_passes.sgd must be how many times the epochs"):
+        load_recipe(str(tmp_path / "bad.toml"))
+
+
 def test_bsam_keeps_its_own_step_size_in_the_suites():
     (run,) = load_recipe("digits").runs(["optimizer=bsam", "seed=0"])
     assert run.lr == 0.5

@@ -189,7 +189,8 @@ def recipe_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     configs = recipe.runs(args.sets)
     if len(configs) != 1:
         raise ConfigError(
-            f"recipe {recipe.name} describes {len(configs)} runs; pick one with --set (grid: {', '.join(recipe.grid)}) "
+            f"recipe {recipe.name} describes {len(configs)} runs; pick one with --set "
+            f"(grid: {', '.join([*recipe.grid, *(['epochs'] if recipe.equal_passes else [])])}) "
             f"or run them all with `launch.py sweep {recipe.name}`"
         )
     given = {

@@ -256,8 +256,8 @@ def cmd_tune(argv: list[str]) -> int:
     launch = None
     if launcher.kind != "inline":
 
-        def launch(configs, keys, label):
-            for line in submit(launcher, configs, lambda c: run_argv(recipe, job_sets(args), c, keys), label, progress):
+        def launch(configs, label):
+            for line in submit(launcher, configs, lambda c: run_argv(recipe, job_sets(args), c), label, progress):
                 progress.print(f"warning: {line}")
 
     with make_progress() as progress:

@@ -239,7 +239,7 @@ def reproduction_table(recipes, runs: pd.DataFrame | None, sets: list[str] = ())
     whose fingerprint is part of each run's id)."""
     rows = []
     for recipe in recipes:
-        configs = recipe.runs(sets)
+        configs = recipe.runs(sets, equal_passes=False)  # a reported number is at the paper's epochs
         for optimizer, reported in recipe.reported.items():
             ids = {c.run_id() for c in configs if c.optimizer == optimizer}
             mine = runs[runs.run_id.isin(ids) & runs.status.isin(["completed", "diverged"])] if runs is not None else []

@@ -10,11 +10,18 @@ where a paper reports one, the number to reproduce with its source.
     seed = [0, 1, 2]
     [optimizers.sam]         # settings for one optimizer only (RunConfig fields or its hyperparameters)
     rho = 0.05
+    [equal_passes]           # an optimizer also run for this many times the epochs, every seed
+    sgd = 2                  # (SGD at as many forward-backward passes as a two-pass method)
     [reported.sam]           # what the paper reports for that optimizer
     accuracy = 97.3          # test accuracy in %
     metric = "last"          # "last" epoch or "best" epoch
     spread = 0.1             # reported std, if any
     source = "Foret et al. 2021, Table 1"
+
+A recipe may extend another (``extends = "cifar10_fit_cpu"``, a recipe name or a path): it starts from
+that recipe's sections and merges its own over them, table by table (a value it sets replaces the
+inherited one; a table it sets merges into the inherited table). Its ``name`` and ``description`` are
+its own.
 
 ``--set key=value`` overrides any field (``rho=0.1`` sets a hyperparameter; a list
 value such as ``seed=[0,1]`` becomes a grid axis).
@@ -79,11 +86,14 @@ class Recipe:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
     reported: dict[str, Reported] = field(default_factory=dict)
+    #: [equal_passes]: an optimizer also run for this many times the epochs (SGD at the passes of a two-pass method)
+    equal_passes: dict[str, int] = field(default_factory=dict)
     tune: dict[str, Any] = field(default_factory=dict)  # the [tune] section as written (checked by bench.studies.tune)
     launcher: dict[str, Any] = field(default_factory=dict)  # [launcher]: SLURM resources (checked by bench.studies.launchers)
 
-    def runs(self, sets: list[str] = (), output_dir: str | None = None) -> list[RunConfig]:
-        """Every run of the recipe, with ``key=value`` overrides applied."""
+    def runs(self, sets: list[str] = (), output_dir: str | None = None, equal_passes: bool = True) -> list[RunConfig]:
+        """Every run of the recipe, with ``key=value`` overrides applied (and, unless ``equal_passes`` is False or
+        ``epochs`` is set, each [equal_passes] optimizer's run again for its multiple of the epochs, after it)."""
         grid, forced = dict(self.grid), {}
         for key, value in map(parse_assignment, sets):
             if isinstance(value, list):
@@ -101,6 +111,9 @@ class Recipe:
             if output_dir is not None:
                 settings["output_dir"] = output_dir
             configs.append(config_from_settings(settings, self.name))
+            factor = self.equal_passes.get(optimizer) if equal_passes else None
+            if factor is not None and "epochs" not in forced:  # the compute-matched run beside it
+                configs.append(config_from_settings({**settings, "epochs": configs[-1].epochs * factor}, self.name))
         return configs
 
 
@@ -147,15 +160,45 @@ def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
 
 
-def load_recipe(name_or_path: str) -> Recipe:
+def _recipe_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if not path.is_file():
         path = RECIPE_DIR / f"{name_or_path.replace('-', '_')}.toml"
     if not path.is_file():
         raise ConfigError(f"unknown recipe {name_or_path!r}; choose one of: {', '.join(available_recipes())} (or a .toml path)")
+    return path
+
+
+def _extended(data: dict[str, Any], path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """``data`` merged over the recipe it ``extends`` (recursively), checked section by section."""
+    where = f"recipe {path}"
+    parent = data.pop("extends", None)
+    _check_sections(data, where)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{where}: extends must be a recipe name, got {parent!r}")
+    parent_path = _recipe_path(parent).resolve()
+    if parent_path in (*seen, path.resolve()):
+        raise ConfigError(f"{where}: extends {parent!r}, which extends it back")
+    base = _extended(_read_toml(parent_path), parent_path, (*seen, path.resolve()))
+    merged = _merged({k: v for k, v in base.items() if k not in ("name", "description")}, data)
+    merged["description"] = data["description"] if "description" in data else ""
+    return merged
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    path = _recipe_path(name_or_path)
     data = _read_toml(path)
     where = f"recipe {path}"
-    _check_sections(data, where)
+    data = _extended(data, path)
     reported = {optimizer: _reported_row(row, f"{where}: reported.{optimizer}") for optimizer, row in data["reported"].items()}
     grid = dict(data["grid"])
     if "optimizer" in grid:
@@ -168,19 +211,32 @@ def load_recipe(name_or_path: str) -> Recipe:
         grid=grid,
         optimizers=data["optimizers"],
         reported=reported,
+        equal_passes=_equal_passes(data["equal_passes"], where),
         tune=data["tune"],
         launcher=data["launcher"],
     )
 
 
+def _equal_passes(section: dict[str, Any], where: str) -> dict[str, int]:
+    for optimizer, factor in section.items():
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
+            raise ConfigError(
+                f"{where}: equal_passes.{optimizer} must be how many times the epochs it also trains for (an integer >= 2), "
+                f"got {factor!r}"
+            )
+    return dict(section)
+
+
 #: A recipe's top-level keys and the TOML type each must have (a missing one takes the empty value).
 SECTIONS = {
     "name": str,
+    "extends": str,
     "description": str,
     "config": dict,
     "grid": dict,
     "optimizers": dict,
     "reported": dict,
+    "equal_passes": dict,
     "tune": dict,
     "launcher": dict,
 }
@@ -209,7 +265,7 @@ def _check_sections(data: dict[str, Any], where: str) -> None:
     for key, kind in SECTIONS.items():
         if key in data and not isinstance(data[key], kind):
             raise ConfigError(f"{where}: {key} must be {_TOML_TYPE[kind]}, got {data[key]!r}")
-        if key != "name":
+        if key not in ("name", "extends"):
             data.setdefault(key, kind())
     for axis, values in data["grid"].items():
         if not isinstance(values, list) or not values:

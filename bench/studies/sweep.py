@@ -17,7 +17,6 @@ import dataclasses
 import shlex
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from bench.config import RunConfig
@@ -49,16 +48,36 @@ def execution_order(configs: list[RunConfig]) -> list[RunConfig]:
     return [config for _, config in sorted(zip(rank, configs), key=lambda pair: pair[0])]
 
 
-def run_argv(recipe: Recipe, sets: list[str], config: RunConfig, keys: Iterable[str] | Callable | None = None) -> list[str]:
+#: fields every command spells on its own (run_argv), never as a ``--set``
+_SPELLED_APART = ("output_dir", "data_dir", "hyperparameters")
+
+
+def run_argv(recipe: Recipe, sets: list[str], config: RunConfig) -> list[str]:
     """The ``launch.py`` arguments of one run of the recipe (what a sequential sweep trains): the recipe,
-    the scalar ``--set`` overrides, its values of ``keys`` (default: the recipe's grid axes; a function:
-    the run's own), its folder and ``--resume auto``."""
-    fixed = list(recipe.grid if keys is None or callable(keys) else keys)
-    chosen = [
-        f"{key}={_toml(getattr(config, key, None) if key in config.__dataclass_fields__ else config.hyperparameters[key])}"
-        for key in (keys(config) if callable(keys) else fixed)
-    ]
+    the scalar ``--set`` overrides, the run's value of each of the recipe's grid axes and of every setting in
+    which it differs from the recipe with those set (a tuning's grid point, validation fold, trial length),
+    its folder and ``--resume auto``."""
     scalar_sets = [s for s in sets if not s.partition("=")[2].lstrip().startswith("[")]
+    data = [f"data_dir={config.data_dir}"] if config.data_dir else []  # spelled apart, as --data_dir
+    # the grid's axes, and epochs where [equal_passes] makes two runs of one grid point
+    axes = [*recipe.grid, *(["epochs"] if recipe.equal_passes else [])]
+    chosen = [_assignment(config, key) for key in axes]
+    reference = recipe.runs([*scalar_sets, *data, *chosen[: len(recipe.grid)]], equal_passes=False)[0]
+    chosen += [
+        _assignment(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name not in (*_SPELLED_APART, *axes) and getattr(config, f.name) != getattr(reference, f.name)
+    ]
+    missing = object()
+    chosen += [
+        _assignment(config, key)
+        for key, value in config.hyperparameters.items()
+        if reference.hyperparameters.get(key, missing) != value
+    ]
+    unset = set(reference.hyperparameters) - set(config.hyperparameters)
+    spelled = recipe.runs([*scalar_sets, *data, *chosen])
+    if unset or len(spelled) != 1 or spelled[0].run_id() != config.run_id():  # a run no command line of this recipe makes
+        raise ValueError(f"run {config.run_id()} cannot be spelled as recipe {recipe.name} with --set overrides")
     argv = ["--recipe", str(recipe.path)]
     for item in [*scalar_sets, *chosen]:
         argv += ["--set", item]
@@ -68,15 +87,15 @@ def run_argv(recipe: Recipe, sets: list[str], config: RunConfig, keys: Iterable[
     return argv
 
 
-def commands(
-    recipe: Recipe,
-    sets: list[str],
-    configs: list[RunConfig],
-    keys: Iterable[str] | Callable[[RunConfig], Iterable[str]] | None = None,
-) -> list[str]:
+def _assignment(config: RunConfig, key: str) -> str:
+    value = getattr(config, key) if key in config.__dataclass_fields__ else config.hyperparameters[key]
+    return f"{key}={_toml(value)}"
+
+
+def commands(recipe: Recipe, sets: list[str], configs: list[RunConfig]) -> list[str]:
     """One `accelerate launch` command per run that is not done, in ``execution_order`` (see run_argv)."""
     return [
-        shlex.join(["accelerate", "launch", "launch.py", *run_argv(recipe, sets, config, keys)])
+        shlex.join(["accelerate", "launch", "launch.py", *run_argv(recipe, sets, config)])
         for config in execution_order(configs)
         if status(config) != "done"
     ]

@@ -37,8 +37,8 @@ from bench.config import ConfigError, RunConfig
 from bench.io import read_json
 from bench.studies.recipes import Recipe, config_from_settings
 from bench.studies.sweep import commands, execution_order, run_sweep, status
-from bench.studies.tune_spec import CONTROLLED, need, section
 from bench.studies.tune_spec import forced as forced_settings
+from bench.studies.tune_spec import need, section
 
 
 @dataclass(frozen=True)
@@ -268,38 +268,17 @@ def replay(tuning: Plan, score: Score) -> dict[str, Point]:
 def pending_commands(tuning: Plan, sets: list[str]) -> list[str]:
     """One command per pending trial; once every trial is done, one per pending final run; seed by seed
     across optimizers, as ``run_tuning`` trains them."""
-    shorter = [] if tuning.trial_epochs is None else ["epochs"]
-    lines = _commands(
-        tuning, sets, {name: [c for p in points for c in p.trials] for name, points in tuning.points.items()}, shorter
-    )
+    lines = _commands(tuning, sets, {name: [c for p in points for c in p.trials] for name, points in tuning.points.items()})
     for round_ in range(1, 1 + (tuning.extend_edges if not lines else 0)):  # a round's trials once the one before is done
         added = extend(tuning, round_)
-        lines = _commands(tuning, sets, added, shorter) if added else []
+        lines = _commands(tuning, sets, added) if added else []
         if lines or not added:
             break
-    return lines or _commands(tuning, sets, final_configs(tuning, choices(tuning)), [])
+    return lines or _commands(tuning, sets, final_configs(tuning, choices(tuning)))
 
 
-def _keys_of(tuning: Plan, runs: dict[str, list[RunConfig]], extra_keys: list[str]):
-    """What each run's command spells out: what the tuning sets (and its optimizer's grid keys)."""
-    controlled = [key for key in CONTROLLED if key != "val_fold" or tuning.folds > 1]
-    keys = {
-        config.run_dir(): [
-            *controlled,
-            *tuning.grids[name],
-            *extra_keys,
-            *(["epochs"] if name in tuning.factors else []),
-            *(["test_every_epochs"] if config.test_every_epochs == 0 else []),  # a trial: no test set
-        ]
-        for name, configs in runs.items()
-        for config in configs
-    }
-    return lambda config: keys[config.run_dir()]
-
-
-def _commands(tuning: Plan, sets: list[str], runs: dict[str, list[RunConfig]], extra_keys: list[str]) -> list[str]:
-    configs = [config for configs in runs.values() for config in configs]
-    return commands(tuning.recipe, sets, configs, _keys_of(tuning, runs, extra_keys))
+def _commands(tuning: Plan, sets: list[str], runs: dict[str, list[RunConfig]]) -> list[str]:
+    return commands(tuning.recipe, sets, [config for configs in runs.values() for config in configs])
 
 
 def optimizer_of(tuning: Plan, optimizer: str) -> str:
@@ -310,33 +289,31 @@ def optimizer_of(tuning: Plan, optimizer: str) -> str:
 def run_tuning(tuning: Plan, progress=None, launch=None) -> tuple[dict[str, Point], list[Path]] | None:
     """Train the pending trials, choose, train the pending final runs; the choice and the final run directories.
 
-    ``launch(configs, argv_of, label)``, when given, trains a stage's pending runs instead (as jobs: see
+    ``launch(configs, label)``, when given, trains a stage's pending runs instead (as jobs: see
     bench.studies.launchers); a stage it leaves unfinished (jobs not waited for, or failed) ends the tuning
     here (None): the next call goes on from where it stands."""
     name = tuning.recipe.name
-    shorter = [] if tuning.trial_epochs is None else ["epochs"]
     trials = {optimizer: [c for p in points for c in p.trials] for optimizer, points in tuning.points.items()}
-    if not _stage(tuning, trials, shorter, f"tune {name}: trials", progress, launch):
+    if not _stage(tuning, trials, f"tune {name}: trials", progress, launch):
         return None
     for round_ in range(1, tuning.extend_edges + 1):
         added = extend(tuning, round_)
         if not added:
             break
-        if not _stage(tuning, added, shorter, f"tune {name}: trials past an edge, round {round_}", progress, launch):
+        if not _stage(tuning, added, f"tune {name}: trials past an edge, round {round_}", progress, launch):
             return None
     chosen = choices(tuning)
     finals = final_configs(tuning, chosen)
-    if not _stage(tuning, finals, [], f"tune {name}: final runs", progress, launch):
+    if not _stage(tuning, finals, f"tune {name}: final runs", progress, launch):
         return None
     return chosen, [config.run_dir() for configs in finals.values() for config in configs]
 
 
-def _stage(tuning: Plan, runs: dict[str, list[RunConfig]], extra_keys: list[str], label: str, progress, launch) -> bool:
+def _stage(tuning: Plan, runs: dict[str, list[RunConfig]], label: str, progress, launch) -> bool:
     """Train one stage's pending runs; whether all of them are done."""
     configs = [config for configs in runs.values() for config in configs]
     if launch is None:
         run_sweep(tuning.recipe, configs, progress, label=label)
         return True
-    keys = _keys_of(tuning, runs, extra_keys)
-    launch([c for c in execution_order(configs) if status(c) != "done"], keys, label)
+    launch([c for c in execution_order(configs) if status(c) != "done"], label)
     return all(status(c) == "done" for c in configs)

@@ -60,7 +60,7 @@ def _grids(section: dict, where: str) -> dict[str, dict[str, list]]:
 def section(recipe: Recipe) -> dict[str, Any]:
     """The recipe's [tune] section, checked; one-line ConfigError naming what is wrong."""
     where, section = f"recipe {recipe.name} [tune]", recipe.tune
-    need(bool(section), f"recipe {recipe.name} has no [tune] section (its format: bench/recipes.py)")
+    need(bool(section), f"recipe {recipe.name} has no [tune] section (its format: bench/studies/recipes.py)")
     unknown = sorted(set(section) - set(SECTION_KEYS))
     need(not unknown, f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(SECTION_KEYS)}")
     folds = section.get("folds", 1)
