@@ -20,7 +20,7 @@ from typing import Any
 from bench.errors import UserError
 from optimizers.settings import Setting
 
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "constant", "linear")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 #: how the ascent pass's gradient is treated across processes (a variant that declares one keeps its own)
 ASCENT_SYNC = ("local", "global")
@@ -61,6 +61,7 @@ LATER_SETTINGS = {
     "max_grad_norm": None,
     "val_fold": 0,
     "no_augment": False,
+    "test_flips": False,
 }
 
 
@@ -89,6 +90,7 @@ FIELD_CHECKS = {
         Setting("max_grad_norm", None, float, "(0, inf)", optional=True),
         Setting("cutout", False, bool),
         Setting("no_augment", False, bool),
+        Setting("test_flips", False, bool),
         Setting("train_subset", None, int, "[1, inf)", optional=True),
         Setting("label_noise", 0.0, float, "[0, 1)"),
         Setting("val_fraction", 0.0, float, "[0, 1)"),
@@ -185,6 +187,8 @@ class RunConfig:
     cutout: bool = False
     #: in-memory datasets: train on the images as they are (no crop, flip or cutout)
     no_augment: bool = False
+    #: evaluation (validation and test) on the mean logits of each image and its mirror image
+    test_flips: bool = False
     train_subset: int | None = None
     label_noise: float = 0.0
     val_fraction: float = 0.0

@@ -5,6 +5,7 @@ import torch.nn as nn
 from architectures import available_architectures, create_model
 
 EXPLICIT_NAMES = [
+    "fastnet",
     "mlp",
     "pyramidnet",
     "pyramidnet110_270",
@@ -94,7 +95,7 @@ def test_smallcnn_is_small():
     assert num_params("smallcnn") < 100_000
 
 
-@pytest.mark.parametrize("name", EXPLICIT_NAMES)
+@pytest.mark.parametrize("name", [n for n in EXPLICIT_NAMES if n != "fastnet"])  # fastnet: 32x32 and up
 def test_forward_8x8_every_registered_name(name):
     model = create_model(name, num_classes=7)
     out = model(torch.randn(2, 3, 8, 8))
@@ -212,3 +213,22 @@ def test_training_step_backpropagates():
     loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 3]))
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_fastnet_whitens_the_patches_it_was_set_from():
+    """The whitening filters, set from the images, map their 2x2 patches to unit variance along the patch
+    covariance's eigenvectors (less the eps): the covariance of the first half of the filters' outputs is
+    diag(lambda / (lambda + 5e-4)), the second half their negatives."""
+    torch.manual_seed(0)
+    images = torch.randn(64, 3, 32, 32) * torch.tensor([1.0, 0.5, 2.0])[:, None, None]
+    model = create_model("fastnet")
+    model.init_from_data(images)
+    out = nn.functional.conv2d(images.double(), model.whiten.weight.double())
+    half = out[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)
+    covariance = half.T @ half / len(half)
+    patches = images.double().unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+    eigenvalues = torch.linalg.eigvalsh(patches.T @ patches / len(patches))
+    assert torch.allclose(covariance, torch.diag(eigenvalues / (eigenvalues + 5e-4)), atol=1e-6)
+    assert torch.equal(model.whiten.weight[12:], -model.whiten.weight[:12])
+    assert not model.whiten.weight.requires_grad and model.whiten.bias.requires_grad
+    assert model(images[:2]).shape == (2, 10) and num_params("fastnet") == 1_972_792

@@ -37,7 +37,7 @@ def _rng_images(seed: int, n: int, c: int, size: int, low: int = 0) -> np.ndarra
     return np.random.default_rng(seed).integers(low, 256, size=(n, c, size, size), dtype=np.uint8)
 
 
-def _write_cifar10_pickles(root, n_per_batch=20, n_test=10):
+def write_cifar10_pickles(root, n_per_batch=20, n_test=10):
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     xs, ys = [], []
@@ -240,7 +240,7 @@ def test_digits_split_and_stats():
 @pytest.mark.parametrize("in_subdir", [False, True])
 def test_cifar10_pickles(tmp_path, in_subdir):
     root = tmp_path / "cifar10" if in_subdir else tmp_path
-    (x, y), (xt, yt) = _write_cifar10_pickles(root)
+    (x, y), (xt, yt) = write_cifar10_pickles(root)
     train, test = load_dataset_splits("CIFAR-10", data_dir=str(tmp_path), download=False, cache_dir=str(tmp_path / "c"))
     assert train.images.shape == (100, 3, 32, 32) and test.images.shape == (10, 3, 32, 32)
     assert train.images.dtype == torch.uint8 and train.labels.dtype == torch.int64
@@ -260,7 +260,7 @@ def test_cifar100_pickles(tmp_path):
 
 
 def test_pickles_preferred_over_parquet(tmp_path):
-    (x, _), _ = _write_cifar10_pickles(tmp_path)
+    (x, _), _ = write_cifar10_pickles(tmp_path)
     _write_cifar10_parquet(tmp_path)
     train, _ = load_dataset_splits("cifar10", data_dir=str(tmp_path), download=False, cache_dir=str(tmp_path / "c"))
     assert torch.equal(train.images, torch.from_numpy(x))
@@ -397,7 +397,7 @@ def test_download_then_read_pickles(tmp_path, monkeypatch):
 
     def fake_download(name, root):
 
-        expected["data"] = _write_cifar10_pickles(Path(root))
+        expected["data"] = write_cifar10_pickles(Path(root))
 
     monkeypatch.setattr(bench.data.cifar, "_torchvision_download", fake_download)
     train, test = load_dataset_splits("cifar10", data_dir=str(tmp_path), download=True, cache_dir=str(tmp_path / "c"))
@@ -496,13 +496,13 @@ def test_default_data_dir(tmp_path, downloads, monkeypatch):
     assert not (tmp_path / "data").exists()
     msg = _load_error("cifar10", None, download=True, cache_dir=str(tmp_path / "c"))
     assert downloads == [("torchvision", "cifar10", str(tmp_path / "data"))] and "CIFAR-10 not found" in msg
-    _write_cifar10_pickles(tmp_path / "data")  # another dataset in the shared default folder
+    write_cifar10_pickles(tmp_path / "data")  # another dataset in the shared default folder
     _load_error("cifar100", "", download=True, cache_dir=str(tmp_path / "c"))
     assert downloads[-1] == ("torchvision", "cifar100", str(tmp_path / "data"))
 
 
 def test_corrupt_pickle_is_named_not_downloaded_over(tmp_path, downloads):
-    _write_cifar10_pickles(tmp_path)
+    write_cifar10_pickles(tmp_path)
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
     batch.write_bytes(batch.read_bytes()[:100])
     msg = _load_error("cifar10", str(tmp_path), cache_dir=str(tmp_path / "c"))
@@ -512,7 +512,7 @@ def test_corrupt_pickle_is_named_not_downloaded_over(tmp_path, downloads):
 
 
 def test_incomplete_pickle_folder_is_not_downloaded_over(tmp_path, downloads):
-    _write_cifar10_pickles(tmp_path / "cifar10")
+    write_cifar10_pickles(tmp_path / "cifar10")
     (tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_3").unlink()
     (tmp_path / "cifar10" / "cifar-10-batches-py" / "test_batch").unlink()
     msg = _load_error("cifar10", str(tmp_path))

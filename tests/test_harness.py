@@ -197,3 +197,36 @@ def test_missing_dataset_is_one_clear_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert "CIFAR-10 not found" in err and str(tmp_path) in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_linear_schedule_warms_up_then_decays_to_zero():
+    from bench.config import RunConfig
+    from bench.loop.state import lr_lambda
+
+    factor = lr_lambda(RunConfig(epochs=4, warmup_epochs=1, schedule="linear"), steps_per_epoch=10)
+    assert [factor(s) for s in (0, 9)] == [0.1, 1.0]  # warm-up: (step + 1) / 10
+    assert [factor(s) for s in (10, 25, 40)] == [1.0, 0.5, 0.0]  # then linearly to 0 at the last step's end
+
+
+def test_test_flips_evaluate_on_the_mean_logits_of_each_image_and_its_mirror():
+    import torch
+    from accelerate import Accelerator
+    from torch import nn
+
+    from bench.data.augment import normalize
+    from bench.data.datasets import ImageDataset
+    from bench.loop.evaluation import evaluate
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (6, 1, 4, 4), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    data = ImageDataset(images, labels, num_classes=3, mean=(0.5,), std=(0.25,), name="t")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))  # not mirror-symmetric
+    plain = evaluate(model, data, images, labels, Accelerator(cpu=True))
+    flipped = evaluate(model, data, images, labels, Accelerator(cpu=True), flips=True)
+    x = normalize(images, data.mean, data.std)
+    with torch.no_grad():
+        logits = (model(x) + model(x.flip(-1))) / 2
+    expected = nn.functional.cross_entropy(logits, labels).item()
+    assert flipped["test_loss"] == pytest.approx(expected, rel=1e-6) and plain["test_loss"] != pytest.approx(expected)
+    assert flipped["test_acc"] == (logits.argmax(-1) == labels).float().mean().item()

@@ -167,6 +167,7 @@ def host_kept(opt) -> list[torch.Tensor]:
     base = getattr(opt, "base_optimizer", None) or opt
     return [s["step"] for s in base.state.values() if isinstance(s, dict) and isinstance(s.get("step"), torch.Tensor)]
 
+
 STEADY = [
     ("sgd", {}),
     ("adamw", {}),
@@ -211,7 +212,13 @@ def test_the_device_form_gives_the_host_form_bit_for_bit(name, settings):
 @pytest.mark.parametrize(
     "name, fail_on_pass",
     # ESAM's second loss is its selection pass, without a backward: its descent is the third
-    [("sgd", 1), ("adamw", 1), ("esam", 1), ("esam", 3), *((name, n) for name in ("sam", "gsam", "looksam", "vasso") for n in (1, 2))],
+    [
+        ("sgd", 1),
+        ("adamw", 1),
+        ("esam", 1),
+        ("esam", 3),
+        *((name, n) for name in ("sam", "gsam", "looksam", "vasso") for n in (1, 2)),
+    ],
 )
 def test_a_non_finite_step_undone_on_the_device_changes_nothing(name, fail_on_pass):
     """Two good steps, then one whose first or second pass is non-finite: no host read, its flag set, and
@@ -242,7 +249,7 @@ def test_a_non_finite_step_undone_on_the_device_changes_nothing(name, fail_on_pa
             continue
         for field, tensor in value.items() if isinstance(value, dict) else [(None, value)]:
             now = after["state"][key] if field is None else after["state"][key][field]
-            assert (torch.equal(now, tensor) if isinstance(tensor, torch.Tensor) else now == tensor), (key, field)
+            assert torch.equal(now, tensor) if isinstance(tensor, torch.Tensor) else now == tensor, (key, field)
     for key, value in state.get("base_state", {}).items():
         for field, tensor in value.items():
             assert torch.equal(after["base_state"][key][field], tensor), (key, field)
@@ -261,7 +268,9 @@ def _train(tmp_path, monkeypatch, on_device: bool, *argv):
     out = tmp_path / ("device" if on_device else "host")
     code = main(["--arch", "mlp", "--epochs", "2", "--batch_size", "64", "--cpu", "--output_dir", str(out), *argv])
     (run,) = [p.parent for p in out.rglob("summary.json")]
-    timeless = [{k: v for k, v in row.items() if "time" not in k and "per_s" not in k} for row in read_jsonl(run / "metrics.jsonl")]
+    timeless = [
+        {k: v for k, v in row.items() if "time" not in k and "per_s" not in k} for row in read_jsonl(run / "metrics.jsonl")
+    ]
     return code, read_json(run / "summary.json"), timeless
 
 

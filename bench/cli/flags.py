@@ -85,6 +85,7 @@ FLAGS: tuple[Flag, ...] = (
     _f("val_fold", "data", int, 0, "hold out the validation split's Nth block (k-fold: --val_fraction 1/k, N < k)"),
     _f("cutout", "data", "switch", help="cutout augmentation (in-memory datasets)"),
     _f("no_augment", "data", "switch", help="no crop, flip or cutout: train on the images as they are (in-memory datasets)"),
+    _f("test_flips", "data", "switch", help="evaluate on the mean logits of each image and its mirror image (test-time flips)"),
     _f(
         "image_size",
         "data",
@@ -131,7 +132,12 @@ FLAGS: tuple[Flag, ...] = (
     _f("nesterov", "optimizer", "switch"),
     _f("epochs", "training", int, 10),
     _f("batch_size", "training", int, 128, "the whole batch, over every process and micro-batch"),
-    _f("schedule", "training", default="cosine", help="cosine, step (x0.2 at 30/60/80%%) or constant"),
+    _f(
+        "schedule",
+        "training",
+        default="cosine",
+        help="cosine, step (x0.2 at 30/60/80%%), constant or linear (down to 0 after the warm-up)",
+    ),
     _f("warmup_epochs", "training", float, 0.0),
     _f("label_smoothing", "training", float, 0.0),
     _f(

@@ -164,7 +164,7 @@ def epoch_row(run: Run, sums: dict[str, Any], epoch_steps: int) -> dict[str, Any
     with evaluation_weights(run.optimizer):
         for split in run.splits:
             if split.name != "test" or test_due:
-                held_out.update(split.evaluate(run.model, run.accelerator))
+                held_out.update(split.evaluate(run.model, run.accelerator, flips=run.config.test_flips))
     logged = getattr(run.optimizer, "logged_values", dict)()
     return {
         "epoch": run.state.epoch + 1,

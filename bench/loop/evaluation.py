@@ -51,12 +51,14 @@ def evaluate_batches(
     prefix: str = "test",
     count: int | None = None,
     filler: torch.Tensor | None = None,
+    flips: bool = False,
 ) -> dict[str, float]:
     """``{prefix}_loss``, ``{prefix}_acc`` and ``{prefix}_ece`` (15 equal-width confidence bins) of a
     split of ``n`` samples, this process's share of which ``batches`` yields as (normalised images,
     labels) on ``device``; every process calls it once. A sharded model's forwards are collectives:
     the processes agree first on the most batches any of them has (``count``: this process's), and
-    one with fewer then runs ``filler`` (one normalised image) for the missing forwards."""
+    one with fewer then runs ``filler`` (one normalised image) for the missing forwards. With ``flips`` the
+    logits are the mean of the image's and its mirror image's (test-time augmentation)."""
     model = accelerator.unwrap_model(model)
     _same_buffers_everywhere(model, accelerator)
     model.eval()
@@ -71,12 +73,14 @@ def evaluate_batches(
         missing = int(most.item()) - count
     for x, y in batches:
         outputs = model(x).float()  # unwrap_model keeps the mixed-precision forward
+        if flips:
+            outputs = (outputs + model(x.flip(-1)).float()) / 2
         loss_sum += nn.functional.cross_entropy(outputs, y, reduction="sum")
         confidence, predicted = outputs.softmax(-1).max(-1)
         index = (confidence.nan_to_num(0.0) * ECE_BINS).long().clamp_(0, ECE_BINS - 1)
         for row, values in enumerate((torch.ones_like(confidence), confidence, (predicted == y).float())):
             bins[row].index_add_(0, index, values)
-    for _ in range(missing):
+    for _ in range(missing * (2 if flips else 1)):
         model(filler)
     totals = torch.cat([loss_sum.reshape(1), bins.reshape(-1)])
     if accelerator.num_processes > 1:
@@ -91,7 +95,13 @@ def evaluate_batches(
 
 
 def evaluate(
-    model: nn.Module, data: ImageDataset, images: torch.Tensor, labels: torch.Tensor, accelerator, prefix: str = "test"
+    model: nn.Module,
+    data: ImageDataset,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    accelerator,
+    prefix: str = "test",
+    flips: bool = False,
 ) -> dict[str, float]:
     """:func:`evaluate_batches` of a split held on the device, in batches of ``EVAL_BATCH`` for its device, process r
     taking batches r, r + world_size, ..."""
@@ -107,4 +117,5 @@ def evaluate(
         prefix,
         count=len(starts),
         filler=normalize(images[:1], data.mean, data.std),
+        flips=flips,
     )

@@ -18,7 +18,7 @@ from torch import nn
 from architectures import create_model
 from bench import environment
 from bench.config import ConfigError, RunConfig
-from bench.data.augment import Augmentation, default_augmentation
+from bench.data.augment import Augmentation, default_augmentation, normalize
 from bench.data.batches import (
     MemoryBatches,  # noqa: F401 (re-exported)
     TrainBatches,  # noqa: F401 (re-exported)
@@ -94,10 +94,19 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     return accelerator
 
 
+#: how many training images (the first of the training set, un-augmented) an architecture's data-set layer sees
+DATA_INIT_IMAGES = 5000
+
+
 def build_model_and_optimizer(config: RunConfig, accelerator: Accelerator, train_set, fsdp=None):
     """The model and the optimizer over its parameters; with an FSDP plugin the model is sharded first,
     so the optimizer holds the sharded parameters."""
     model = create_model(config.arch, num_classes=train_set.num_classes, in_channels=train_set.channels)
+    init_from_data = getattr(model, "init_from_data", None)  # a layer the architecture sets from the images
+    if init_from_data is not None:
+        if not isinstance(train_set, ImageDataset):
+            raise ConfigError(f"arch {config.arch} sets a layer from the training images: it needs a dataset held in memory")
+        init_from_data(normalize(train_set.images[:DATA_INIT_IMAGES], train_set.mean, train_set.std))
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.sync_bn and accelerator.num_processes > 1:
@@ -170,7 +179,9 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
         for group in optimizer.param_groups:
             if "capturable" in group:
                 group["capturable"] = True
-    snapshot = StepSnapshot(accelerator.unwrap_model(model)) if on_device or isinstance(optimizer, SharpnessAwareOptimizer) else None
+    snapshot = (
+        StepSnapshot(accelerator.unwrap_model(model)) if on_device or isinstance(optimizer, SharpnessAwareOptimizer) else None
+    )
     run = Run(
         config=config,
         accelerator=accelerator,

@@ -27,8 +27,8 @@ class Split:
     images: torch.Tensor
     labels: torch.Tensor
 
-    def evaluate(self, model: nn.Module, accelerator: Accelerator) -> dict[str, float]:
-        return evaluate(model, self.data, self.images, self.labels, accelerator, prefix=self.name)
+    def evaluate(self, model: nn.Module, accelerator: Accelerator, flips: bool = False) -> dict[str, float]:
+        return evaluate(model, self.data, self.images, self.labels, accelerator, prefix=self.name, flips=flips)
 
 
 @dataclass
@@ -42,11 +42,13 @@ class LoaderSplit:
     batch_size: int
     workers: int
 
-    def evaluate(self, model: nn.Module, accelerator) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, accelerator, flips: bool = False) -> dict[str, float]:
         device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
         plan = Plan(lambda: eval_plan(self.data.items(), self.batch_size, rank, world))
         loader = make_loader(plan, View(self.data.image_size, train=False), self.data.name, self.workers, device)
         batches = ((normalize(x.to(device), self.data.mean, self.data.std), y.to(device)) for x, y, _ in loader)
         count = len(range(rank, -(-len(self.data) // self.batch_size), world))
         filler = torch.zeros(1, 3, self.data.image_size, self.data.image_size, device=device)
-        return evaluate_batches(model, batches, len(self.data), accelerator, device, prefix=self.name, count=count, filler=filler)
+        return evaluate_batches(
+            model, batches, len(self.data), accelerator, device, prefix=self.name, count=count, filler=filler, flips=flips
+        )

@@ -127,6 +127,8 @@ def lr_lambda(config: RunConfig, steps_per_epoch: int):
             return (step + 1) / warmup
         if config.schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        if config.schedule == "linear":
+            return max(0.0, 1 - (step - warmup) / max(1, total - warmup))
         if config.schedule == "step":
             return config.step_factor ** sum(step >= m for m in milestones)
         return 1.0

@@ -36,6 +36,7 @@ from torch import nn
 
 from bench import environment
 from bench.config import ConfigError, RunConfig
+from bench.data.augment import normalize
 from bench.data.datasets import ImageDataset
 from bench.data.load import load_dataset_splits
 from bench.data.names import is_loader_dataset
@@ -45,6 +46,8 @@ from bench.loop.setup import setup
 from bench.resolve import resolve
 from bench.studies.dispatch import step_counts
 from bench.studies.recipes import load_recipe
+from bench.variant_flags import filled_by
+from optimizers import optimizer_class
 from optimizers.registry import REFERENCE
 
 
@@ -65,6 +68,36 @@ def synthetic_dataset(n: int, image_size: int, num_classes: int = 10, seed: int 
     images = torch.randint(0, 256, (n, 3, image_size, image_size), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, num_classes, (n,), generator=g)
     return ImageDataset(images, labels, num_classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "synthetic")
+
+
+def synthetic_batch(data: ImageDataset, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic dataset's images normalised as the loop normalises them, and its labels, on ``device``."""
+    return normalize(data.images, data.mean, data.std).to(device), data.labels.to(device)
+
+
+def harness_config(optimizer: str, arch: str, batch_size: int, device: str, output_dir: str, **fields) -> RunConfig:
+    """A resolved config for stepping ``optimizer`` on synthetic batches: one epoch, no checkpoint, this process's
+    threads, a variant's ``total_steps`` (where it declares one) set to ``fields.pop("total_steps", 1)``;
+    ``fields`` set any other RunConfig field."""
+    total_steps = fields.pop("total_steps", 1)
+    cls = optimizer_class(optimizer)
+    scheduled = any(filled_by(cls, s.name) == "total_steps" for s in getattr(cls, "settings", ()))
+    return resolve(
+        RunConfig(
+            **{
+                "arch": arch,
+                "optimizer": optimizer,
+                "batch_size": batch_size,
+                "epochs": 1,
+                "cpu": torch.device(device).type == "cpu",
+                "output_dir": output_dir,
+                "save_every_epochs": 0,
+                "threads": torch.get_num_threads(),
+                "hyperparameters": {"total_steps": total_steps} if scheduled else {},
+                **fields,
+            }
+        )
+    )
 
 
 def recipe_contenders(
@@ -190,25 +223,15 @@ def contenders(
         raise ValueError(f"perf --harness times mixed_precision no or bf16, got {mixed_precision!r}")
     dev = torch.device(device)
     data = synthetic_dataset(batch_size, image_size)
-    base = RunConfig(
-        arch=arch,
-        batch_size=batch_size,
-        epochs=1,
-        lr=0.01,
-        cpu=dev.type == "cpu",
-        output_dir=output_dir,
-        threads=torch.get_num_threads(),
-        compile_backend=compile_backend,
-        save_every_epochs=0,
-        mixed_precision=mixed_precision,
-    )
-    x = ((data.images.float() / 255 - 0.5) / 0.25).to(dev)
-    y = data.labels.to(dev)
-    found = [_bare(base, x, y, dev)]
+    fields = {"lr": 0.01, "compile_backend": compile_backend, "mixed_precision": mixed_precision}
+    x, y = synthetic_batch(data, dev)
+    found = [_bare(harness_config("sgd", arch, batch_size, device, output_dir, **fields), x, y, dev)]
     for name in optimizers:
         for compiled, channels_last in modes:
             flags = " ".join(f for f, on in (("--compile", compiled), ("--channels_last", channels_last)) if on)
-            config = resolve(dataclasses.replace(base, optimizer=name, compile=compiled, channels_last=channels_last))
+            config = harness_config(
+                name, arch, batch_size, device, output_dir, **fields, compile=compiled, channels_last=channels_last
+            )
             found.append(harness_contender(config, data, x, y, f"harness ({name}{', ' + flags if flags else ''})"))
     return found
 
