@@ -9,7 +9,7 @@ import copy
 import torch
 from torch import nn
 
-from optimizers.tensors import copy_into_kept, copy_tensors, local_tensor, select_where
+from optimizers.tensors import copy_groups, copy_into_kept, copy_tensors, local_tensor, select_where
 
 
 class StepSnapshot:
@@ -21,16 +21,36 @@ class StepSnapshot:
 
     def __init__(self, model: nn.Module):
         self.live = [local_tensor(t) for t in [*model.parameters(), *model.buffers()]]  # a shard, when sharded
-        self.saved: list[torch.Tensor] = []
-        self._buffers: list[torch.Tensor] = []  # one per tensor in the optimizer's state_dict
         self._state = None  # the state_dict's structure, its tensors replaced by their index in _buffers
+        self._kept: list[torch.Tensor] = []  # the copies: of ``live``, then of the state_dict's tensors
+        # what the copies were last taken from (held, so no other tensor can take their ids), and the fused
+        # copies that take them again while the optimizer's state holds the same tensors
+        self._sources: list[torch.Tensor] = []
+        self._ids: list[int] = []
+        self._plan: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+
+    @property
+    def saved(self) -> list[torch.Tensor]:
+        """The copies of the model's parameters and buffers."""
+        return self._kept[: len(self.live)]
+
+    @property
+    def _buffers(self) -> list[torch.Tensor]:
+        """The copies of the tensors of the optimizer's state_dict, by slot."""
+        return self._kept[len(self.live) :]
 
     @torch.no_grad()
     def save(self, optimizer) -> None:
-        self.saved = copy_into_kept(self.saved, self.live)
         tensors: list[torch.Tensor] = []
         self._state = _structure(optimizer.state_dict(), tensors)
-        self._buffers = copy_into_kept(self._buffers, tensors)
+        sources = [*self.live, *tensors]
+        ids = list(map(id, sources))
+        if ids == self._ids:  # the same tensors as last time: the same fused copies
+            for into, out_of in self._plan:
+                torch._foreach_copy_(into, out_of)
+            return
+        self._kept = copy_into_kept(self._kept, sources)
+        self._sources, self._ids, self._plan = sources, ids, copy_groups(self._kept, sources)
 
     @torch.no_grad()
     def undo_where(self, optimizer, flag: torch.Tensor) -> bool:
@@ -69,21 +89,26 @@ class _Slot(int):
     """Where a tensor stood in a saved structure: its index in the list of tensors saved with it."""
 
 
-_ATOMIC = (int, float, bool, str, bytes, type(None))
+_ATOMIC = frozenset((int, float, bool, str, bytes, type(None)))
 
 
 def _structure(value, tensors: list[torch.Tensor]):
     """A copy of ``value``'s containers (plain dicts, lists and tuples, as every optimizer's state_dict here
     holds), each tensor appended to ``tensors`` and replaced by its :class:`_Slot`, every other value
     copied whole (a later step may change it in place)."""
+    kind = type(value)
+    if kind in _ATOMIC:  # most leaves (a param group's settings, its parameters' indices): checked first
+        return value
+    if kind is dict:
+        return {key: _structure(item, tensors) for key, item in value.items()}
+    if kind is list or kind is tuple:
+        if all(type(item) in _ATOMIC for item in value):
+            return value[:]
+        return kind(_structure(item, tensors) for item in value)
     if isinstance(value, torch.Tensor):
         tensors.append(value)
         return _Slot(len(tensors) - 1)
-    if type(value) is dict:
-        return {key: _structure(item, tensors) for key, item in value.items()}
-    if type(value) in (list, tuple):
-        return type(value)(_structure(item, tensors) for item in value)
-    return value if type(value) in _ATOMIC else copy.deepcopy(value)
+    return copy.deepcopy(value)
 
 
 def _undoable(structure: dict, advancing: tuple[str, ...]) -> dict:

@@ -93,6 +93,13 @@ def global_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
 def copy_tensors(destinations: list[Tensor], sources: list[Tensor]) -> None:
     """``destinations[i].copy_(sources[i])`` for every i, one fused call per (device, dtype) pair;
     sharded tensors copy their local shards (both sides sharded alike)."""
+    for into, out_of in copy_groups(destinations, sources):
+        torch._foreach_copy_(into, out_of)
+
+
+def copy_groups(destinations: list[Tensor], sources: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
+    """The (destinations, sources) lists of :func:`copy_tensors`, one pair per fused call (made once, they can
+    be copied again while the tensors stay the same)."""
     groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
     for d, s in zip(destinations, sources):
         d, s = local_tensor(d), local_tensor(s)
@@ -101,8 +108,7 @@ def copy_tensors(destinations: list[Tensor], sources: list[Tensor]) -> None:
         into, out_of = groups.setdefault((d.device, d.dtype, s.device, s.dtype), ([], []))
         into.append(d)
         out_of.append(s)
-    for into, out_of in groups.values():
-        torch._foreach_copy_(into, out_of)
+    return list(groups.values())
 
 
 def copy_into_kept(kept: list[Tensor], tensors: list[Tensor]) -> list[Tensor]:
