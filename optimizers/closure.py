@@ -88,7 +88,7 @@ class BatchClosure:
 
     @property
     def batch_size(self) -> int:
-        return len(self.targets)
+        return self.targets.shape[0]
 
     def context(self, phase: str, last_micro_batch: bool = True):
         """Context a pass of ``phase`` runs in: ``no_sync()`` where its gradients stay on this process."""
@@ -110,13 +110,14 @@ class BatchClosure:
         inputs, targets = self.inputs, self.targets
         if subset is not None:
             inputs, targets = inputs[subset], targets[subset]
+        n = targets.shape[0]
         # Gradient accumulation: the pass's gradient is the mean over the whole (sub)batch,
         # built from micro-batches whose losses are weighted by their share of it.
         if self.accumulation_steps == 1:  # the whole (sub)batch: no split
-            micro = [(inputs, targets)] if len(targets) else []
+            micro = [(inputs, targets)] if n else []
         else:
             micro = list(zip(inputs.tensor_split(self.accumulation_steps), targets.tensor_split(self.accumulation_steps)))
-            micro = [(x, y) for x, y in micro if len(y)]
+            micro = [(x, y) for x, y in micro if y.shape[0]]
         if not backward:
             with torch.no_grad(), self.context("select"):
                 losses = torch.cat([self.loss_fn(self.model(x), y) for x, y in micro])
@@ -128,13 +129,15 @@ class BatchClosure:
             for p in self.params:
                 p.grad = None
         outputs, losses = [], []
-        for i, (x, y) in enumerate(micro):
-            with torch.enable_grad(), self.context(phase, last_micro_batch=i == len(micro) - 1):
-                out = self.model(x)
-                micro_losses = self.loss_fn(out, y)
-                self._backward(micro_losses.sum() / len(targets))
-            outputs.append(out.detach())
-            losses.append(micro_losses.detach())
+        grad_mode = contextlib.nullcontext() if torch.is_grad_enabled() else torch.enable_grad()
+        with grad_mode:
+            for i, (x, y) in enumerate(micro):
+                with self.context(phase, last_micro_batch=i == len(micro) - 1):
+                    out = self.model(x)
+                    micro_losses = self.loss_fn(out, y)
+                    self._backward(micro_losses.sum() / n)
+                outputs.append(out.detach())
+                losses.append(micro_losses.detach())
         if len(micro) > 1:  # one micro-batch: no copy
             outputs, losses = torch.cat(outputs), torch.cat(losses)
         else:
@@ -142,7 +145,7 @@ class BatchClosure:
         loss = losses.mean()
         self.after_backward(loss, phase)
         self.passes += 1
-        self.sample_passes += len(targets) / self.batch_size
+        self.sample_passes += n / self.batch_size
         self.observe(outputs, targets, losses, phase)
         return losses if per_sample else loss
 

@@ -171,7 +171,7 @@ def unscale_and_check(
     for grad in grads:
         groups[grad.device, grad.dtype].append(grad)
     if also_check is not None:
-        check = also_check.detach().reshape(1)
+        check = also_check.detach() if also_check.requires_grad else also_check
         if inv_scale == 1.0 and (check.device, check.dtype) in groups:  # checked with its gradients: x 1 leaves it
             groups[check.device, check.dtype].append(check)
         else:  # left unscaled

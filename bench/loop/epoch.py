@@ -74,6 +74,7 @@ def train_on(run: Run, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, sums
         totals=sums,
         max_grad_norm=None if isinstance(run.optimizer, SharpnessAwareOptimizer) else config.max_grad_norm,
         params=run.params,
+        plain_backward=run.plain_backward,
     )
     skipped = take_step(run.optimizer, closure, run.snapshot, on_device=run.skip_on_device)
     if run.regularizer is not None:  # every process, taken or skipped: it may gather across processes

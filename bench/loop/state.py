@@ -16,6 +16,7 @@ from torch import nn
 from bench.config import RunConfig
 from bench.data.batches import TrainBatches
 from bench.loop.precision import LossScaler
+from bench.loop.step import backward_is_plain
 from optimizers.snapshot import StepSnapshot
 
 if TYPE_CHECKING:
@@ -111,6 +112,11 @@ class Run:
     def params(self) -> list[torch.Tensor]:
         """The model's parameters, listed once (every step's closure zeroes and checks their gradients)."""
         return list(self.model.parameters())
+
+    @functools.cached_property
+    def plain_backward(self) -> bool:
+        """Whether a pass's backward is ``loss.backward()`` (see :func:`bench.loop.step.backward_is_plain`)."""
+        return backward_is_plain(self.accelerator, self.scaler)
 
     @property
     def device(self) -> torch.device:

@@ -46,6 +46,19 @@ def effective_ascent_sync(optimizer, requested: str) -> str:
     return requested if declared == "any" else declared
 
 
+def backward_is_plain(accelerator, scaler: LossScaler | None) -> bool:
+    """Whether what ``accelerator.backward`` does here (no DeepSpeed or Megatron, no scaler of its own, no
+    accumulation of its own) is ``loss.backward()`` after dividing the loss by 1: called directly, the same
+    gradients bit for bit, two operators fewer per pass."""
+    return (
+        scaler is None
+        and accelerator.scaler is None
+        and accelerator.gradient_accumulation_steps == 1
+        and accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+        and not accelerator.has_lomo_optimizer
+    )
+
+
 class TrainClosure(BatchClosure):
     """The harness's closure: DDP sync per pass, fp16 scaling, finiteness checks, training metrics.
 
@@ -75,6 +88,7 @@ class TrainClosure(BatchClosure):
         totals: dict[str, torch.Tensor] | None = None,
         max_grad_norm: float | None = None,
         params: list[torch.Tensor] | None = None,
+        plain_backward: bool | None = None,
     ):
         #: a plain torch optimizer's clipping, after its one pass (a variant clips its own descent gradient)
         self.max_grad_norm = max_grad_norm
@@ -97,16 +111,8 @@ class TrainClosure(BatchClosure):
             params=list(model.parameters()) if params is None else params,
         )
         self.accelerator, self.scaler = accelerator, scaler
-        # What accelerator.backward does here (no DeepSpeed or Megatron, no scaler of its own, no
-        # accumulation of its own) is loss.backward() after dividing the loss by 1: called directly, the
-        # same gradients bit for bit, two operators fewer per pass.
-        self._plain_backward = (
-            scaler is None
-            and accelerator.scaler is None
-            and accelerator.gradient_accumulation_steps == 1
-            and accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
-            and not accelerator.has_lomo_optimizer
-        )
+        # ``plain_backward``: the loop's answer of :func:`backward_is_plain`, kept across its steps
+        self._plain_backward = backward_is_plain(accelerator, scaler) if plain_backward is None else plain_backward
         #: The training metrics (sums over the samples counted) are added to ``totals`` (the loop's
         #: running sums on the device), else to fresh zeros of this step.
         if totals is None:
@@ -186,7 +192,7 @@ class TrainClosure(BatchClosure):
         if new is None:
             self.correct += hits.sum()
             self.loss_sum += losses.float().sum()
-            self.seen += len(targets)
+            self.seen += targets.shape[0]
         else:
             self.correct += (hits & new).sum()
             self.loss_sum += torch.where(new, losses.float(), 0.0).sum()
