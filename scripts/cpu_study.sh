@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CPU-scale study behind results/claims.md, on a 2-core machine: every run is single-threaded
-# and two run side by side (the fastest use of 2 cores; nothing else should run). Their tables
+# and two run side by side (the fastest use of 2 cores; nothing else should run), each lane's runs in one
+# Python process (scripts/run_commands.py: no interpreter start and torch import per run). Their tables
 # flag the time ratios as contended: results/perf_resnet8.md has the quiet ones.
 #   bash scripts/cpu_study.sh CIFAR10_DIR [STEP ...]     # CIFAR10_DIR e.g. ../shared/data/cifar10
 # Steps (default: the study, in this order, then the claims; about 2 h 45 min on 2 cores):
@@ -23,9 +24,13 @@ log=${STUDY_LOG:-runs/cpu_study.log}
 mkdir -p "$(dirname "$log")"
 start=$(date +%s)
 
-in_pairs() {  # run the printed commands two at a time, one thread each (each run's own lines go to the log)
-  sed -e 's/^accelerate launch /python /' -e 's/$/ --threads 1/' |
-    xargs -P 2 -I{} sh -c '{} >>"$0" 2>&1' "$log" || echo "some runs failed; see $log (the tables name them)"
+in_pairs() {  # the printed commands in two processes side by side, alternate lines, one thread each (the runs' lines go to the log)
+  cmds=$(cat)
+  for lane in 0 1; do
+    printf '%s\n' "$cmds" | awk -v lane=$lane 'NR % 2 == lane' |
+      python scripts/run_commands.py --threads 1 >>"$log" 2>&1 &
+  done
+  wait -n && wait -n || echo "some runs failed; see $log (the tables name them)"
   echo "[$(( ($(date +%s) - start) / 60 )) min] $1 done"
 }
 

@@ -132,6 +132,32 @@ def table_without_timing(path: Path) -> pd.DataFrame:
     return table.drop(columns=[c for c in table.columns if "time" in c or "images/s" in c or c in ("contended", "imprecise")])
 
 
+def test_printed_commands_run_in_one_process_give_the_sequential_sweeps_table(tmp_path, capsys):
+    """scripts/run_commands.py (the CPU study's lanes) runs the printed command lines in one process: the same
+    runs, the same table as a sequential sweep; a line that is not a launch.py command is refused whole."""
+    recipe = tiny_recipe(tmp_path)
+    assert (
+        main(["sweep", str(recipe), "--output_dir", str(tmp_path / "seq"), "--results_dir", str(tmp_path / "seq_results")]) == 0
+    )
+    capsys.readouterr()
+    assert main(["sweep", str(recipe), "--output_dir", str(tmp_path / "lanes"), "--print_commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4
+    script = [sys.executable, str(ROOT / "scripts" / "run_commands.py"), "--threads", "1"]
+    for lane in (lines[0::2], lines[1::2]):
+        done = subprocess.run(script, input="\n".join(lane), capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "2 of 2 runs done" in done.stdout
+    assert (
+        main(["sweep", str(recipe), "--output_dir", str(tmp_path / "lanes"), "--results_dir", str(tmp_path / "lanes_results")])
+        == 0
+    )
+    seq, lanes = (table_without_timing(tmp_path / d / "tiny.csv") for d in ("seq_results", "lanes_results"))
+    pd.testing.assert_frame_equal(seq, lanes)
+    refused = subprocess.run(script, input="rm -rf /\n", capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert refused.returncode == 2 and "not a launch.py command line" in refused.stderr
+
+
 def test_a_sweep_skips_finished_runs_and_an_interrupted_one_gives_the_same_table(tmp_path, capsys):
     recipe = tiny_recipe(tmp_path)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
