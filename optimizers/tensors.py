@@ -126,16 +126,11 @@ def copy_into_kept(kept: list[Tensor], tensors: list[Tensor]) -> list[Tensor]:
 
 def select_where(destinations: list[Tensor], sources: list[Tensor], flag: Tensor) -> None:
     """``destinations[i]`` becomes ``sources[i]`` where the 0-dim ``flag`` is nonzero and stays bit for bit
-    as it is where it is zero, decided on the device: no host read. Per (device, dtype): one select over the
-    concatenated tensors and one fused copy back; sharded tensors select their local shards."""
-    groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
-    for d, s in zip(destinations, sources):
-        d, s = local_tensor(d), local_tensor(s)
-        into, out_of = groups.setdefault((d.device, d.dtype), ([], []))
-        into.append(d)
-        out_of.append(s)
+    as it is where it is zero, decided on the device: no host read. Per group of :func:`copy_groups`: one
+    select over the concatenated tensors and one fused copy back; sharded tensors select their local shards."""
     conditions: dict[torch.device, Tensor] = {}
-    for (device, _), (into, out_of) in groups.items():
+    for into, out_of in copy_groups(destinations, sources):
+        device = into[0].device
         if device not in conditions:
             conditions[device] = flag.to(device) != 0
         chosen = torch.where(
