@@ -74,13 +74,16 @@ class BatchClosure:
         self.no_sync, self.ascent_sync = no_sync, ascent_sync
         self.model = model
         self.loss_fn = loss_fn
-        self.inputs = inputs
-        self.targets = targets
         self.accumulation_steps = accumulation_steps
         self._backward = backward or Tensor.backward
         #: the model's parameters, where the caller keeps the list (each pass zeroes their gradients
         #: without walking the model's modules); None: ``model.zero_grad``
         self.params = params
+        self.next_batch(inputs, targets)
+
+    def next_batch(self, inputs: Tensor, targets: Tensor) -> None:
+        """Make this closure one over another batch, nothing run yet (a loop may keep one closure for all its steps)."""
+        self.inputs, self.targets = inputs, targets
         self.passes = 0
         self.sample_passes = 0.0
         self.outputs: Tensor | None = None
@@ -128,21 +131,27 @@ class BatchClosure:
         else:
             for p in self.params:
                 p.grad = None
-        outputs, losses = [], []
         grad_mode = contextlib.nullcontext() if torch.is_grad_enabled() else torch.enable_grad()
-        with grad_mode:
-            for i, (x, y) in enumerate(micro):
-                with self.context(phase, last_micro_batch=i == len(micro) - 1):
-                    out = self.model(x)
-                    micro_losses = self.loss_fn(out, y)
-                    self._backward(micro_losses.sum() / n)
-                outputs.append(out.detach())
-                losses.append(micro_losses.detach())
-        if len(micro) > 1:  # one micro-batch: no copy
-            outputs, losses = torch.cat(outputs), torch.cat(losses)
+        if len(micro) == 1:  # the whole (sub)batch at once: its mean loss is the pass's
+            ((x, y),) = micro
+            with grad_mode, self.context(phase):
+                outputs = self.model(x)
+                losses = self.loss_fn(outputs, y)
+                loss = losses.mean()
+                self._backward(loss)
+            outputs, losses, loss = outputs.detach(), losses.detach(), loss.detach()
         else:
-            outputs, losses = outputs[0], losses[0]
-        loss = losses.mean()
+            outputs, losses = [], []
+            with grad_mode:
+                for i, (x, y) in enumerate(micro):
+                    with self.context(phase, last_micro_batch=i == len(micro) - 1):
+                        out = self.model(x)
+                        micro_losses = self.loss_fn(out, y)
+                        self._backward(micro_losses.sum() / n)
+                    outputs.append(out.detach())
+                    losses.append(micro_losses.detach())
+            outputs, losses = torch.cat(outputs), torch.cat(losses)
+            loss = losses.mean()
         self.after_backward(loss, phase)
         self.passes += 1
         self.sample_passes += n / self.batch_size

@@ -5,6 +5,7 @@ non-finite at its end can be undone: the model's parameters and buffers and the 
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 from torch import nn
@@ -26,7 +27,6 @@ class StepSnapshot:
         # what the copies were last taken from (held, so no other tensor can take their ids), and the fused
         # copies that take them again while the optimizer's state holds the same tensors
         self._sources: list[torch.Tensor] = []
-        self._ids: list[int] = []
         self._plan: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
 
     @property
@@ -44,13 +44,13 @@ class StepSnapshot:
         tensors: list[torch.Tensor] = []
         self._state = _structure(optimizer.state_dict(), tensors)
         sources = [*self.live, *tensors]
-        ids = list(map(id, sources))
-        if ids == self._ids:  # the same tensors as last time: the same fused copies
+        if len(sources) == len(self._sources) and all(map(operator.is_, sources, self._sources)):
+            # the same tensors as last time: the same fused copies
             for into, out_of in self._plan:
                 torch._foreach_copy_(into, out_of)
             return
         self._kept = copy_into_kept(self._kept, sources)
-        self._sources, self._ids, self._plan = sources, ids, copy_groups(self._kept, sources)
+        self._sources, self._plan = sources, copy_groups(self._kept, sources)
 
     @torch.no_grad()
     def undo_where(self, optimizer, flag: torch.Tensor) -> bool:

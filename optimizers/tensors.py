@@ -157,27 +157,47 @@ def unscale_and_check(
     nonzero if any gradient (or ``also_check``, left unscaled) holds an inf or a NaN: ``found`` when
     given (the flag is set in it, never cleared, so one tensor gathers a whole step), else a new one on
     the first gradient's device. One fused kernel per (device, dtype); no host synchronisation."""
-    grads = [local_tensor(p.grad) for p in params if p.grad is not None]  # a sharded gradient: this process's shard
-    if found is None:
-        device = grads[0].device if grads else (also_check.device if also_check is not None else torch.device("cpu"))
-        found = torch.zeros((), device=device)
-    # one fused kernel per (device, dtype) of the gradients, as GradScaler groups them
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-    for grad in grads:
-        groups[grad.device, grad.dtype].append(grad)
-    if also_check is not None:
-        check = also_check.detach() if also_check.requires_grad else also_check
-        if inv_scale == 1.0 and (check.device, check.dtype) in groups:  # checked with its gradients: x 1 leaves it
-            groups[check.device, check.dtype].append(check)
-        else:  # left unscaled
-            torch._amp_foreach_non_finite_check_and_unscale_([check], found, _one(found.device))
-    for (grad_device, _), same_group in groups.items():
-        flag = found if grad_device == found.device else torch.zeros((), device=grad_device)
-        scale = _one(grad_device) if inv_scale == 1.0 else torch.full((), inv_scale, device=grad_device)
-        torch._amp_foreach_non_finite_check_and_unscale_(same_group, flag, scale)
-        if flag is not found:
-            found += flag.to(found.device)
-    return found
+    return GradientCheck(params)(inv_scale, found, also_check)
+
+
+class GradientCheck:
+    """:func:`unscale_and_check` for one list of parameters, kept by a loop that checks them every pass: their
+    grouping by (device, dtype), the grouping of their gradients (a gradient has its parameter's device and
+    dtype), is worked out once."""
+
+    def __init__(self, params: list[Tensor]):
+        groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+        for p in params:
+            groups[local_tensor(p).device, p.dtype].append(p)
+        #: (device, dtype, whether any is sharded, the parameters) per group
+        self.groups = [(device, dtype, any(map(is_sharded, ps)), ps) for (device, dtype), ps in groups.items()]
+
+    def __call__(self, inv_scale: float = 1.0, found: Tensor | None = None, also_check: Tensor | None = None) -> Tensor:
+        grads = []  # (device, dtype, gradients) of each group that has any
+        for device, dtype, sharded, ps in self.groups:
+            same = [p.grad for p in ps if p.grad is not None]
+            if same:
+                grads.append((device, dtype, [local_tensor(g) for g in same] if sharded else same))
+        if found is None:
+            device = grads[0][0] if grads else (also_check.device if also_check is not None else torch.device("cpu"))
+            found = torch.zeros((), device=device)
+        found_device = found.device
+        if also_check is not None:
+            check = also_check.detach() if also_check.requires_grad else also_check
+            where = (check.device, check.dtype)
+            for device, dtype, same in grads if inv_scale == 1.0 else ():
+                if (device, dtype) == where:  # checked with its gradients: x 1 leaves it
+                    same.append(check)
+                    break
+            else:  # left unscaled
+                torch._amp_foreach_non_finite_check_and_unscale_([check], found, _one(found_device))
+        for device, _, same in grads:
+            flag = found if device == found_device else torch.zeros((), device=device)
+            scale = _one(device) if inv_scale == 1.0 else torch.full((), inv_scale, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(same, flag, scale)
+            if flag is not found:
+                found += flag.to(found_device)
+        return found
 
 
 _ONES: dict[torch.device, Tensor] = {}

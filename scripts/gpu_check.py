@@ -26,8 +26,8 @@ are shown, not judged. The test suite runs it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +36,6 @@ import traceback
 import warnings
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +47,7 @@ from bench.loop.epoch import (
     train_on,  # noqa: E402
 )
 from bench.loop.setup import setup  # noqa: E402
+from bench.report import records  # noqa: E402
 from bench.studies.dispatch import counted  # noqa: E402
 from bench.studies.perf_harness import (  # noqa: E402
     contenders,
@@ -120,16 +120,18 @@ def check_variant(name: str, precision: str, arch: str, batch: int, steps: int, 
         inject = precision == "fp16" and i == 1
         if inject:
             clean_loss_fn, run.loss_fn = run.loss_fn, _overflowing(run.loss_fn, 1)
+            run.closure = None  # the step's closure is built again, around the overflowing loss
             before = [p.detach().clone() for p in run.optimizer.param_groups[0]["params"]]
             scale = run.scaler.scale
         skipped = train_on(run, xs, ys, torch.arange(batch, device=run.device), sums)
         if inject:
-            run.loss_fn = clean_loss_fn
+            run.loss_fn, run.closure = clean_loss_fn, None
             untouched = all(torch.equal(a, p) for a, p in zip(before, run.optimizer.param_groups[0]["params"]))
             skipped_ok = skipped and untouched
             scale_halved = run.scaler.scale == scale / 2
             continue
-        losses.append((sums["loss_sum"] / sums["seen"].clamp(min=1)).item())
+        _, loss_sum, seen = sums.metrics()
+        losses.append((loss_sum / seen.clamp(min=1)).item())
     return {
         "optimizer": name,
         "precision": precision,
@@ -319,18 +321,18 @@ def section_study(report: Report, plan: dict, data_dir: str | None, results: Pat
             report.add(f"failed (exit {done.returncode}): `{(done.stderr or done.stdout).strip().splitlines()[-1]}`", "")
             return
     runs_file = results / f"{recipe}_runs.csv"
-    frame = pd.read_csv(runs_file)
-    epochs = frame.settings.map(lambda text: json.loads(text)["epochs"])
-    sgd = frame[(frame.optimizer == "sgd") & (epochs == epochs.min())]  # SGD at the recipe's epochs
+    runs = records.read(runs_file)
+    fewest = min(r["settings"]["epochs"] for r in runs)
+    sgd = [r for r in runs if r["optimizer"] == "sgd" and r["settings"]["epochs"] == fewest]  # at the recipe's epochs
     measured["study_minutes"] = minutes
-    measured["study_sgd_acc"] = 100 * float(sgd.final_test_acc.mean())
+    measured["study_sgd_acc"] = 100 * statistics.mean(r["final_test_acc"] for r in sgd)
     claims = results / "claims_gpu_minutes.md"
     subprocess.run(
         [sys.executable, str(ROOT / "launch.py"), "claims", f"{recipe}={runs_file}", "--out", str(claims)],
         cwd=ROOT, capture_output=True, check=False,
     )  # fmt: skip
     report.add(
-        f"{len(frame)} runs in {minutes:.1f} min; SGD at {measured['study_sgd_acc']:.2f}% mean test accuracy over "
+        f"{len(runs)} runs in {minutes:.1f} min; SGD at {measured['study_sgd_acc']:.2f}% mean test accuracy over "
         f"{len(sgd)} seeds. Tables: `{(results / recipe).name}.md` and `{runs_file.name}`; claims: `{claims.name}`.",
         "",
     )

@@ -248,7 +248,8 @@ def test_the_closure_hands_each_pass_its_ids_and_inputs():
     assert torch.equal(torch.cat([c[1] for c in reg.calls]), x[subset]) and {c[2] for c in reg.calls} == {4}
     task = F.cross_entropy(model(x[subset]), y[subset])
     torch.testing.assert_close(loss, task + 1.0)  # the step trains on the regularised loss
-    torch.testing.assert_close(closure.loss_sum / closure.seen, task.detach())  # the metrics keep the task loss
+    _, loss_sum, seen = closure.sums.metrics()
+    torch.testing.assert_close(loss_sum / seen, task.detach())  # the metrics keep the task loss
     assert not take_step(with_loss_term(create_optimizer("saf", model, lr=0.1), model, num_train=10), closure)
 
 

@@ -16,8 +16,9 @@ from bench.data.batches import (
 )
 from bench.io import write_jsonl
 from bench.loop.checkpoint import save_checkpoint
-from bench.loop.state import Run
+from bench.loop.state import Run, TrainState
 from bench.loop.step import TrainClosure, evaluation_weights, take_step
+from bench.loop.sums import EpochSums
 from optimizers import SharpnessAwareOptimizer
 
 
@@ -28,29 +29,19 @@ def finite_or_none(value: float) -> float | None:
 # -- one epoch ---------------------------------------------------------------------------------
 
 
-def epoch_sums(run: Run) -> dict[str, Any]:
-    """The running sums of the current epoch (fresh ones at its start): metrics on the device, counts on the host."""
-    sums = run.state.epoch_sums or {"correct": 0.0, "loss_sum": 0.0, "seen": 0, "passes": 0, "sample_passes": 0.0, "time": 0.0}
-    return {
-        **sums,
-        "correct": torch.tensor(sums["correct"], device=run.device),
-        "loss_sum": torch.tensor(sums["loss_sum"], device=run.device),
-        "seen": torch.tensor(sums["seen"], device=run.device),
-    }
+def epoch_sums(run: Run) -> EpochSums:
+    """The running sums of the current epoch: those a checkpoint saved mid-epoch, else fresh ones."""
+    return EpochSums(run.device, run.state.epoch_sums)
 
 
-def _host_sums(sums: dict[str, Any]) -> dict[str, Any]:
-    return {**sums, "correct": sums["correct"].item(), "loss_sum": sums["loss_sum"].item(), "seen": int(sums["seen"].item())}
-
-
-def one_step(run: Run, i: int, sums: dict[str, Any]) -> bool | torch.Tensor:
+def one_step(run: Run, i: int, sums: EpochSums) -> bool | torch.Tensor:
     """Train on step ``i`` of the epoch; returns whether the step was skipped (see
     :func:`bench.loop.step.take_step`: a bool, or a flag on the device)."""
     x, y, ids = run.batches.batch(run.state.epoch, i)
     return train_on(run, x, y, ids, sums)
 
 
-def train_on(run: Run, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, sums: dict[str, Any]) -> bool | torch.Tensor:
+def train_on(run: Run, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, sums: EpochSums) -> bool | torch.Tensor:
     """One optimizer step on a whole (global) batch, of which this process trains its shard."""
     config, world, rank = run.config, run.accelerator.num_processes, run.accelerator.process_index
     if config.channels_last and x.dim() == 4:
@@ -59,31 +50,35 @@ def train_on(run: Run, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, sums
         local_batch = config.batch_size // world
         shard = slice(rank * local_batch, (rank + 1) * local_batch)
         x, y, ids = x[shard], y[shard], ids[shard]
-    closure = TrainClosure(
-        run.model,
-        run.loss_fn,
-        x,
-        y,
-        accelerator=run.accelerator,
-        ascent_sync=run.ascent_sync,
-        scaler=run.scaler,
-        accumulation_steps=config.grad_accum_steps,
-        sample_ids=ids,
-        regularizer=run.regularizer,
-        epoch=run.state.epoch,
-        totals=sums,
-        max_grad_norm=None if isinstance(run.optimizer, SharpnessAwareOptimizer) else config.max_grad_norm,
-        params=run.params,
-        plain_backward=run.plain_backward,
-    )
+    closure = run.closure
+    if closure is None:  # the run's first step: one closure serves every step
+        closure = run.closure = TrainClosure(
+            run.model,
+            run.loss_fn,
+            x,
+            y,
+            accelerator=run.accelerator,
+            ascent_sync=run.ascent_sync,
+            scaler=run.scaler,
+            accumulation_steps=config.grad_accum_steps,
+            sample_ids=ids,
+            regularizer=run.regularizer,
+            epoch=run.state.epoch,
+            sums=sums,
+            max_grad_norm=None if isinstance(run.optimizer, SharpnessAwareOptimizer) else config.max_grad_norm,
+            params=run.params,
+            plain_backward=run.plain_backward,
+        )
+    else:
+        closure.next_batch(x, y, ids, run.state.epoch, sums)
     skipped = take_step(run.optimizer, closure, run.snapshot, on_device=run.skip_on_device)
     if run.regularizer is not None:  # every process, taken or skipped: it may gather across processes
         run.regularizer.after_step(run.accelerator.unwrap_model(run.model), skipped=skipped)
     if run.scaler is not None:
         run.scaler.update(skipped=skipped)
     run.scheduler.step()
-    sums["passes"] += closure.passes  # the metrics went to sums["correct"], ... on the device
-    sums["sample_passes"] += closure.sample_passes
+    sums.passes += closure.passes  # the metrics went to sums on the device
+    sums.sample_passes += closure.sample_passes
     return skipped
 
 
@@ -94,13 +89,19 @@ def run_epoch(run: Run) -> tuple[dict[str, Any], int]:
     lap = time.perf_counter()
     pending: list[bool | torch.Tensor] = []  # skip flags the host has not counted yet
     for i in range(state.step_in_epoch, run.steps_per_epoch):
-        pending.append(one_step(run, i, sums))
+        skipped = one_step(run, i, sums)
         state.step, state.step_in_epoch = state.step + 1, i + 1
         if run.task is not None:
             run.progress.advance(run.task)
-        # a flag on the device is read with others, once per max_consecutive_skips steps (or sooner, below)
-        if not isinstance(pending[-1], torch.Tensor) or len(pending) >= config.max_consecutive_skips:
+        if isinstance(skipped, torch.Tensor):  # read with others, once per max_consecutive_skips steps (or sooner)
+            pending.append(skipped)
+            if len(pending) >= config.max_consecutive_skips:
+                count_skips(run, pending)
+        elif pending:  # decided on the host, after flags not read yet: counted in order
+            pending.append(skipped)
             count_skips(run, pending)
+        else:  # decided on the host
+            _count_skip(state, skipped, config.max_consecutive_skips)
         if state.status == "running" and config.max_steps is not None and state.step >= config.max_steps:
             state.status = "stopped_early"
         if state.status != "running" or state.step_in_epoch == run.steps_per_epoch:
@@ -109,15 +110,15 @@ def run_epoch(run: Run) -> tuple[dict[str, Any], int]:
             count_skips(run, pending)
             if state.status != "running":
                 break
-            sums["time"] += time.perf_counter() - lap
+            sums.time += time.perf_counter() - lap
             lap = time.perf_counter()
-            state.epoch_sums = _host_sums(sums)
+            state.epoch_sums = sums.to_host()
             checkpoint(run)
     count_skips(run, pending)
-    sums["time"] += time.perf_counter() - lap
+    sums.time += time.perf_counter() - lap
     if state.status != "running":
         run.batches.close()
-    return _host_sums(sums), state.step_in_epoch
+    return sums.to_host(), state.step_in_epoch
 
 
 def count_skips(run: Run, pending: list[bool | torch.Tensor]) -> None:
@@ -126,16 +127,18 @@ def count_skips(run: Run, pending: list[bool | torch.Tensor]) -> None:
     the run diverged. Flags read late find a divergence late: the steps after it ran too (skipped, or
     taken where the run recovered), and it is marked diverged all the same, as a run whose steps decide
     on the host would have stopped there."""
-    state, limit = run.state, run.config.max_consecutive_skips
     on_device = [flag for flag in pending if isinstance(flag, torch.Tensor)]
     read = iter(torch.stack(on_device).ne(0).tolist() if on_device else ())
     for flag in pending:
-        skipped = next(read) if isinstance(flag, torch.Tensor) else flag
-        state.skipped += skipped
-        state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
-        if state.consecutive_skips >= limit and state.status == "running":
-            state.status = "diverged"
+        _count_skip(run.state, next(read) if isinstance(flag, torch.Tensor) else flag, run.config.max_consecutive_skips)
     pending.clear()
+
+
+def _count_skip(state: TrainState, skipped: bool, limit: int) -> None:
+    state.skipped += skipped
+    state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
+    if state.consecutive_skips >= limit and state.status == "running":
+        state.status = "diverged"
 
 
 def checkpoint(run: Run) -> None:

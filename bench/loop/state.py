@@ -105,6 +105,8 @@ class Run:
     segment_start: tuple[float, float] = (0.0, 0.0)
     load_at_end: float | None = None
     notes: list[str] = field(default_factory=list)
+    #: the step's closure (bench.loop.step.TrainClosure), built at the first step and given each later step's batch
+    closure: Any = None
     #: what a checkpoint holds besides the model and the random generators, by name (each has state_dict/load_state_dict)
     checkpointed: dict[str, Any] = field(default_factory=dict)
 

@@ -33,9 +33,10 @@ import torch
 from accelerate.utils import DistributedType
 
 from bench.loop.precision import LossScaler, NonFiniteGradient
+from bench.loop.sums import EpochSums
 from optimizers import BatchClosure, SharpnessAwareOptimizer
 from optimizers.snapshot import StepSnapshot
-from optimizers.tensors import unscale_and_check
+from optimizers.tensors import GradientCheck
 
 
 def effective_ascent_sync(optimizer, requested: str) -> str:
@@ -85,14 +86,14 @@ class TrainClosure(BatchClosure):
         sample_ids=None,
         regularizer=None,
         epoch: int = 0,
-        totals: dict[str, torch.Tensor] | None = None,
+        sums: EpochSums | None = None,
         max_grad_norm: float | None = None,
         params: list[torch.Tensor] | None = None,
         plain_backward: bool | None = None,
     ):
         #: a plain torch optimizer's clipping, after its one pass (a variant clips its own descent gradient)
         self.max_grad_norm = max_grad_norm
-        self.task_loss, self.sample_ids, self.regularizer, self.epoch = loss_fn, sample_ids, regularizer, epoch
+        self.task_loss, self.regularizer = loss_fn, regularizer
         if regularizer is not None:
             loss_fn = self._regularised_loss
         no_sync = (lambda: accelerator.no_sync(model)) if accelerator.num_processes > 1 else None
@@ -111,16 +112,21 @@ class TrainClosure(BatchClosure):
             params=list(model.parameters()) if params is None else params,
         )
         self.accelerator, self.scaler = accelerator, scaler
+        self._check = GradientCheck(self.params)  # each pass's gradients: unscaled and checked
         # ``plain_backward``: the loop's answer of :func:`backward_is_plain`, kept across its steps
         self._plain_backward = backward_is_plain(accelerator, scaler) if plain_backward is None else plain_backward
-        #: The training metrics (sums over the samples counted) are added to ``totals`` (the loop's
-        #: running sums on the device), else to fresh zeros of this step.
-        if totals is None:
-            totals = {
-                key: torch.zeros((), dtype=dtype, device=inputs.device)
-                for key, dtype in (("correct", torch.float32), ("loss_sum", torch.float32), ("seen", torch.long))
-            }
-        self.correct, self.loss_sum, self.seen = totals["correct"], totals["loss_sum"], totals["seen"]
+        self._start(inputs, targets, sample_ids, epoch, sums)
+
+    def next_batch(self, inputs, targets, sample_ids=None, epoch: int = 0, sums: EpochSums | None = None) -> None:
+        """Make this closure the next step's: its batch, its epoch, the sums its metrics go to."""
+        super().next_batch(inputs, targets)
+        self._start(inputs, targets, sample_ids, epoch, sums)
+
+    def _start(self, inputs, targets, sample_ids, epoch: int, sums: EpochSums | None) -> None:
+        self.sample_ids, self.epoch = sample_ids, epoch
+        #: The training metrics of the samples counted go to ``sums`` (the loop's running sums of the
+        #: epoch), else to fresh sums of this step.
+        self.sums = EpochSums(inputs.device) if sums is None else sums
         self._counted = None  # which samples have been counted, once a pass runs on part of the batch
         self._subset = None
         #: Passes flag a non-finite loss or gradient here; with ``defer_check`` (set by take_step for
@@ -156,7 +162,7 @@ class TrainClosure(BatchClosure):
 
     def after_backward(self, loss, phase):
         inv_scale = 1.0 / self.scaler.scale if self.scaler is not None else 1.0
-        unscale_and_check(self.params, inv_scale, found=self.bad, also_check=loss)
+        self._check(inv_scale, found=self.bad, also_check=loss)
         if not self.defer_check and self.nonfinite():
             raise NonFiniteGradient(f"non-finite loss or gradient in a {phase} pass")
         if self.max_grad_norm is not None:  # a plain optimizer's one pass (a variant clips its own descent)
@@ -188,15 +194,10 @@ class TrainClosure(BatchClosure):
             self._counted[index] = True
         if self.regularizer is not None:  # the metrics report the task loss alone
             losses = self.task_loss(outputs.to(torch.promote_types(outputs.dtype, torch.float32)), targets)
-        hits = outputs.argmax(-1) == targets
         if new is None:
-            self.correct += hits.sum()
-            self.loss_sum += losses.float().sum()
-            self.seen += targets.shape[0]
+            self.sums.count_batch(outputs, targets, losses)
         else:
-            self.correct += (hits & new).sum()
-            self.loss_sum += torch.where(new, losses.float(), 0.0).sum()
-            self.seen += new.sum()
+            self.sums.count_new(outputs, targets, losses, new)
 
 
 def evaluation_weights(optimizer):

@@ -153,10 +153,10 @@ class LoopStep:
         self.taken += 1
 
     def restart_count(self) -> None:
-        self.sums["passes"], self.counted_from = 0, self.taken
+        self.sums.passes, self.counted_from = 0, self.taken
 
     def passes(self) -> float:
-        return self.sums["passes"] / max(1, self.taken - self.counted_from)
+        return self.sums.passes / max(1, self.taken - self.counted_from)
 
 
 def _bare(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Contender:
@@ -192,7 +192,7 @@ def harness_contender(config: RunConfig, data: ImageDataset, x, y, label: str) -
     before = [0]
 
     def step():
-        before[0] = sums["passes"]
+        before[0] = sums.passes
         train_on(run, x, y, ids, sums)
 
     def forward_backward():
@@ -201,7 +201,7 @@ def harness_contender(config: RunConfig, data: ImageDataset, x, y, label: str) -
         loss.backward()
         run.model.zero_grad(set_to_none=True)
 
-    return Contender(label, step, forward_backward=forward_backward, last_passes=lambda: sums["passes"] - before[0])
+    return Contender(label, step, forward_backward=forward_backward, last_passes=lambda: sums.passes - before[0])
 
 
 #: (--compile, --channels_last) combinations timed for each optimizer.

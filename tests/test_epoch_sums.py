@@ -1,0 +1,93 @@
+"""The epoch's running sums (bench.loop.sums): the numbers of per-step sums, with fewer operators per step.
+
+Correct predictions counted in bulk equal the per-step count; the loss sum is the float32 sum in step
+order, bit for bit; a checkpoint taken with predictions still waiting resumes to the same sums; one
+closure kept across a run's steps trains as a fresh closure per step does.
+"""
+
+import tempfile
+
+import pytest
+import torch
+
+from bench.loop.epoch import train_on
+from bench.loop.setup import setup
+from bench.loop.sums import COUNT_EVERY, EpochSums
+from bench.studies.dispatch import counted
+from bench.studies.perf_harness import harness_config, synthetic_batch, synthetic_dataset
+
+
+def batches(steps: int, batch: int = 16, classes: int = 10, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        outputs = torch.randn(batch, classes, generator=g)
+        targets = torch.randint(0, classes, (batch,), generator=g)
+        losses = torch.rand(batch, generator=g) * 3
+        new = torch.rand(batch, generator=g) < 0.5
+        yield outputs, targets, losses, new
+
+
+def per_step(steps: int, partial_every: int = 0):
+    """What one add per step and per sum gives (the loop's former counting)."""
+    correct, loss_sum, seen = torch.zeros(()), torch.zeros(()), 0
+    for i, (outputs, targets, losses, new) in enumerate(batches(steps)):
+        mask = new if partial_every and i % partial_every == 0 else torch.ones_like(new)
+        correct += ((outputs.argmax(-1) == targets) & mask).sum()
+        loss_sum += torch.where(mask, losses, 0.0).sum() if partial_every and i % partial_every == 0 else losses.sum()
+        seen += int(mask.sum())
+    return correct.item(), loss_sum.item(), seen
+
+
+def counted_in(sums: EpochSums, steps: int, partial_every: int = 0, start: int = 0) -> EpochSums:
+    for i, (outputs, targets, losses, new) in enumerate(batches(steps)):
+        if i < start:
+            continue
+        if partial_every and i % partial_every == 0:
+            sums.count_new(outputs, targets, losses, new)
+        else:
+            sums.count_batch(outputs, targets, losses)
+    return sums
+
+
+@pytest.mark.parametrize("partial_every", [0, 3])
+def test_the_sums_equal_per_step_sums_bit_for_bit(partial_every):
+    steps = 2 * COUNT_EVERY + 7  # two bulk counts and a remainder
+    got = counted_in(EpochSums(torch.device("cpu")), steps, partial_every).to_host()
+    correct, loss_sum, seen = per_step(steps, partial_every)
+    assert (got["correct"], got["loss_sum"], got["seen"]) == (correct, loss_sum, seen)
+
+
+def test_a_checkpoint_with_predictions_waiting_resumes_to_the_same_sums():
+    steps, cut = 2 * COUNT_EVERY + 5, COUNT_EVERY + 9  # predictions of 9 steps wait at the checkpoint
+    whole = counted_in(EpochSums(torch.device("cpu")), steps, partial_every=4).to_host()
+    first = counted_in(EpochSums(torch.device("cpu")), cut, partial_every=4)
+    saved = first.to_host()
+    resumed = counted_in(EpochSums(torch.device("cpu"), saved), steps, partial_every=4, start=cut).to_host()
+    assert resumed == whole
+
+
+def test_a_whole_batch_costs_three_operators_until_its_predictions_are_counted():
+    sums = EpochSums(torch.device("cpu"))
+    outputs, targets, losses, _ = next(batches(1))
+    assert counted(lambda: sums.count_batch(outputs, targets, losses)).operators == 3  # sum, add_, argmax
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sam", "esam"])
+def test_one_closure_kept_across_steps_trains_as_fresh_ones(optimizer):
+    data = synthetic_dataset(64, 8)
+
+    def trained(fresh: bool):
+        with tempfile.TemporaryDirectory() as out:
+            run = setup(harness_config(optimizer, "mlp", 16, "cpu", out, lr=0.05), data=(data, data))
+            x, y = synthetic_batch(data, run.device)
+            sums = EpochSums(run.device)
+            for step in range(4):
+                if fresh:
+                    run.closure = None
+                part = slice(16 * step, 16 * (step + 1))
+                train_on(run, x[part], y[part], torch.arange(16 * step, 16 * (step + 1)), sums)
+            return [p.detach().clone() for p in run.model.parameters()], sums.to_host()
+
+    (kept, kept_sums), (fresh, fresh_sums) = trained(False), trained(True)
+    assert all(torch.equal(a, b) for a, b in zip(kept, fresh))
+    assert kept_sums == fresh_sums and kept_sums["seen"] == 64
