@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU-scale study behind results/claims.md, on a 2-core machine: every run is single-threaded
-# and two run side by side (the fastest use of 2 cores; nothing else should run), each lane's runs in one
-# Python process (scripts/run_commands.py: no interpreter start and torch import per run). Their tables
+# and two run side by side (the fastest use of 2 cores; nothing else should run), each lane one Python
+# process taking the next run from a shared queue (scripts/run_commands.py --lanes 2: no interpreter start
+# and torch import per run, and lanes that end together). Their tables
 # flag the time ratios as contended: results/perf_resnet8.md has the quiet ones.
 #   bash scripts/cpu_study.sh CIFAR10_DIR [STEP ...]     # CIFAR10_DIR e.g. ../shared/data/cifar10
 # Steps (default: the study, in this order, then the claims; about 2 h 45 min to 3 h on a quiet 2-core machine):
@@ -24,13 +25,8 @@ log=${STUDY_LOG:-runs/cpu_study.log}
 mkdir -p "$(dirname "$log")"
 start=$(date +%s)
 
-in_pairs() {  # the printed commands in two processes side by side, alternate lines, one thread each (the runs' lines go to the log)
-  cmds=$(cat)
-  for lane in 0 1; do
-    printf '%s\n' "$cmds" | awk -v lane=$lane 'NR % 2 == lane' |
-      python scripts/run_commands.py --threads 1 >>"$log" 2>&1 &
-  done
-  wait -n && wait -n || echo "some runs failed; see $log (the tables name them)"
+in_lanes() {  # the printed commands in two lanes side by side taking lines from one queue, one thread each (the runs' lines go to the log)
+  python scripts/run_commands.py --threads 1 --lanes 2 >>"$log" 2>&1 || echo "some runs failed; see $log (the tables name them)"
   echo "[$(( ($(date +%s) - start) / 60 )) min] $1 done"
 }
 
@@ -39,13 +35,13 @@ for step in "${steps[@]}"; do
   tuned=$(python -c 'import sys; from bench.studies.recipes import load_recipe; print(int(bool(load_recipe(sys.argv[1]).tune)))' "$step") ||
     { echo "$step: not a recipe (above)"; exit 1; }
   if [ "$tuned" = 0 ]; then  # swept, untuned: every run of its grid
-      python launch.py sweep "$step" --data_dir "$data" --print_commands | in_pairs "$step"
+      python launch.py sweep "$step" --data_dir "$data" --print_commands | in_lanes "$step"
       python launch.py sweep "$step" --data_dir "$data" --tables_only || echo "$step: tables not written (above)"
   else  # tuned: each stage's pending runs (trials, trials past an edge, final runs) two at a time
       prev=
       while cmds=$(python launch.py tune "$step" --data_dir "$data" --print_commands) && [ -n "$cmds" ]; do
         [ "$cmds" != "$prev" ] || { echo "$step: the same runs are still pending after a try; see $log"; exit 1; }
-        printf '%s\n' "$cmds" | in_pairs "$step ($(printf '%s\n' "$cmds" | wc -l) runs)"
+        printf '%s\n' "$cmds" | in_lanes "$step ($(printf '%s\n' "$cmds" | wc -l) runs)"
         prev=$cmds
       done
       python launch.py tune "$step" --data_dir "$data" || echo "$step: tables not written (above)"

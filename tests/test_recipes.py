@@ -133,8 +133,9 @@ def table_without_timing(path: Path) -> pd.DataFrame:
 
 
 def test_printed_commands_run_in_one_process_give_the_sequential_sweeps_table(tmp_path, capsys):
-    """scripts/run_commands.py (the CPU study's lanes) runs the printed command lines in one process: the same
-    runs, the same table as a sequential sweep; a line that is not a launch.py command is refused whole."""
+    """scripts/run_commands.py (the CPU study's lanes) runs the printed command lines in one process, or in lanes
+    taking them from one queue: the same runs, the same table as a sequential sweep; a line that is not a
+    launch.py command is refused whole."""
     recipe = tiny_recipe(tmp_path)
     assert (
         main(["sweep", str(recipe), "--output_dir", str(tmp_path / "seq"), "--results_dir", str(tmp_path / "seq_results")]) == 0
@@ -144,10 +145,14 @@ def test_printed_commands_run_in_one_process_give_the_sequential_sweeps_table(tm
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4
     script = [sys.executable, str(ROOT / "scripts" / "run_commands.py"), "--threads", "1"]
-    for lane in (lines[0::2], lines[1::2]):
-        done = subprocess.run(script, input="\n".join(lane), capture_output=True, text=True, cwd=ROOT, timeout=600)
+    # the first run in one process, the other three in two lanes sharing one queue
+    for lanes, part, said in (
+        (["--lanes", "1"], lines[:1], "1 of 1 runs done"),
+        (["--lanes", "2"], lines[1:], "3 of 3 runs done"),
+    ):
+        done = subprocess.run([*script, *lanes], input="\n".join(part), capture_output=True, text=True, cwd=ROOT, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
-        assert "2 of 2 runs done" in done.stdout
+        assert said in done.stdout
     assert (
         main(["sweep", str(recipe), "--output_dir", str(tmp_path / "lanes"), "--results_dir", str(tmp_path / "lanes_results")])
         == 0
