@@ -1,8 +1,6 @@
 """Entry point: ``python launch.py`` runs the default suite; see ``python launch.py --help``."""
 
-import sys
-
-from bench.cli.main import main
+from bench.cli.main import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

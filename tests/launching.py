@@ -4,7 +4,7 @@
 KILLED_AFTER = """
 import os, signal, sys
 import bench.loop.epoch
-from bench.cli import main
+from bench.cli.main import exit_with, main
 
 steps, one_step = 0, bench.loop.epoch.one_step
 
@@ -17,7 +17,7 @@ def counted(*args, **kwargs):
     return skipped
 
 bench.loop.epoch.one_step = counted
-sys.exit(main(sys.argv[1:]))
+exit_with(main(sys.argv[1:]))
 """
 
 #: launch.py, with process 0 unable to write a checkpoint's state (a full disk).
@@ -25,12 +25,12 @@ FULL_DISK_ON_RANK_0 = """
 import errno, os, sys
 import torch
 import bench.loop.checkpoint
-from bench.cli import main
+from bench.cli.main import exit_with, main
 
 def full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 if os.environ.get("RANK") == "0":
     bench.loop.checkpoint.torch = type("torch", (), {**vars(torch), "save": staticmethod(full)})
-sys.exit(main(sys.argv[1:]))
+exit_with(main(sys.argv[1:]))
 """

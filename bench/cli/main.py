@@ -20,10 +20,12 @@ declared settings (``optimizers.settings.Setting``), spelled ``--NAME`` unless
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
 from importlib import import_module
+from typing import NoReturn
 
 from bench.cli.flags import run_parser
 from bench.errors import RunStopped, UserError
@@ -93,5 +95,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def exit_with(code: int) -> NoReturn:
+    """Leave the program with exit status ``code``. A process of a multi-process job (its process group still up)
+    leaves at once, without the interpreter's teardown: by then its results are written and every process has
+    passed the run's last barrier, but a gloo worker thread may still be freeing that barrier's work, whose tensors
+    need the interpreter's lock; finding the interpreter finalising, the thread was ended mid-destructor and the
+    process aborted (SIGABRT, "terminate called without an active exception"), now and then, in a finished run."""
+    dist = sys.modules.get("torch.distributed")  # imported by any run; a --help or a refusal imports no torch
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
+def run() -> NoReturn:
+    """``python launch.py`` and ``sam-bench``: :func:`main` on the command line's arguments, then :func:`exit_with`."""
+    exit_with(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -65,9 +65,9 @@ def _destroy_process_group() -> None:
 
 @functools.cache
 def take_down_process_group_at_exit() -> None:
-    """Destroy the process group before the interpreter exits (as torch asks), rather than leave it to
-    the interpreter's teardown: finished two-process runs on CPU aborted there about one launch in 40
-    ("terminate called without an active exception"). Registered once per process."""
+    """Destroy the process group before the interpreter exits (as torch asks), rather than leave it to the
+    interpreter's teardown, for a program that sets up runs itself; registered once per process. The command
+    line leaves a multi-process job's processes without any teardown (:func:`bench.cli.main.exit_with`)."""
     atexit.register(_destroy_process_group)
 
 
