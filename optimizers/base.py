@@ -33,7 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .closure import accepts_requests
 from .drivers import refuse_unsupported_driver
 from .settings import Setting
-from .tensors import copy_into_kept, copy_tensors, global_norm, is_sharded, shard_like
+from .tensors import copy_by_plan, copy_groups, copy_into_kept, global_norm, is_sharded, same_tensors, shard_like
 
 if TYPE_CHECKING:
     from .regularizer import LossRegularizer
@@ -76,6 +76,9 @@ class RunningStatsFreeze:
         self.modules = [m for m in modules if m.track_running_stats]
         self.frozen = False
         self._saved: list[Tensor] = []
+        # the buffers last saved, and the fused copies that save and restore them while they stay the same
+        self._sources: list[Tensor] = []
+        self._plans: tuple[list, list] = ([], [])
 
     def buffers(self) -> list[Tensor]:
         found = []
@@ -87,13 +90,18 @@ class RunningStatsFreeze:
     def freeze(self) -> None:
         if self.frozen or not self.modules:
             return
-        self._saved = copy_into_kept(self._saved, self.buffers())
+        buffers = self.buffers()
+        if same_tensors(buffers, self._sources):
+            copy_by_plan(self._plans[0])
+        else:
+            self._saved, self._sources = copy_into_kept(self._saved, buffers), buffers
+            self._plans = (copy_groups(self._saved, buffers), copy_groups(buffers, self._saved))
         self.frozen = True
 
     @torch.no_grad()
     def release(self) -> None:
         if self.frozen:
-            copy_tensors(self.buffers(), self._saved)
+            copy_by_plan(self._plans[1])
         self.frozen = False
 
 
@@ -213,6 +221,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             m for m in (model.modules() if model is not None else ()) if isinstance(m, _BatchNorm)
         )
         self._backup: dict[Tensor, Tensor] = {}
+        self._backup_plan: tuple | None = None  # see save_weights
         self._perturbed: list[Tensor] = []
         self._in_perturbed_pass = False  # perturb() ran and no descent followed yet
         self._seed = seed
@@ -293,19 +302,24 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return [p.grad for p in params]
 
     def save_weights(self, params: list[Tensor]) -> None:
-        """Keep an exact copy of ``params`` for :meth:`restore` (buffers are reused across steps)."""
-        backups = [self._backup[p] if p in self._backup else None for p in params]
-        for i, (p, b) in enumerate(zip(params, backups)):
-            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-                backups[i] = self._backup[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-        copy_tensors(backups, params)
-        self._perturbed = params
+        """Keep an exact copy of ``params`` for :meth:`restore` (buffers and their fused copies are reused
+        across steps that save the same parameters)."""
+        plan = self._backup_plan
+        if plan is None or not same_tensors(plan[0], params):
+            backups = [self._backup[p] if p in self._backup else None for p in params]
+            for i, (p, b) in enumerate(zip(params, backups)):
+                if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                    backups[i] = self._backup[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            # (the parameters, the copies that save them, the copies that restore them)
+            plan = self._backup_plan = (params, copy_groups(backups, params), copy_groups(params, backups))
+        copy_by_plan(plan[1])
+        self._perturbed = plan[0]
 
     @torch.no_grad()
     def restore(self) -> None:
         """Copy the saved weights back, bit for bit, and resume BatchNorm statistics."""
         if self._perturbed:
-            copy_tensors(self._perturbed, [self._backup[p] for p in self._perturbed])
+            copy_by_plan(self._backup_plan[2])
         self._perturbed = []
         self._in_perturbed_pass = False
         self._batchnorms.release()

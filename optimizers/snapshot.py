@@ -5,12 +5,19 @@ non-finite at its end can be undone: the model's parameters and buffers and the 
 from __future__ import annotations
 
 import copy
-import operator
 
 import torch
 from torch import nn
 
-from optimizers.tensors import copy_groups, copy_into_kept, copy_tensors, local_tensor, select_where
+from optimizers.tensors import (
+    copy_by_plan,
+    copy_groups,
+    copy_into_kept,
+    copy_tensors,
+    local_tensor,
+    same_tensors,
+    select_where,
+)
 
 
 class StepSnapshot:
@@ -44,10 +51,8 @@ class StepSnapshot:
         tensors: list[torch.Tensor] = []
         self._state = _structure(optimizer.state_dict(), tensors)
         sources = [*self.live, *tensors]
-        if len(sources) == len(self._sources) and all(map(operator.is_, sources, self._sources)):
-            # the same tensors as last time: the same fused copies
-            for into, out_of in self._plan:
-                torch._foreach_copy_(into, out_of)
+        if same_tensors(sources, self._sources):  # the same tensors as last time: the same fused copies
+            copy_by_plan(self._plan)
             return
         self._kept = copy_into_kept(self._kept, sources)
         self._sources, self._plan = sources, copy_groups(self._kept, sources)

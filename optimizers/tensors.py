@@ -7,6 +7,7 @@ its norm and its inner products sum over every process's shard, the same result 
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 
 import torch
@@ -109,6 +110,17 @@ def copy_groups(destinations: list[Tensor], sources: list[Tensor]) -> list[tuple
         into.append(d)
         out_of.append(s)
     return list(groups.values())
+
+
+def same_tensors(a: list[Tensor], b: list[Tensor]) -> bool:
+    """Whether two lists hold the very same tensor objects, in order (a kept copy plan still applies)."""
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+def copy_by_plan(plan: list[tuple[list[Tensor], list[Tensor]]]) -> None:
+    """The fused copies of a plan :func:`copy_groups` made."""
+    for into, out_of in plan:
+        torch._foreach_copy_(into, out_of)
 
 
 def copy_into_kept(kept: list[Tensor], tensors: list[Tensor]) -> list[Tensor]:
