@@ -6,7 +6,7 @@ The harness contenders are real runs (:func:`bench.loop.setup.setup` on a synthe
 requested shape) stepped with :func:`bench.loop.epoch.train_on`, the function the loop calls every
 step: the closure, the skip decision, the training metrics, the schedule. The bare loop is
 ``zero_grad``, forward, ``cross_entropy``, ``backward``, ``SGD.step``, ``scheduler.step`` on a
-copy of the same model and the same batch. Contenders are timed in rounds in a shuffled order
+copy of the same model and the same batch; where SAM is timed, so is SAM written out in such a loop. Contenders are timed in rounds in a shuffled order
 (drift in machine load hits them alike); reported are the median step time, and the median
 over rounds of the ratio to the bare loop's time in the same round. The first step of a
 compiled contender (the compilation) is reported apart and left out of the timing.
@@ -184,6 +184,41 @@ def _bare(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: torc
     return Contender("bare PyTorch loop (SGD)", step, forward_backward=forward_backward)
 
 
+def _bare_sam(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: torch.device, rho: float) -> Contender:
+    """SAM written out in a bare loop (Foret et al.'s two passes, as davda54/sam takes them): e = rho g / ||g||,
+    the second pass at w + e, w restored by subtracting e, SGD's step: the work a SAM step cannot avoid."""
+    from architectures import create_model
+
+    torch.manual_seed(arch_config.seed)
+    model = create_model(arch_config.arch, num_classes=10, in_channels=3).to(device).train()
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=arch_config.lr, momentum=arch_config.momentum, weight_decay=arch_config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    bf16 = arch_config.mixed_precision == "bf16"
+
+    def forward_backward():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        forward_backward()
+        with torch.no_grad():
+            grads = [p.grad for p in params]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            e = torch._foreach_mul(grads, rho / (norm + 1e-12))
+            torch._foreach_add_(params, e)
+        opt.zero_grad(set_to_none=True)
+        forward_backward()
+        with torch.no_grad():
+            torch._foreach_sub_(params, e)
+        opt.step()
+        scheduler.step()
+
+    return Contender("bare PyTorch loop (SAM)", step, forward_backward=forward_backward, last_passes=lambda: 2.0)
+
+
 def harness_contender(config: RunConfig, data: ImageDataset, x, y, label: str) -> Contender:
     run = setup(config, data=(data, data))
     x, y = x.to(run.device), y.to(run.device)
@@ -226,6 +261,9 @@ def contenders(
     fields = {"lr": 0.01, "compile_backend": compile_backend, "mixed_precision": mixed_precision}
     x, y = synthetic_batch(data, dev)
     found = [_bare(harness_config("sgd", arch, batch_size, device, output_dir, **fields), x, y, dev)]
+    if REFERENCE in optimizers:  # SAM's own cost: what its harness step adds is measured against it
+        rho = {s.name: s.default for s in optimizer_class(REFERENCE).settings}["rho"]  # the harness run's radius
+        found.append(_bare_sam(harness_config(REFERENCE, arch, batch_size, device, output_dir, **fields), x, y, dev, rho))
     for name in optimizers:
         for compiled, channels_last in modes:
             flags = " ".join(f for f, on in (("--compile", compiled), ("--channels_last", channels_last)) if on)
@@ -306,6 +344,9 @@ def to_markdown(rows: list[dict], settings: dict, command: str) -> str:
         f"{settings['steps']} steps per contender in shuffled order after {settings['warmup']} warm-up steps: median step "
         "time, and median over rounds of the ratio to the bare loop in the same round. First step: the first call's "
         "time (the compilation, for compiled contenders), not in the medians. " + _load_line(settings),
+        "",
+        "The bare SAM loop is SAM written out as davda54/sam takes its step (the two passes, e = rho g / ||g||, w restored "
+        "by subtracting e, SGD's step): the cost any SAM step has, against which the harness's SAM step is its own overhead.",
         "",
         "Operators: ATen operators one step dispatches beyond its forward-backward passes (on a GPU, at least one "
         "kernel launch each; a compiled graph's own kernels are not counted). Host reads: device values the host "
