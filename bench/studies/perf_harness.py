@@ -159,34 +159,9 @@ class LoopStep:
         return self.sums.passes / max(1, self.taken - self.counted_from)
 
 
-def _bare(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Contender:
-    from architectures import create_model
-
-    torch.manual_seed(arch_config.seed)
-    model = create_model(arch_config.arch, num_classes=10, in_channels=3).to(device).train()
-    opt = torch.optim.SGD(
-        model.parameters(), lr=arch_config.lr, momentum=arch_config.momentum, weight_decay=arch_config.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    bf16 = arch_config.mixed_precision == "bf16"
-
-    def forward_backward():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        forward_backward()
-        opt.step()
-        scheduler.step()
-
-    return Contender("bare PyTorch loop (SGD)", step, forward_backward=forward_backward)
-
-
-def _bare_sam(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: torch.device, rho: float) -> Contender:
-    """SAM written out in a bare loop (Foret et al.'s two passes, as davda54/sam takes them): e = rho g / ||g||,
-    the second pass at w + e, w restored by subtracting e, SGD's step: the work a SAM step cannot avoid."""
+def _bare_loop(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: torch.device):
+    """A bare loop's model (a copy of the harness's, seeded alike), its parameters, SGD, a constant schedule,
+    and its forward-backward pass on the batch."""
     from architectures import create_model
 
     torch.manual_seed(arch_config.seed)
@@ -200,6 +175,26 @@ def _bare_sam(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
+
+    return params, opt, scheduler, forward_backward
+
+
+def _bare(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Contender:
+    _, opt, scheduler, forward_backward = _bare_loop(arch_config, x, y, device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        forward_backward()
+        opt.step()
+        scheduler.step()
+
+    return Contender("bare PyTorch loop (SGD)", step, forward_backward=forward_backward)
+
+
+def _bare_sam(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: torch.device, rho: float) -> Contender:
+    """SAM written out in a bare loop (Foret et al.'s two passes, as davda54/sam takes them): e = rho g / ||g||,
+    the second pass at w + e, w restored by subtracting e, SGD's step: the work a SAM step cannot avoid."""
+    params, opt, scheduler, forward_backward = _bare_loop(arch_config, x, y, device)
 
     def step():
         opt.zero_grad(set_to_none=True)
