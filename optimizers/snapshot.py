@@ -104,8 +104,17 @@ def _structure(value, tensors: list[torch.Tensor]):
     kind = type(value)
     if kind in _ATOMIC:  # most leaves (a param group's settings, its parameters' indices): checked first
         return value
-    if kind is dict:
-        return {key: _structure(item, tensors) for key, item in value.items()}
+    if kind is dict:  # its leaves handled here, without a call each (a state holds a dict per parameter)
+        copied = {}
+        for key, item in value.items():
+            if type(item) in _ATOMIC:
+                copied[key] = item
+            elif type(item) is torch.Tensor:
+                tensors.append(item)
+                copied[key] = _Slot(len(tensors) - 1)
+            else:
+                copied[key] = _structure(item, tensors)
+        return copied
     if kind is list or kind is tuple:
         if all(type(item) in _ATOMIC for item in value):
             return value[:]
