@@ -28,8 +28,6 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,23 +42,12 @@ from bench.environment import synchronize
 from bench.loop.epoch import epoch_sums, one_step, train_on
 from bench.loop.setup import setup
 from bench.resolve import resolve
+from bench.studies.bare_loops import Contender, bare_sam, bare_sgd
 from bench.studies.dispatch import step_counts
 from bench.studies.recipes import load_recipe
 from bench.variant_flags import filled_by
 from optimizers import optimizer_class
 from optimizers.registry import REFERENCE
-
-
-@dataclass
-class Contender:
-    name: str
-    step: Callable[[], None]
-    first_step_s: float = 0.0
-    passes: Callable[[], float] | None = None  # forward-backward passes per timed step
-    #: one forward-backward pass of its model on its batch, and the passes its last step ran: for
-    #: counting what a step dispatches beyond its passes (bench.studies.dispatch)
-    forward_backward: Callable[[], None] | None = None
-    last_passes: Callable[[], float] = lambda: 1.0
 
 
 def synthetic_dataset(n: int, image_size: int, num_classes: int = 10, seed: int = 0) -> ImageDataset:
@@ -159,61 +146,6 @@ class LoopStep:
         return self.sums.passes / max(1, self.taken - self.counted_from)
 
 
-def _bare_loop(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: torch.device):
-    """A bare loop's model (a copy of the harness's, seeded alike), its parameters, SGD, a constant schedule,
-    and its forward-backward pass on the batch."""
-    from architectures import create_model
-
-    torch.manual_seed(arch_config.seed)
-    model = create_model(arch_config.arch, num_classes=10, in_channels=3).to(device).train()
-    params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=arch_config.lr, momentum=arch_config.momentum, weight_decay=arch_config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    bf16 = arch_config.mixed_precision == "bf16"
-
-    def forward_backward():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-
-    return params, opt, scheduler, forward_backward
-
-
-def _bare(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Contender:
-    _, opt, scheduler, forward_backward = _bare_loop(arch_config, x, y, device)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        forward_backward()
-        opt.step()
-        scheduler.step()
-
-    return Contender("bare PyTorch loop (SGD)", step, forward_backward=forward_backward)
-
-
-def _bare_sam(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: torch.device, rho: float) -> Contender:
-    """SAM written out in a bare loop (Foret et al.'s two passes, as davda54/sam takes them): e = rho g / ||g||,
-    the second pass at w + e, w restored by subtracting e, SGD's step: the work a SAM step cannot avoid."""
-    params, opt, scheduler, forward_backward = _bare_loop(arch_config, x, y, device)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        forward_backward()
-        with torch.no_grad():
-            grads = [p.grad for p in params]
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            e = torch._foreach_mul(grads, rho / (norm + 1e-12))
-            torch._foreach_add_(params, e)
-        opt.zero_grad(set_to_none=True)
-        forward_backward()
-        with torch.no_grad():
-            torch._foreach_sub_(params, e)
-        opt.step()
-        scheduler.step()
-
-    return Contender("bare PyTorch loop (SAM)", step, forward_backward=forward_backward, last_passes=lambda: 2.0)
-
-
 def harness_contender(config: RunConfig, data: ImageDataset, x, y, label: str) -> Contender:
     run = setup(config, data=(data, data))
     x, y = x.to(run.device), y.to(run.device)
@@ -255,10 +187,10 @@ def contenders(
     data = synthetic_dataset(batch_size, image_size)
     fields = {"lr": 0.01, "compile_backend": compile_backend, "mixed_precision": mixed_precision}
     x, y = synthetic_batch(data, dev)
-    found = [_bare(harness_config("sgd", arch, batch_size, device, output_dir, **fields), x, y, dev)]
+    found = [bare_sgd(harness_config("sgd", arch, batch_size, device, output_dir, **fields), x, y, dev)]
     if REFERENCE in optimizers:  # SAM's own cost: what its harness step adds is measured against it
         rho = {s.name: s.default for s in optimizer_class(REFERENCE).settings}["rho"]  # the harness run's radius
-        found.append(_bare_sam(harness_config(REFERENCE, arch, batch_size, device, output_dir, **fields), x, y, dev, rho))
+        found.append(bare_sam(harness_config(REFERENCE, arch, batch_size, device, output_dir, **fields), x, y, dev, rho))
     for name in optimizers:
         for compiled, channels_last in modes:
             flags = " ".join(f for f, on in (("--compile", compiled), ("--channels_last", channels_last)) if on)
@@ -340,8 +272,9 @@ def to_markdown(rows: list[dict], settings: dict, command: str) -> str:
         "time, and median over rounds of the ratio to the bare loop in the same round. First step: the first call's "
         "time (the compilation, for compiled contenders), not in the medians. " + _load_line(settings),
         "",
-        "The bare SAM loop is SAM written out as davda54/sam takes its step (the two passes, e = rho g / ||g||, w restored "
-        "by subtracting e, SGD's step): the cost any SAM step has, against which the harness's SAM step is its own overhead.",
+        "The bare SAM loop is SAM written out as its reference code takes its step (the two passes, e = rho g / ||g||, w "
+        "restored by subtracting e, SGD's step): the cost any SAM step has, against which the harness's SAM step is its "
+        "own overhead.",
         "",
         "Operators: ATen operators one step dispatches beyond its forward-backward passes (on a GPU, at least one "
         "kernel launch each; a compiled graph's own kernels are not counted). Host reads: device values the host "
