@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -103,6 +103,15 @@ class RunningStatsFreeze:
         if self.frozen:
             copy_by_plan(self._plans[1])
         self.frozen = False
+
+
+class BackupPlan(NamedTuple):
+    """The parameters :meth:`SharpnessAwareOptimizer.save_weights` last saved, and the fused copies (plans of
+    ``copy_groups``) that save them into their backups and restore them."""
+
+    params: list[Tensor]
+    save: list
+    restore: list
 
 
 class SharpnessAwareOptimizer(torch.optim.Optimizer):
@@ -221,7 +230,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             m for m in (model.modules() if model is not None else ()) if isinstance(m, _BatchNorm)
         )
         self._backup: dict[Tensor, Tensor] = {}
-        self._backup_plan: tuple | None = None  # see save_weights
+        self._backup_plan: BackupPlan | None = None  # see save_weights
         self._perturbed: list[Tensor] = []
         self._in_perturbed_pass = False  # perturb() ran and no descent followed yet
         self._seed = seed
@@ -305,21 +314,20 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """Keep an exact copy of ``params`` for :meth:`restore` (buffers and their fused copies are reused
         across steps that save the same parameters)."""
         plan = self._backup_plan
-        if plan is None or not same_tensors(plan[0], params):
+        if plan is None or not same_tensors(plan.params, params):
             backups = [self._backup[p] if p in self._backup else None for p in params]
             for i, (p, b) in enumerate(zip(params, backups)):
                 if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
                     backups[i] = self._backup[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-            # (the parameters, the copies that save them, the copies that restore them)
-            plan = self._backup_plan = (params, copy_groups(backups, params), copy_groups(params, backups))
-        copy_by_plan(plan[1])
-        self._perturbed = plan[0]
+            plan = self._backup_plan = BackupPlan(params, copy_groups(backups, params), copy_groups(params, backups))
+        copy_by_plan(plan.save)
+        self._perturbed = plan.params
 
     @torch.no_grad()
     def restore(self) -> None:
         """Copy the saved weights back, bit for bit, and resume BatchNorm statistics."""
         if self._perturbed:
-            copy_by_plan(self._backup_plan[2])
+            copy_by_plan(self._backup_plan.restore)
         self._perturbed = []
         self._in_perturbed_pass = False
         self._batchnorms.release()

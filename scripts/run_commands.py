@@ -27,8 +27,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.cli.main import main as launch  # noqa: E402
-
 PREFIXES = (["accelerate", "launch", "launch.py"], ["python", "launch.py"])
 
 
@@ -56,7 +54,10 @@ def take(queue: Path) -> int | None:
 
 
 def run_lines(runs: list[list[str]], order) -> int:
-    """Run ``runs[i]`` for each i that ``order`` yields; returns how many failed."""
+    """Run ``runs[i]`` for each i that ``order`` yields; returns how many failed. Imports the harness (and torch)
+    here: a process that only hands lines to its lanes never does."""
+    from bench.cli.main import main as launch
+
     failed = 0
     for i in order:
         argv = runs[i]
