@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from torch import nn
 
+from bench.cli.main import exit_with
 from optimizers import BatchClosure, available_optimizers, create_optimizer
 from optimizers.amp import ScaledStep
 from optimizers.registry import is_sharpness_aware
@@ -139,3 +140,4 @@ def main(out):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_with(0)  # as launch.py leaves a multi-process job

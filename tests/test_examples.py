@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import free_port
+from launching import AS_MAIN
 
 from optimizers import create_optimizer
 
@@ -57,10 +58,13 @@ def test_plain_loop_trains_with_amp_and_clipping(name):
     assert example("plain_loop").train(name, epochs=3) < CHANCE / 2
 
 
-def test_accelerate_loop_trains_in_two_processes():
+def test_accelerate_loop_trains_in_two_processes(tmp_path):
+    """The example as a user launches it, left as launch.py leaves a multi-process job (tests/launching.py AS_MAIN)."""
+    script = tmp_path / "as_main.py"
+    script.write_text(AS_MAIN)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    cmd += ["--main_process_port", free_port(), str(ROOT / "examples" / "accelerate_loop.py"), "--epochs", "3"]
+    cmd += ["--main_process_port", free_port(), str(script), str(ROOT / "examples" / "accelerate_loop.py"), "--epochs", "3"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     losses = [float(v) for v in re.findall(r"training loss ([0-9.]+)", done.stdout)]

@@ -96,13 +96,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_with(code: int) -> NoReturn:
-    """Leave the program with exit status ``code``. A process of a multi-process job (its process group still up)
-    leaves at once, without the interpreter's teardown: by then its results are written and every process has
-    passed the run's last barrier, but a gloo worker thread may still be freeing that barrier's work, whose tensors
-    need the interpreter's lock; finding the interpreter finalising, the thread was ended mid-destructor and the
-    process aborted (SIGABRT, "terminate called without an active exception"), now and then, in a finished run."""
+    """Leave the program with exit status ``code``. A process of a multi-process job (one of ``WORLD_SIZE`` > 1,
+    or its process group up) leaves at once, without the interpreter's teardown: by then its results are written
+    and every process has passed the run's last barrier, but a gloo worker thread may still be freeing that
+    barrier's work, whose tensors need the interpreter's lock; finding the interpreter finalising, the thread was
+    ended mid-destructor and the process aborted (SIGABRT, "terminate called without an active exception"), now
+    and then, in a finished run, even after ``destroy_process_group``."""
     dist = sys.modules.get("torch.distributed")  # imported by any run; a --help or a refusal imports no torch
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    several = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
+    if dist is not None and dist.is_available() and (several or dist.is_initialized()):
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
