@@ -1,6 +1,11 @@
 """A sharpness-aware optimizer in an Accelerate loop: prepared with the model and the data, one closure per
 step whose backward is ``accelerator.backward``; under fp16 the accelerator's scaler drives the step through
-``ScaledStep``. Runs as it is on one process or many (``accelerate launch examples/accelerate_loop.py``)."""
+``ScaledStep``. Runs as it is on one process or many (``accelerate launch examples/accelerate_loop.py``).
+
+Several CPU processes (gloo) can abort at interpreter exit, after the training is done and printed: a gloo
+worker thread still freeing a finished collective's tensors needs the interpreter's lock during its teardown
+("terminate called without an active exception"). The harness's ``launch.py`` leaves such a process with
+``bench.cli.main.exit_with`` (``os._exit`` once every result is written); this loop's test does the same."""
 
 import argparse
 

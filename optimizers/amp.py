@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from optimizers.base import SharpnessAwareOptimizer
 from optimizers.snapshot import StepSnapshot
-from optimizers.tensors import unscale_and_check
+from optimizers.tensors import GradientCheck
 
 
 class _Pass:
@@ -62,6 +62,7 @@ class ScaledStep:
         self.snapshot = StepSnapshot(model)
         self._passes: list[_Pass] = []
         self._found: Tensor | None = None
+        self._check: GradientCheck | None = None  # the optimizer's parameters' grouping, kept while they stay
 
     # -- the two-phase form: begin(), backward() per pass (perturb() between), descend() ------------------
 
@@ -76,7 +77,10 @@ class ScaledStep:
         self._passes.append(_Pass(self.optimizer.param_groups))
         self.scaler.unscale_(self._passes[-1])
         # the unscaled gradients hold an inf or a NaN wherever a scaled one overflowed
-        flag = unscale_and_check([p for group in self.optimizer.param_groups for p in group["params"]])
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self._check is None or not self._check.covers(params):
+            self._check = GradientCheck(params)
+        flag = self._check()
         self._found = flag if self._found is None else self._found + flag
 
     def descend(self) -> bool:

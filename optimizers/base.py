@@ -33,7 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .closure import accepts_requests
 from .drivers import refuse_unsupported_driver
 from .settings import Setting
-from .tensors import copy_by_plan, copy_groups, copy_into_kept, global_norm, is_sharded, same_tensors, shard_like
+from .tensors import KeptCopies, copy_by_plan, copy_groups, global_norm, is_sharded, same_tensors, shard_like
 
 if TYPE_CHECKING:
     from .regularizer import LossRegularizer
@@ -75,10 +75,7 @@ class RunningStatsFreeze:
     def __init__(self, modules: Iterable[_BatchNorm]):
         self.modules = [m for m in modules if m.track_running_stats]
         self.frozen = False
-        self._saved: list[Tensor] = []
-        # the buffers last saved, and the fused copies that save and restore them while they stay the same
-        self._sources: list[Tensor] = []
-        self._plans: tuple[list, list] = ([], [])
+        self._kept = KeptCopies()
 
     def buffers(self) -> list[Tensor]:
         found = []
@@ -90,18 +87,13 @@ class RunningStatsFreeze:
     def freeze(self) -> None:
         if self.frozen or not self.modules:
             return
-        buffers = self.buffers()
-        if same_tensors(buffers, self._sources):
-            copy_by_plan(self._plans[0])
-        else:
-            self._saved, self._sources = copy_into_kept(self._saved, buffers), buffers
-            self._plans = (copy_groups(self._saved, buffers), copy_groups(buffers, self._saved))
+        self._kept.save(self.buffers())
         self.frozen = True
 
     @torch.no_grad()
     def release(self) -> None:
         if self.frozen:
-            copy_by_plan(self._plans[1])
+            self._kept.restore()
         self.frozen = False
 
 
@@ -324,10 +316,16 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._perturbed = plan.params
 
     @torch.no_grad()
-    def restore(self) -> None:
-        """Copy the saved weights back, bit for bit, and resume BatchNorm statistics."""
+    def return_to_saved(self) -> None:
+        """Copy the weights :meth:`save_weights` saved back, bit for bit, still in the perturbed pass (a variant
+        that moves from w again within a step: GAM)."""
         if self._perturbed:
             copy_by_plan(self._backup_plan.restore)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the saved weights back, bit for bit, and resume BatchNorm statistics."""
+        self.return_to_saved()
         self._perturbed = []
         self._in_perturbed_pass = False
         self._batchnorms.release()

@@ -47,7 +47,7 @@ import torch
 
 from .base import SharpnessAwareOptimizer
 from .settings import Setting
-from .tensors import copy_tensors, global_dot, global_norm
+from .tensors import global_dot, global_norm
 
 EPS = 1e-12
 GAM_SOURCE = "official main_cifar.py, CIFAR-10 ResNet"
@@ -107,8 +107,7 @@ class GAM(SharpnessAwareOptimizer):
         grads = self._take_grads()
         if self._stage == 1:  # h = g1 - g0 from w, not from the first perturbed point
             h = [torch._foreach_sub(g1, g0) if g1 else [] for g1, g0 in zip(grads, self._kept[0])]
-            if self._perturbed:
-                copy_tensors(self._perturbed, [self._backup[p] for p in self._perturbed])
+            self.return_to_saved()
             self._ascend(h, "rho")
         else:
             self._ascend(grads, "rho_prime")

@@ -9,15 +9,7 @@ import copy
 import torch
 from torch import nn
 
-from optimizers.tensors import (
-    copy_by_plan,
-    copy_groups,
-    copy_into_kept,
-    copy_tensors,
-    local_tensor,
-    same_tensors,
-    select_where,
-)
+from optimizers.tensors import KeptCopies, copy_tensors, local_tensor, select_where
 
 
 class StepSnapshot:
@@ -30,32 +22,23 @@ class StepSnapshot:
     def __init__(self, model: nn.Module):
         self.live = [local_tensor(t) for t in [*model.parameters(), *model.buffers()]]  # a shard, when sharded
         self._state = None  # the state_dict's structure, its tensors replaced by their index in _buffers
-        self._kept: list[torch.Tensor] = []  # the copies: of ``live``, then of the state_dict's tensors
-        # what the copies were last taken from (held, so no other tensor can take their ids), and the fused
-        # copies that take them again while the optimizer's state holds the same tensors
-        self._sources: list[torch.Tensor] = []
-        self._plan: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        self._kept = KeptCopies()  # the copies: of ``live``, then of the state_dict's tensors
 
     @property
     def saved(self) -> list[torch.Tensor]:
         """The copies of the model's parameters and buffers."""
-        return self._kept[: len(self.live)]
+        return self._kept.copies[: len(self.live)]
 
     @property
     def _buffers(self) -> list[torch.Tensor]:
         """The copies of the tensors of the optimizer's state_dict, by slot."""
-        return self._kept[len(self.live) :]
+        return self._kept.copies[len(self.live) :]
 
     @torch.no_grad()
     def save(self, optimizer) -> None:
         tensors: list[torch.Tensor] = []
         self._state = _structure(optimizer.state_dict(), tensors)
-        sources = [*self.live, *tensors]
-        if same_tensors(sources, self._sources):  # the same tensors as last time: the same fused copies
-            copy_by_plan(self._plan)
-            return
-        self._kept = copy_into_kept(self._kept, sources)
-        self._sources, self._plan = sources, copy_groups(self._kept, sources)
+        self._kept.save([*self.live, *tensors])
 
     @torch.no_grad()
     def undo_where(self, optimizer, flag: torch.Tensor) -> bool:
@@ -104,14 +87,13 @@ def _structure(value, tensors: list[torch.Tensor]):
     kind = type(value)
     if kind in _ATOMIC:  # most leaves (a param group's settings, its parameters' indices): checked first
         return value
-    if kind is dict:  # its leaves handled here, without a call each (a state holds a dict per parameter)
+    if kind is dict:  # its leaves handled here, a number without a call (a state holds a dict per parameter)
         copied = {}
         for key, item in value.items():
             if type(item) in _ATOMIC:
                 copied[key] = item
             elif type(item) is torch.Tensor:
-                tensors.append(item)
-                copied[key] = _Slot(len(tensors) - 1)
+                copied[key] = _append_slot(item, tensors)
             else:
                 copied[key] = _structure(item, tensors)
         return copied
@@ -120,9 +102,14 @@ def _structure(value, tensors: list[torch.Tensor]):
             return value[:]
         return kind(_structure(item, tensors) for item in value)
     if isinstance(value, torch.Tensor):
-        tensors.append(value)
-        return _Slot(len(tensors) - 1)
+        return _append_slot(value, tensors)
     return copy.deepcopy(value)
+
+
+def _append_slot(tensor: torch.Tensor, tensors: list[torch.Tensor]) -> _Slot:
+    """``tensor`` appended to ``tensors``; its slot there."""
+    tensors.append(tensor)
+    return _Slot(len(tensors) - 1)
 
 
 def _undoable(structure: dict, advancing: tuple[str, ...]) -> dict:

@@ -136,6 +136,33 @@ def copy_into_kept(kept: list[Tensor], tensors: list[Tensor]) -> list[Tensor]:
     return kept
 
 
+class KeptCopies:
+    """Copies of a list of tensors in buffers kept across calls: :meth:`save` copies the tensors in, :meth:`restore`
+    copies them back, one fused copy per (device, dtype) group either way. While the tensors saved are the very
+    same objects as last time (a step saves the same ones every time), the buffers and their copies' grouping
+    are reused; otherwise they are made again, allocating only where shapes change. As for a torch optimizer,
+    the tensors are moved (``.to``) before their first save, never after."""
+
+    def __init__(self):
+        self.sources: list[Tensor] = []  # what was last saved (held, so no other tensor takes their ids)
+        self.copies: list[Tensor] = []
+        self._save: list[tuple[list[Tensor], list[Tensor]]] = []
+        self._restore: list[tuple[list[Tensor], list[Tensor]]] | None = None  # made at the first restore
+
+    def save(self, tensors: list[Tensor]) -> None:
+        if same_tensors(tensors, self.sources):
+            copy_by_plan(self._save)
+            return
+        self.copies = copy_into_kept(self.copies, tensors)
+        self.sources, self._save, self._restore = tensors, copy_groups(self.copies, tensors), None
+
+    def restore(self) -> None:
+        """Copy the saved values back into the tensors last saved."""
+        if self._restore is None:
+            self._restore = copy_groups(self.sources, self.copies)
+        copy_by_plan(self._restore)
+
+
 def select_where(destinations: list[Tensor], sources: list[Tensor], flag: Tensor) -> None:
     """``destinations[i]`` becomes ``sources[i]`` where the 0-dim ``flag`` is nonzero and stays bit for bit
     as it is where it is zero, decided on the device: no host read. Per group of :func:`copy_groups`: one
@@ -162,29 +189,29 @@ def data_parallel() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
-def unscale_and_check(
-    params: list[Tensor], inv_scale: float = 1.0, found: Tensor | None = None, also_check: Tensor | None = None
-) -> Tensor:
-    """Multiply the gradients by ``inv_scale`` in place (1.0: leave them) and return a 0-dim float flag,
-    nonzero if any gradient (or ``also_check``, left unscaled) holds an inf or a NaN: ``found`` when
-    given (the flag is set in it, never cleared, so one tensor gathers a whole step), else a new one on
-    the first gradient's device. One fused kernel per (device, dtype); no host synchronisation."""
-    return GradientCheck(params)(inv_scale, found, also_check)
-
-
 class GradientCheck:
-    """:func:`unscale_and_check` for one list of parameters, kept by a loop that checks them every pass: their
-    grouping by (device, dtype), the grouping of their gradients (a gradient has its parameter's device and
-    dtype), is worked out once."""
+    """Unscales and checks the gradients of one list of parameters, kept by a loop that checks them every pass:
+    their grouping by (device, dtype), the grouping of their gradients (a gradient has its parameter's device
+    and dtype), is worked out once. As for a torch optimizer, the parameters are moved (``.to``) before it is
+    made, never after."""
 
     def __init__(self, params: list[Tensor]):
+        self.params = list(params)
         groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
         for p in params:
             groups[local_tensor(p).device, p.dtype].append(p)
         #: (device, dtype, whether any is sharded, the parameters) per group
         self.groups = [(device, dtype, any(map(is_sharded, ps)), ps) for (device, dtype), ps in groups.items()]
 
+    def covers(self, params: list[Tensor]) -> bool:
+        """Whether ``params`` are the very parameters this check was made for, in order."""
+        return same_tensors(params, self.params)
+
     def __call__(self, inv_scale: float = 1.0, found: Tensor | None = None, also_check: Tensor | None = None) -> Tensor:
+        """Multiply the gradients by ``inv_scale`` in place (1.0: leave them) and return a 0-dim float flag,
+        nonzero if any gradient (or ``also_check``, left unscaled) holds an inf or a NaN: ``found`` when given
+        (the flag is set in it, never cleared, so one tensor gathers a whole step), else a new one on the first
+        gradient's device. One fused kernel per (device, dtype); no host synchronisation."""
         grads = []  # (device, dtype, gradients) of each group that has any
         for device, dtype, sharded, ps in self.groups:
             same = [p.grad for p in ps if p.grad is not None]

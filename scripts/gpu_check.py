@@ -92,16 +92,23 @@ def _shown(precision: str) -> str:
     return "fp32" if precision == "no" else precision
 
 
-def _overflowing(loss_fn, on_call: int):
-    calls = 0
+class _OverflowWhenArmed:
+    """The run's loss, its first evaluation after :meth:`arm` overflowing (its losses times inf): the first
+    pass of the step that follows; installed before the run's first step, so the closure the loop keeps across
+    steps calls it."""
 
-    def loss(outputs, targets):
-        nonlocal calls
-        calls += 1
-        losses = loss_fn(outputs, targets)
-        return losses * float("inf") if calls == on_call else losses
+    def __init__(self, loss_fn):
+        self.loss_fn, self.armed = loss_fn, False
 
-    return loss
+    def arm(self) -> None:
+        self.armed = True
+
+    def __call__(self, outputs, targets):
+        losses = self.loss_fn(outputs, targets)
+        if self.armed:
+            self.armed = False
+            return losses * float("inf")
+        return losses
 
 
 def check_variant(name: str, precision: str, arch: str, batch: int, steps: int, output_dir: str, device: str) -> dict:
@@ -113,19 +120,18 @@ def check_variant(name: str, precision: str, arch: str, batch: int, steps: int, 
     if cuda:
         torch.cuda.reset_peak_memory_stats(run.device)
     x, y = synthetic_batch(data, run.device)
+    run.loss_fn = overflow = _OverflowWhenArmed(run.loss_fn)
     losses, skipped_ok, scale_halved = [], None, None
     for i in range(steps):
         xs, ys = x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]
         sums = epoch_sums(run)
         inject = precision == "fp16" and i == 1
         if inject:
-            clean_loss_fn, run.loss_fn = run.loss_fn, _overflowing(run.loss_fn, 1)
-            run.closure = None  # the step's closure is built again, around the overflowing loss
+            overflow.arm()
             before = [p.detach().clone() for p in run.optimizer.param_groups[0]["params"]]
             scale = run.scaler.scale
         skipped = train_on(run, xs, ys, torch.arange(batch, device=run.device), sums)
         if inject:
-            run.loss_fn, run.closure = clean_loss_fn, None
             untouched = all(torch.equal(a, p) for a, p in zip(before, run.optimizer.param_groups[0]["params"]))
             skipped_ok = skipped and untouched
             scale_halved = run.scaler.scale == scale / 2

@@ -63,6 +63,8 @@ def run_lines(runs: list[list[str]], order) -> int:
         argv = runs[i]
         try:
             code = launch(argv)
+        except SystemExit as err:  # a line argparse refused, say: that run fails, the others go on
+            code = err.code if isinstance(err.code, int) else 1
         except Exception as err:  # noqa: BLE001 (one failed run must not stop the others)
             code = f"{type(err).__name__}: {err}"
         if code != 0:

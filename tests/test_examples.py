@@ -59,7 +59,8 @@ def test_plain_loop_trains_with_amp_and_clipping(name):
 
 
 def test_accelerate_loop_trains_in_two_processes(tmp_path):
-    """The example as a user launches it, left as launch.py leaves a multi-process job (tests/launching.py AS_MAIN)."""
+    """The example launched in two processes, each left as launch.py leaves a multi-process job (tests/launching.py
+    AS_MAIN): gloo can abort a finished CPU process at interpreter exit (the example's docstring says why)."""
     script = tmp_path / "as_main.py"
     script.write_text(AS_MAIN)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}

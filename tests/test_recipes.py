@@ -161,6 +161,11 @@ def test_printed_commands_run_in_one_process_give_the_sequential_sweeps_table(tm
     pd.testing.assert_frame_equal(seq, lanes)
     refused = subprocess.run(script, input="rm -rf /\n", capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert refused.returncode == 2 and "not a launch.py command line" in refused.stderr
+    # a line that leaves through SystemExit (--help) does not end the lane, and a refused line fails alone
+    lines = "python launch.py --help\npython launch.py --no_such_flag 1\n"
+    one_bad = subprocess.run(script, input=lines, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert one_bad.returncode == 1 and "1 of 2 runs done" in one_bad.stdout, one_bad.stderr[-2000:]
+    assert "line 2 failed (2)" in one_bad.stderr
 
 
 def test_a_sweep_skips_finished_runs_and_an_interrupted_one_gives_the_same_table(tmp_path, capsys):

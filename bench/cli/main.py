@@ -103,7 +103,8 @@ def exit_with(code: int) -> NoReturn:
     ended mid-destructor and the process aborted (SIGABRT, "terminate called without an active exception"), now
     and then, in a finished run, even after ``destroy_process_group``."""
     dist = sys.modules.get("torch.distributed")  # imported by any run; a --help or a refusal imports no torch
-    several = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
+    world = os.environ.get("WORLD_SIZE", "").strip()
+    several = world.isdigit() and int(world) > 1
     if dist is not None and dist.is_available() and (several or dist.is_initialized()):
         sys.stdout.flush()
         sys.stderr.flush()

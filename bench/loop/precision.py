@@ -1,7 +1,7 @@
 """Dynamic loss scaling for fp16 across the passes of a sharpness-aware step.
 
 Every pass of a step uses the same scale; the gradients are unscaled right after
-each backward (the loop calls :meth:`LossScaler.unscale_`), so every variant sees
+each backward (the loop's closure, with the inverse of :attr:`LossScaler.scale`), so every variant sees
 true gradients (Fisher SAM, F-SAM and bSAM depend on their magnitude). A non-finite
 gradient in any pass makes the loop skip the step (see :mod:`bench.loop.step`), leave the
 weights as they were and call ``update(skipped=True)``, which halves the scale.
@@ -13,8 +13,6 @@ needs one per pass.
 from __future__ import annotations
 
 from torch import Tensor
-
-from optimizers.tensors import unscale_and_check
 
 
 class NonFiniteGradient(RuntimeError):
@@ -28,10 +26,6 @@ class LossScaler:
 
     def backward(self, loss: Tensor) -> None:
         (loss.float() * self.scale).backward()
-
-    def unscale_(self, params: list[Tensor]) -> Tensor:
-        """Divide the gradients by the scale in place; returns a 0-dim flag, nonzero if any was not finite."""
-        return unscale_and_check(params, 1.0 / self.scale)
 
     def update(self, skipped: bool) -> None:
         if skipped:

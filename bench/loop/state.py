@@ -69,7 +69,8 @@ class RunResult:
 @dataclass
 class Run:
     """Everything one training job holds, built whole by :func:`bench.loop.setup.setup`. What changes as it
-    trains: ``state`` (checkpointed), ``task`` (its progress bar), the time and load bookkeeping, ``notes``."""
+    trains: ``state`` (checkpointed), ``task`` (its progress bar), the time and load bookkeeping, ``notes``, and
+    ``closure``, built at the first step and given each later step's batch."""
 
     config: RunConfig
     accelerator: Accelerator

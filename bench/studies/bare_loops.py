@@ -1,5 +1,4 @@
-"""What ``perf --harness`` times (:class:`Contender`: a step, and how to count what it dispatches), and the bare
-PyTorch loops it times the harness's step against: SGD, and SAM written out.
+"""The bare PyTorch loops ``perf --harness`` times the harness's step against: SGD, and SAM written out.
 
 A bare loop runs on a copy of the harness run's model (seeded alike) and its batch: ``zero_grad``, forward,
 ``cross_entropy``, ``backward``, the update, ``scheduler.step``, with nothing else around them.
@@ -7,25 +6,11 @@ A bare loop runs on a copy of the harness run's model (seeded alike) and its bat
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from bench.config import RunConfig
-
-
-@dataclass
-class Contender:
-    name: str
-    step: Callable[[], None]
-    first_step_s: float = 0.0
-    passes: Callable[[], float] | None = None  # forward-backward passes per timed step
-    #: one forward-backward pass of its model on its batch, and the passes its last step ran: for
-    #: counting what a step dispatches beyond its passes (bench.studies.dispatch)
-    forward_backward: Callable[[], None] | None = None
-    last_passes: Callable[[], float] = lambda: 1.0
+from bench.studies.contender import Contender
 
 
 def _bare_loop(arch_config: RunConfig, x: torch.Tensor, y: torch.Tensor, device: torch.device):

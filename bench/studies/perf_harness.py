@@ -42,7 +42,8 @@ from bench.environment import synchronize
 from bench.loop.epoch import epoch_sums, one_step, train_on
 from bench.loop.setup import setup
 from bench.resolve import resolve
-from bench.studies.bare_loops import Contender, bare_sam, bare_sgd
+from bench.studies.bare_loops import bare_sam, bare_sgd
+from bench.studies.contender import Contender
 from bench.studies.dispatch import step_counts
 from bench.studies.recipes import load_recipe
 from bench.variant_flags import filled_by
