@@ -5,7 +5,7 @@ step whose backward is ``accelerator.backward``; under fp16 the accelerator's sc
 Several CPU processes (gloo) can abort at interpreter exit, after the training is done and printed: a gloo
 worker thread still freeing a finished collective's tensors needs the interpreter's lock during its teardown
 ("terminate called without an active exception"). The harness's ``launch.py`` leaves such a process with
-``bench.cli.main.exit_with`` (``os._exit`` once every result is written); this loop's test does the same."""
+``os._exit`` once every result is written (``bench.cli.main.exit_with``); this loop's test does the same."""
 
 import argparse
 

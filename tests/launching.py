@@ -35,14 +35,15 @@ if os.environ.get("RANK") == "0":
 exit_with(main(sys.argv[1:]))
 """
 
-#: a script (the first argument) run as ``__main__`` with the rest of the arguments, then left as launch.py leaves
-#: (:func:`bench.cli.main.exit_with`): the process of a multi-process job skips the interpreter's teardown, where a
-#: gloo worker thread still freeing a finished collective's tensors can abort it.
+#: a script (the first argument) run as ``__main__`` with the rest of the arguments, then left at once
+#: (``os._exit``): the process of a multi-process job skips the interpreter's teardown, where a gloo worker thread
+#: still freeing a finished collective's tensors can abort it, even after ``destroy_process_group``.
 AS_MAIN = """
-import runpy, sys
-from bench.cli.main import exit_with
+import os, runpy, sys
 
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
-exit_with(0)
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 """

@@ -96,16 +96,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_with(code: int) -> NoReturn:
-    """Leave the program with exit status ``code``. A process of a multi-process job (one of ``WORLD_SIZE`` > 1,
-    or its process group up) leaves at once, without the interpreter's teardown: by then its results are written
-    and every process has passed the run's last barrier, but a gloo worker thread may still be freeing that
-    barrier's work, whose tensors need the interpreter's lock; finding the interpreter finalising, the thread was
-    ended mid-destructor and the process aborted (SIGABRT, "terminate called without an active exception"), now
-    and then, in a finished run, even after ``destroy_process_group``."""
+    """Leave the program with exit status ``code``. A process of a multi-process job (its process group up)
+    leaves at once, without the interpreter's teardown: by then its results are written and every process has
+    passed the run's last barrier, but a gloo worker thread may still be freeing that barrier's work, whose
+    tensors need the interpreter's lock; finding the interpreter finalising, the thread was ended mid-destructor
+    and the process aborted (SIGABRT, "terminate called without an active exception"), now and then, in a
+    finished run. A refusal before the group is up leaves normally (so process 0 has time to say why)."""
     dist = sys.modules.get("torch.distributed")  # imported by any run; a --help or a refusal imports no torch
-    world = os.environ.get("WORLD_SIZE", "").strip()
-    several = world.isdigit() and int(world) > 1
-    if dist is not None and dist.is_available() and (several or dist.is_initialized()):
+    if dist is not None and dist.is_available() and dist.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
