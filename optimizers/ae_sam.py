@@ -31,8 +31,7 @@ plain steps and decides the kind of step, so a data-parallel loop must all-reduc
 ascent gradient ("global"): every replica then takes the same decision.
 """
 
-import torch
-
+from .grad_mode import without_grad
 from .sam import SAM
 from .settings import Setting
 from .ss_sam import allocate_backup
@@ -106,7 +105,7 @@ class AESAM(SAM):
             self._pending = (sam, {"mu": mu, "var": var, "step": state["step"] + 1, "sam_steps": state["sam_steps"] + sam})
         return self._pending[0]
 
-    @torch.no_grad()
+    @without_grad
     def descend(self, zero_grad: bool = True) -> None:
         if self._pending is None:  # a loop that never asked took a plain step with g (in .grad): count it so
             self.perturbs_this_step  # noqa: B018 (updates the statistics)
@@ -115,12 +114,12 @@ class AESAM(SAM):
         super().descend(zero_grad)
         self.state["ae_sam"] = pending
 
-    @torch.no_grad()
+    @without_grad
     def restore(self) -> None:
         super().restore()
         self._pending = None  # descend calls this after reading it; elsewhere it abandons the step
 
-    @torch.no_grad()
+    @without_grad
     def step(self, closure=None):
         if closure is None:
             return super().step(closure)

@@ -49,6 +49,7 @@ import math
 import torch
 
 from .base import SharpnessAwareOptimizer
+from .grad_mode import without_grad
 from .settings import Setting
 
 SCRIPT = "official run_rwp.sh, CIFAR-100"
@@ -138,7 +139,7 @@ class ARWP(SharpnessAwareOptimizer):
     def _trainable(self):
         return [(group, [p for p in group["params"] if p.requires_grad]) for group in self.param_groups]
 
-    @torch.no_grad()
+    @without_grad
     def _add_noise(self) -> None:
         groups = self._trainable()
         self.save_weights([p for _, params in groups for p in params])
@@ -148,7 +149,7 @@ class ARWP(SharpnessAwareOptimizer):
 
     # -- the protocol --------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @without_grad
     def perturb(self, zero_grad: bool = True) -> None:
         """Two-phase form: the first pass's gradient is not needed; w + e, BatchNorm frozen."""
         self._add_noise()
@@ -165,7 +166,7 @@ class ARWP(SharpnessAwareOptimizer):
                     state["fisher"].mul_(group["beta"]).addcmul_(p.grad, p.grad)
         self.state["step"] += 1
 
-    @torch.no_grad()
+    @without_grad
     def step(self, closure=None):
         """One pass at w + e, then restore w and the base step with that gradient."""
         if closure is None:

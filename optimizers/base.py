@@ -32,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .closure import accepts_requests
 from .drivers import refuse_unsupported_driver
+from .grad_mode import without_grad
 from .settings import Setting
 from .tensors import KeptCopies, copy_by_plan, copy_groups, global_norm, is_sharded, same_tensors, shard_like
 
@@ -62,6 +63,11 @@ def split_params_and_model(params, model: nn.Module | None) -> tuple[Any, nn.Mod
     return params, model
 
 
+def group_settings(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each parameter group's settings: the group without its ``params``."""
+    return [{key: value for key, value in group.items() if key != "params"} for group in param_groups]
+
+
 class RunningStatsFreeze:
     """Keeps BatchNorm running statistics as they were before a perturbed pass.
 
@@ -83,14 +89,14 @@ class RunningStatsFreeze:
             found += [b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
         return found
 
-    @torch.no_grad()
+    @without_grad
     def freeze(self) -> None:
         if self.frozen or not self.modules:
             return
         self._kept.save(self.buffers())
         self.frozen = True
 
-    @torch.no_grad()
+    @without_grad
     def release(self) -> None:
         if self.frozen:
             self._kept.restore()
@@ -315,14 +321,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         copy_by_plan(plan.save)
         self._perturbed = plan.params
 
-    @torch.no_grad()
+    @without_grad
     def return_to_saved(self) -> None:
         """Copy the weights :meth:`save_weights` saved back, bit for bit, still in the perturbed pass (a variant
         that moves from w again within a step: GAM)."""
         if self._perturbed:
             copy_by_plan(self._backup_plan.restore)
 
-    @torch.no_grad()
+    @without_grad
     def restore(self) -> None:
         """Copy the saved weights back, bit for bit, and resume BatchNorm statistics."""
         self.return_to_saved()
@@ -383,7 +389,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def adjust_gradient(self) -> None:
         """Form the descent gradient in ``.grad`` from g_s (and whatever the variant kept)."""
 
-    @torch.no_grad()
+    @without_grad
     def clip_descent_gradient(self) -> None:
         """With ``max_grad_norm``: scale every ``.grad`` by min(1, max_grad_norm / (||g|| + 1e-6)), the norm
         global over all parameters (and shards), as ``torch.nn.utils.clip_grad_norm_`` does in a plain loop;
@@ -408,7 +414,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     # -- the protocol --------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @without_grad
     def perturb(self, zero_grad: bool = True) -> None:
         """Move w to w + e using the gradient in ``.grad``; freeze BatchNorm statistics."""
         groups = self.params_with_grad()
@@ -426,7 +432,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    @torch.no_grad()
+    @without_grad
     def descend(self, zero_grad: bool = True) -> None:
         """Restore w and take the base optimizer's step with the descent gradient."""
         self.restore()
@@ -446,7 +452,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         with torch.enable_grad():
             return closure()
 
-    @torch.no_grad()
+    @without_grad
     def step(self, closure: Callable[..., Tensor] | None = None) -> Tensor:
         """One full step; ``closure`` zeroes the grads, runs forward and backward, returns the loss."""
         if closure is None:
@@ -480,6 +486,17 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         tensors = [t for state in self.state.values() if isinstance(state, dict) for t in state.values()]
         tensors += list(self._backup.values())
         return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+
+    def held_state(self) -> dict[str, Any]:
+        """What :meth:`state_dict` saves, as this optimizer holds it: its state and its base optimizer's keyed by the
+        parameters themselves, the groups' settings without their parameters, the random streams' states. Read every
+        step by :class:`optimizers.snapshot.StepSnapshot`, where packing a state_dict would cost more than the copy."""
+        held = {"state": dict(self.state), "param_groups": group_settings(self.param_groups)}
+        if self.base_optimizer is not None:
+            held["base_state"] = dict(self.base_optimizer.state)
+        if self._generators:
+            held["generators"] = {str(d): g.get_state() for d, g in self._generators.items()}
+        return held
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()

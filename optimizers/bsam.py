@@ -19,6 +19,7 @@ Sub-batches need a closure that accepts requests (:class:`optimizers.BatchClosur
 import torch
 
 from .base import SharpnessAwareOptimizer
+from .grad_mode import without_grad
 from .settings import Setting
 
 CODE = "authors' code"
@@ -94,7 +95,7 @@ class BayesianSAM(SharpnessAwareOptimizer):
     def n_eff(group) -> float:
         return group["num_data"] * group["augmentation_factor"]
 
-    @torch.no_grad()
+    @without_grad
     def step(self, closure=None):
         if closure is None:
             return self.descend_after_passes()

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .base import SharpnessAwareOptimizer
+from .grad_mode import without_grad
 from .settings import Setting
 from .tensors import data_parallel, global_norm
 
@@ -82,13 +83,13 @@ class ESAM(SharpnessAwareOptimizer):
                 torch._foreach_mul_(g, group["rho"] / (norm + EPS) / group["beta"])
         return grads
 
-    @torch.no_grad()
+    @without_grad
     def perturb(self, zero_grad: bool = True) -> None:
         super().perturb(zero_grad)
         for p in self._trainable:  # the descent pass reaches every trainable tensor
             p.requires_grad_(True)
 
-    @torch.no_grad()
+    @without_grad
     def descend(self, zero_grad: bool = True) -> None:
         super().descend(zero_grad)
         self.drop_tensors()
@@ -118,7 +119,7 @@ class ESAM(SharpnessAwareOptimizer):
         if "kept" in self.state:
             self._apply_kept()
 
-    @torch.no_grad()
+    @without_grad
     def step(self, closure=None):
         if closure is None:
             return super().step(closure)

@@ -46,6 +46,7 @@ loop) gets a warning and a SAM step of radius rho' (descent with g1).
 import torch
 
 from .base import SharpnessAwareOptimizer
+from .grad_mode import without_grad
 from .settings import Setting
 from .tensors import global_dot, global_norm
 
@@ -95,7 +96,7 @@ class GAM(SharpnessAwareOptimizer):
         self.zero_grad()
         return grads
 
-    @torch.no_grad()
+    @without_grad
     def perturb(self, zero_grad: bool = True) -> None:
         """Move to the next of GAM's points: w + rho' ĝ0, then w2, then w2 + rho' ĝ2."""
         if self._stage == 0:
@@ -120,7 +121,7 @@ class GAM(SharpnessAwareOptimizer):
             if params:
                 torch._foreach_add_(params, torch._foreach_mul(d, group[radius] / (norm + EPS)))
 
-    @torch.no_grad()
+    @without_grad
     def descend(self, zero_grad: bool = True) -> None:
         if self._stage == 3:
             self._combine()
@@ -154,13 +155,13 @@ class GAM(SharpnessAwareOptimizer):
                 for p, di in zip(params, d):
                     p.grad = di
 
-    @torch.no_grad()
+    @without_grad
     def restore(self) -> None:
         """Back to w; also ends the step (or abandons it: a skipped step leaves nothing behind)."""
         super().restore()
         self._reset()
 
-    @torch.no_grad()
+    @without_grad
     def step(self, closure=None):
         if closure is None:
             return super().step(closure)

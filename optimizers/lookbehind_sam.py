@@ -55,6 +55,7 @@ import contextlib
 import torch
 
 from .base import SharpnessAwareOptimizer
+from .grad_mode import without_grad
 from .settings import Setting
 from .tensors import copy_tensors, global_norm, tensor_dots, tensor_norms
 
@@ -137,7 +138,7 @@ class LookbehindSAM(SharpnessAwareOptimizer):
 
     # -- one inner step: perturb() after a pass at u_{j-1}, descend() after the pass at u_j ---------
 
-    @torch.no_grad()
+    @without_grad
     def perturb(self, zero_grad: bool = True) -> None:
         """u_j = u_{j-1} + rho g / ||g|| (in the model); the first of a cycle saves the slow weights."""
         if self.state["inner"] == 0 and not self._in_cycle():
@@ -151,7 +152,7 @@ class LookbehindSAM(SharpnessAwareOptimizer):
                 torch._foreach_add_(params, torch._foreach_mul(self.grads(params), group["rho"] / scale))
         self.enter_perturbed_pass(zero_grad)
 
-    @torch.no_grad()
+    @without_grad
     def descend(self, zero_grad: bool = True) -> None:
         """phi_j from phi_{j-1} with the gradient at u_j; after the k-th, the lookbehind step."""
         params = self._in_cycle()
@@ -199,7 +200,7 @@ class LookbehindSAM(SharpnessAwareOptimizer):
         for p, s, cosine in zip(params, slow, cosines):
             p.lerp_(s, 1 - (cosine + 1) / 2)
 
-    @torch.no_grad()
+    @without_grad
     def restore(self) -> None:
         """After a failed pass: the slow weights back, bit for bit, and the cycle abandoned."""
         params = self._in_cycle()
@@ -209,7 +210,7 @@ class LookbehindSAM(SharpnessAwareOptimizer):
 
     # -- the whole step ------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @without_grad
     def step(self, closure=None):
         """The k inner steps on the closure's batch (what is left of the current cycle); the first pass's loss."""
         if closure is None:

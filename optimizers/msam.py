@@ -52,6 +52,7 @@ import contextlib
 import torch
 
 from .base import SharpnessAwareOptimizer
+from .grad_mode import without_grad
 from .settings import Setting
 from .tensors import copy_tensors, global_norm
 
@@ -108,7 +109,7 @@ class MSAM(SharpnessAwareOptimizer):
             out.append((group, params, [self.state[p]["momentum_buffer"] for p in params]))
         return out
 
-    @torch.no_grad()
+    @without_grad
     def descend(self, zero_grad: bool = True) -> None:
         """The MSAM update from the gradient at w~ in ``.grad``; leaves the model at the new w~."""
         self.clip_descent_gradient()  # g, before weight decay joins it, as a plain loop's clip_grad_norm_

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from .base import SharpnessAwareOptimizer
+from .grad_mode import without_grad
 from .regularizer import WindowedKL
 from .settings import Setting
 
@@ -89,7 +90,7 @@ class SAFRegularizer(WindowedKL):
         z_ref = self.logits[ids, slot].to(outputs.device)
         return z_ref, ((self.recorded_in[ids, slot] == past) & (past >= 0)).to(outputs.device)
 
-    @torch.no_grad()
+    @without_grad
     def after_step(self, model, skipped=False):
         noted, self._noted = self._noted, []
         if skipped or not noted:
@@ -123,7 +124,7 @@ class MESARegularizer(WindowedKL):
         with torch.no_grad():
             return self.ema(inputs), None
 
-    @torch.no_grad()
+    @without_grad
     def after_step(self, model, skipped=False):
         if skipped:
             return
@@ -207,7 +208,7 @@ class TrajectoryLossOptimizer(SharpnessAwareOptimizer):
     def perturbs_this_step(self) -> bool:
         return False
 
-    @torch.no_grad()
+    @without_grad
     def descend(self, zero_grad: bool = True) -> None:
         if getattr(self, "regularizer", None) is None:
             name = type(self).__name__

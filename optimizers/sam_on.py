@@ -47,6 +47,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .base import SharpnessAwareOptimizer, split_params_and_model
+from .grad_mode import without_grad
 from .settings import Setting
 from .tensors import global_norm
 
@@ -95,7 +96,7 @@ class SAMON(SharpnessAwareOptimizer):
         name_of = dict(zip(map(id, group["params"]), names))
         return [(p, "weight" in name_of[id(p)]) for p in params if by_name(name_of[id(p)])]
 
-    @torch.no_grad()
+    @without_grad
     def perturb(self, zero_grad: bool = True) -> None:
         """Move only N to w + e; back up every parameter with a gradient (as the official code)."""
         groups = self.params_with_grad()

@@ -1,6 +1,6 @@
 """A copy of what one optimizer step changes, taken on the device before it, so that a step found
-non-finite at its end can be undone: the model's parameters and buffers and the optimizer's
-``state_dict``. Used by the training loop's skip rule and by :class:`optimizers.amp.ScaledStep`."""
+non-finite at its end can be undone: the model's parameters and buffers and what the optimizer's
+``state_dict`` saves. Used by the training loop's skip rule and by :class:`optimizers.amp.ScaledStep`."""
 
 from __future__ import annotations
 
@@ -9,20 +9,22 @@ import copy
 import torch
 from torch import nn
 
+from optimizers.base import group_settings
+from optimizers.grad_mode import without_grad
 from optimizers.tensors import KeptCopies, copy_tensors, local_tensor, select_where
 
 
 class StepSnapshot:
     """What a sharpness-aware step changes, copied on the device before it (no synchronisation), so a
     step found non-finite at its end can be undone: the model's parameters and buffers (BatchNorm
-    statistics of a non-finite pass included) and the optimizer's ``state_dict`` (momentum, the
-    variant's state, its random streams). The copies go into buffers kept across steps (fused
+    statistics of a non-finite pass included) and what the optimizer's ``state_dict`` saves (momentum,
+    the variant's state, its random streams; read from the optimizer unpacked, see :func:`held_state`). The copies go into buffers kept across steps (fused
     copies, no allocation on the step's path); only an undo allocates."""
 
     def __init__(self, model: nn.Module):
         self.live = [local_tensor(t) for t in [*model.parameters(), *model.buffers()]]  # a shard, when sharded
-        self._state = None  # the state_dict's structure, its tensors replaced by their index in _buffers
-        self._kept = KeptCopies()  # the copies: of ``live``, then of the state_dict's tensors
+        self._state = None  # the held state's structure (see held_state), its tensors replaced by their slot in _buffers
+        self._kept = KeptCopies()  # the copies: of ``live``, then of the held state's tensors
 
     @property
     def saved(self) -> list[torch.Tensor]:
@@ -31,16 +33,16 @@ class StepSnapshot:
 
     @property
     def _buffers(self) -> list[torch.Tensor]:
-        """The copies of the tensors of the optimizer's state_dict, by slot."""
+        """The copies of the tensors of the optimizer's held state, by slot."""
         return self._kept.copies[len(self.live) :]
 
-    @torch.no_grad()
+    @without_grad
     def save(self, optimizer) -> None:
         tensors: list[torch.Tensor] = []
-        self._state = _structure(optimizer.state_dict(), tensors)
+        self._state = _structure(held_state(optimizer), tensors)
         self._kept.save([*self.live, *tensors])
 
-    @torch.no_grad()
+    @without_grad
     def undo_where(self, optimizer, flag: torch.Tensor) -> bool:
         """Undo the step taken since :meth:`save` where ``flag`` (0-dim, on the step's device) is nonzero,
         without reading it: every weight, buffer and tensor of the optimizer's state on the flag's device is
@@ -53,7 +55,7 @@ class StepSnapshot:
         entry added or removed, as on a first step) returns False with nothing changed: the caller decides
         on the host."""
         tensors: list[torch.Tensor] = []
-        structure = _structure(optimizer.state_dict(), tensors)
+        structure = _structure(held_state(optimizer), tensors)
         advancing = getattr(type(optimizer), "advances_when_skipped", ())
         now = _undoable(structure, advancing)
         if now != _undoable(self._state, advancing):
@@ -66,11 +68,40 @@ class StepSnapshot:
         select_where([*self.live, *(tensors[s] for s in slots)], [*self.saved, *(self._buffers[s] for s in slots)], flag)
         return True
 
-    @torch.no_grad()
+    @without_grad
     def restore(self, optimizer) -> None:
         copy_tensors(self.live, self.saved)
         # clones: the optimizer adopts the tensors it is given, and these buffers serve the next save
-        optimizer.load_state_dict(_rebuilt(self._state, [t.clone() for t in self._buffers]))
+        optimizer.load_state_dict(as_state_dict(_rebuilt(self._state, [t.clone() for t in self._buffers]), optimizer))
+
+
+def held_state(optimizer) -> dict:
+    """What ``optimizer.state_dict()`` saves, as the optimizer holds it, without packing (a sharpness-aware
+    optimizer's :meth:`~optimizers.base.SharpnessAwareOptimizer.held_state`; a torch optimizer's state keyed by
+    its parameters, and its groups' settings): what a step may change, read at the cost of a few dict copies."""
+    held = getattr(optimizer, "held_state", None)
+    if held is not None:
+        return held()
+    return {"state": dict(optimizer.state), "param_groups": group_settings(optimizer.param_groups)}
+
+
+def as_state_dict(held: dict, optimizer) -> dict:
+    """A :func:`held_state` in the form ``optimizer.load_state_dict`` takes, as ``state_dict`` packs it: every
+    parameter key replaced by the parameter's index in the order of ``optimizer.param_groups``, and each group's
+    settings given its parameters' indices."""
+    index: dict[int, int] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            index.setdefault(id(p), len(index))
+    packed = {
+        key: {index[id(k)] if isinstance(k, torch.Tensor) else k: v for k, v in value.items()} if type(value) is dict else value
+        for key, value in held.items()
+    }
+    packed["param_groups"] = [
+        {**settings, "params": [index[id(p)] for p in group["params"]]}
+        for settings, group in zip(held["param_groups"], optimizer.param_groups)
+    ]
+    return packed
 
 
 class _Slot(int):

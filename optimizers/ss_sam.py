@@ -30,6 +30,7 @@ SAM; the paper's recommended schedule was not confirmed. rho 0.05 is SAM's.
 
 import torch
 
+from .grad_mode import without_grad
 from .sam import SAM
 from .settings import Setting
 
@@ -101,7 +102,7 @@ class SSSAM(SAM):
             self._draw = bool(torch.rand((), generator=self.generator()).item() < self.probability())
         return self._draw
 
-    @torch.no_grad()
+    @without_grad
     def restore(self) -> None:
         super().restore()
         self._draw = None  # ends the step's draw (descend calls this too, after the draw was used)
@@ -109,7 +110,7 @@ class SSSAM(SAM):
     def is_adaptive(self, group) -> bool:
         return False
 
-    @torch.no_grad()
+    @without_grad
     def descend(self, zero_grad: bool = True) -> None:
         sam = self._draw is True
         super().descend(zero_grad)

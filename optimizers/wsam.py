@@ -35,6 +35,7 @@ default off): set ``decouple = false`` in a recipe or through the Python API.
 
 import torch
 
+from .grad_mode import without_grad
 from .sam import SAM
 from .settings import Setting
 
@@ -103,7 +104,7 @@ class WSAM(SAM):
                 torch._foreach_mul_(g_adv, alpha)
                 torch._foreach_add_(g_adv, g, alpha=1.0 - alpha)
 
-    @torch.no_grad()
+    @without_grad
     def descend(self, zero_grad: bool = True) -> None:
         super().descend(zero_grad=False)
         for group, params, sharpness in self._sharpness:

@@ -15,6 +15,9 @@
 # Last, `python launch.py claims` over every setting whose per-run file (results/*_runs.csv) exists, into
 # results/claims.md (its command is at the top of that file).
 # Interrupted, it resumes: finished runs are kept and never trained twice.
+# STUDY_RESULTS=DIR writes the tables, their per-run files and claims.md into DIR instead of results/ (a table
+# refuses to replace a committed per-run file that holds finished runs it would leave out, as a rerun on
+# another machine, whose tuning chooses other points, would).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:?usage: bash scripts/cpu_study.sh CIFAR10_DIR [STEP ...]}
@@ -22,6 +25,8 @@ shift
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(cifar10_noise40_cpu cifar10_fit_cpu cifar10_noise20_cpu)
 log=${STUDY_LOG:-runs/cpu_study.log}
+out=${STUDY_RESULTS:-results}
+mkdir -p "$out"
 mkdir -p "$(dirname "$log")"
 start=$(date +%s)
 
@@ -36,7 +41,7 @@ for step in "${steps[@]}"; do
     { echo "$step: not a recipe (above)"; exit 1; }
   if [ "$tuned" = 0 ]; then  # swept, untuned: every run of its grid
       python launch.py sweep "$step" --data_dir "$data" --print_commands | in_lanes "$step"
-      python launch.py sweep "$step" --data_dir "$data" --tables_only || echo "$step: tables not written (above)"
+      python launch.py sweep "$step" --data_dir "$data" --tables_only --results_dir "$out" || echo "$step: tables not written (above)"
   else  # tuned: each stage's pending runs (trials, trials past an edge, final runs) two at a time
       prev=
       while cmds=$(python launch.py tune "$step" --data_dir "$data" --print_commands) && [ -n "$cmds" ]; do
@@ -44,15 +49,17 @@ for step in "${steps[@]}"; do
         printf '%s\n' "$cmds" | in_lanes "$step ($(printf '%s\n' "$cmds" | wc -l) runs)"
         prev=$cmds
       done
-      python launch.py tune "$step" --data_dir "$data" || echo "$step: tables not written (above)"
+      python launch.py tune "$step" --data_dir "$data" --results_dir "$out" || echo "$step: tables not written (above)"
   fi
 done
-settings=()  # every setting whose per-run file is here, committed or just written
-for setting in digits=results/digits_runs.csv digits_noisy=results/digits_noisy_runs.csv \
-    cifar10_cpu=results/cifar10_cpu_runs.csv digits_tune=results/digits_tune_tuned_runs.csv \
-    cifar10_small_cpu=results/cifar10_small_cpu_tuned_runs.csv cifar10_fit_cpu=results/cifar10_fit_cpu_tuned_runs.csv \
-    cifar10_noise20_cpu=results/cifar10_noise20_cpu_tuned_runs.csv cifar10_noise40_cpu=results/cifar10_noise40_cpu_tuned_runs.csv; do
-  [ -f "${setting#*=}" ] && settings+=("$setting")
+settings=()  # every setting whose per-run file is here (in $out, else in results/), committed or just written
+for setting in digits=digits_runs.csv digits_noisy=digits_noisy_runs.csv \
+    cifar10_cpu=cifar10_cpu_runs.csv digits_tune=digits_tune_tuned_runs.csv \
+    cifar10_small_cpu=cifar10_small_cpu_tuned_runs.csv cifar10_fit_cpu=cifar10_fit_cpu_tuned_runs.csv \
+    cifar10_noise20_cpu=cifar10_noise20_cpu_tuned_runs.csv cifar10_noise40_cpu=cifar10_noise40_cpu_tuned_runs.csv; do
+  for dir in "$out" results; do
+    if [ -f "$dir/${setting#*=}" ]; then settings+=("${setting%%=*}=$dir/${setting#*=}"); break; fi
+  done
 done
-python launch.py claims "${settings[@]}"
+python launch.py claims "${settings[@]}" --out "$out/claims.md"
 echo "[$(( ($(date +%s) - start) / 60 )) min] study done"

@@ -10,10 +10,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.config import RunConfig
 from bench.loop.precision import LossScaler
 from bench.loop.step import TrainClosure, take_step
-from optimizers import create_optimizer
-from optimizers.snapshot import StepSnapshot
+from bench.resolve import optimizer_settings
+from optimizers import create_optimizer, optimizer_class
+from optimizers.snapshot import StepSnapshot, as_state_dict, held_state
 
 #: Tensor methods that copy a device value to the host (each one waits for the device).
 HOST_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"}
@@ -95,13 +97,18 @@ def _loss_failing_on(pass_number: int):
     return loss_fn
 
 
-@pytest.mark.parametrize("name", ["sam", "gsam", "vasso", "ae_sam"])
-@pytest.mark.parametrize("fail_on_pass", [1, 2])
+@pytest.mark.parametrize(
+    "name, fail_on_pass",
+    # ESAM's second loss is its selection's (no gradient), LookSAM's third step has one pass: their first fails
+    [(name, p) for name in ("sam", "gsam", "vasso", "ae_sam", "bsam") for p in (1, 2)] + [("esam", 1), ("looksam", 1)],
+)
 def test_a_step_skipped_at_its_end_is_undone_exactly(name, fail_on_pass):
     """Two good steps, a bad one (its ascent or its descent pass non-finite), a good one: the
     same weights, buffers and optimizer state as the two good steps followed by the last one."""
     model, reference = bn_cnn(), bn_cnn()
-    opt, ref_opt = create_optimizer(name, model, lr=0.05, momentum=0.9), create_optimizer(name, reference, lr=0.05, momentum=0.9)
+    # seeded alike: a variant's own random stream (ESAM's dropped tensors, bSAM's noise) must be undone too
+    momentum = {"momentum": 0.9} if optimizer_class(name).uses_base_optimizer else {}  # bSAM: a rule of its own
+    opt, ref_opt = (create_optimizer(name, m, lr=0.05, seed=0, **momentum) for m in (model, reference))
     snapshot = StepSnapshot(model)
     for step in range(2):
         assert not take_step(opt, closure_for(model, *batch(step)), snapshot)
@@ -287,3 +294,49 @@ def test_a_run_undoing_its_steps_on_the_device_finds_its_divergence(tmp_path, mo
     # the first step is finite and every later one is not: a step deciding on the host stops at step 4; the
     # flags read three at a time find the run of skips at step 6, steps 2-6 skipped (and changing nothing)
     assert (summary["skipped_steps"], rows[-1]["step"]) == (5, 6)
+
+
+@pytest.mark.parametrize("name, base", [("sgd", "sgd"), ("adamw", "sgd"), ("sam", "sgd"), ("sam", "adamw")])
+def test_the_loop_takes_the_multi_tensor_base_step_and_it_is_the_per_tensor_one_bit_for_bit(name, base):
+    """The loop asks torch's multi-tensor (foreach) step on every device (fewer operators per step on a CPU, whose
+    default is a loop of per-tensor ones); five steps give the weights and state of the per-tensor step exactly."""
+    settings = optimizer_settings(RunConfig(optimizer=name, base_optimizer=base, lr=0.05, momentum=0.9, nesterov=True), 10)
+    assert settings["foreach"] is True
+    results = []
+    for foreach in (True, False):
+        model = bn_cnn()
+        opt = create_optimizer(name, model, base=base, **{**settings, "foreach": foreach})
+        for step in range(5):
+            assert not take_step(opt, closure_for(model, *batch(step)), StepSnapshot(model))
+        base_opt = getattr(opt, "base_optimizer", opt)
+        assert base_opt.param_groups[0]["foreach"] is foreach
+        state = [t for s in base_opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        results.append([*model.state_dict().values(), *state])
+    assert len(results[0]) == len(results[1]) > len(list(bn_cnn().state_dict()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "sam", "esam", "looksam", "bsam", "gsam"])
+def test_the_held_state_a_snapshot_reads_is_what_state_dict_saves(name):
+    """The snapshot reads the optimizer's state unpacked each step (no state_dict packing); packed, it is the
+    optimizer's own state_dict: the same entries, the same tensors."""
+    model = bn_cnn()
+    cls = optimizer_class(name)
+    settings = {} if name == "adamw" or not getattr(cls, "uses_base_optimizer", True) else {"momentum": 0.9}
+    opt = create_optimizer(name, model, lr=0.05, **settings, **({"seed": 0} if name not in ("sgd", "adamw") else {}))
+    for step in range(3):
+        assert not take_step(opt, closure_for(model, *batch(step)), StepSnapshot(model))
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and torch.equal(a, b)
+        if isinstance(a, dict):
+            return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+        return a == b
+
+    state_dict = opt.state_dict()
+    assert state_dict["state"] or state_dict.get("base_state")
+    assert same(as_state_dict(held_state(opt), opt), state_dict)

@@ -93,6 +93,7 @@ class TrainClosure(BatchClosure):
     ):
         #: a plain torch optimizer's clipping, after its one pass (a variant clips its own descent gradient)
         self.max_grad_norm = max_grad_norm
+        self._clear: torch.Tensor | None = None  # a flag the host last read as clear: the next step's, unchanged
         self.task_loss, self.regularizer = loss_fn, regularizer
         if regularizer is not None:
             loss_fn = self._regularised_loss
@@ -132,7 +133,11 @@ class TrainClosure(BatchClosure):
         #: Passes flag a non-finite loss or gradient here; with ``defer_check`` (set by take_step for
         #: a sharpness-aware step) nothing reads it until :meth:`nonfinite`, else each pass decides.
         self.defer_check = False
-        self.bad = torch.zeros((), device=inputs.device)
+        # a new tensor each step, unless the host read the last one as clear (a flag left on the device may be
+        # kept by the loop, to be read with others later)
+        clear = self._clear
+        self.bad = clear if clear is not None and clear.device == inputs.device else torch.zeros((), device=inputs.device)
+        self._clear = None
 
     def __call__(self, subset=None, **request):
         self._subset = subset
@@ -177,7 +182,9 @@ class TrainClosure(BatchClosure):
 
     def nonfinite(self) -> bool:
         """:meth:`flag`, read by the host: one host synchronisation."""
-        return bool(self.flag().item())
+        found = bool(self.flag().item())
+        self._clear = None if found else self.bad  # a sum of no flag set: this process's own is clear
+        return found
 
     def observe(self, outputs, targets, losses, phase):
         if self._subset is None and self._counted is None:
