@@ -144,9 +144,7 @@ def optimizer_settings(config: RunConfig, num_train: int) -> dict[str, Any]:
         settings = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov)
     else:
         settings = dict(lr=config.lr, weight_decay=config.weight_decay)
-    # torch's multi-tensor (foreach) step on every device: its default on a GPU; on a CPU, where torch's default is
-    # a loop of per-tensor operators, the same arithmetic bit for bit in a few operators per step
-    return {**settings, "foreach": True, **filled, **config.hyperparameters}
+    return {**settings, **filled, **config.hyperparameters}
 
 
 def _check_optimizer(config: RunConfig) -> None:

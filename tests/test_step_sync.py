@@ -10,10 +10,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.config import RunConfig
 from bench.loop.precision import LossScaler
 from bench.loop.step import TrainClosure, take_step
-from bench.resolve import optimizer_settings
 from optimizers import create_optimizer, optimizer_class
 from optimizers.snapshot import StepSnapshot, as_state_dict, held_state
 
@@ -294,27 +292,6 @@ def test_a_run_undoing_its_steps_on_the_device_finds_its_divergence(tmp_path, mo
     # the first step is finite and every later one is not: a step deciding on the host stops at step 4; the
     # flags read three at a time find the run of skips at step 6, steps 2-6 skipped (and changing nothing)
     assert (summary["skipped_steps"], rows[-1]["step"]) == (5, 6)
-
-
-@pytest.mark.parametrize("name, base", [("sgd", "sgd"), ("adamw", "sgd"), ("sam", "sgd"), ("sam", "adamw")])
-def test_the_loop_takes_the_multi_tensor_base_step_and_it_is_the_per_tensor_one_bit_for_bit(name, base):
-    """The loop asks torch's multi-tensor (foreach) step on every device (fewer operators per step on a CPU, whose
-    default is a loop of per-tensor ones); five steps give the weights and state of the per-tensor step exactly."""
-    settings = optimizer_settings(RunConfig(optimizer=name, base_optimizer=base, lr=0.05, momentum=0.9, nesterov=True), 10)
-    assert settings["foreach"] is True
-    results = []
-    for foreach in (True, False):
-        model = bn_cnn()
-        opt = create_optimizer(name, model, base=base, **{**settings, "foreach": foreach})
-        for step in range(5):
-            assert not take_step(opt, closure_for(model, *batch(step)), StepSnapshot(model))
-        base_opt = getattr(opt, "base_optimizer", opt)
-        assert base_opt.param_groups[0]["foreach"] is foreach
-        state = [t for s in base_opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-        results.append([*model.state_dict().values(), *state])
-    assert len(results[0]) == len(results[1]) > len(list(bn_cnn().state_dict()))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw", "sam", "esam", "looksam", "bsam", "gsam"])

@@ -275,9 +275,7 @@ def to_markdown(rows: list[dict], settings: dict, command: str) -> str:
         "",
         "The bare SAM loop is SAM written out as its reference code takes its step (the two passes, e = rho g / ||g||, w "
         "restored by subtracting e, SGD's step): the cost any SAM step has, against which the harness's SAM step is its "
-        "own overhead. The harness asks torch's multi-tensor (foreach) base step on every device; the bare loops keep "
-        "torch's default, which is the same on a GPU and a loop of per-tensor operators on a CPU (the same arithmetic "
-        "bit for bit).",
+        "own overhead.",
         "",
         "Operators: ATen operators one step dispatches beyond its forward-backward passes (on a GPU, at least one "
         "kernel launch each; a compiled graph's own kernels are not counted). Host reads: device values the host "
