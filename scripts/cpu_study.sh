@@ -5,7 +5,7 @@
 # and torch import per run, and lanes that end together). Their tables
 # flag the time ratios as contended: results/perf_resnet8.md has the quiet ones.
 #   bash scripts/cpu_study.sh CIFAR10_DIR [STEP ...]     # CIFAR10_DIR e.g. ../shared/data/cifar10
-# Steps (default: the study, in this order, then the claims; about 2 h 45 min on a quiet 2-core machine, estimated from its runs' CPU time):
+# Steps (default: the study, in this order, then the claims; 2 h 03 min from no runs on a 2-core Intel Xeon, measured):
 #   cifar10_noise40_cpu, cifar10_fit_cpu, cifar10_noise20_cpu: 250 real CIFAR-10 images that SGD fits
 #     (40% noisy, clean and 20% noisy labels), 12 contenders each tuned with `launch.py tune` (3 points x
 #     3 validation folds, an edge extended once), then 5 final seeds; their tables and plots.
