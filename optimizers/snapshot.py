@@ -18,8 +18,9 @@ class StepSnapshot:
     """What a sharpness-aware step changes, copied on the device before it (no synchronisation), so a
     step found non-finite at its end can be undone: the model's parameters and buffers (BatchNorm
     statistics of a non-finite pass included) and what the optimizer's ``state_dict`` saves (momentum,
-    the variant's state, its random streams; read from the optimizer unpacked, see :func:`held_state`). The copies go into buffers kept across steps (fused
-    copies, no allocation on the step's path); only an undo allocates."""
+    the variant's state, its random streams; read from the optimizer unpacked, see :func:`held_state`).
+    The copies go into buffers kept across steps (fused copies, no allocation on the step's path); only
+    an undo allocates."""
 
     def __init__(self, model: nn.Module):
         self.live = [local_tensor(t) for t in [*model.parameters(), *model.buffers()]]  # a shard, when sharded
