@@ -63,9 +63,11 @@ def split_params_and_model(params, model: nn.Module | None) -> tuple[Any, nn.Mod
     return params, model
 
 
-def group_settings(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each parameter group's settings: the group without its ``params``."""
-    return [{key: value for key, value in group.items() if key != "params"} for group in param_groups]
+def held_torch_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What torch's ``Optimizer.state_dict`` saves, as the optimizer holds it (no packing): its state keyed by the
+    parameters themselves, and each group's settings (the group without its ``params``)."""
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    return {"state": dict(optimizer.state), "param_groups": settings}
 
 
 class RunningStatsFreeze:
@@ -491,7 +493,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """What :meth:`state_dict` saves, as this optimizer holds it: its state and its base optimizer's keyed by the
         parameters themselves, the groups' settings without their parameters, the random streams' states. Read every
         step by :class:`optimizers.snapshot.StepSnapshot`, where packing a state_dict would cost more than the copy."""
-        held = {"state": dict(self.state), "param_groups": group_settings(self.param_groups)}
+        held = held_torch_state(self)
         if self.base_optimizer is not None:
             held["base_state"] = dict(self.base_optimizer.state)
         if self._generators:

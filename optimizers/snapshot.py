@@ -9,7 +9,7 @@ import copy
 import torch
 from torch import nn
 
-from optimizers.base import group_settings
+from optimizers.base import held_torch_state
 from optimizers.grad_mode import without_grad
 from optimizers.tensors import KeptCopies, copy_tensors, local_tensor, select_where
 
@@ -81,27 +81,20 @@ def held_state(optimizer) -> dict:
     optimizer's :meth:`~optimizers.base.SharpnessAwareOptimizer.held_state`; a torch optimizer's state keyed by
     its parameters, and its groups' settings): what a step may change, read at the cost of a few dict copies."""
     held = getattr(optimizer, "held_state", None)
-    if held is not None:
-        return held()
-    return {"state": dict(optimizer.state), "param_groups": group_settings(optimizer.param_groups)}
+    return held() if held is not None else held_torch_state(optimizer)
 
 
 def as_state_dict(held: dict, optimizer) -> dict:
-    """A :func:`held_state` in the form ``optimizer.load_state_dict`` takes, as ``state_dict`` packs it: every
-    parameter key replaced by the parameter's index in the order of ``optimizer.param_groups``, and each group's
-    settings given its parameters' indices."""
-    index: dict[int, int] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            index.setdefault(id(p), len(index))
+    """A :func:`held_state` in the form ``optimizer.load_state_dict`` takes: every parameter key replaced by the
+    index ``optimizer.state_dict()`` gives that parameter (torch's numbering, read from it: an undo is rare), and
+    each group's settings given its parameters' indices."""
+    numbered = optimizer.state_dict()["param_groups"]
+    index = {id(p): i for group, saved in zip(optimizer.param_groups, numbered) for p, i in zip(group["params"], saved["params"])}
     packed = {
         key: {index[id(k)] if isinstance(k, torch.Tensor) else k: v for k, v in value.items()} if type(value) is dict else value
         for key, value in held.items()
     }
-    packed["param_groups"] = [
-        {**settings, "params": [index[id(p)] for p in group["params"]]}
-        for settings, group in zip(held["param_groups"], optimizer.param_groups)
-    ]
+    packed["param_groups"] = [{**settings, "params": saved["params"]} for settings, saved in zip(held["param_groups"], numbered)]
     return packed
 
 
