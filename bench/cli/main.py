@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import warnings
 from importlib import import_module
 from typing import NoReturn
@@ -70,6 +71,22 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+#: Seconds another process of a torchrun job waits, after refusing, for the launcher to stop it.
+REFUSAL_WAIT_S = 60
+
+
+def _say(message: str) -> None:
+    """Process 0 says why the job stops; every process stops alike, so one says so. Another process of a job under
+    torchrun's agent (``TORCHELASTIC_RUN_ID``) waits first: were it to leave at once, the agent would stop process
+    0 before it had said why, and the job would fail without a word. Once process 0 has left, the agent stops the
+    waiting ones; a process still running after :data:`REFUSAL_WAIT_S` (a refusal of its own) says why itself."""
+    if _is_main_process():
+        print(message, file=sys.stderr)
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        time.sleep(REFUSAL_WAIT_S)
+        print(message, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     warnings.formatwarning = _one_line_warning
@@ -83,12 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             run_parser().parse_args(argv)
         return _command("bench.cli.run:cmd_run")(argv)
     except UserError as err:
-        if _is_main_process():  # every process refuses alike; one says so
-            print(f"error: {err}", file=sys.stderr)
+        _say(f"error: {err}")
         return 2
     except RunStopped as err:
-        if _is_main_process():
-            print(f"error: {err}", file=sys.stderr)
+        _say(f"error: {err}")
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
