@@ -27,6 +27,7 @@ class ASAM(SharpnessAwareOptimizer):
     )
     paper = "Kwon et al., ICML'21"
     rule = "T_w = |w| + eta on `*weight*` tensors, 1 on biases; e = rho T_w² g / ||T_w g||"
+    undone_by_restore = True  # e is a function of this step's gradient alone
 
     def _is_weight(self, group, params):
         """Names decide, as in the official code; without names, tensors of rank > 1 count as weights."""

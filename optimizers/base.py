@@ -175,6 +175,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     #: them advanced, as it leaves the learning-rate schedule, the data order and the random streams.
     #: LookSAM's step count (its k-step cycle); ESAM's draw of the tensors its next ascent differentiates.
     advances_when_skipped: ClassVar[tuple[str, ...]] = ()
+    #: Whether a step stopped at any of its passes (a non-finite loss or gradient found there) is undone by
+    #: :meth:`restore` alone: before its descent, the step moves nothing but the weights :meth:`perturb` saved
+    #: (no state, no setting, no random draw), and its update comes after its last pass. A loop that reads each
+    #: pass's flag on the host then needs no snapshot of the optimizer (see :func:`bench.loop.step.take_step`).
+    #: ``tests/test_step_sync.py`` checks every variant that declares it.
+    undone_by_restore: ClassVar[bool] = False
     #: Tells ``torch.amp.GradScaler.step`` to call :meth:`step` as it is, so that the step can refuse it in one
     #: line (see optimizers.drivers) instead of running on gradients unscaled once.
     _step_supports_amp_scaling: ClassVar[bool] = True

@@ -39,8 +39,11 @@ class BatchClosure:
 
     ``loss_fn(outputs, targets)`` must return per-sample losses (e.g.
     ``nn.CrossEntropyLoss(reduction="none")``). ``backward`` replaces
-    ``loss.backward()`` (e.g. ``accelerator.backward``). With ``accumulation_steps`` A
-    every pass runs as A micro-batches whose gradients add up to the full-batch mean.
+    ``loss.backward()`` (e.g. ``accelerator.backward``); without it, a whole-batch pass
+    differentiates the per-sample losses with the mean's gradient (1/n each) given
+    directly, the gradients of ``losses.mean().backward()`` bit for bit with one autograd
+    node fewer. With ``accumulation_steps`` A every pass runs as A micro-batches whose
+    gradients add up to the full-batch mean.
 
     Data parallel: ``no_sync`` makes a context in which a backward's gradients stay on this
     process (``lambda: accelerator.no_sync(model)``, or a DDP module's ``no_sync``). Every
@@ -75,7 +78,8 @@ class BatchClosure:
         self.model = model
         self.loss_fn = loss_fn
         self.accumulation_steps = accumulation_steps
-        self._backward = backward or Tensor.backward
+        self._backward = backward  # None: autograd's own backward
+        self._mean_grads: dict[tuple, Tensor] = {}  # the mean's gradient by (shape, dtype, device), made once
         #: the model's parameters, where the caller keeps the list (each pass zeroes their gradients
         #: without walking the model's modules); None: ``model.zero_grad``
         self.params = params
@@ -137,9 +141,9 @@ class BatchClosure:
             with grad_mode, self.context(phase):
                 outputs = self.model(x)
                 losses = self.loss_fn(outputs, y)
-                loss = losses.mean()
-                self._backward(loss)
-            outputs, losses, loss = outputs.detach(), losses.detach(), loss.detach()
+                self._backward_mean(losses)
+            outputs, losses = outputs.detach(), losses.detach()
+            loss = losses.mean()
         else:
             outputs, losses = [], []
             with grad_mode:
@@ -147,7 +151,7 @@ class BatchClosure:
                     with self.context(phase, last_micro_batch=i == len(micro) - 1):
                         out = self.model(x)
                         micro_losses = self.loss_fn(out, y)
-                        self._backward(micro_losses.sum() / n)
+                        (self._backward or Tensor.backward)(micro_losses.sum() / n)
                     outputs.append(out.detach())
                     losses.append(micro_losses.detach())
             outputs, losses = torch.cat(outputs), torch.cat(losses)
@@ -157,6 +161,18 @@ class BatchClosure:
         self.sample_passes += n / self.batch_size
         self.observe(outputs, targets, losses, phase)
         return losses if per_sample else loss
+
+    def _backward_mean(self, losses: Tensor) -> None:
+        """The backward of ``losses.mean()``: ``backward``'s, else autograd's from the mean's gradient, 1/numel
+        per loss (the very values the mean's own backward passes on)."""
+        if self._backward is not None:
+            self._backward(losses.mean())
+            return
+        key = (losses.shape, losses.dtype, losses.device)
+        grad = self._mean_grads.get(key)
+        if grad is None:
+            grad = self._mean_grads[key] = torch.ones(losses.shape, dtype=losses.dtype, device=losses.device) / losses.numel()
+        torch.autograd.backward(losses, grad)
 
     def observe(self, outputs: Tensor, targets: Tensor, losses: Tensor, phase: str) -> None:
         """Called after every backward pass; keeps the outputs and loss of the first one."""

@@ -35,6 +35,7 @@ class FisherSAM(SharpnessAwareOptimizer):
     )
     paper = "Kim et al., ICML'22"
     rule = "f = 1 + eta g²; e = rho f⁻¹g / sqrt(gᵀf⁻¹g) (rho is the paper's gamma)"
+    undone_by_restore = True  # e is a function of this step's gradient alone
 
     def perturbation(self, groups):
         grads, directions = [], []

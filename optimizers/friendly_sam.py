@@ -33,6 +33,7 @@ class FriendlySAM(SAM):
     )
     paper = "Li et al., CVPR'24"
     rule = "d = g - sigma m, m <- lmbda m + (1 - lmbda) g; SAM with d"
+    undone_by_restore = False  # its perturbation moves the gradient's running mean
     extra_memory = 2
     memory_note = "weight backup, m"
 

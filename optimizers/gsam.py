@@ -59,6 +59,7 @@ class GSAM(SAM):
     )
     paper = "Zhuang et al., ICLR'22"
     rule = "descent g_s - alpha g_v, g_v = part of g orthogonal to g_s; rho_t follows the lr from rho to rho_min"
+    undone_by_restore = False  # its perturbation sets the groups' radius rho_t
     ascent_sync = "global"
 
     def validate(self, group):

@@ -30,6 +30,7 @@ class SAM(SharpnessAwareOptimizer):
     )
     paper = "Foret et al., ICLR'21"
     rule = "e = rho g / ||g||"
+    undone_by_restore = True  # e is a function of this step's gradient alone
 
     def is_adaptive(self, group) -> bool:
         return group["adaptive"]

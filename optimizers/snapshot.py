@@ -23,7 +23,9 @@ class StepSnapshot:
     an undo allocates."""
 
     def __init__(self, model: nn.Module):
-        self.live = [local_tensor(t) for t in [*model.parameters(), *model.buffers()]]  # a shard, when sharded
+        self.buffers = [local_tensor(t) for t in model.buffers()]
+        self.live = [*(local_tensor(t) for t in model.parameters()), *self.buffers]  # a shard, when sharded
+        self._kept_buffers = KeptCopies()  # the buffers alone (see save_buffers)
         self._state = None  # the held state's structure (see held_state), its tensors replaced by their slot in _buffers
         self._kept = KeptCopies()  # the copies: of ``live``, then of the held state's tensors
 
@@ -42,6 +44,19 @@ class StepSnapshot:
         tensors: list[torch.Tensor] = []
         self._state = _structure(held_state(optimizer), tensors)
         self._kept.save([*self.live, *tensors])
+
+    @without_grad
+    def save_buffers(self) -> None:
+        """Copy the model's buffers alone (BatchNorm statistics, which a forward pass moves): all a step changes
+        that its optimizer does not bring back itself, where each pass decides before the update."""
+        if self.buffers:
+            self._kept_buffers.save(self.buffers)
+
+    @without_grad
+    def restore_buffers(self) -> None:
+        """Copy back the buffers :meth:`save_buffers` copied."""
+        if self.buffers:
+            self._kept_buffers.restore()
 
     @without_grad
     def undo_where(self, optimizer, flag: torch.Tensor) -> bool:

@@ -77,6 +77,7 @@ class SSSAM(SAM):
     )
     paper = "Zhao et al., arXiv'22"
     rule = "each step a SAM step with probability p_t (constant, or linear from p to p_end), else a plain step with g"
+    undone_by_restore = False  # a step's draw of its passes advances its own stream
     passes = "1 + p_t (mean)"
 
     def __init__(self, params, base_optimizer="sgd", **kwargs):

@@ -12,7 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.loop.precision import LossScaler
 from bench.loop.step import TrainClosure, take_step
-from optimizers import create_optimizer, optimizer_class
+from optimizers import SharpnessAwareOptimizer, create_optimizer, optimizer_class
+from optimizers.registry import available_optimizers
 from optimizers.snapshot import StepSnapshot, as_state_dict, held_state
 
 #: Tensor methods that copy a device value to the host (each one waits for the device).
@@ -67,6 +68,7 @@ def closure_for(model, x, y, loss_fn=None, scaler=None, accumulation_steps=1):
     ],
 )
 def test_one_host_synchronisation_per_step(name, settings):
+    """Decided once at its end (as where a read waits for the device), a step reads one flag."""
     model = bn_cnn()
     accumulation = settings.pop("accumulation_steps", 1)
     scaler = LossScaler() if settings.pop("fp16_scaler", False) else None
@@ -76,11 +78,28 @@ def test_one_host_synchronisation_per_step(name, settings):
     for step in range(4):  # LookSAM k=2: steps with and without its second pass
         closure = closure_for(model, *batch(step), scaler=scaler, accumulation_steps=accumulation)
         with CountHostReads() as reads:
-            skipped = take_step(opt, closure, snapshot)
+            skipped = take_step(opt, closure, snapshot, each_pass=False)
         assert not skipped
         reads_per_step.append(len(reads.calls))
         assert closure.passes >= 1
     assert reads_per_step == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("name, passes", [("sgd", 1), ("sam", 2), ("asam", 2), ("gsam", 1)])
+def test_on_a_cpu_a_variant_undone_by_its_restore_reads_each_pass_and_takes_no_snapshot(name, passes, monkeypatch):
+    """On a CPU (a read waits for nothing) a step of a variant declaring ``undone_by_restore`` reads its flag after
+    each pass and copies none of the optimizer's state; any other variant reads once, after a snapshot."""
+    model = bn_cnn()
+    opt = create_optimizer(name, model, lr=0.05)
+    snapshot = StepSnapshot(model)
+    saved = []
+    monkeypatch.setattr(snapshot, "save", lambda optimizer: saved.append(optimizer))
+    for step in range(2):
+        closure = closure_for(model, *batch(step))
+        with CountHostReads() as reads:
+            assert not take_step(opt, closure, snapshot)
+        assert len(reads.calls) == passes
+    assert len(saved) == (2 if name == "gsam" else 0)
 
 
 def _loss_failing_on(pass_number: int):
@@ -317,3 +336,61 @@ def test_the_held_state_a_snapshot_reads_is_what_state_dict_saves(name):
     state_dict = opt.state_dict()
     assert state_dict["state"] or state_dict.get("base_state")
     assert same(as_state_dict(held_state(opt), opt), state_dict)
+
+
+def _whole_state(model, opt):
+    """Every weight and buffer, and the optimizer's whole state_dict (its settings included), flattened."""
+    tensors = [t.reshape(-1).double() for t in model.state_dict().values()]
+    numbers = []
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            tensors.append(value.reshape(-1).double())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                numbers.append(str(key))
+                walk(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+        else:
+            numbers.append(repr(value))
+
+    walk(opt.state_dict())
+    return torch.cat(tensors), numbers
+
+
+UNDONE_BY_RESTORE = [name for name in available_optimizers() if getattr(optimizer_class(name), "undone_by_restore", False)]
+
+
+@pytest.mark.parametrize(
+    "name, fail_on_pass", [("sgd", 1), ("adamw", 1), *((name, p) for name in UNDONE_BY_RESTORE for p in (1, 2))]
+)
+def test_a_step_stopped_at_a_pass_without_a_snapshot_of_the_optimizer_changes_nothing(name, fail_on_pass):
+    """A plain optimizer's step, and each step of a variant declaring ``undone_by_restore``, decides at every pass
+    on the host and is undone by the variant's restore and the model's buffers alone: a step that stops at its
+    ascent or descent pass (or a plain optimizer's forward, non-finite) leaves every weight, BatchNorm buffer and
+    state_dict entry as it was, settings included, and the run goes on as one without it."""
+    model, reference = bn_cnn(), bn_cnn()
+    seeded = {"seed": 0} if issubclass(optimizer_class(name), SharpnessAwareOptimizer) else {}
+    opt, ref_opt = (create_optimizer(name, m, lr=0.05, **seeded) for m in (model, reference))
+    snapshot, ref_snapshot = StepSnapshot(model), StepSnapshot(reference)
+    for step in range(2):
+        assert not take_step(opt, closure_for(model, *batch(step)), snapshot)
+        assert not take_step(ref_opt, closure_for(reference, *batch(step)), ref_snapshot)
+    before = _whole_state(model, opt)
+    bad_x, bad_y = batch(7)
+    if fail_on_pass == 1:
+        bad_x[0, 0, 0, 0] = float("nan")  # through the forward: BatchNorm's statistics see it
+        loss_fn = None
+    else:
+        loss_fn = _loss_failing_on(2)
+    closure = closure_for(model, bad_x, bad_y, loss_fn=loss_fn)
+    assert take_step(opt, closure, snapshot)
+    assert closure.passes == 0 if fail_on_pass == 1 else closure.passes == 1  # stopped at the failing pass
+    assert all(p.grad is None for p in model.parameters())
+    after = _whole_state(model, opt)
+    assert torch.equal(after[0], before[0]) and after[1] == before[1]
+    assert not take_step(opt, closure_for(model, *batch(3)), snapshot)
+    assert not take_step(ref_opt, closure_for(reference, *batch(3)), ref_snapshot)
+    assert torch.equal(_whole_state(model, opt)[0], _whole_state(reference, ref_opt)[0])

@@ -37,7 +37,7 @@ from bench.loop.state import Run, lr_lambda
 from bench.loop.step import effective_ascent_sync, skips_on_device
 from bench.loop.sync_bn import convert_sync_batchnorm
 from bench.resolve import optimizer_settings, resolved_hyperparameters
-from optimizers import SharpnessAwareOptimizer, create_optimizer
+from optimizers import create_optimizer
 from optimizers.regularizer import build_regularizer
 from optimizers.snapshot import StepSnapshot
 
@@ -179,9 +179,7 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
         for group in optimizer.param_groups:
             if "capturable" in group:
                 group["capturable"] = True
-    snapshot = (
-        StepSnapshot(accelerator.unwrap_model(model)) if on_device or isinstance(optimizer, SharpnessAwareOptimizer) else None
-    )
+    snapshot = StepSnapshot(accelerator.unwrap_model(model))
     run = Run(
         config=config,
         accelerator=accelerator,
@@ -197,7 +195,8 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
         ascent_sync=ascent_sync,
         steps_per_epoch=steps_per_epoch,
         aug_generator=aug_generator,
-        loss_fn=nn.CrossEntropyLoss(reduction="none", label_smoothing=config.label_smoothing),
+        # the function, not its module: a pass calls it without a module's hooks machinery
+        loss_fn=functools.partial(nn.functional.cross_entropy, reduction="none", label_smoothing=config.label_smoothing),
         noisy_indices=prepared.noisy_indices,
         regularizer=regularizer,
         snapshot=snapshot,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -87,14 +88,15 @@ class Run:
     ascent_sync: str
     steps_per_epoch: int
     aug_generator: torch.Generator
-    loss_fn: nn.Module
+    #: per-sample losses of (outputs, targets): cross-entropy with the run's label smoothing
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     #: the training images whose labels label noise replaced (None: no label noise)
     noisy_indices: torch.Tensor | None
     #: The extra loss term the optimizer's class declares (``loss_regularizer``), if any.
     regularizer: LossRegularizer | None
-    #: Where a skipped step is undone from (see bench.loop.step); None for a plain optimizer whose steps are
-    #: decided on the host.
-    snapshot: StepSnapshot | None
+    #: Where a skipped step is undone from (see bench.loop.step): the model's buffers alone where each pass
+    #: decides on the host, else the whole step's.
+    snapshot: StepSnapshot
     #: The FSDP plugin when the model is sharded (see :mod:`bench.loop.sharding`), else None.
     fsdp: FullyShardedDataParallelPlugin | None
     load_at_start: float | None

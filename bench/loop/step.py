@@ -7,13 +7,16 @@ unscales fp16 losses, and flags a non-finite loss or gradient on the device.
 The skip rule has two forms, with the same result for every step taken.
 
 - **On the host** (a CPU, where reading a flag costs nothing; an fp16 run, whose loss scale is a
-  host number; a variant with a loss term): one host read per step, the skip decision. A plain
-  torch optimizer evaluates its closure once, before it changes anything, so its one pass
-  decides there. A sharpness-aware step runs all its passes without looking (a non-finite
+  host number; a variant with a loss term). A plain torch optimizer evaluates its closure once,
+  before it changes anything, so its one pass decides there (one host read per step). On a CPU,
+  so does each pass of a variant that declares ``undone_by_restore`` (nothing but the weights
+  moves before its update, and its ``restore`` brings them back): a read per pass, no snapshot. Either way the model's buffers (BatchNorm
+  statistics, which the forward pass moves) are copied before the step and copied back if it
+  stops. Any other sharpness-aware step runs all its passes without looking (a non-finite
   ascent gradient makes the perturbed weights, and so every later pass, non-finite too), and is
-  decided once at its end; a skipped step is then undone from a :class:`StepSnapshot` taken on
-  the device before it began (weights, BatchNorm buffers and the optimizer's state as its
-  ``state_dict`` holds it).
+  decided once at its end (one host read); a skipped step is then undone from a
+  :class:`StepSnapshot` taken before it began (weights, BatchNorm buffers and the optimizer's
+  state as its ``state_dict`` holds it).
 - **On the device** (an accelerator otherwise): no host read. Every step is taken, then undone
   on the device where its flag is set (:meth:`StepSnapshot.undo_where`: a select between the
   snapshot and the new values); the loop reads the flags of many steps at once, later (see
@@ -97,6 +100,9 @@ class TrainClosure(BatchClosure):
         self.task_loss, self.regularizer = loss_fn, regularizer
         if regularizer is not None:
             loss_fn = self._regularised_loss
+        # ``plain_backward``: the loop's answer of :func:`backward_is_plain`, kept across its steps; a plain
+        # backward is autograd's own (BatchClosure's default)
+        self._plain_backward = backward_is_plain(accelerator, scaler) if plain_backward is None else plain_backward
         no_sync = (lambda: accelerator.no_sync(model)) if accelerator.num_processes > 1 else None
         # every parameter, not only those needing a gradient now: a variant may switch requires_grad
         # between passes (ESAM), and each pass's gradients must be unscaled and checked (``params``: the
@@ -106,16 +112,15 @@ class TrainClosure(BatchClosure):
             loss_fn,
             inputs,
             targets,
-            backward=self._scaled_backward,
+            backward=None if self._plain_backward else self._scaled_backward,
             accumulation_steps=accumulation_steps,
             no_sync=no_sync,
             ascent_sync=ascent_sync,
             params=list(model.parameters()) if params is None else params,
         )
         self.accelerator, self.scaler = accelerator, scaler
+        self._world = accelerator.num_processes
         self._check = GradientCheck(self.params)  # each pass's gradients: unscaled and checked
-        # ``plain_backward``: the loop's answer of :func:`backward_is_plain`, kept across its steps
-        self._plain_backward = backward_is_plain(accelerator, scaler) if plain_backward is None else plain_backward
         self._start(inputs, targets, sample_ids, epoch, sums)
 
     def next_batch(self, inputs, targets, sample_ids=None, epoch: int = 0, sums: EpochSums | None = None) -> None:
@@ -158,9 +163,7 @@ class TrainClosure(BatchClosure):
         return self.task_loss(outputs, targets) + self.regularizer.extra_loss(outputs, ids, self.epoch, inputs)
 
     def _scaled_backward(self, loss):
-        if self._plain_backward:
-            loss.backward()
-        elif self.scaler is None:
+        if self.scaler is None:
             self.accelerator.backward(loss)
         else:
             self.scaler.backward(loss)
@@ -176,7 +179,7 @@ class TrainClosure(BatchClosure):
     def flag(self) -> torch.Tensor:
         """Nonzero where any pass so far, on any process, had a non-finite loss or gradient: a 0-dim tensor
         on the device. Every process must call it at the same point (one all-reduce, no host read)."""
-        if self.accelerator.num_processes == 1:
+        if self._world == 1:
             return self.bad
         return self.accelerator.reduce(self.bad.reshape(1), reduction="sum").reshape(())
 
@@ -221,13 +224,19 @@ def skips_on_device(device: torch.device, scaler: LossScaler | None, regularizer
 
 
 def take_step(
-    optimizer, closure: TrainClosure, snapshot: StepSnapshot | None = None, *, on_device: bool = False
+    optimizer,
+    closure: TrainClosure,
+    snapshot: StepSnapshot | None = None,
+    *,
+    on_device: bool = False,
+    each_pass: bool | None = None,
 ) -> bool | torch.Tensor:
     """One optimizer step; a non-finite pass skips it, leaving weights and optimizer state as they were.
 
-    Returns whether it was skipped: a bool decided on the host (one host read), or, ``on_device``, the
-    step's flag as a 0-dim device tensor (nonzero: skipped, and undone already) where the step could be
-    undone without a host read."""
+    Returns whether it was skipped: a bool decided on the host, or, ``on_device``, the step's flag as a
+    0-dim device tensor (nonzero: skipped, and undone already) where the step could be undone without a
+    host read. On the host, a variant that declares ``undone_by_restore`` decides at each of its passes
+    where ``each_pass`` (by default, on a CPU, where a read waits for nothing), else once at its end."""
     if on_device:
         snapshot = snapshot or StepSnapshot(closure.model)
         snapshot.save(optimizer)
@@ -240,15 +249,22 @@ def take_step(
             return False
         _undo(optimizer, snapshot)
         return True
-    if not isinstance(optimizer, SharpnessAwareOptimizer):
+    snapshot = snapshot or StepSnapshot(closure.model)
+    sharpness_aware = isinstance(optimizer, SharpnessAwareOptimizer)
+    if each_pass is None:
+        each_pass = closure.bad.device.type == "cpu"
+    if not sharpness_aware or (each_pass and type(optimizer).undone_by_restore):  # each pass decides, before the update
+        snapshot.save_buffers()
         closure.defer_check = False
         try:
             optimizer.step(closure)
             return False
         except NonFiniteGradient:
+            if sharpness_aware:
+                optimizer.restore()
+            snapshot.restore_buffers()
             optimizer.zero_grad()
             return True
-    snapshot = snapshot or StepSnapshot(closure.model)
     snapshot.save(optimizer)
     closure.defer_check = True
     optimizer.step(closure)
