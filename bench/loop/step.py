@@ -10,9 +10,9 @@ The skip rule has two forms, with the same result for every step taken.
   host number; a variant with a loss term). A plain torch optimizer evaluates its closure once,
   before it changes anything, so its one pass decides there (one host read per step). On a CPU,
   so does each pass of a variant that declares ``undone_by_restore`` (nothing but the weights
-  moves before its update, and its ``restore`` brings them back): a read per pass, no snapshot. Either way the model's buffers (BatchNorm
-  statistics, which the forward pass moves) are copied before the step and copied back if it
-  stops. Any other sharpness-aware step runs all its passes without looking (a non-finite
+  moves before its update, and its ``restore`` brings them back): a read per pass, no snapshot.
+  Either way the model's buffers (BatchNorm statistics, which the forward pass moves) are copied
+  before the step and copied back if it stops. Any other sharpness-aware step runs all its passes without looking (a non-finite
   ascent gradient makes the perturbed weights, and so every later pass, non-finite too), and is
   decided once at its end (one host read); a skipped step is then undone from a
   :class:`StepSnapshot` taken before it began (weights, BatchNorm buffers and the optimizer's
