@@ -202,8 +202,6 @@ class GradientCheck:
             groups[local_tensor(p).device, p.dtype].append(p)
         #: (device, dtype, whether any is sharded, the parameters) per group
         self.groups = [(device, dtype, any(map(is_sharded, ps)), ps) for (device, dtype), ps in groups.items()]
-        #: one group of whole tensors (the usual model): a pass's check then builds one list and calls one kernel
-        self._one = self.groups[0] if len(self.groups) == 1 and not self.groups[0][2] else None
 
     def covers(self, params: list[Tensor]) -> bool:
         """Whether ``params`` are the very parameters this check was made for, in order."""
@@ -214,14 +212,6 @@ class GradientCheck:
         nonzero if any gradient (or ``also_check``, left unscaled) holds an inf or a NaN: ``found`` when given
         (the flag is set in it, never cleared, so one tensor gathers a whole step), else a new one on the first
         gradient's device. One fused kernel per (device, dtype); no host synchronisation."""
-        one = self._one
-        if one is not None and found is not None and inv_scale == 1.0 and also_check is not None:
-            device, dtype, _, ps = one
-            if also_check.device == device == found.device and also_check.dtype == dtype:  # all in one kernel
-                same = [p.grad for p in ps if p.grad is not None]
-                same.append(also_check.detach())
-                torch._amp_foreach_non_finite_check_and_unscale_(same, found, _one(device))
-                return found
         grads = []  # (device, dtype, gradients) of each group that has any
         for device, dtype, sharded, ps in self.groups:
             same = [p.grad for p in ps if p.grad is not None]

@@ -237,8 +237,8 @@ def take_step(
     0-dim device tensor (nonzero: skipped, and undone already) where the step could be undone without a
     host read. On the host, a variant that declares ``undone_by_restore`` decides at each of its passes
     where ``each_pass`` (by default, on a CPU, where a read waits for nothing), else once at its end."""
+    snapshot = snapshot or StepSnapshot(closure.model)
     if on_device:
-        snapshot = snapshot or StepSnapshot(closure.model)
         snapshot.save(optimizer)
         closure.defer_check = True
         optimizer.step(closure)
@@ -249,7 +249,6 @@ def take_step(
             return False
         _undo(optimizer, snapshot)
         return True
-    snapshot = snapshot or StepSnapshot(closure.model)
     sharpness_aware = isinstance(optimizer, SharpnessAwareOptimizer)
     if each_pass is None:
         each_pass = closure.bad.device.type == "cpu"

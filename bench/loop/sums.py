@@ -42,7 +42,7 @@ class EpochSums:
 
     def count_batch(self, outputs: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor) -> None:
         """Every sample of a batch, new in this step."""
-        self.loss_sum += (losses if losses.dtype == torch.float32 else losses.float()).sum()
+        self.loss_sum += losses.float().sum()
         self.seen += targets.shape[0]
         self._waiting.append((outputs.argmax(-1), targets))
         if len(self._waiting) >= COUNT_EVERY:
