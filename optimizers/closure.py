@@ -143,7 +143,7 @@ class BatchClosure:
                 losses = self.loss_fn(outputs, y)
                 self._backward_mean(losses)
             outputs, losses = outputs.detach(), losses.detach()
-            loss = losses.mean()
+            loss = self.mean_loss(losses)
         else:
             outputs, losses = [], []
             with grad_mode:
@@ -155,12 +155,16 @@ class BatchClosure:
                     outputs.append(out.detach())
                     losses.append(micro_losses.detach())
             outputs, losses = torch.cat(outputs), torch.cat(losses)
-            loss = losses.mean()
+            loss = self.mean_loss(losses)
         self.after_backward(loss, phase)
         self.passes += 1
         self.sample_passes += n / self.batch_size
         self.observe(outputs, targets, losses, phase)
         return losses if per_sample else loss
+
+    def mean_loss(self, losses: Tensor) -> Tensor:
+        """A pass's loss: the mean of its per-sample ``losses`` (a loop may override it to keep their sum too)."""
+        return losses.mean()
 
     def _backward_mean(self, losses: Tensor) -> None:
         """The backward of ``losses.mean()``: ``backward``'s, else autograd's from the mean's gradient, 1/numel

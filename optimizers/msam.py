@@ -81,6 +81,7 @@ class MSAM(SharpnessAwareOptimizer):
     uses_base_optimizer = False
     #: The one pass updates the BatchNorm statistics, at w~, as in the official loop.
     freezes_batchnorm = False
+    undone_by_restore = True  # its one pass moves nothing; the update follows it
 
     def __init__(self, params, base_optimizer="sgd", **kwargs):
         if base_optimizer not in ("sgd", None):

@@ -75,6 +75,7 @@ class SAMON(SharpnessAwareOptimizer):
     paper = "Mueller et al., NeurIPS'23"
     rule = "e = rho g / ||g_N|| on the normalisation layers N only; descent at w + e on every parameter"
     freezes_batchnorm = False
+    undone_by_restore = True  # e is a function of this step's gradient (and weights) alone
 
     def __init__(self, params, base_optimizer="sgd", *, model: nn.Module | None = None, **kwargs):
         params, model = split_params_and_model(params, model)

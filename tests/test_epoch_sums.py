@@ -66,10 +66,34 @@ def test_a_checkpoint_with_predictions_waiting_resumes_to_the_same_sums():
     assert resumed == whole
 
 
-def test_a_whole_batch_costs_three_operators_until_its_predictions_are_counted():
+def test_a_whole_batch_costs_one_add_until_its_predictions_are_counted():
     sums = EpochSums(torch.device("cpu"))
     outputs, targets, losses, _ = next(batches(1))
-    assert counted(lambda: sums.count_batch(outputs, targets, losses)).operators == 3  # sum, add_, argmax
+    assert counted(lambda: sums.count_batch(outputs, targets, losses)).operators == 2  # sum, add_
+    total = losses.sum()
+    assert counted(lambda: sums.count_batch(outputs, targets, losses, total)).operators == 1  # add_
+
+
+def test_outputs_wait_no_longer_than_their_bound(monkeypatch):
+    """Outputs held past HELD_VALUES are counted at once: the same counts, fewer values held."""
+    monkeypatch.setattr("bench.loop.sums.HELD_VALUES", 3 * 16 * 10)  # three batches of 16 x 10
+    sums, steps = EpochSums(torch.device("cpu")), COUNT_EVERY + 5
+    operators = [counted(lambda b=b: sums.count_batch(*b[:3])).operators for b in batches(steps)]
+    assert operators == [2, 2, 8] * (steps // 3) + [2] * (steps % 3)  # sum, add_; every third also cat x2, argmax, eq, sum, add_
+    got = sums.to_host()
+    assert (got["correct"], got["loss_sum"], got["seen"]) == per_step(steps)
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 128, 1000, 4097])
+def test_on_a_cpu_the_loop_s_mean_loss_is_the_mean_bit_for_bit(n):
+    """TrainClosure's pass loss on a CPU is the float32 sum divided by the count: the bits of ``losses.mean()``."""
+    data = synthetic_dataset(16, 8)
+    with tempfile.TemporaryDirectory() as out:
+        run = setup(harness_config("sgd", "mlp", 16, "cpu", out, lr=0.05), data=(data, data))
+        x, y = synthetic_batch(data, run.device)
+        train_on(run, x, y, torch.arange(16), EpochSums(run.device))
+    losses = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 4).exp()
+    assert torch.equal(run.closure.mean_loss(losses), losses.mean())
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "sam", "esam"])

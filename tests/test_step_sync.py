@@ -364,7 +364,12 @@ UNDONE_BY_RESTORE = [name for name in available_optimizers() if getattr(optimize
 
 
 @pytest.mark.parametrize(
-    "name, fail_on_pass", [("sgd", 1), ("adamw", 1), *((name, p) for name in UNDONE_BY_RESTORE for p in (1, 2))]
+    "name, fail_on_pass",
+    [
+        ("sgd", 1),
+        ("adamw", 1),
+        *((name, p) for name in UNDONE_BY_RESTORE for p in ((1,) if optimizer_class(name).passes == "1" else (1, 2))),
+    ],
 )
 def test_a_step_stopped_at_a_pass_without_a_snapshot_of_the_optimizer_changes_nothing(name, fail_on_pass):
     """A plain optimizer's step, and each step of a variant declaring ``undone_by_restore``, decides at every pass

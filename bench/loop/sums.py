@@ -4,10 +4,11 @@ The metrics stay on the device until the epoch ends (or a checkpoint reads them)
 operators per step as they can:
 
 - the loss is summed as it always was, one float32 add per step in step order (so a run resumed
-  mid-epoch, or counted in any other way, sums the very same numbers);
-- a whole batch's predictions (``argmax``, one operator) wait in a list and are compared with their
-  labels and counted every :data:`COUNT_EVERY` steps in one go: a count of correct predictions is an
-  integer, the same in any order;
+  mid-epoch, or counted in any other way, sums the very same numbers); the caller may hand over the
+  sum of a batch's losses where it has computed it already;
+- a whole batch's outputs wait in a list (at most :data:`COUNT_EVERY` batches, and no more than
+  :data:`HELD_VALUES` values) and are turned into predictions, compared with their labels and counted
+  in one go: a count of correct predictions is an integer, the same in any order;
 - a whole batch's samples are counted on the host, where their number is known.
 
 A pass on part of a batch (a variant that selects or splits samples) counts, on the device, only the
@@ -20,9 +21,10 @@ from typing import Any
 
 import torch
 
-#: Steps whose predictions wait before they are compared and counted together: at most this many
-#: batches of predicted labels (one integer per sample) are held.
+#: Steps whose outputs wait before their predictions are compared and counted together.
 COUNT_EVERY = 32
+#: Output values (samples x classes) held at most while they wait: 4 MiB of float32.
+HELD_VALUES = 1 << 20
 
 
 class EpochSums:
@@ -35,17 +37,22 @@ class EpochSums:
         self.loss_sum = torch.tensor(float(saved.get("loss_sum", 0.0)), device=device)
         self.seen = int(saved.get("seen", 0))  # whole batches' samples
         self._seen_on_device = torch.zeros((), dtype=torch.long, device=device)  # samples of partial passes
-        self._waiting: list[tuple[torch.Tensor, torch.Tensor]] = []  # (predicted, labels) not counted yet
+        self._waiting: list[tuple[torch.Tensor, torch.Tensor]] = []  # (outputs, labels) not counted yet
+        self._held = 0  # values in the waiting outputs
         self.passes: int = saved.get("passes", 0)
         self.sample_passes: float = saved.get("sample_passes", 0.0)
         self.time: float = saved.get("time", 0.0)
 
-    def count_batch(self, outputs: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor) -> None:
-        """Every sample of a batch, new in this step."""
-        self.loss_sum += losses.float().sum()
+    def count_batch(
+        self, outputs: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, loss_sum: torch.Tensor | None = None
+    ) -> None:
+        """Every sample of a batch, new in this step (``loss_sum``: the float32 sum of ``losses``, where the
+        caller has it)."""
+        self.loss_sum += losses.float().sum() if loss_sum is None else loss_sum
         self.seen += targets.shape[0]
-        self._waiting.append((outputs.argmax(-1), targets))
-        if len(self._waiting) >= COUNT_EVERY:
+        self._waiting.append((outputs, targets))
+        self._held += outputs.numel()
+        if len(self._waiting) >= COUNT_EVERY or self._held >= HELD_VALUES:
             self._count_waiting()
 
     def count_new(self, outputs: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, new: torch.Tensor) -> None:
@@ -57,12 +64,13 @@ class EpochSums:
 
     def _count_waiting(self) -> None:
         if len(self._waiting) == 1:
-            ((predicted, labels),) = self._waiting
-            self.correct += (predicted == labels).sum()
+            ((outputs, labels),) = self._waiting
+            self.correct += (outputs.argmax(-1) == labels).sum()
         elif self._waiting:
-            predicted, labels = zip(*self._waiting)
-            self.correct += (torch.cat(predicted) == torch.cat(labels)).sum()
+            outputs, labels = zip(*self._waiting)
+            self.correct += (torch.cat(outputs).argmax(-1) == torch.cat(labels)).sum()
         self._waiting.clear()
+        self._held = 0
 
     def metrics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(correct, loss sum, samples seen) as 0-dim tensors on the device; no host read."""
