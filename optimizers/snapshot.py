@@ -45,18 +45,19 @@ class StepSnapshot:
         self._state = _structure(held_state(optimizer), tensors)
         self._kept.save([*self.live, *tensors])
 
-    @without_grad
     def save_buffers(self) -> None:
         """Copy the model's buffers alone (BatchNorm statistics, which a forward pass moves): all a step changes
-        that its optimizer does not bring back itself, where each pass decides before the update."""
+        that its optimizer does not bring back itself, where each pass decides before the update. A model
+        without buffers costs one check."""
         if self.buffers:
-            self._kept_buffers.save(self.buffers)
+            with torch.no_grad():
+                self._kept_buffers.save(self.buffers)
 
-    @without_grad
     def restore_buffers(self) -> None:
         """Copy back the buffers :meth:`save_buffers` copied."""
         if self.buffers:
-            self._kept_buffers.restore()
+            with torch.no_grad():
+                self._kept_buffers.restore()
 
     @without_grad
     def undo_where(self, optimizer, flag: torch.Tensor) -> bool:

@@ -69,17 +69,23 @@ def test_a_checkpoint_with_predictions_waiting_resumes_to_the_same_sums():
 def test_a_whole_batch_costs_one_add_until_its_predictions_are_counted():
     sums = EpochSums(torch.device("cpu"))
     outputs, targets, losses, _ = next(batches(1))
-    assert counted(lambda: sums.count_batch(outputs, targets, losses)).operators == 2  # sum, add_
+    assert counted(lambda: sums.count_batch(outputs, targets, losses)).operators == 2  # sum, add
     total = losses.sum()
-    assert counted(lambda: sums.count_batch(outputs, targets, losses, total)).operators == 1  # add_
+    assert counted(lambda: sums.count_batch(outputs, targets, losses, total)).operators == 1  # add
 
 
 def test_outputs_wait_no_longer_than_their_bound(monkeypatch):
-    """Outputs held past HELD_VALUES are counted at once: the same counts, fewer values held."""
+    """Outputs held up to HELD_VALUES are counted when the next step begins: the same counts, fewer values held."""
     monkeypatch.setattr("bench.loop.sums.HELD_VALUES", 3 * 16 * 10)  # three batches of 16 x 10
     sums, steps = EpochSums(torch.device("cpu")), COUNT_EVERY + 5
-    operators = [counted(lambda b=b: sums.count_batch(*b[:3])).operators for b in batches(steps)]
-    assert operators == [2, 2, 8] * (steps // 3) + [2] * (steps % 3)  # sum, add_; every third also cat x2, argmax, eq, sum, add_
+
+    def step(outputs, targets, losses):
+        sums.begin_step()
+        sums.count_batch(outputs, targets, losses)
+
+    operators = [counted(lambda b=b: step(*b[:3])).operators for b in batches(steps)]
+    # sum, add; a step that finds three batches waiting first counts them: cat x2, argmax, eq, sum, add
+    assert operators == [2, 2, 2] + [8, 2, 2] * (steps // 3 - 1) + [8] + [2] * (steps % 3 - 1)
     got = sums.to_host()
     assert (got["correct"], got["loss_sum"], got["seen"]) == per_step(steps)
 

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.loop.precision import LossScaler
 from bench.loop.step import TrainClosure, take_step
+from bench.loop.sums import EpochSums
 from optimizers import SharpnessAwareOptimizer, create_optimizer, optimizer_class
 from optimizers.registry import available_optimizers
 from optimizers.snapshot import StepSnapshot, as_state_dict, held_state
@@ -399,3 +400,38 @@ def test_a_step_stopped_at_a_pass_without_a_snapshot_of_the_optimizer_changes_no
     assert not take_step(opt, closure_for(model, *batch(3)), snapshot)
     assert not take_step(ref_opt, closure_for(reference, *batch(3)), ref_snapshot)
     assert torch.equal(_whole_state(model, opt)[0], _whole_state(reference, ref_opt)[0])
+
+
+@pytest.mark.parametrize(
+    "name, fail_on_pass, each_pass",
+    [
+        ("sgd", 1, None),  # a plain optimizer: its one pass decides
+        ("sam", 1, None),  # each pass decides
+        ("sam", 2, None),  # ... after the first pass counted its batch
+        ("sam", 2, False),  # decided at the step's end, undone from the snapshot
+        ("gsam", 1, None),  # the snapshot, a non-finite loss counted first
+        ("friendly_sam", 2, None),
+    ],
+)
+def test_a_step_skipped_on_the_host_counts_nowhere_in_the_training_metrics(name, fail_on_pass, each_pass):
+    """The epoch's training sums after a run with a skipped step equal, bit for bit, those of a run that never
+    met that step: its first pass's loss (non-finite or not), predictions and samples are taken back."""
+
+    def run(steps, fail_at=None):
+        model = bn_cnn()
+        seeded = {"seed": 0} if issubclass(optimizer_class(name), SharpnessAwareOptimizer) else {}
+        opt, snapshot, sums = (
+            create_optimizer(name, model, lr=0.05, **seeded),
+            StepSnapshot(model),
+            EpochSums(torch.device("cpu")),
+        )
+        for step in steps:
+            loss_fn = _loss_failing_on(fail_on_pass) if step == fail_at else nn.CrossEntropyLoss(reduction="none")
+            closure = TrainClosure(
+                model, loss_fn, *batch(step), accelerator=Accelerator(cpu=True), ascent_sync="local", scaler=None, sums=sums
+            )
+            assert take_step(opt, closure, snapshot, each_pass=each_pass) == (step == fail_at)
+        return {k: v for k, v in sums.to_host().items() if k in ("correct", "loss_sum", "seen")}
+
+    with_skip = run([0, 1, 2, 3], fail_at=2)
+    assert with_skip == run([0, 1, 3]) and with_skip["seen"] == 48

@@ -12,17 +12,20 @@ The skip rule has two forms, with the same result for every step taken.
   so does each pass of a variant that declares ``undone_by_restore`` (nothing but the weights
   moves before its update, and its ``restore`` brings them back): a read per pass, no snapshot.
   Either way the model's buffers (BatchNorm statistics, which the forward pass moves) are copied
-  before the step and copied back if it stops. Any other sharpness-aware step runs all its passes without looking (a non-finite
-  ascent gradient makes the perturbed weights, and so every later pass, non-finite too), and is
-  decided once at its end (one host read); a skipped step is then undone from a
-  :class:`StepSnapshot` taken before it began (weights, BatchNorm buffers and the optimizer's
-  state as its ``state_dict`` holds it).
+  before the step and copied back if it stops. Any other sharpness-aware step runs all its passes
+  without looking (a non-finite ascent gradient makes the perturbed weights, and so every later
+  pass, non-finite too), and is decided once at its end (one host read); a skipped step is then
+  undone from a :class:`StepSnapshot` taken before it began (weights, BatchNorm buffers and the
+  optimizer's state as its ``state_dict`` holds it). A step skipped on the host takes back what
+  its passes counted in the epoch's training metrics, so its batch counts nowhere.
 - **On the device** (an accelerator otherwise): no host read. Every step is taken, then undone
   on the device where its flag is set (:meth:`StepSnapshot.undo_where`: a select between the
   snapshot and the new values); the loop reads the flags of many steps at once, later (see
   :mod:`bench.loop.epoch`). Host-side values a step changes (a first step's new state, a
   variant's counters) make that step decide on the host instead, except those that follow
-  the loop's clock (the random streams, a variant's ``advances_when_skipped``).
+  the loop's clock (the random streams, a variant's ``advances_when_skipped``). A step undone
+  there keeps what its first pass counted in the training metrics (a non-finite loss among them
+  leaves the epoch without a ``train_loss``).
 
 Every process must agree before a step is skipped, or one would wait forever in the next
 synchronised backward: the flag is summed across processes, once per step, by every process.
@@ -134,6 +137,7 @@ class TrainClosure(BatchClosure):
         #: The training metrics of the samples counted go to ``sums`` (the loop's running sums of the
         #: epoch), else to fresh sums of this step.
         self.sums = EpochSums(inputs.device) if sums is None else sums
+        self.sums.begin_step()  # a step skipped on the host takes its counts back (see take_step)
         self._counted = None  # which samples have been counted, once a pass runs on part of the batch
         self._subset = None
         #: Passes flag a non-finite loss or gradient here; with ``defer_check`` (set by take_step for
@@ -257,7 +261,7 @@ def take_step(
             return flag
         if not bool(flag.item()):  # a host-side change: decided on the host
             return False
-        _undo(optimizer, snapshot)
+        _undo(optimizer, closure, snapshot)
         return True
     sharpness_aware = isinstance(optimizer, SharpnessAwareOptimizer)
     if each_pass is None:
@@ -273,18 +277,20 @@ def take_step(
                 optimizer.restore()
             snapshot.restore_buffers()
             optimizer.zero_grad()
+            closure.sums.drop_step()
             return True
     snapshot.save(optimizer)
     closure.defer_check = True
     optimizer.step(closure)
     if not closure.nonfinite():
         return False
-    _undo(optimizer, snapshot)
+    _undo(optimizer, closure, snapshot)
     return True
 
 
-def _undo(optimizer, snapshot: StepSnapshot) -> None:
+def _undo(optimizer, closure: TrainClosure, snapshot: StepSnapshot) -> None:
     if isinstance(optimizer, SharpnessAwareOptimizer):
         optimizer.restore()  # drop a half-done step's bookkeeping (a perturbation still applied)
     snapshot.restore(optimizer)
     optimizer.zero_grad()
+    closure.sums.drop_step()

@@ -13,6 +13,11 @@ operators per step as they can:
 
 A pass on part of a batch (a variant that selects or splits samples) counts, on the device, only the
 samples no earlier pass of the step has seen.
+
+A skipped step's batch counts nowhere where the host decides the skip: :meth:`EpochSums.begin_step` marks
+where a step's counts begin and :meth:`EpochSums.drop_step` takes them back (the sums are replaced, never
+changed in place, so the mark is the values themselves: nothing is copied). A step undone on the device
+(see :mod:`bench.loop.step`) keeps its counts: taking them back would need the host to read its flag.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class EpochSums:
         self._seen_on_device = torch.zeros((), dtype=torch.long, device=device)  # samples of partial passes
         self._waiting: list[tuple[torch.Tensor, torch.Tensor]] = []  # (outputs, labels) not counted yet
         self._held = 0  # values in the waiting outputs
+        self._step_start: tuple | None = None  # the counts as the current step found them (see begin_step)
         self.passes: int = saved.get("passes", 0)
         self.sample_passes: float = saved.get("sample_passes", 0.0)
         self.time: float = saved.get("time", 0.0)
@@ -47,28 +53,38 @@ class EpochSums:
         self, outputs: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, loss_sum: torch.Tensor | None = None
     ) -> None:
         """Every sample of a batch, new in this step (``loss_sum``: the float32 sum of ``losses``, where the
-        caller has it)."""
-        self.loss_sum += losses.float().sum() if loss_sum is None else loss_sum
+        caller has it). Its outputs wait until the next :meth:`begin_step` finds enough waiting."""
+        self.loss_sum = self.loss_sum + (losses.float().sum() if loss_sum is None else loss_sum)
         self.seen += targets.shape[0]
         self._waiting.append((outputs, targets))
         self._held += outputs.numel()
-        if len(self._waiting) >= COUNT_EVERY or self._held >= HELD_VALUES:
-            self._count_waiting()
 
     def count_new(self, outputs: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, new: torch.Tensor) -> None:
         """The samples of a pass that ``new`` (a bool mask on the device) marks as not yet counted."""
         hits = outputs.argmax(-1) == targets
-        self.correct += (hits & new).sum()
-        self.loss_sum += torch.where(new, losses.float(), 0.0).sum()
-        self._seen_on_device += new.sum()
+        self.correct = self.correct + (hits & new).sum()
+        self.loss_sum = self.loss_sum + torch.where(new, losses.float(), 0.0).sum()
+        self._seen_on_device = self._seen_on_device + new.sum()
+
+    def begin_step(self) -> None:
+        """Mark the counts as a step finds them, after counting the waiting outputs where at least
+        :data:`COUNT_EVERY` batches or :data:`HELD_VALUES` values wait."""
+        if len(self._waiting) >= COUNT_EVERY or self._held >= HELD_VALUES:
+            self._count_waiting()
+        self._step_start = (self.correct, self.loss_sum, self._seen_on_device, self.seen, len(self._waiting), self._held)
+
+    def drop_step(self) -> None:
+        """Take back every count since :meth:`begin_step`: the step was skipped, and its batch counts nowhere."""
+        self.correct, self.loss_sum, self._seen_on_device, self.seen, waiting, self._held = self._step_start
+        del self._waiting[waiting:]
 
     def _count_waiting(self) -> None:
         if len(self._waiting) == 1:
             ((outputs, labels),) = self._waiting
-            self.correct += (outputs.argmax(-1) == labels).sum()
+            self.correct = self.correct + (outputs.argmax(-1) == labels).sum()
         elif self._waiting:
             outputs, labels = zip(*self._waiting)
-            self.correct += (torch.cat(outputs).argmax(-1) == torch.cat(labels)).sum()
+            self.correct = self.correct + (torch.cat(outputs).argmax(-1) == torch.cat(labels)).sum()
         self._waiting.clear()
         self._held = 0
 
