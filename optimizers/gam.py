@@ -82,6 +82,7 @@ class GAM(SharpnessAwareOptimizer):
     passes = "4"
     memory_note = "weight backup; g0, g1, g2 only within a step"
     ascent_sync = "global"
+    undone_by_restore = True  # its points are functions of this step's gradients; restore() drops them
 
     def __init__(self, params, base_optimizer="sgd", **kwargs):
         super().__init__(params, base_optimizer, **kwargs)
