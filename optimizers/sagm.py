@@ -54,7 +54,7 @@ class SAGM(SharpnessAwareOptimizer):
     paper = "Wang et al., CVPR'23"
     rule = "e = (rho/||g|| - alpha) g; descent (g + g_adv)/2"
     ascent_sync = "global"
-    undone_by_restore = True  # e, and the g kept for the descent, are functions of this step's gradient alone
+    undone_by_restore = True  # e is a function of this step's gradient alone (the g kept for the descent is the next step's anew)
 
     def __init__(self, params, base_optimizer="sgd", **kwargs):
         super().__init__(params, base_optimizer, **kwargs)

@@ -398,14 +398,17 @@ def test_a_step_stopped_at_a_pass_without_a_snapshot_of_the_optimizer_changes_no
     else:
         loss_fn = _loss_failing_on(fail_on_pass)
     closure = closure_for(model, bad_x, bad_y, loss_fn=loss_fn)
+    random_state = torch.get_rng_state()
     assert take_step(opt, closure, snapshot)
     assert closure.passes == fail_on_pass - 1  # stopped at the failing pass
     assert all(p.grad is None for p in model.parameters())
     after = _whole_state(model, opt)
     assert torch.equal(after[0], before[0]) and after[1] == before[1]
-    assert not take_step(opt, closure_for(model, *batch(3)), snapshot)
-    assert not take_step(ref_opt, closure_for(reference, *batch(3)), ref_snapshot)
-    assert torch.equal(_whole_state(model, opt)[0], _whole_state(reference, ref_opt)[0])
+    assert torch.equal(torch.get_rng_state(), random_state)  # no draw from torch's global stream either
+    for step in (3, 4, 5):
+        assert not take_step(opt, closure_for(model, *batch(step)), snapshot)
+        assert not take_step(ref_opt, closure_for(reference, *batch(step)), ref_snapshot)
+        assert torch.equal(_whole_state(model, opt)[0], _whole_state(reference, ref_opt)[0])
 
 
 @pytest.mark.parametrize(
@@ -417,11 +420,15 @@ def test_a_step_stopped_at_a_pass_without_a_snapshot_of_the_optimizer_changes_no
         ("sam", 2, False),  # decided at the step's end, undone from the snapshot
         ("gsam", 1, None),  # the snapshot, a non-finite loss counted first
         ("friendly_sam", 2, None),
+        ("esam", 1, None),  # its descent pass counts on part of the batch (on the device)
+        ("bsam", 3, None),  # sub-batches: the first one's samples counted on the device, then a failing pass
     ],
 )
-def test_a_step_skipped_on_the_host_counts_nowhere_in_the_training_metrics(name, fail_on_pass, each_pass):
+def test_a_step_skipped_on_the_host_counts_nowhere_in_the_training_metrics(name, fail_on_pass, each_pass, monkeypatch):
     """The epoch's training sums after a run with a skipped step equal, bit for bit, those of a run that never
-    met that step: its first pass's loss (non-finite or not), predictions and samples are taken back."""
+    met that step: what its passes counted (a non-finite loss or not), predictions and samples, is taken back,
+    also where the step begins by counting the outputs waiting (every second step here)."""
+    monkeypatch.setattr("bench.loop.sums.COUNT_EVERY", 2)
 
     def run(steps, fail_at=None):
         model = bn_cnn()
@@ -439,5 +446,16 @@ def test_a_step_skipped_on_the_host_counts_nowhere_in_the_training_metrics(name,
             assert take_step(opt, closure, snapshot, each_pass=each_pass) == (step == fail_at)
         return {k: v for k, v in sums.to_host().items() if k in ("correct", "loss_sum", "seen")}
 
-    with_skip = run([0, 1, 2, 3], fail_at=2)
-    assert with_skip == run([0, 1, 3]) and with_skip["seen"] == 48
+    with_skip = run([0, 1, 2, 3, 4], fail_at=2)
+    assert with_skip == run([0, 1, 3, 4]) and with_skip["seen"] == 64
+
+
+def test_a_step_s_counts_cannot_be_dropped_once_counted_in_bulk():
+    sums = EpochSums(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="needs a begin_step"):
+        sums.drop_step()
+    sums.begin_step()
+    sums.count_batch(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.ones(4))
+    sums.metrics()  # the waiting outputs, this step's among them, counted together
+    with pytest.raises(RuntimeError, match="nothing counted in bulk since"):
+        sums.drop_step()

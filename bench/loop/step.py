@@ -24,7 +24,7 @@ The skip rule has two forms, with the same result for every step taken.
   :mod:`bench.loop.epoch`). Host-side values a step changes (a first step's new state, a
   variant's counters) make that step decide on the host instead, except those that follow
   the loop's clock (the random streams, a variant's ``advances_when_skipped``). A step undone
-  there keeps what its first pass counted in the training metrics (a non-finite loss among them
+  there keeps what its passes counted in the training metrics (a non-finite loss among them
   leaves the epoch without a ``train_loss``).
 
 Every process must agree before a step is skipped, or one would wait forever in the next

@@ -6,9 +6,9 @@ operators per step as they can:
 - the loss is summed as it always was, one float32 add per step in step order (so a run resumed
   mid-epoch, or counted in any other way, sums the very same numbers); the caller may hand over the
   sum of a batch's losses where it has computed it already;
-- a whole batch's outputs wait in a list (at most :data:`COUNT_EVERY` batches, and no more than
-  :data:`HELD_VALUES` values) and are turned into predictions, compared with their labels and counted
-  in one go: a count of correct predictions is an integer, the same in any order;
+- a whole batch's outputs wait in a list and are turned into predictions, compared with their labels
+  and counted in one go, when a step begins with :data:`COUNT_EVERY` batches or :data:`HELD_VALUES`
+  values waiting: a count of correct predictions is an integer, the same in any order;
 - a whole batch's samples are counted on the host, where their number is known.
 
 A pass on part of a batch (a variant that selects or splits samples) counts, on the device, only the
@@ -18,6 +18,7 @@ A skipped step's batch counts nowhere where the host decides the skip: :meth:`Ep
 where a step's counts begin and :meth:`EpochSums.drop_step` takes them back (the sums are replaced, never
 changed in place, so the mark is the values themselves: nothing is copied). A step undone on the device
 (see :mod:`bench.loop.step`) keeps its counts: taking them back would need the host to read its flag.
+Between the two nothing may count the waiting outputs (:meth:`EpochSums.metrics`): a drop then raises.
 """
 
 from __future__ import annotations
@@ -75,10 +76,13 @@ class EpochSums:
 
     def drop_step(self) -> None:
         """Take back every count since :meth:`begin_step`: the step was skipped, and its batch counts nowhere."""
+        if self._step_start is None:
+            raise RuntimeError("EpochSums.drop_step needs a begin_step with nothing counted in bulk since")
         self.correct, self.loss_sum, self._seen_on_device, self.seen, waiting, self._held = self._step_start
         del self._waiting[waiting:]
 
     def _count_waiting(self) -> None:
+        self._step_start = None  # the waiting outputs of the step begun, if any, are counted with the others
         if len(self._waiting) == 1:
             ((outputs, labels),) = self._waiting
             self.correct = self.correct + (outputs.argmax(-1) == labels).sum()
