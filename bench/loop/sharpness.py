@@ -4,7 +4,8 @@ L(w) is the mean loss over the union of the batches (each batch's mean loss weig
 by its size), with the model in eval mode (BatchNorm uses its running statistics,
 dropout is off), so L is a deterministic function of the parameters w that require
 grad. Every quantity is accumulated batch by batch, so memory stays at one batch's
-graph (a double-backward graph for the Hessian-vector products).
+graph (a double-backward graph for the Hessian-vector products; a single batch's gradient
+graph is kept for all of them).
 
 - ``hessian_max_eigenvalue``: power iteration on Hessian-vector products (double
   backward) from a seeded Gaussian start; the Rayleigh quotient v^T H v of the last
@@ -73,23 +74,45 @@ def _loss(model, loss_fn, batches) -> Tensor:
         return sum(weight * loss_fn(model(x), y) for x, y, weight in batches)
 
 
-def _hvp(model, loss_fn, batches, params, v: Sequence[Tensor]) -> list[Tensor]:
-    """H v for the Hessian of L: per batch, the gradient of <grad loss_b, v>, weighted."""
-    out = [torch.zeros_like(p) for p in params]
-    for x, y, weight in batches:
-        grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True, allow_unused=True)
-        # A gradient that is None or constant in w contributes nothing to H v.
-        terms = [(g * vi).sum() for g, vi in zip(grads, v) if g is not None and g.requires_grad]
-        if not terms:
-            continue
-        hv = torch.autograd.grad(sum(terms), params, allow_unused=True)
-        for acc, h in zip(out, hv):
-            if h is not None:
-                acc.add_(h, alpha=weight)
-    return out
+def _gradient_graph(model, loss_fn, x, y, params) -> tuple[Tensor | None, ...]:
+    return torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True, allow_unused=True)
 
 
-def _top_eigenvalue(model, loss_fn, weighted, params, iterations: int, generator) -> Tensor | float:
+def _add_hv(out: list[Tensor], grads, params, v: Sequence[Tensor], weight: float, keep: bool) -> None:
+    """out += weight * (the gradient of <grads, v>); ``keep``: the graph of ``grads`` serves again."""
+    # A gradient that is None or constant in w contributes nothing to H v.
+    terms = [(g * vi).sum() for g, vi in zip(grads, v) if g is not None and g.requires_grad]
+    if not terms:
+        return
+    hv = torch.autograd.grad(sum(terms), params, allow_unused=True, retain_graph=keep)
+    for acc, h in zip(out, hv):
+        if h is not None:
+            acc.add_(h, alpha=weight)
+
+
+def _hvp_function(model, loss_fn, batches, params) -> Callable[[Sequence[Tensor]], list[Tensor]]:
+    """v -> H v for the Hessian of L: per batch, the gradient of <grad loss_b, v>, weighted. With one batch its
+    gradient's graph is built once and kept for every product (the very values a graph built anew gives, a
+    forward and a backward fewer each); with several, each product builds them one at a time."""
+    kept = None
+    if len(batches) == 1:
+        ((x, y, weight),) = batches
+        kept = _gradient_graph(model, loss_fn, x, y, params), weight
+
+    def hvp(v: Sequence[Tensor]) -> list[Tensor]:
+        out = [torch.zeros_like(p) for p in params]
+        if kept is not None:
+            grads, weight = kept
+            _add_hv(out, grads, params, v, weight, keep=True)
+            return out
+        for x, y, weight in batches:
+            _add_hv(out, _gradient_graph(model, loss_fn, x, y, params), params, v, weight, keep=False)
+        return out
+
+    return hvp
+
+
+def _top_eigenvalue(hvp, params, iterations: int, generator) -> Tensor | float:
     """Power iteration on Hessian-vector products from a seeded Gaussian start (NaN for 0 iterations)."""
     eigenvalue: Tensor | float = float("nan")
     if iterations <= 0:
@@ -100,20 +123,20 @@ def _top_eigenvalue(model, loss_fn, weighted, params, iterations: int, generator
         # H v = 0 (H = 0 for a random start) leaves v = 0 and the quotient 0, not NaN.
         inverse = torch.where(norm > 0, 1 / norm, torch.zeros_like(norm))
         v = [t * inverse.to(t.device, t.dtype) for t in v]
-        hv = _hvp(model, loss_fn, weighted, params, v)
+        hv = hvp(v)
         eigenvalue = _dot(v, hv)  # Rayleigh quotient of the normalised v
         v = hv
     return eigenvalue
 
 
-def _hutchinson_trace(model, loss_fn, weighted, params, samples: int, generator) -> Tensor | float:
+def _hutchinson_trace(hvp, params, samples: int, generator) -> Tensor | float:
     """Mean of z^T H z over Rademacher z (NaN for 0 samples)."""
     if samples <= 0:
         return float("nan")
     total = 0.0
     for _ in range(samples):
         z = [(torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p.device, p.dtype) for p in params]
-        total = total + _dot(z, _hvp(model, loss_fn, weighted, params, z))
+        total = total + _dot(z, hvp(z))
     return total / samples
 
 
@@ -158,8 +181,10 @@ def measure_sharpness(
     try:
         with torch.enable_grad():
             loss, grad = _loss_and_grad(model, loss_fn, weighted, params)
-            eigenvalue = _top_eigenvalue(model, loss_fn, weighted, params, power_iterations, generator)
-            trace = _hutchinson_trace(model, loss_fn, weighted, params, hutchinson_samples, generator)
+            hvp = _hvp_function(model, loss_fn, weighted, params) if power_iterations > 0 or hutchinson_samples > 0 else None
+            eigenvalue = _top_eigenvalue(hvp, params, power_iterations, generator)
+            trace = _hutchinson_trace(hvp, params, hutchinson_samples, generator)
+            del hvp  # the kept graph
         perturbed = _ascent_loss(model, loss_fn, weighted, params, grad, rho)
     finally:
         with torch.no_grad():
