@@ -272,7 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--channels", type=int, default=3, help="image channels (the digits are 8x8x1)")
     p.add_argument("--steps", type=int, default=10, help="steps per timed round (a multiple of LookSAM's k=5)")
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=7,
+        help="timed rounds per contender, the medians' samples (where the machine's speed drifts, more rounds narrow "
+        "the spread between runs of one command: 60 for results/perf_harness_mlp_xeon.md)",
+    )
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--optimizers", nargs="+", default=None)
