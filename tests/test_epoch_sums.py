@@ -121,3 +121,25 @@ def test_one_closure_kept_across_steps_trains_as_fresh_ones(optimizer):
     (kept, kept_sums), (fresh, fresh_sums) = trained(False), trained(True)
     assert all(torch.equal(a, b) for a, b in zip(kept, fresh))
     assert kept_sums == fresh_sums and kept_sums["seen"] == 64
+
+
+def test_held_steps_add_the_counts_of_those_taken_in_step_order():
+    """Steps begun held keep their counts aside with their flags; settling adds those of the steps taken (a zero
+    flag, or taken on the host), in step order: the sums of counting them directly, skipped steps left out; past
+    COUNT_EVERY steps held, holding one more settles them."""
+    steps = list(batches(COUNT_EVERY + 6, seed=3))
+    skipped = {2, 5, COUNT_EVERY + 1}
+    direct, held = EpochSums(torch.device("cpu")), EpochSums(torch.device("cpu"))
+    for i, (outputs, targets, losses, new) in enumerate(steps):
+        if i not in skipped:
+            direct.begin_step()
+            direct.count_batch(outputs, targets, losses) if i % 4 else direct.count_new(outputs, targets, losses, new)
+        held.begin_step(held=True)
+        held.count_batch(outputs, targets, losses) if i % 4 else held.count_new(outputs, targets, losses, new)
+        if i == 7:  # decided on the host, taken
+            held.keep_step()
+        else:
+            held.hold(torch.tensor(float(i in skipped)))
+        if i == COUNT_EVERY - 1:  # COUNT_EVERY steps held: settled, nothing waits
+            assert counted(lambda: held.settle()).host_reads == 0
+    assert held.to_host() == direct.to_host()

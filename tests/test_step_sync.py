@@ -422,17 +422,24 @@ def test_a_step_stopped_at_a_pass_without_a_snapshot_of_the_optimizer_changes_no
         ("friendly_sam", 2, None),
         ("esam", 1, None),  # its descent pass counts on part of the batch (on the device)
         ("bsam", 3, None),  # sub-batches: the first one's samples counted on the device, then a failing pass
+        ("sgd", 1, "device"),  # undone on the device: the counts wait for the flag
+        ("sam", 2, "device"),
+        # ESAM with every tensor kept (beta 1, no random drop: a step undone on the device advances its draws)
+        ("esam", 1, "device"),
     ],
 )
-def test_a_step_skipped_on_the_host_counts_nowhere_in_the_training_metrics(name, fail_on_pass, each_pass, monkeypatch):
+def test_a_skipped_step_counts_nowhere_in_the_training_metrics(name, fail_on_pass, each_pass, monkeypatch):
     """The epoch's training sums after a run with a skipped step equal, bit for bit, those of a run that never
-    met that step: what its passes counted (a non-finite loss or not), predictions and samples, is taken back,
-    also where the step begins by counting the outputs waiting (every second step here)."""
+    met that step: what its passes counted (a non-finite loss or not), predictions and samples, is taken back
+    (or, undone on the device, never added), also where the step begins by counting the outputs waiting
+    (every second step here)."""
     monkeypatch.setattr("bench.loop.sums.COUNT_EVERY", 2)
 
     def run(steps, fail_at=None):
         model = bn_cnn()
         seeded = {"seed": 0} if issubclass(optimizer_class(name), SharpnessAwareOptimizer) else {}
+        if name == "esam" and each_pass == "device":
+            seeded["beta"] = 1.0
         opt, snapshot, sums = (
             create_optimizer(name, model, lr=0.05, **seeded),
             StepSnapshot(model),
@@ -443,7 +450,11 @@ def test_a_step_skipped_on_the_host_counts_nowhere_in_the_training_metrics(name,
             closure = TrainClosure(
                 model, loss_fn, *batch(step), accelerator=Accelerator(cpu=True), ascent_sync="local", scaler=None, sums=sums
             )
-            assert take_step(opt, closure, snapshot, each_pass=each_pass) == (step == fail_at)
+            if each_pass == "device":
+                skipped = take_step(opt, closure, snapshot, on_device=True)
+            else:
+                skipped = take_step(opt, closure, snapshot, each_pass=each_pass)
+            assert bool(skipped) == (step == fail_at)
         return {k: v for k, v in sums.to_host().items() if k in ("correct", "loss_sum", "seen")}
 
     with_skip = run([0, 1, 2, 3, 4], fail_at=2)

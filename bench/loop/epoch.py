@@ -96,10 +96,10 @@ def run_epoch(run: Run) -> tuple[dict[str, Any], int]:
         if isinstance(skipped, torch.Tensor):  # read with others, once per max_consecutive_skips steps (or sooner)
             pending.append(skipped)
             if len(pending) >= config.max_consecutive_skips:
-                count_skips(run, pending)
+                count_skips(run, pending, sums)
         elif pending:  # decided on the host, after flags not read yet: counted in order
             pending.append(skipped)
-            count_skips(run, pending)
+            count_skips(run, pending, sums)
         else:  # decided on the host
             _count_skip(state, skipped, config.max_consecutive_skips)
         if state.status == "running" and config.max_steps is not None and state.step >= config.max_steps:
@@ -107,31 +107,33 @@ def run_epoch(run: Run) -> tuple[dict[str, Any], int]:
         if state.status != "running" or state.step_in_epoch == run.steps_per_epoch:
             break
         if config.save_every_steps and state.step % config.save_every_steps == 0:
-            count_skips(run, pending)
+            count_skips(run, pending, sums)
             if state.status != "running":
                 break
             sums.time += time.perf_counter() - lap
             lap = time.perf_counter()
             state.epoch_sums = sums.to_host()
             checkpoint(run)
-    count_skips(run, pending)
+    count_skips(run, pending, sums)
     sums.time += time.perf_counter() - lap
     if state.status != "running":
         run.batches.close()
     return sums.to_host(), state.step_in_epoch
 
 
-def count_skips(run: Run, pending: list[bool | torch.Tensor]) -> None:
+def count_skips(run: Run, pending: list[bool | torch.Tensor], sums: EpochSums) -> None:
     """Count the skipped steps among ``pending`` (the latest steps' flags, in order; those on the device
     read in one host read) and empty it; a run of ``max_consecutive_skips`` skipped steps in a row marks
     the run diverged. Flags read late find a divergence late: the steps after it ran too (skipped, or
     taken where the run recovered), and it is marked diverged all the same, as a run whose steps decide
-    on the host would have stopped there."""
+    on the host would have stopped there. The training sums then add the counts of the steps taken
+    (``sums.settle``: a second read of the same flags, with nothing left to wait for)."""
     on_device = [flag for flag in pending if isinstance(flag, torch.Tensor)]
     read = iter(torch.stack(on_device).ne(0).tolist() if on_device else ())
     for flag in pending:
         _count_skip(run.state, next(read) if isinstance(flag, torch.Tensor) else flag, run.config.max_consecutive_skips)
     pending.clear()
+    sums.settle()
 
 
 def _count_skip(state: TrainState, skipped: bool, limit: int) -> None:

@@ -17,15 +17,16 @@ The skip rule has two forms, with the same result for every step taken.
   pass, non-finite too), and is decided once at its end (one host read); a skipped step is then
   undone from a :class:`StepSnapshot` taken before it began (weights, BatchNorm buffers and the
   optimizer's state as its ``state_dict`` holds it). A step skipped on the host takes back what
-  its passes counted in the epoch's training metrics, so its batch counts nowhere.
+  its passes counted in the epoch's training metrics, so its batch counts nowhere; so does one
+  undone on the device (below).
 - **On the device** (an accelerator otherwise): no host read. Every step is taken, then undone
   on the device where its flag is set (:meth:`StepSnapshot.undo_where`: a select between the
   snapshot and the new values); the loop reads the flags of many steps at once, later (see
   :mod:`bench.loop.epoch`). Host-side values a step changes (a first step's new state, a
   variant's counters) make that step decide on the host instead, except those that follow
-  the loop's clock (the random streams, a variant's ``advances_when_skipped``). A step undone
-  there keeps what its passes counted in the training metrics (a non-finite loss among them
-  leaves the epoch without a ``train_loss``).
+  the loop's clock (the random streams, a variant's ``advances_when_skipped``). What its passes
+  counted in the training metrics waits with its flag (:meth:`EpochSums.hold`) and is added
+  when the loop reads the flags, if the step was taken.
 
 Every process must agree before a step is skipped, or one would wait forever in the next
 synchronised backward: the flag is summed across processes, once per step, by every process.
@@ -253,13 +254,16 @@ def take_step(
     where ``each_pass`` (by default, on a CPU, where a read waits for nothing), else once at its end."""
     snapshot = snapshot or StepSnapshot(closure.model)
     if on_device:
+        closure.sums.begin_step(held=True)  # its counts wait for its flag
         snapshot.save(optimizer)
         closure.defer_check = True
         optimizer.step(closure)
         flag = closure.flag()
         if snapshot.undo_where(optimizer, flag):
+            closure.sums.hold(flag)
             return flag
         if not bool(flag.item()):  # a host-side change: decided on the host
+            closure.sums.keep_step()
             return False
         _undo(optimizer, closure, snapshot)
         return True

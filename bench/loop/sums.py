@@ -14,11 +14,13 @@ operators per step as they can:
 A pass on part of a batch (a variant that selects or splits samples) counts, on the device, only the
 samples no earlier pass of the step has seen.
 
-A skipped step's batch counts nowhere where the host decides the skip: :meth:`EpochSums.begin_step` marks
+A skipped step's batch counts nowhere. Where the host decides the skip, :meth:`EpochSums.begin_step` marks
 where a step's counts begin and :meth:`EpochSums.drop_step` takes them back (the sums are replaced, never
-changed in place, so the mark is the values themselves: nothing is copied). A step undone on the device
-(see :mod:`bench.loop.step`) keeps its counts: taking them back would need the host to read its flag.
-Between the two nothing may count the waiting outputs (:meth:`EpochSums.metrics`): a drop then raises.
+changed in place, so the mark is the values themselves: nothing is copied); between the two nothing may
+count the waiting outputs (:meth:`EpochSums.metrics`): a drop then raises. A step begun ``held`` (one
+undone on the device, whose flag the host reads later) keeps its counts aside with its flag
+(:meth:`EpochSums.hold`), and :meth:`EpochSums.settle` adds those of the steps taken, in step order, when
+the flags are read: the same additions, later, and no operator more.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ class EpochSums:
         self.seen = int(saved.get("seen", 0))  # whole batches' samples
         self._seen_on_device = torch.zeros((), dtype=torch.long, device=device)  # samples of partial passes
         self._waiting: list[tuple[torch.Tensor, torch.Tensor]] = []  # (outputs, labels) not counted yet
-        self._held = 0  # values in the waiting outputs
+        self._held_values = 0  # values in the waiting outputs
         self._step_start: tuple | None = None  # the counts as the current step found them (see begin_step)
+        self._kept: _StepCounts | None = None  # the counts of the step begun held, kept aside
+        self._held: list[tuple[bool | torch.Tensor, _StepCounts]] = []  # held steps' (decision, counts), in order
         self.passes: int = saved.get("passes", 0)
         self.sample_passes: float = saved.get("sample_passes", 0.0)
         self.time: float = saved.get("time", 0.0)
@@ -55,30 +59,74 @@ class EpochSums:
     ) -> None:
         """Every sample of a batch, new in this step (``loss_sum``: the float32 sum of ``losses``, where the
         caller has it). Its outputs wait until the next :meth:`begin_step` finds enough waiting."""
+        if self._kept is not None:
+            self._kept.add("loss_sum", losses.float().sum() if loss_sum is None else loss_sum)
+            self._kept.seen += targets.shape[0]
+            self._kept.waiting.append((outputs, targets))
+            return
         self.loss_sum = self.loss_sum + (losses.float().sum() if loss_sum is None else loss_sum)
         self.seen += targets.shape[0]
         self._waiting.append((outputs, targets))
-        self._held += outputs.numel()
+        self._held_values += outputs.numel()
 
     def count_new(self, outputs: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, new: torch.Tensor) -> None:
         """The samples of a pass that ``new`` (a bool mask on the device) marks as not yet counted."""
         hits = outputs.argmax(-1) == targets
-        self.correct = self.correct + (hits & new).sum()
-        self.loss_sum = self.loss_sum + torch.where(new, losses.float(), 0.0).sum()
-        self._seen_on_device = self._seen_on_device + new.sum()
+        counts = (("correct", (hits & new).sum()), ("loss_sum", torch.where(new, losses.float(), 0.0).sum()))
+        for name, value in (*counts, ("_seen_on_device", new.sum())):
+            if self._kept is not None:
+                self._kept.add(name, value)
+            else:
+                setattr(self, name, getattr(self, name) + value)
 
-    def begin_step(self) -> None:
+    def begin_step(self, held: bool = False) -> None:
         """Mark the counts as a step finds them, after counting the waiting outputs where at least
-        :data:`COUNT_EVERY` batches or :data:`HELD_VALUES` values wait."""
-        if len(self._waiting) >= COUNT_EVERY or self._held >= HELD_VALUES:
+        :data:`COUNT_EVERY` batches or :data:`HELD_VALUES` values wait; ``held``: the step's counts are kept
+        aside until :meth:`hold` and :meth:`settle` (or :meth:`drop_step`, or :meth:`keep_step`)."""
+        if len(self._waiting) >= COUNT_EVERY or self._held_values >= HELD_VALUES:
             self._count_waiting()
-        self._step_start = (self.correct, self.loss_sum, self._seen_on_device, self.seen, len(self._waiting), self._held)
+        self._step_start = (self.correct, self.loss_sum, self._seen_on_device, self.seen, len(self._waiting), self._held_values)
+        self._kept = _StepCounts() if held else None
+
+    def hold(self, flag: torch.Tensor) -> None:
+        """The held step's counts wait for its flag (0-dim, on the device; nonzero: skipped); past
+        :data:`COUNT_EVERY` steps waiting, :meth:`settle` reads them."""
+        self._held.append((flag, self._kept))
+        self._kept = None
+        if len(self._held) >= COUNT_EVERY:
+            self.settle()
+
+    def keep_step(self) -> None:
+        """The held step was taken, decided on the host: its counts follow those of the steps held before it."""
+        if self._kept is not None:
+            self._held.append((False, self._kept))
+            self._kept = None
+            if all(decision is False for decision, _ in self._held):
+                self.settle()
+
+    def settle(self) -> None:
+        """Add the counts of the held steps that were taken, in step order, and forget those skipped: one
+        host read of their flags, none where every one was decided on the host."""
+        flags = [decision for decision, _ in self._held if isinstance(decision, torch.Tensor)]
+        read = iter(torch.stack(flags).ne(0).tolist() if flags else ())
+        for decision, counts in self._held:
+            if not (next(read) if isinstance(decision, torch.Tensor) else decision):
+                for name, value in counts.added:
+                    setattr(self, name, getattr(self, name) + value)
+                self.seen += counts.seen
+                for outputs, labels in counts.waiting:
+                    self._waiting.append((outputs, labels))
+                    self._held_values += outputs.numel()
+        self._held.clear()
 
     def drop_step(self) -> None:
         """Take back every count since :meth:`begin_step`: the step was skipped, and its batch counts nowhere."""
+        if self._kept is not None:  # a held step decided on the host: nothing of it was added
+            self._kept = None
+            return
         if self._step_start is None:
             raise RuntimeError("EpochSums.drop_step needs a begin_step with nothing counted in bulk since")
-        self.correct, self.loss_sum, self._seen_on_device, self.seen, waiting, self._held = self._step_start
+        self.correct, self.loss_sum, self._seen_on_device, self.seen, waiting, self._held_values = self._step_start
         del self._waiting[waiting:]
 
     def _count_waiting(self) -> None:
@@ -90,10 +138,12 @@ class EpochSums:
             outputs, labels = zip(*self._waiting)
             self.correct = self.correct + (torch.cat(outputs).argmax(-1) == torch.cat(labels)).sum()
         self._waiting.clear()
-        self._held = 0
+        self._held_values = 0
 
     def metrics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(correct, loss sum, samples seen) as 0-dim tensors on the device; no host read."""
+        """(correct, loss sum, samples seen) as 0-dim tensors on the device; no host read, unless held steps
+        wait for their flags (:meth:`settle`)."""
+        self.settle()
         self._count_waiting()
         return self.correct, self.loss_sum, self._seen_on_device + self.seen
 
@@ -108,3 +158,16 @@ class EpochSums:
             "sample_passes": self.sample_passes,
             "time": self.time,
         }
+
+
+class _StepCounts:
+    """What a held step counted, kept aside: the additions to the device sums in their order, the
+    samples of its whole batches, its outputs and labels."""
+
+    def __init__(self):
+        self.added: list[tuple[str, torch.Tensor]] = []
+        self.seen = 0
+        self.waiting: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        self.added.append((name, value))
