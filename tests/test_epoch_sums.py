@@ -123,13 +123,17 @@ def test_one_closure_kept_across_steps_trains_as_fresh_ones(optimizer):
     assert kept_sums == fresh_sums and kept_sums["seen"] == 64
 
 
-def test_held_steps_add_the_counts_of_those_taken_in_step_order():
+@pytest.mark.parametrize("held_values", [1 << 20, 3 * 16 * 10])
+def test_held_steps_add_the_counts_of_those_taken_in_step_order(held_values, monkeypatch):
     """Steps begun held keep their counts aside with their flags; settling adds those of the steps taken (a zero
-    flag, or taken on the host), in step order: the sums of counting them directly, skipped steps left out; past
-    COUNT_EVERY steps held, holding one more settles them."""
+    flag, or taken on the host), in step order: the sums of counting them directly, skipped steps left out. Held
+    outputs past HELD_VALUES (every third step, in the second case) are counted on the device, masked by their
+    flags; nothing is added before the settle, which reads only the flags it is not given."""
+    monkeypatch.setattr("bench.loop.sums.HELD_VALUES", held_values)
     steps = list(batches(COUNT_EVERY + 6, seed=3))
     skipped = {2, 5, COUNT_EVERY + 1}
     direct, held = EpochSums(torch.device("cpu")), EpochSums(torch.device("cpu"))
+    flags = []
     for i, (outputs, targets, losses, new) in enumerate(steps):
         if i not in skipped:
             direct.begin_step()
@@ -139,7 +143,48 @@ def test_held_steps_add_the_counts_of_those_taken_in_step_order():
         if i == 7:  # decided on the host, taken
             held.keep_step()
         else:
-            held.hold(torch.tensor(float(i in skipped)))
-        if i == COUNT_EVERY - 1:  # COUNT_EVERY steps held: settled, nothing waits
-            assert counted(lambda: held.settle()).host_reads == 0
+            flags.append(torch.tensor(float(i in skipped)))
+            held.hold(flags[-1])
+    assert held.loss_sum.item() == 0 and held.seen == 0  # every count aside
+    read = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: read.append(t.numel()) or [bool(v) for v in t])
+    held.settle([(f, bool(f)) for f in flags[::2]])  # half the flags read by the caller
+    assert read == [len(flags[1::2])]  # the other half read here, at once
+    monkeypatch.undo()
     assert held.to_host() == direct.to_host()
+
+
+def test_a_held_step_needs_its_begin():
+    with pytest.raises(RuntimeError, match="needs a step begun held"):
+        EpochSums(torch.device("cpu")).hold(torch.zeros(()))
+
+
+class _InfAtCall:
+    """A loss that is infinite at its ``at``-th call (a step's first pass there is skipped)."""
+
+    def __init__(self, loss_fn, at: int):
+        self.loss_fn, self.at, self.calls = loss_fn, at, 0
+
+    def __call__(self, outputs, targets):
+        self.calls += 1
+        losses = self.loss_fn(outputs, targets)
+        return losses * float("inf") if self.calls == self.at else losses
+
+
+def test_an_epoch_with_a_skipped_step_has_the_sums_of_its_steps_taken():
+    """An epoch in which one step is skipped: its training sums in the device form (flags read every 3 steps, or
+    only at the epoch's end) equal the host form's, bit for bit; 9 steps of 16 samples counted."""
+    from bench.loop.epoch import run_epoch
+
+    data = synthetic_dataset(160, 8)
+    found = []
+    for on_device, max_consecutive_skips in [(False, 20), (True, 3), (True, 40)]:
+        with tempfile.TemporaryDirectory() as out:
+            config = harness_config("sam", "mlp", 16, "cpu", out, lr=0.05, max_consecutive_skips=max_consecutive_skips)
+            run = setup(config, data=(data, data))
+            run.skip_on_device = on_device
+            run.loss_fn = _InfAtCall(run.loss_fn, at=9)  # the fifth step's first pass
+            sums, steps = run_epoch(run)
+        assert steps == 10 and run.state.skipped == 1 and sums["seen"] == 144
+        found.append((sums["correct"], sums["loss_sum"]))
+    assert found[1] == found[0] and found[2] == found[0]

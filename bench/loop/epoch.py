@@ -127,13 +127,14 @@ def count_skips(run: Run, pending: list[bool | torch.Tensor], sums: EpochSums) -
     the run diverged. Flags read late find a divergence late: the steps after it ran too (skipped, or
     taken where the run recovered), and it is marked diverged all the same, as a run whose steps decide
     on the host would have stopped there. The training sums then add the counts of the steps taken
-    (``sums.settle``: a second read of the same flags, with nothing left to wait for)."""
+    (``sums.settle``, given the flags read here)."""
     on_device = [flag for flag in pending if isinstance(flag, torch.Tensor)]
-    read = iter(torch.stack(on_device).ne(0).tolist() if on_device else ())
+    read = torch.stack(on_device).ne(0).tolist() if on_device else []
+    values = iter(read)
     for flag in pending:
-        _count_skip(run.state, next(read) if isinstance(flag, torch.Tensor) else flag, run.config.max_consecutive_skips)
+        _count_skip(run.state, next(values) if isinstance(flag, torch.Tensor) else flag, run.config.max_consecutive_skips)
     pending.clear()
-    sums.settle()
+    sums.settle(list(zip(on_device, read)))
 
 
 def _count_skip(state: TrainState, skipped: bool, limit: int) -> None:

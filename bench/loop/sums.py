@@ -20,11 +20,13 @@ changed in place, so the mark is the values themselves: nothing is copied); betw
 count the waiting outputs (:meth:`EpochSums.metrics`): a drop then raises. A step begun ``held`` (one
 undone on the device, whose flag the host reads later) keeps its counts aside with its flag
 (:meth:`EpochSums.hold`), and :meth:`EpochSums.settle` adds those of the steps taken, in step order, when
-the flags are read: the same additions, later, and no operator more.
+the loop has read the flags: the same additions, later. Held outputs past :data:`HELD_VALUES` values
+are counted on the device, masked by their steps' flags, without a host read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -50,6 +52,7 @@ class EpochSums:
         self._step_start: tuple | None = None  # the counts as the current step found them (see begin_step)
         self._kept: _StepCounts | None = None  # the counts of the step begun held, kept aside
         self._held: list[tuple[bool | torch.Tensor, _StepCounts]] = []  # held steps' (decision, counts), in order
+        self._held_out = 0  # values in the held steps' outputs
         self.passes: int = saved.get("passes", 0)
         self.sample_passes: float = saved.get("sample_passes", 0.0)
         self.time: float = saved.get("time", 0.0)
@@ -89,35 +92,66 @@ class EpochSums:
         self._kept = _StepCounts() if held else None
 
     def hold(self, flag: torch.Tensor) -> None:
-        """The held step's counts wait for its flag (0-dim, on the device; nonzero: skipped); past
-        :data:`COUNT_EVERY` steps waiting, :meth:`settle` reads them."""
+        """The held step's counts wait for its flag (0-dim, on the device; nonzero: skipped), read later by
+        :meth:`settle`. Outputs of waiting steps past :data:`HELD_VALUES` values are counted at once, each
+        step's predictions masked by its flag on the device: no host read."""
+        if self._kept is None:
+            raise RuntimeError("EpochSums.hold needs a step begun held")
         self._held.append((flag, self._kept))
+        self._held_out += sum(outputs.numel() for outputs, _ in self._kept.waiting)
         self._kept = None
-        if len(self._held) >= COUNT_EVERY:
-            self.settle()
+        if self._held_out >= HELD_VALUES:
+            self._count_held_outputs()
 
     def keep_step(self) -> None:
         """The held step was taken, decided on the host: its counts follow those of the steps held before it."""
         if self._kept is not None:
             self._held.append((False, self._kept))
+            self._held_out += sum(outputs.numel() for outputs, _ in self._kept.waiting)
             self._kept = None
             if all(decision is False for decision, _ in self._held):
                 self.settle()
 
-    def settle(self) -> None:
-        """Add the counts of the held steps that were taken, in step order, and forget those skipped: one
-        host read of their flags, none where every one was decided on the host."""
-        flags = [decision for decision, _ in self._held if isinstance(decision, torch.Tensor)]
-        read = iter(torch.stack(flags).ne(0).tolist() if flags else ())
+    def settle(self, known: Sequence[tuple[torch.Tensor, bool]] = ()) -> None:
+        """Add the counts of the held steps that were taken, in step order, and forget those skipped.
+        ``known``: (flag, read as nonzero) pairs the caller has read already; the other flags are read here, in
+        one host read (none where every one is known or was decided on the host)."""
+        if not self._held:
+            return
+        read = {id(flag): skipped for flag, skipped in known}
+        unread = [d for d, _ in self._held if isinstance(d, torch.Tensor) and id(d) not in read]
+        if unread:
+            read.update(zip(map(id, unread), torch.stack(unread).ne(0).tolist()))
         for decision, counts in self._held:
-            if not (next(read) if isinstance(decision, torch.Tensor) else decision):
-                for name, value in counts.added:
-                    setattr(self, name, getattr(self, name) + value)
-                self.seen += counts.seen
-                for outputs, labels in counts.waiting:
-                    self._waiting.append((outputs, labels))
-                    self._held_values += outputs.numel()
+            if isinstance(decision, torch.Tensor) and read[id(decision)]:
+                continue
+            for name, value in counts.added:
+                setattr(self, name, getattr(self, name) + value)
+            self.seen += counts.seen
+            for outputs, labels in counts.waiting:
+                self._waiting.append((outputs, labels))
+                self._held_values += outputs.numel()
         self._held.clear()
+        self._held_out = 0
+        self._step_start = None  # counts added since any mark
+
+    def _count_held_outputs(self) -> None:
+        """Count the correct predictions of the waiting steps' outputs in one go, each sample's masked by its
+        step's flag (a step taken on the host: kept), on the device; the steps keep their other counts."""
+        outputs, labels, flags, sizes = [], [], [], []
+        for decision, counts in self._held:
+            for out, lab in counts.waiting:
+                outputs.append(out)
+                labels.append(lab)
+                flags.append(decision if isinstance(decision, torch.Tensor) else None)
+                sizes.append(lab.shape[0])
+            counts.waiting = []
+        device = labels[0].device
+        zero = torch.zeros((), device=device)
+        taken = torch.stack([zero if f is None else f.to(device, zero.dtype) for f in flags]).eq(0)
+        taken = torch.cat([t.expand(n) for t, n in zip(taken, sizes)])  # views and one copy: no host data sent
+        self.correct = self.correct + ((torch.cat(outputs).argmax(-1) == torch.cat(labels)) & taken).sum()
+        self._held_out = 0
 
     def drop_step(self) -> None:
         """Take back every count since :meth:`begin_step`: the step was skipped, and its batch counts nowhere."""
