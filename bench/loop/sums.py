@@ -48,11 +48,11 @@ class EpochSums:
         self.seen = int(saved.get("seen", 0))  # whole batches' samples
         self._seen_on_device = torch.zeros((), dtype=torch.long, device=device)  # samples of partial passes
         self._waiting: list[tuple[torch.Tensor, torch.Tensor]] = []  # (outputs, labels) not counted yet
-        self._held_values = 0  # values in the waiting outputs
+        self._waiting_values = 0  # values in the waiting outputs
         self._step_start: tuple | None = None  # the counts as the current step found them (see begin_step)
         self._kept: _StepCounts | None = None  # the counts of the step begun held, kept aside
-        self._held: list[tuple[bool | torch.Tensor, _StepCounts]] = []  # held steps' (decision, counts), in order
-        self._held_out = 0  # values in the held steps' outputs
+        self._held_steps: list[tuple[bool | torch.Tensor, _StepCounts]] = []  # held steps' (decision, counts), in order
+        self._held_values = 0  # values in the held steps' outputs
         self.passes: int = saved.get("passes", 0)
         self.sample_passes: float = saved.get("sample_passes", 0.0)
         self.time: float = saved.get("time", 0.0)
@@ -62,33 +62,47 @@ class EpochSums:
     ) -> None:
         """Every sample of a batch, new in this step (``loss_sum``: the float32 sum of ``losses``, where the
         caller has it). Its outputs wait until the next :meth:`begin_step` finds enough waiting."""
+        self._add("loss_sum", losses.float().sum() if loss_sum is None else loss_sum)
         if self._kept is not None:
-            self._kept.add("loss_sum", losses.float().sum() if loss_sum is None else loss_sum)
             self._kept.seen += targets.shape[0]
             self._kept.waiting.append((outputs, targets))
-            return
-        self.loss_sum = self.loss_sum + (losses.float().sum() if loss_sum is None else loss_sum)
-        self.seen += targets.shape[0]
-        self._waiting.append((outputs, targets))
-        self._held_values += outputs.numel()
+        else:
+            self.seen += targets.shape[0]
+            self._waiting.append((outputs, targets))
+            self._waiting_values += outputs.numel()
 
     def count_new(self, outputs: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, new: torch.Tensor) -> None:
         """The samples of a pass that ``new`` (a bool mask on the device) marks as not yet counted."""
         hits = outputs.argmax(-1) == targets
-        counts = (("correct", (hits & new).sum()), ("loss_sum", torch.where(new, losses.float(), 0.0).sum()))
-        for name, value in (*counts, ("_seen_on_device", new.sum())):
-            if self._kept is not None:
-                self._kept.add(name, value)
-            else:
-                setattr(self, name, getattr(self, name) + value)
+        self._add("correct", (hits & new).sum())
+        self._add("loss_sum", torch.where(new, losses.float(), 0.0).sum())
+        self._add("_seen_on_device", new.sum())
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        """Add ``value`` to the device sum ``name``: a new tensor, never in place (see drop_step); for a step
+        begun held, to its counts kept aside."""
+        if self._kept is not None:
+            self._kept.added.append((name, value))
+        else:
+            self._add_now(name, value)
+
+    def _add_now(self, name: str, value: torch.Tensor) -> None:
+        setattr(self, name, getattr(self, name) + value)
 
     def begin_step(self, held: bool = False) -> None:
         """Mark the counts as a step finds them, after counting the waiting outputs where at least
         :data:`COUNT_EVERY` batches or :data:`HELD_VALUES` values wait; ``held``: the step's counts are kept
         aside until :meth:`hold` and :meth:`settle` (or :meth:`drop_step`, or :meth:`keep_step`)."""
-        if len(self._waiting) >= COUNT_EVERY or self._held_values >= HELD_VALUES:
+        if len(self._waiting) >= COUNT_EVERY or self._waiting_values >= HELD_VALUES:
             self._count_waiting()
-        self._step_start = (self.correct, self.loss_sum, self._seen_on_device, self.seen, len(self._waiting), self._held_values)
+        self._step_start = (
+            self.correct,
+            self.loss_sum,
+            self._seen_on_device,
+            self.seen,
+            len(self._waiting),
+            self._waiting_values,
+        )
         self._kept = _StepCounts() if held else None
 
     def hold(self, flag: torch.Tensor) -> None:
@@ -97,49 +111,49 @@ class EpochSums:
         step's predictions masked by its flag on the device: no host read."""
         if self._kept is None:
             raise RuntimeError("EpochSums.hold needs a step begun held")
-        self._held.append((flag, self._kept))
-        self._held_out += sum(outputs.numel() for outputs, _ in self._kept.waiting)
-        self._kept = None
-        if self._held_out >= HELD_VALUES:
+        self._queue(flag)
+        if self._held_values >= HELD_VALUES:
             self._count_held_outputs()
 
     def keep_step(self) -> None:
         """The held step was taken, decided on the host: its counts follow those of the steps held before it."""
         if self._kept is not None:
-            self._held.append((False, self._kept))
-            self._held_out += sum(outputs.numel() for outputs, _ in self._kept.waiting)
-            self._kept = None
-            if all(decision is False for decision, _ in self._held):
+            self._queue(False)
+            if all(decision is False for decision, _ in self._held_steps):
                 self.settle()
+
+    def _queue(self, decision: bool | torch.Tensor) -> None:
+        self._held_steps.append((decision, self._kept))
+        self._held_values += sum(outputs.numel() for outputs, _ in self._kept.waiting)
+        self._kept = None
 
     def settle(self, known: Sequence[tuple[torch.Tensor, bool]] = ()) -> None:
         """Add the counts of the held steps that were taken, in step order, and forget those skipped.
         ``known``: (flag, read as nonzero) pairs the caller has read already; the other flags are read here, in
         one host read (none where every one is known or was decided on the host)."""
-        if not self._held:
+        if not self._held_steps:
             return
         read = {id(flag): skipped for flag, skipped in known}
-        unread = [d for d, _ in self._held if isinstance(d, torch.Tensor) and id(d) not in read]
+        unread = [d for d, _ in self._held_steps if isinstance(d, torch.Tensor) and id(d) not in read]
         if unread:
             read.update(zip(map(id, unread), torch.stack(unread).ne(0).tolist()))
-        for decision, counts in self._held:
+        for decision, counts in self._held_steps:
             if isinstance(decision, torch.Tensor) and read[id(decision)]:
                 continue
             for name, value in counts.added:
-                setattr(self, name, getattr(self, name) + value)
+                self._add_now(name, value)
             self.seen += counts.seen
-            for outputs, labels in counts.waiting:
-                self._waiting.append((outputs, labels))
-                self._held_values += outputs.numel()
-        self._held.clear()
-        self._held_out = 0
+            self._waiting += counts.waiting
+            self._waiting_values += sum(outputs.numel() for outputs, _ in counts.waiting)
+        self._held_steps.clear()
+        self._held_values = 0
         self._step_start = None  # counts added since any mark
 
     def _count_held_outputs(self) -> None:
         """Count the correct predictions of the waiting steps' outputs in one go, each sample's masked by its
         step's flag (a step taken on the host: kept), on the device; the steps keep their other counts."""
         outputs, labels, flags, sizes = [], [], [], []
-        for decision, counts in self._held:
+        for decision, counts in self._held_steps:
             for out, lab in counts.waiting:
                 outputs.append(out)
                 labels.append(lab)
@@ -151,7 +165,7 @@ class EpochSums:
         taken = torch.stack([zero if f is None else f.to(device, zero.dtype) for f in flags]).eq(0)
         taken = torch.cat([t.expand(n) for t, n in zip(taken, sizes)])  # views and one copy: no host data sent
         self.correct = self.correct + ((torch.cat(outputs).argmax(-1) == torch.cat(labels)) & taken).sum()
-        self._held_out = 0
+        self._held_values = 0
 
     def drop_step(self) -> None:
         """Take back every count since :meth:`begin_step`: the step was skipped, and its batch counts nowhere."""
@@ -160,7 +174,7 @@ class EpochSums:
             return
         if self._step_start is None:
             raise RuntimeError("EpochSums.drop_step needs a begin_step with nothing counted in bulk since")
-        self.correct, self.loss_sum, self._seen_on_device, self.seen, waiting, self._held_values = self._step_start
+        self.correct, self.loss_sum, self._seen_on_device, self.seen, waiting, self._waiting_values = self._step_start
         del self._waiting[waiting:]
 
     def _count_waiting(self) -> None:
@@ -172,7 +186,7 @@ class EpochSums:
             outputs, labels = zip(*self._waiting)
             self.correct = self.correct + (torch.cat(outputs).argmax(-1) == torch.cat(labels)).sum()
         self._waiting.clear()
-        self._held_values = 0
+        self._waiting_values = 0
 
     def metrics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(correct, loss sum, samples seen) as 0-dim tensors on the device; no host read, unless held steps
@@ -202,6 +216,3 @@ class _StepCounts:
         self.added: list[tuple[str, torch.Tensor]] = []
         self.seen = 0
         self.waiting: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def add(self, name: str, value: torch.Tensor) -> None:
-        self.added.append((name, value))
