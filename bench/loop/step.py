@@ -138,7 +138,6 @@ class TrainClosure(BatchClosure):
         #: The training metrics of the samples counted go to ``sums`` (the loop's running sums of the
         #: epoch), else to fresh sums of this step.
         self.sums = EpochSums(inputs.device) if sums is None else sums
-        self.sums.begin_step()  # a step skipped on the host takes its counts back (see take_step)
         self._counted = None  # which samples have been counted, once a pass runs on part of the batch
         self._subset = None
         #: Passes flag a non-finite loss or gradient here; with ``defer_check`` (set by take_step for
@@ -253,8 +252,9 @@ def take_step(
     host read. On the host, a variant that declares ``undone_by_restore`` decides at each of its passes
     where ``each_pass`` (by default, on a CPU, where a read waits for nothing), else once at its end."""
     snapshot = snapshot or StepSnapshot(closure.model)
+    # where the step's counts begin: a skip takes them back; undone on the device, they wait for its flag
+    closure.sums.begin_step(held=on_device)
     if on_device:
-        closure.sums.begin_step(held=True)  # its counts wait for its flag
         snapshot.save(optimizer)
         closure.defer_check = True
         optimizer.step(closure)
