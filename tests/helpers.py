@@ -75,3 +75,18 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+def loss_infinite_at(call: int, loss_fn=None):
+    """Per-sample losses (``loss_fn``, by default cross-entropy) that are infinite at the ``call``-th call: the
+    pass making that call is non-finite."""
+    loss_fn = loss_fn or (lambda outputs, targets: nn.functional.cross_entropy(outputs, targets, reduction="none"))
+    calls = 0
+
+    def losses(outputs, targets):
+        nonlocal calls
+        calls += 1
+        value = loss_fn(outputs, targets)
+        return value * float("inf") if calls == call else value
+
+    return losses

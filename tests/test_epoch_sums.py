@@ -9,6 +9,7 @@ import tempfile
 
 import pytest
 import torch
+from helpers import loss_infinite_at
 
 from bench.loop.epoch import train_on
 from bench.loop.setup import setup
@@ -159,18 +160,6 @@ def test_a_held_step_needs_its_begin():
         EpochSums(torch.device("cpu")).hold(torch.zeros(()))
 
 
-class _InfAtCall:
-    """A loss that is infinite at its ``at``-th call (a step's first pass there is skipped)."""
-
-    def __init__(self, loss_fn, at: int):
-        self.loss_fn, self.at, self.calls = loss_fn, at, 0
-
-    def __call__(self, outputs, targets):
-        self.calls += 1
-        losses = self.loss_fn(outputs, targets)
-        return losses * float("inf") if self.calls == self.at else losses
-
-
 def test_an_epoch_with_a_skipped_step_has_the_sums_of_its_steps_taken():
     """An epoch in which one step is skipped: its training sums in the device form (flags read every 3 steps, or
     only at the epoch's end) equal the host form's, bit for bit; 9 steps of 16 samples counted."""
@@ -183,7 +172,7 @@ def test_an_epoch_with_a_skipped_step_has_the_sums_of_its_steps_taken():
             config = harness_config("sam", "mlp", 16, "cpu", out, lr=0.05, max_consecutive_skips=max_consecutive_skips)
             run = setup(config, data=(data, data))
             run.skip_on_device = on_device
-            run.loss_fn = _InfAtCall(run.loss_fn, at=9)  # the fifth step's first pass
+            run.loss_fn = loss_infinite_at(9, run.loss_fn)  # the fifth step's first pass
             sums, steps = run_epoch(run)
         assert steps == 10 and run.state.skipped == 1 and sums["seen"] == 144
         found.append((sums["correct"], sums["loss_sum"]))

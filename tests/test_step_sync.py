@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers import loss_infinite_at
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -103,18 +104,6 @@ def test_on_a_cpu_a_variant_undone_by_its_restore_reads_each_pass_and_takes_no_s
     assert len(saved) == (2 if name == "gsam" else 0)
 
 
-def _loss_failing_on(pass_number: int):
-    calls = 0
-
-    def loss_fn(outputs, targets):
-        nonlocal calls
-        calls += 1
-        losses = nn.functional.cross_entropy(outputs, targets, reduction="none")
-        return losses * float("inf") if calls == pass_number else losses
-
-    return loss_fn
-
-
 @pytest.mark.parametrize(
     "name, fail_on_pass",
     # ESAM's second loss is its selection's (no gradient), LookSAM's third step has one pass: their first fails
@@ -132,7 +121,7 @@ def test_a_step_skipped_at_its_end_is_undone_exactly(name, fail_on_pass):
         assert not take_step(opt, closure_for(model, *batch(step)), snapshot)
         assert not take_step(ref_opt, closure_for(reference, *batch(step)))
     state_before = copy.deepcopy(opt.state_dict())
-    assert take_step(opt, closure_for(model, *batch(7), loss_fn=_loss_failing_on(fail_on_pass)), snapshot)
+    assert take_step(opt, closure_for(model, *batch(7), loss_fn=loss_infinite_at(fail_on_pass)), snapshot)
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(
         torch.cat([t.reshape(-1).float() for t in model.state_dict().values()]),
@@ -261,7 +250,7 @@ def test_a_non_finite_step_undone_on_the_device_changes_nothing(name, fail_on_pa
         take_step(ref_opt, closure_for(reference, *batch(step)))
     weights = copy.deepcopy(model.state_dict())
     state = copy.deepcopy(opt.state_dict())
-    bad = closure_for(model, *batch(7), loss_fn=_loss_failing_on(fail_on_pass))
+    bad = closure_for(model, *batch(7), loss_fn=loss_infinite_at(fail_on_pass))
     with DeviceReads(host_kept(opt)) as counter:
         flag = take_step(opt, bad, snapshot, on_device=True)
     assert counter.reads == 0 and flag.item() != 0
@@ -396,7 +385,7 @@ def test_a_step_stopped_at_a_pass_without_a_snapshot_of_the_optimizer_changes_no
         bad_x[0, 0, 0, 0] = float("nan")  # through the forward: BatchNorm's statistics see it
         loss_fn = None
     else:
-        loss_fn = _loss_failing_on(fail_on_pass)
+        loss_fn = loss_infinite_at(fail_on_pass)
     closure = closure_for(model, bad_x, bad_y, loss_fn=loss_fn)
     random_state = torch.get_rng_state()
     assert take_step(opt, closure, snapshot)
@@ -446,7 +435,7 @@ def test_a_skipped_step_counts_nowhere_in_the_training_metrics(name, fail_on_pas
             EpochSums(torch.device("cpu")),
         )
         for step in steps:
-            loss_fn = _loss_failing_on(fail_on_pass) if step == fail_at else nn.CrossEntropyLoss(reduction="none")
+            loss_fn = loss_infinite_at(fail_on_pass) if step == fail_at else nn.CrossEntropyLoss(reduction="none")
             closure = TrainClosure(
                 model, loss_fn, *batch(step), accelerator=Accelerator(cpu=True), ascent_sync="local", scaler=None, sums=sums
             )
