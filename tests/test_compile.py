@@ -204,6 +204,7 @@ def test_perf_recipe_steps_each_optimizer_of_a_recipe_with_the_loops_own_step(tm
     ascent one step in 5. Unknown optimizers are refused in one line."""
     from bench.config import ConfigError
     from bench.studies.perf import main as perf_main
+    from bench.studies.perf_harness import steps_placement
 
     out = tmp_path / "perf_loop.md"
     # passes count over the first step, 4 warm-up steps and 5 timed ones (22 steps in all: from step 6 on)
@@ -230,7 +231,14 @@ def test_perf_recipe_steps_each_optimizer_of_a_recipe_with_the_loops_own_step(tm
         == 0
     )
     text = out.read_text()
-    assert "every optimizer of digits" in text and "--set epochs=2" in text and "trained for 6 steps" in text
+    assert "every optimizer of digits" in text and "--set epochs=2" in text
+    assert (
+        "trained for 6 steps (so that the 10 steps below, the first and the warm-up included, lie in the middle of its 22)"
+        in text
+    )
+    assert steps_placement({"taken": 76, "total": 66}).startswith(
+        "(the 76 steps below, the first and the warm-up included, outnumber its 66:"
+    )
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [(r[0], r[2], r[3]) for r in rows] == [
         ("| sgd", "1.00", "1.00 |"),
