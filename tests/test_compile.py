@@ -232,13 +232,13 @@ def test_perf_recipe_steps_each_optimizer_of_a_recipe_with_the_loops_own_step(tm
     )
     text = out.read_text()
     assert "every optimizer of digits" in text and "--set epochs=2" in text
-    assert (
-        "trained for 6 steps (so that the 10 steps below, the first and the warm-up included, lie in the middle of its 22)"
-        in text
-    )
-    assert steps_placement({"taken": 76, "total": 66}).startswith(
-        "(the 76 steps below, the first and the warm-up included, outnumber its 66:"
-    )
+    # 22 steps in 2 epochs of 11: 10 stepped on (1 + 4 + 5), after 6 trained
+    assert "trained for 6 steps, so that the 10 steps it is then stepped on" in text
+    assert "lie in the middle of its 22-step schedule" in text
+    at = {"start": 0, "taken": 66, "total": 66}
+    assert steps_placement(at).endswith("are its whole 66-step schedule")
+    assert steps_placement(at | {"taken": 76}).startswith("not trained first: the 76 steps it is then stepped on")
+    assert "outnumber its 66-step schedule and run on past its end" in steps_placement(at | {"taken": 76})
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [(r[0], r[2], r[3]) for r in rows] == [
         ("| sgd", "1.00", "1.00 |"),
