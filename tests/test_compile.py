@@ -235,7 +235,7 @@ def test_perf_recipe_steps_each_optimizer_of_a_recipe_with_the_loops_own_step(tm
     # 22 steps in 2 epochs of 11: 10 stepped on (1 + 4 + 5), after 6 trained
     assert "trained for 6 steps, so that the 10 steps it is then stepped on" in text
     assert "lie in the middle of its 22-step schedule" in text
-    at = {"start": 0, "taken": 66, "total": 66}
+    at = {"placements": {"sgd": (0, 66), "sam": (0, 66)}, "taken": 66}
     assert steps_placement(at).endswith("are its whole 66-step schedule")
     assert steps_placement(at | {"taken": 76}).startswith("not trained first: the 76 steps it is then stepped on")
     assert "outnumber its 66-step schedule and run on past its end" in steps_placement(at | {"taken": 76})
@@ -249,6 +249,26 @@ def test_perf_recipe_steps_each_optimizer_of_a_recipe_with_the_loops_own_step(tm
         perf_main(["--recipe", "digits", "--optimizers", "adamw", "--out", str(out)])
     with pytest.raises(ConfigError, match="^perf: --set and --data_dir apply to --recipe only$"):
         perf_main(["--set", "epochs=2", "--out", str(out)])
+
+
+def test_perf_recipe_says_where_each_schedule_puts_the_measured_steps(tmp_path):
+    """Runs of one recipe may train for different numbers of epochs: each is placed in its own schedule,
+    and the header says so for each group of optimizers that shares one, not only for the last."""
+    from bench.studies.perf import main as perf_main
+
+    recipe = tmp_path / "mixed.toml"
+    recipe.write_text('extends = "digits"\ndescription = "digits, bsam for 2 epochs"\n[optimizers.bsam]\nepochs = 2\n')
+    out = tmp_path / "perf_loop.md"
+    args = ["--recipe", str(recipe), "--set", "epochs=2", "--steps", "1", "--rounds", "1", "--warmup", "0"]
+    # --set epochs=2 has the last word for every optimizer: one schedule, one sentence
+    assert perf_main([*args, "--optimizers", "sam", "bsam", "--out", str(out)]) == 0
+    assert "sets it up, trained for 10 steps, so that the 2 steps it is then stepped on" in out.read_text()
+    args[3] = "seed=0"  # each optimizer keeps its own epochs now: sgd and sam 6, bsam 2
+    assert perf_main([*args, "--optimizers", "sam", "bsam", "--out", str(out)]) == 0
+    text = " ".join(out.read_text().split())
+    assert "brought to its measured steps as its schedule allows (sgd, sam: trained for 32 steps" in text
+    assert "lie in the middle of its 66-step schedule; bsam: trained for 10 steps" in text
+    assert "lie in the middle of its 22-step schedule); stepped on with" in text
 
 
 def test_compile_is_an_execution_detail_end_to_end(tmp_path, capsys):

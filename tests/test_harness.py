@@ -94,11 +94,12 @@ def test_seed_sam_command_runs_on_a_cifar_fixture(cifar10_dir, tmp_path):
 
 
 def test_launch_py_writes_run_files_and_a_table(tmp_path):
+    """launch.py, and main.py (the seed project's entry, for its command lines verbatim), run; table reads them."""
     runs = tmp_path / "runs"
-    for sam_type in ("none", "SAM"):
+    for entry, sam_type in (("launch.py", "none"), ("main.py", "SAM")):
         cmd = [
             sys.executable,
-            "launch.py",
+            entry,
             "--sam_type",
             sam_type,
             "--epochs",

@@ -96,11 +96,12 @@ def recipe_contenders(
     data_dir: str | None = None,
     optimizers: list[str] | None = None,
     steps_taken: int = 0,
-) -> tuple[list[Contender], int, int]:
+) -> tuple[list[Contender], dict[str, tuple[int, int]]]:
     """One contender per optimizer of the recipe's grid (its first seed; ``optimizers`` narrows them),
     SGD first: the loop's own step on the recipe's batches, each run trained first to where the
     ``steps_taken`` steps still to come are centred in its schedule (from its first step where they
-    outnumber it). Returns them, that step and the schedule's length in steps."""
+    outnumber it). Returns them, and for each optimizer the steps it was trained first and its
+    schedule's length in steps (runs of one recipe may train for different numbers of epochs)."""
     recipe = load_recipe(recipe_name)
     extra = [f"data_dir={data_dir}"] if data_dir else []
     configs: dict[str, RunConfig] = {}
@@ -113,7 +114,7 @@ def recipe_contenders(
             f"perf --recipe {recipe.name}: its grid has no {', '.join(missing)} "
             f"(it has {', '.join(configs)}); the ratios are to its sgd runs"
         )
-    found, data, start, total = [], None, 0, 0
+    found, data, placements = [], None, {}
     for name in dict.fromkeys(["sgd", *wanted]):
         config = resolve(dataclasses.replace(configs[name], threads=torch.get_num_threads(), sharpness=False))
         if data is None and not is_loader_dataset(config.dataset):  # decoded once, shared by every contender
@@ -126,7 +127,8 @@ def recipe_contenders(
             step()
         step.restart_count()
         found.append(Contender(name, step, passes=step.passes))
-    return found, start, total
+        placements[name] = (start, total)
+    return found, placements
 
 
 class LoopStep:
@@ -317,8 +319,19 @@ def parse_modes(text: str) -> tuple[tuple[bool, bool], ...]:
 
 def steps_placement(settings: dict) -> str:
     """How each run is brought to its measured steps, and where the steps it is stepped on (the first, the
-    warm-up and the timed ones) lie in the recipe's schedule."""
-    start, taken, total = settings["start"], settings["taken"], settings["total"]
+    warm-up and the timed ones) lie in the recipe's schedule: said once where every run has the same
+    schedule, else once for each group of optimizers that shares one."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, placement in settings["placements"].items():
+        groups.setdefault(tuple(placement), []).append(name)
+    taken = settings["taken"]
+    if len(groups) == 1:
+        return _placement(*next(iter(groups)), taken)
+    each = "; ".join(f"{', '.join(names)}: {_placement(start, total, taken)}" for (start, total), names in groups.items())
+    return f"brought to its measured steps as its schedule allows ({each})"
+
+
+def _placement(start: int, total: int, taken: int) -> str:
     steps = f"the {taken} steps it is then stepped on (the first, the warm-up and the timed ones)"
     if taken < total:
         return f"trained for {start} steps, so that {steps} lie in the middle of its {total}-step schedule"
@@ -358,10 +371,10 @@ def run_recipe(args, command: str) -> str:
     load_start = environment.load_average()
     with tempfile.TemporaryDirectory() as output_dir:
         steps_taken = 1 + args.warmup + args.rounds * args.steps
-        found, start, total = recipe_contenders(args.recipe, args.set, output_dir, args.data_dir, args.optimizers, steps_taken)
+        found, placements = recipe_contenders(args.recipe, args.set, output_dir, args.data_dir, args.optimizers, steps_taken)
         device = found[0].step.run.device
         rows = measure(found, args.steps, args.rounds, args.warmup, str(device))
-    settings = _settings(args, load_start, device=str(device), start=start, taken=steps_taken, total=total)
+    settings = _settings(args, load_start, device=str(device), placements=placements, taken=steps_taken)
     return recipe_to_markdown(rows, settings, command)
 
 
