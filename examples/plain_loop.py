@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from optimizers import create_optimizer
+from optimizers import create_optimizer, optimizer_class
 from optimizers.amp import ScaledStep
 
 
@@ -19,9 +19,15 @@ def train(optimizer_name: str = "sam", epochs: int = 3, device: str | None = Non
     x = torch.randn(512, 20)
     data = TensorDataset(x, (x @ torch.randn(20, 4)).argmax(1))  # a learnable toy task
     model = nn.Sequential(nn.Linear(20, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 4)).to(device)
-    opt = create_optimizer(optimizer_name, model, lr=0.1, momentum=0.9, max_grad_norm=1.0)
+    declared, settings = optimizer_class(optimizer_name), {"lr": 0.1}
+    if getattr(declared, "uses_base_optimizer", False):  # a variant on SGD (bSAM has its own update rule)
+        settings["momentum"] = 0.9
+    if getattr(declared, "clips_descent", False):  # a variant clips its descent gradient (by global norm)
+        settings["max_grad_norm"] = 1.0
+    opt = create_optimizer(optimizer_name, model, **settings)
     scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
     amp = ScaledStep(opt, scaler, model)
+    loss = torch.tensor(float("nan"))  # the last step taken's loss
     for epoch in range(epochs):
         for x, y in DataLoader(data, batch_size=64, shuffle=True):
             x, y = x.to(device), y.to(device)
@@ -30,7 +36,8 @@ def train(optimizer_name: str = "sam", epochs: int = 3, device: str | None = Non
                 with torch.autocast(device.type, dtype=half):
                     return F.cross_entropy(model(x), y)
 
-            loss = amp.step(loss_fn)  # None when a pass overflowed: the step was skipped, the scale backed off
+            taken = amp.step(loss_fn)  # None when a pass overflowed: the step was skipped, the scale backed off
+            loss = loss if taken is None else taken
         print(f"epoch {epoch}: training loss {loss.item():.4f}")
     return loss.item()
 

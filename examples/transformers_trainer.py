@@ -1,7 +1,9 @@
 """A sharpness-aware optimizer in a Transformers ``Trainer``: ``training_step`` runs the variant's passes
-(``perturb()`` between them) and the Trainer's own clipping and ``optimizer.step()`` take the descent."""
+(``perturb()`` between them) and the Trainer's ``optimizer.step()`` takes the descent, clipped to the Trainer's
+``max_grad_norm`` by the optimizer."""
 
 import argparse
+import copy
 import tempfile
 
 import torch
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from optimizers import create_optimizer
+from optimizers import create_optimizer, optimizer_class
 
 
 class SharpnessAwareTrainer(Trainer):
@@ -17,11 +19,23 @@ class SharpnessAwareTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.args.gradient_accumulation_steps > 1:  # each micro-batch would perturb again
             raise ValueError("SharpnessAwareTrainer needs gradient_accumulation_steps=1")
-        self.optimizer_name = optimizer_name
+        self.optimizer_name, self.variant_class = optimizer_name, optimizer_class(optimizer_name)
+        self.descent_max_grad_norm = None
+        if getattr(self.variant_class, "clips_descent", False) and self.args.max_grad_norm:
+            # The Trainer clips the gradient it finds after training_step, the second pass's at w + e; the variant
+            # forms its descent gradient in step() (GSAM, SAGM, WSAM from both passes) and clips that one instead.
+            self.descent_max_grad_norm = self.args.max_grad_norm
+            self.args = copy.copy(self.args)  # the caller's arguments stay as they were
+            self.args.max_grad_norm = 0.0
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self.variant = create_optimizer(self.optimizer_name, self.model, lr=self.args.learning_rate, momentum=0.9)
+            settings = {"lr": self.args.learning_rate}
+            if getattr(self.variant_class, "uses_base_optimizer", True):  # not a variant with its own update rule
+                settings["momentum"] = 0.9
+            if self.descent_max_grad_norm is not None:
+                settings["max_grad_norm"] = self.descent_max_grad_norm
+            self.variant = create_optimizer(self.optimizer_name, self.model, **settings)
             self.optimizer = self.variant
         return self.optimizer
 

@@ -152,6 +152,7 @@ class ARWP(SharpnessAwareOptimizer):
     @without_grad
     def perturb(self, zero_grad: bool = True) -> None:
         """Two-phase form: the first pass's gradient is not needed; w + e, BatchNorm frozen."""
+        self.refuse_second_perturb()
         self._add_noise()
         self.enter_perturbed_pass(zero_grad)
 

@@ -277,7 +277,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     # -- configuration -------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group, checking each per-group setting (one-line ValueError naming it), then :meth:`validate`."""
+        """Add a group, checking each per-group setting (one-line ValueError naming it), then :meth:`validate`.
+        A setting of the whole optimizer (LookSAM's ``k``) is refused in a group, where it would be ignored."""
+        whole = [s.name for s in self.settings if not s.per_group and isinstance(param_group, dict) and s.name in param_group]
+        if whole:
+            raise ValueError(
+                f"{type(self).__name__}: {', '.join(whole)} is a setting of the whole optimizer, not of a param group; "
+                "pass it as a keyword argument"
+            )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -425,12 +432,22 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     @without_grad
     def perturb(self, zero_grad: bool = True) -> None:
         """Move w to w + e using the gradient in ``.grad``; freeze BatchNorm statistics."""
+        self.refuse_second_perturb()
         groups = self.params_with_grad()
         self.save_weights([p for _, params in groups for p in params])
         for (_, params), e in zip(groups, self.perturbation(groups)):
             if params:
                 torch._foreach_add_(params, e)
         self.enter_perturbed_pass(zero_grad)
+
+    def refuse_second_perturb(self) -> None:
+        """A one-perturbation step's :meth:`perturb` called again before :meth:`descend` (or :meth:`restore`) would
+        save the perturbed weights as the step's own: refused in one line, nothing moved."""
+        if self._in_perturbed_pass:
+            raise RuntimeError(
+                f"{type(self).__name__}.perturb() called twice in one step: the weights are perturbed already; "
+                "call descend() (or restore()) first"
+            )
 
     def enter_perturbed_pass(self, zero_grad: bool = True) -> None:
         """The weights are at w + e: freeze BatchNorm statistics (where the variant does) and clear the grads."""
@@ -522,5 +539,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if self.base_optimizer is not None:
             self.base_optimizer.load_state_dict({"state": base_state, "param_groups": state_dict["param_groups"]})
             self.param_groups = self.base_optimizer.param_groups
+        # the random streams as saved, and only those (one first made after the save is made again when next
+        # used, as a fresh optimizer makes it); setting a saved state draws nothing from torch's global stream
+        self._generators = {}
         for device, state in generators.items():
-            self.generator(device).set_state(state)
+            device = torch.device(device)
+            self._generators[device] = torch.Generator(device)
+            self._generators[device].set_state(state)

@@ -118,6 +118,9 @@ class ESAM(SharpnessAwareOptimizer):
         super().load_state_dict(state_dict)
         if "kept" in self.state:
             self._apply_kept()
+        else:  # a state from before the first step (a first step undone, say): every tensor takes part
+            for p in self._trainable:
+                p.requires_grad_(True)
 
     @without_grad
     def step(self, closure=None):

@@ -141,6 +141,7 @@ class LookbehindSAM(SharpnessAwareOptimizer):
     @without_grad
     def perturb(self, zero_grad: bool = True) -> None:
         """u_j = u_{j-1} + rho g / ||g|| (in the model); the first of a cycle saves the slow weights."""
+        self.refuse_second_perturb()
         if self.state["inner"] == 0 and not self._in_cycle():
             params = self._cycle_params()
             if params:

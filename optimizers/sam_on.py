@@ -100,6 +100,7 @@ class SAMON(SharpnessAwareOptimizer):
     @without_grad
     def perturb(self, zero_grad: bool = True) -> None:
         """Move only N to w + e; back up every parameter with a gradient (as the official code)."""
+        self.refuse_second_perturb()
         groups = self.params_with_grad()
         self.save_weights([p for _, params in groups for p in params])
         chosen = [(group, self.norm_parameters(group, params)) for group, params in groups]

@@ -109,3 +109,22 @@ def test_the_two_phase_form_equals_the_closure_form_and_skips_alike(name):
         assert two_phase.descend() == overflow
         assert torch.equal(flat(a), flat(b)), i
     assert two_phase.scaler.get_scale() == closure_form.scaler.get_scale() == SCALE / 2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_overflow_on_the_first_step_leaves_a_fresh_optimizer(name):
+    """A skipped first step leaves nothing behind, not even what only a first step makes (a random stream, ESAM's
+    draw of the tensors its next ascent leaves out): the next step is a fresh optimizer's first, bit for bit."""
+    model, opt = setup(name)
+    fresh_model, fresh_opt = setup(name)
+    amp = ScaledStep(opt, torch.amp.GradScaler("cpu", init_scale=SCALE), model)
+    fresh = ScaledStep(fresh_opt, torch.amp.GradScaler("cpu", init_scale=SCALE / 2), fresh_model)  # the scale left
+    (x, y), (x2, y2) = batches(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert amp.step(lambda: nn.functional.cross_entropy(model(x), y) * float("inf")) is None
+        assert all(p.requires_grad for p in model.parameters())
+        assert opt.state_dict().keys() == fresh_opt.state_dict().keys()
+        for m, scaled in ((model, amp), (fresh_model, fresh)):
+            scaled.step(loss_of(m, x2, y2))
+    assert torch.equal(flat(model), flat(fresh_model))

@@ -265,6 +265,60 @@ def test_two_phase_form_with_groups_without_gradients(name):
     assert torch.equal(before, flat(model.unused)) and not torch.equal(trained, flat(model.body))
 
 
+@pytest.mark.parametrize(
+    "name", [n for n in VARIANTS if optimizer_class(n).uses_base_optimizer and optimizer_class(n).passes != "4"]
+)
+def test_a_second_perturb_in_one_step_is_refused_and_moves_nothing(name):
+    """perturb() twice before descend() would save the perturbed weights as the step's own (GAM, whose step
+    perturbs three times, counts its passes itself)."""
+    model = tiny_mlp(batchnorm=True)
+    opt = create_optimizer(name, model, **settings_for(name))
+    for x, y in batches(10):
+        plain_closure(model, x, y)()
+        if not opt.perturbs_this_step:
+            opt.descend()
+            continue
+        opt.perturb()
+        perturbed = flat(model).clone()
+        plain_closure(model, x, y)()
+        with pytest.raises(RuntimeError, match=rf"^{type(opt).__name__}\.perturb\(\) called twice in one step: "):
+            opt.perturb()
+        assert torch.equal(flat(model), perturbed)
+        opt.descend()
+        return
+    assert name in ("saf", "mesa")  # one pass per step: they never perturb
+
+
+def test_a_setting_of_the_whole_optimizer_is_refused_in_a_param_group():
+    model = tiny_mlp()
+    with pytest.raises(ValueError, match="^LookSAM: k is a setting of the whole optimizer, not of a param group; "):
+        create_optimizer("looksam", [{"params": model.parameters(), "k": 0}], lr=0.1)
+    opt = create_optimizer("esam", list(model[0].parameters()), lr=0.1)
+    with pytest.raises(ValueError, match="^ESAM: gamma is a setting of the whole optimizer"):
+        opt.add_param_group({"params": list(model[2].parameters()), "gamma": 0.5})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("name", ["esam", "bsam", "arwp"])
+def test_loading_a_state_draws_nothing_from_the_global_stream(name):
+    """An unseeded optimizer's saved random stream is set as saved: torch's global stream, which a resumed run
+    restores for its data order, is left where it was."""
+    model = tiny_mlp(batchnorm=True)
+    settings = {k: v for k, v in settings_for(name).items() if k != "seed"}
+    opt = create_optimizer(name, model, **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for x, y in batches(2):
+            opt.step(plain_closure(model, x, y))
+    saved = opt.state_dict()
+    assert saved["generators"]
+    again = create_optimizer(name, model, **settings)
+    before = torch.get_rng_state()
+    again.load_state_dict(saved)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(again.generator().get_state(), opt.generator().get_state())
+
+
 # -- self-description --------------------------------------------------------------------------------
 
 #: The seed project's flags per variant and the setting each sets (the harness spells them per bench/cli/variant_flags.toml).

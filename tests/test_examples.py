@@ -3,6 +3,7 @@ optimisation and the Transformers Trainer subclass equal a closure step on the s
 
 import copy
 import importlib.util
+import math
 import os
 import re
 import subprocess
@@ -58,6 +59,30 @@ def test_plain_loop_trains_with_amp_and_clipping(name):
     assert example("plain_loop").train(name, epochs=3) < CHANCE / 2
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw", "bsam"])
+def test_plain_loop_runs_the_baselines_and_a_variant_with_its_own_update_rule(name):
+    """momentum and max_grad_norm are given where the optimizer declares it takes them (a variant on SGD; one that
+    clips its descent gradient), not to AdamW or to bSAM's own update rule."""
+    assert math.isfinite(example("plain_loop").train(name, epochs=1))
+
+
+def test_plain_loop_reports_the_last_step_taken_when_an_epochs_last_step_is_skipped(monkeypatch):
+    module = example("plain_loop")
+    calls, taken = [0], []
+
+    class SkipsTheLastStep(module.ScaledStep):
+        def step(self, loss_fn):
+            calls[0] += 1
+            loss = super().step(loss_fn)
+            if calls[0] == 8:  # the epoch's last step (512 samples, batches of 64), skipped as an overflow would be
+                return None
+            taken.append(loss.item())
+            return loss
+
+    monkeypatch.setattr(module, "ScaledStep", SkipsTheLastStep)
+    assert module.train("sam", epochs=1) == taken[-1]
+
+
 def test_accelerate_loop_trains_in_two_processes(tmp_path):
     """The example launched in two processes, each left as launch.py leaves a multi-process job (tests/launching.py
     AS_MAIN): gloo can abort a finished CPU process at interpreter exit (the example's docstring says why)."""
@@ -108,6 +133,34 @@ def test_the_trainer_subclass_step_equals_the_closure_form(tmp_path):
         trainer.optimizer.step()
         model.zero_grad()
     assert_same(model.net, reference_steps(reference, [(x, y)] * 3))
+
+
+@needs("transformers")
+@pytest.mark.parametrize("name", ["gsam", "wsam"])
+def test_the_trainers_max_grad_norm_clips_the_descent_gradient(tmp_path, name):
+    """GSAM and WSAM form their descent gradient from both passes inside step(): the Trainer's max_grad_norm, given
+    to the optimizer, clips that one (the Trainer's own clipping would clip the second pass's); a real train()
+    equals the closure form with the same max_grad_norm. The caller's arguments are left as they were."""
+    from transformers import TrainingArguments
+
+    trainer_example = example("transformers_trainer")
+    torch.manual_seed(0)
+    x = torch.randn(32, 20)
+    y = (x @ torch.randn(20, 4)).argmax(1)
+    model = trainer_example.Classifier()
+    reference = copy.deepcopy(model.net)
+    args = TrainingArguments(
+        tmp_path, num_train_epochs=4, per_device_train_batch_size=32, learning_rate=0.1, max_grad_norm=0.05,
+        lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    data = [{"x": x[i], "labels": y[i]} for i in range(32)]
+    trainer_example.SharpnessAwareTrainer(model=model, args=args, train_dataset=data, optimizer_name=name).train()
+    assert args.max_grad_norm == 0.05
+    opt = create_optimizer(name, reference, lr=0.1, momentum=0.9, max_grad_norm=0.05)
+    for _ in range(4):
+        opt.step(lambda: F.cross_entropy(reference(x), y).backward())
+    for p, q in zip(model.net.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)  # the Trainer's loss: the same mean, summed otherwise
 
 
 @needs("transformers")
