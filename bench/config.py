@@ -72,7 +72,16 @@ def added_later_and_unset(key: str, value: Any) -> bool:
 
 
 #: Keys of a run's config.json that describe the run, not its settings.
-RUN_METADATA = ("run_id", "world_size", "device", "versions", "environment", "code", "resolved_hyperparameters")
+RUN_METADATA = (
+    "run_id",
+    "world_size",
+    "device",
+    "versions",
+    "environment",
+    "code",
+    "code_resumed",
+    "resolved_hyperparameters",
+)
 
 #: Range and type of every numeric or boolean field (the same checks as a variant's settings).
 FIELD_CHECKS = {

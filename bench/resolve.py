@@ -195,8 +195,25 @@ def check_recorded(config: RunConfig) -> None:
 
 
 def check_not_taken(config: RunConfig) -> None:
-    """A new run (no --resume) never writes over another: a folder holding another configuration's run,
-    or this very run finished, is refused in one line, and nothing in it changes."""
+    """A new run (no --resume) never writes over another: a folder holding another configuration's run, or
+    this very run finished or interrupted after a checkpoint, is refused in one line, and nothing in it changes."""
+    check_same_run(config)
+    folder = config.run_dir()
+    _need(
+        not (folder / "summary.json").is_file(),
+        f"{folder} holds this run, finished: --resume {folder} checks it, --run_name NAME starts another",
+    )
+    newest = max((p.name for p in (folder / "checkpoints").glob("step_*")), default=None)
+    _need(
+        newest is None,
+        f"{folder} holds this run, interrupted (its newest checkpoint: {newest}): --resume auto continues it; "
+        "move that folder aside to start it over",
+    )
+
+
+def check_same_run(config: RunConfig) -> None:
+    """The run folder of ``config`` holds no other configuration's run (a new run's, or one resumed by its
+    settings): a file there, an unreadable config.json or another configuration is refused in one line."""
     folder = config.run_dir()
     _need(
         not folder.exists() or folder.is_dir(), f"{folder} is a file, not a run folder: choose another --run_name or --output_dir"
@@ -216,8 +233,4 @@ def check_not_taken(config: RunConfig) -> None:
         not changed,
         f"{folder} holds another configuration's run (it differs in {', '.join(changed)}): choose another "
         "--run_name or --output_dir, or move that folder aside",
-    )
-    _need(
-        not (folder / "summary.json").is_file(),
-        f"{folder} holds this run, finished: --resume {folder} checks it, --run_name NAME starts another",
     )

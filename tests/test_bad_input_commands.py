@@ -5,6 +5,8 @@ claims, variants); each names the message it must show. A second table covers th
 replace a written result with a smaller one: refused unless ``--force``, the file left as it was.
 """
 
+import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -38,9 +40,24 @@ def place(tmp_path_factory) -> Path:
         "unknowncfg": lambda r: (r / "config.json").write_text(json.dumps({"nope": 1})),
         "nomodel": lambda r: (r / "model.safetensors").unlink(),
         "badmodel": lambda r: (r / "model.safetensors").write_bytes(b"not safetensors"),
+        "badsummary": lambda r: (r / "summary.json").write_text("{trunc"),
     }.items():
         shutil.copytree(run, root / "damaged" / name)
         damage(root / "damaged" / name)
+    for copy in ("a", "b"):  # one run given twice
+        shutil.copytree(run, root / "twice" / copy)
+    assert main(["table", str(run), "--out", str(root / "records" / "good")]) == 0
+    header, row = (root / "records" / "good_runs.csv").read_text().splitlines()
+    cells = dict(zip(*csv.reader([header, row])))
+    for name, change in {
+        "status": {"status": "bogus"},
+        "settings": {"settings": "[1,2]"},
+        "accuracy": {"final_test_acc": "5.0"},
+    }.items():
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows([cells, {**cells, **change}.values()])
+        (root / "records" / f"{name}_runs.csv").write_text(out.getvalue())
+    (root / "records" / "dup_runs.csv").write_text(f"{header}\n{row}\n{row}\n")
     (root / "file").write_text("a plain file")
     (root / "empty").mkdir()
     recipes = {
@@ -62,6 +79,7 @@ def place(tmp_path_factory) -> Path:
         "bad_field": RECIPE.replace('arch = "mlp"', 'arch = "mlp"\nepochs_ = 2'),
         "bad_value": RECIPE.replace("epochs = 1", "epochs = 0"),
         "no_tune": RECIPE,
+        "optimizer_key": RECIPE + "[optimizers.sma]\nrho = 0.1\n",
     }
     for name, text in recipes.items():
         (root / f"{name}.toml").write_text(text)
@@ -97,6 +115,8 @@ CASES = {
     "resume other rho": (["--resume", "{root}/runs/sam", "--rho", "0.5"], "--rho (0.05 there, 0.5 given)"),
     "resume other variant": (["--resume", "{root}/runs/sam", "--sam_type", "ASAM"], "--sam_type ('sam' there, 'asam' given)"),
     "resume unused flag": (["--resume", "{root}/runs/sam", "--k", "3"], "--k (not used by sam)"),
+    "resume damaged summary": (["--resume", "{root}/damaged/badsummary"], "summary.json cannot be read as a run's summary"),
+    "suite and other flags": (["--suite", "digits", "--lr", "0.5"], "--suite digits runs the recipe's sweep, which takes --set"),
     # recipes (one run, and sweep)
     "recipe unknown": (["--recipe", "nope"], "unknown recipe 'nope'"),
     "recipe and flags": (["--recipe", "digits", "--lr", "0.5"], "with --recipe, change settings with --set"),
@@ -131,6 +151,8 @@ CASES = {
         ["sweep", "digits", "--tables_only", "--output_dir", "{root}/runs", "--results_dir", "{root}/file/x"],
         "none of its 72 runs is done",
     ),
+    "sweep unknown optimizer key": (["sweep", "{root}/optimizer_key.toml"], "optimizers.sma: unknown optimizer 'sma'"),
+    "sweep set empty axis": (["sweep", "digits", "--set", "seed=[]"], "--set seed=[]: a grid axis needs at least one value"),
     # tune
     "tune no section": (["tune", "{root}/no_tune.toml"], "[tune]"),
     "tune unknown": (["tune", "nope"], "unknown recipe 'nope'"),
@@ -138,6 +160,18 @@ CASES = {
     "table missing": (["table", "{root}/missing", "--out", "{root}/t"], "no such folder"),
     "table empty": (["table", "{root}/empty", "--out", "{root}/t"], "no runs under"),
     "table out under a file": (["table", "{root}/runs", "--out", "{root}/file/t"], "is a file, not a folder"),
+    "table out a folder": (["table", "{root}/runs", "--out", "{root}/empty/"], "is a folder; give the tables' path"),
+    "table run twice": (["table", "{root}/twice", "--out", "{root}/t"], "is in both"),
+    "table run twice in a file": (["table", "{root}/records/dup_runs.csv", "--out", "{root}/t"], "line 3: run "),
+    "table bad status": (["table", "{root}/records/status_runs.csv", "--out", "{root}/t"], "status: 'bogus' is not one of"),
+    "table accuracy above 1": (
+        ["table", "{root}/records/accuracy_runs.csv", "--out", "{root}/t"],
+        "final_test_acc: 5.0 is not a fraction in [0, 1]",
+    ),
+    "claims settings a list": (
+        ["claims", "d={root}/records/settings_runs.csv", "--out", "{root}/c.md"],
+        "settings: expected a JSON object, got [1, 2]",
+    ),
     # reproduction
     "reproduction missing": (["reproduction", "{root}/missing", "--out", "{root}/r.md"], "no such folder"),
     "reproduction no runs": (["reproduction", "{root}/empty", "--out", "{root}/r.md"], "no finished run"),
@@ -249,3 +283,17 @@ def test_claims_and_reproduction_never_replace_a_report_with_an_empty_one(tmp_pa
     assert claims.read_text().startswith("| a |") and reproduction.read_text().startswith("| r |")
     assert main(["claims", f"one={runs}", "--out", str(claims), "--force"]) == 0
     assert "No claim has both" in claims.read_text()
+
+
+def test_perf_never_replaces_a_longer_table_unless_forced(tmp_path, capsys):
+    out = tmp_path / "perf.md"
+    out.write_text("".join(f"| row {i} |\n" for i in range(6)))
+    argv = ["perf", "--arch", "mlp", "--channels", "1", "--image_size", "8", "--steps", "1", "--rounds", "1"]
+    argv += ["--warmup", "0", "--optimizers", "sam", "--no_external", "--out", str(out)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds 6 table lines, the new one 4" in err and "--force" in err and err.count("\n") == 1
+    assert out.read_text().startswith("| row 0 |")
+    assert main([*argv, "--force"]) == 0
+    assert "| sam |" in out.read_text() and "--force" not in out.read_text()

@@ -49,6 +49,37 @@ def test_another_configuration_never_overwrites_a_run(tmp_path):
     assert train(first, resume=True).already_finished
 
 
+def test_an_interrupted_run_is_continued_or_refused_never_started_over(tmp_path):
+    """Its checkpoints are progress: the same configuration again without --resume is refused (pointing to
+    --resume), and so is another configuration resumed into its folder; --resume continues it, recording the
+    code that continued it beside the code it started at."""
+    import json
+    import shutil
+
+    from bench import environment
+
+    config = RunConfig(**{**FAST, "epochs": 2, "save_every_epochs": 1}, output_dir=str(tmp_path), run_name="mine").validate()
+    train(config)
+    run = tmp_path / "mine"
+    (run / "summary.json").unlink()
+    newest = sorted((run / "checkpoints").iterdir())[-1]
+    shutil.rmtree(newest)  # interrupted after its first epoch's checkpoint
+    kept = sorted((run / "checkpoints").iterdir())[-1].name
+    recorded = json.loads((run / "config.json").read_text())
+    started_at = {**recorded["code"], "commit": "0" * 40}
+    (run / "config.json").write_text(json.dumps({**recorded, "code": started_at}))
+    before = _files(run)
+    with pytest.raises(ConfigError, match=rf"mine holds this run, interrupted \(its newest checkpoint: {kept}\): --resume auto"):
+        train(config)
+    other = RunConfig(**{**FAST, "epochs": 2, "save_every_epochs": 1, "lr": 0.05}, output_dir=str(tmp_path), run_name="mine")
+    with pytest.raises(ConfigError, match=r"mine holds another configuration's run \(it differs in lr\)"):
+        train(other.validate(), resume=True)
+    assert _files(run) == before
+    assert train(config, resume=True).summary["status"] == "completed"
+    code = json.loads((run / "config.json").read_text())
+    assert code["code"] == started_at and code["code_resumed"] == [environment.code_version()]
+
+
 def test_the_command_line_refuses_in_one_line(tmp_path):
     args = [sys.executable, "launch.py", "--dataset", "digits", "--epochs", "1", "--batch_size", "256", "--cpu"]
     args += ["--output_dir", str(tmp_path), "--save_every_epochs", "0"]

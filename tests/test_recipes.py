@@ -339,3 +339,22 @@ def test_expected_calibration_error_by_hand():
     result = evaluate(Fixed(), data, data.images, labels, Accelerator(cpu=True))
     assert result["test_acc"] == pytest.approx(11 / 20)
     assert result["test_ece"] == pytest.approx((10 * abs(0.8 - 0.9) + 10 * abs(0.3 - 0.6)) / 20, abs=1e-6)
+
+
+def test_an_optimizer_is_its_registered_name_wherever_a_recipe_names_it():
+    """``--set optimizer=BSAM`` takes the recipe's [optimizers.bsam] settings, as ``bsam`` does."""
+    recipe = load_recipe("digits")
+    for spelled in ("bsam", "BSAM", "BayesianSAM"):
+        (config,) = recipe.runs([f"optimizer={spelled}", "seed=0"])
+        assert (config.optimizer, config.lr) == ("bsam", 0.5)
+    (config,) = recipe.runs(["optimizer=GSAM", "seed=0"])
+    assert config.hyperparameters.get("rho_min") == recipe.optimizers["gsam"]["rho_min"]
+
+
+def test_suite_hands_its_sweep_the_flags_a_sweep_takes():
+    from bench.cli.flags import run_parser
+    from bench.cli.run import suite_argv
+
+    parser = run_parser()
+    args = parser.parse_args(["--suite", "digits", "--set", "seed=0", "--output_dir", "o", "--cpu"])
+    assert suite_argv(parser, args) == ["digits", "--set=seed=0", "--cpu", "--output_dir", "o"]

@@ -106,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"error: {err}")
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(
+            "interrupted: a run continues from its newest checkpoint with the same command and --resume auto "
+            "(a sweep or tune: the same command)",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
+from pathlib import Path
 
 from bench.cli import declarations
+from bench.config import ConfigError
 from bench.io import check_writable, write_text
 from bench.report.overwrite import check_reproduction_kept
 from bench.report.runs import RunSkipped, find_runs, load_runs
@@ -45,6 +48,10 @@ def cmd_table(argv: list[str]) -> int:
     p.add_argument("--out", default="results/table", help="path prefix for the .csv and .md files")
     p.add_argument("--force", action="store_true", help="replace the table even if it leaves out runs its per-run file lists")
     args = p.parse_args(argv)
+    if args.out.endswith(("/", os.sep)) or Path(args.out).is_dir():
+        raise ConfigError(
+            f"--out {args.out} is a folder; give the tables' path without a suffix, such as {args.out.rstrip('/')}/table"
+        )
     check_writable(f"{args.out}.md")
     table = comparison(args.runs, args.out, force=args.force)
     print_table(table, title=f"{args.out}.md")

@@ -133,11 +133,32 @@ def resume_config(path: str, argv: list[str]) -> RunConfig:
     return saved
 
 
+#: run flags that ``--suite`` hands to its sweep (with ``--set``); any other is refused
+SUITE_FLAGS = ("output_dir", "data_dir", "cpu")
+
+
+def suite_argv(parser, args) -> list[str]:
+    """``--suite RECIPE`` as ``sweep RECIPE``'s arguments: its --set values and the flags a sweep takes too; any
+    other flag, which the sweep would not apply, is refused in one line."""
+    given = [k for k, v in vars(args).items() if k not in ("suite", "sets") and v != parser.get_default(k)]
+    other = [k for k in given if k not in SUITE_FLAGS]
+    if other:
+        raise ConfigError(
+            f"--suite {args.suite} runs the recipe's sweep, which takes --set FIELD=VALUE, --output_dir, --data_dir and "
+            f"--cpu; got --{', --'.join(other)} (as --set FIELD=VALUE, or see `launch.py sweep --help`)"
+        )
+    argv = [args.suite, *[f"--set={s}" for s in args.sets]]
+    for key in given:
+        value = getattr(args, key)
+        argv += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+    return argv
+
+
 def cmd_run(argv: list[str]) -> int:
     parser = run_parser()
     args = parser.parse_args(argv)
     if args.suite:
-        return cmd_sweep([args.suite, *[f"--set={s}" for s in args.sets]])
+        return cmd_sweep(suite_argv(parser, args))
     console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in a log
     if args.resume not in (None, "auto"):
         config, notes = resume_config(args.resume, argv), []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,10 @@ def load_checkpoint(accelerator, run_dir: Path, objects: dict[str, Any]) -> list
         for name, obj in objects.items():
             obj.load_state_dict(states[name])
     except Exception as err:  # a file that matches its manifest but does not load: say which checkpoint
-        reason = " ".join(str(err).split())[:200]
+        reason = " ".join(str(err).split())
+        if isinstance(err, pickle.UnpicklingError) or "weights_only" in reason:  # never loaded otherwise
+            reason = "it holds objects beyond tensors and plain values, which are never unpickled here"
+        reason = reason[:200]
         failure = (
             f"checkpoint {checkpoint} cannot be loaded ({type(err).__name__}: {reason}); move it aside to resume from an "
             "earlier one, or start the run again"

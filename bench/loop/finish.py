@@ -14,7 +14,7 @@ from torch import nn
 
 from architectures import create_model
 from bench import environment
-from bench.config import RunConfig
+from bench.config import ConfigError, RunConfig
 from bench.data.batches import (
     MemoryBatches,  # noqa: F401 (re-exported)
     TrainBatches,  # noqa: F401 (re-exported)
@@ -163,4 +163,15 @@ def finish(run: Run) -> RunResult:
 def finished_summary(config: RunConfig) -> dict[str, Any] | None:
     """The summary of a run that already finished in this config's directory, if any."""
     path = config.run_dir() / "summary.json"
-    return read_json(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        summary = read_json(path)
+    except (OSError, ValueError):
+        summary = None
+    if not isinstance(summary, dict):
+        raise ConfigError(
+            f"{path} cannot be read as a run's summary: move it aside, and --resume finishes the run again from its "
+            "newest checkpoint"
+        )
+    return summary

@@ -28,7 +28,7 @@ from bench.data.batches import (
 from bench.data.datasets import ImageDataset
 from bench.data.loader import LoaderBatches, prepared_train_set, run_splits
 from bench.data.names import is_loader_dataset
-from bench.io import write_json
+from bench.io import read_json, write_json
 from bench.loop import sharding
 from bench.loop.checkpoint import checkpoints, load_checkpoint
 from bench.loop.precision import LossScaler
@@ -231,10 +231,28 @@ def data_access(
     return batches, [Split(name, data, data.images.to(device), data.labels.to(device)) for name, data in held_out]
 
 
+def recorded_code(path, now: dict) -> dict[str, Any]:
+    """The ``code`` (and ``code_resumed``: the others, in order) a resumed run's config.json keeps: the commit it
+    started at, and every other commit (or dirty tree) that continued it, ``now`` included where it differs."""
+    try:
+        recorded = read_json(path)
+    except (OSError, ValueError):
+        recorded = None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("code"), dict):
+        return {"code": now}  # written before the commit was recorded
+    later = [c for c in recorded.get("code_resumed", []) if isinstance(c, dict)]
+    if now != recorded["code"] and now not in later:
+        later.append(now)
+    return {"code": recorded["code"], **({"code_resumed": later} if later else {})}
+
+
 def start_or_resume(run: Run, resume: bool) -> None:
     """Load the newest checkpoint (resume), or clear a previous run's files; then write config.json."""
     config, accelerator = run.config, run.accelerator
+    code = {"code": environment.code_version()}
     if resume and checkpoints(run.run_dir):
+        # the commit the run started at stays its commit; each other one that continued it is listed
+        code = recorded_code(run.run_dir / "config.json", code["code"])
         run.notes += load_checkpoint(accelerator, run.run_dir, run.checkpointed)
         rng = run.state.augmentation_rng
         run.aug_generator.set_state(rng.cpu() if run.device.type == "cpu" else rng)
@@ -253,7 +271,7 @@ def start_or_resume(run: Run, resume: bool) -> None:
                 "world_size": accelerator.num_processes,
                 "device": str(run.device),
                 "environment": environment.describe(run.device),
-                "code": environment.code_version(),
+                **code,
                 "resolved_hyperparameters": resolved_hyperparameters(config),
             },
         )

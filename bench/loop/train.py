@@ -14,7 +14,7 @@ from bench.loop.epoch import end_epoch, run_epoch
 from bench.loop.finish import finish, finished_summary
 from bench.loop.setup import setup, start_or_resume
 from bench.loop.state import RunResult
-from bench.resolve import check_not_taken, check_recorded, resolve
+from bench.resolve import check_not_taken, check_recorded, check_same_run, resolve
 
 
 class TrainingStopped(RunStopped):
@@ -30,6 +30,7 @@ def train(config: RunConfig, progress=None, resume: bool = False) -> RunResult:
     already finished changes nothing."""
     resolve(config)
     if resume:
+        check_same_run(config)
         check_recorded(config)
     else:
         check_not_taken(config)

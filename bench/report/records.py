@@ -54,6 +54,10 @@ COLUMNS: dict[str, str] = {
     "variant_settings": "json",
 }
 SUFFIX = "_runs.csv"
+#: a run's status, as its summary (or its absence: unfinished) says
+STATUSES = ("completed", "stopped_early", "diverged", "unfinished")
+#: accuracies are fractions in [0, 1] (blank where not evaluated)
+FRACTIONS = ("final_test_acc", "best_test_acc", "final_val_acc")
 
 
 class RecordsError(ValueError):
@@ -130,9 +134,31 @@ def read(path: str | Path) -> list[dict[str, Any]]:
     for line, row in enumerate(rows[1:], 2):
         if len(row) != len(COLUMNS):
             raise RecordsError(f"{path}, line {line}: {len(row)} cells, expected {len(COLUMNS)}")
-        records.append(
-            {name: _value(text, kind, f"{path}, line {line}, {name}") for (name, kind), text in zip(COLUMNS.items(), row)}
-        )
+        record = {name: _value(text, kind, f"{path}, line {line}, {name}") for (name, kind), text in zip(COLUMNS.items(), row)}
+        _check(record, f"{path}, line {line}")
+        records.append(record)
     if not records:
         raise RecordsError(f"{path}: no runs")
+    seen: dict[str, int] = {}
+    for line, record in enumerate(records, 2):
+        if record["run_id"] in seen:
+            raise RecordsError(f"{path}, line {line}: run {record['run_id']} again (first on line {seen[record['run_id']]})")
+        seen[record["run_id"]] = line
     return records
+
+
+def _check(record: dict[str, Any], where: str) -> None:
+    """The values a table or a claim relies on, each in its range: one line naming the first that is not."""
+    if not record["run_id"]:
+        raise RecordsError(f"{where}, run_id: empty")
+    if record["status"] not in STATUSES:
+        raise RecordsError(f"{where}, status: {record['status']!r} is not one of {', '.join(STATUSES)}")
+    if not isinstance(record["settings"], dict):
+        raise RecordsError(f"{where}, settings: expected a JSON object, got {record['settings']!r}")
+    for name in ("variant_settings", "versions"):
+        if record[name] is not None and not isinstance(record[name], dict):
+            raise RecordsError(f"{where}, {name}: expected a JSON object, got {record[name]!r}")
+    for name in FRACTIONS:
+        value = record[name]
+        if not math.isnan(value) and not 0.0 <= value <= 1.0:
+            raise RecordsError(f"{where}, {name}: {value!r} is not a fraction in [0, 1] (blank: not evaluated)")

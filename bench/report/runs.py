@@ -15,7 +15,7 @@ from bench import environment
 from bench.config import OPERATIONAL, RUN_METADATA, RunConfig, added_later_and_unset
 from bench.errors import UserError
 from bench.io import read_json
-from bench.report.records import COLUMNS, RecordsError
+from bench.report.records import COLUMNS, STATUSES, RecordsError
 from bench.report.records import is_records_file as records_file
 from bench.report.records import read as records_read
 from optimizers import available_optimizers
@@ -25,7 +25,6 @@ SHARPNESS = {"hessian_max_eigenvalue": "λ_max", "sam_sharpness": "SAM sharpness
 #: config.json fields that differ between the seeds of one configuration (left out of its settings), with
 #: bench.config.RUN_METADATA where that exists
 PER_RUN = ("seed", "run_id", "world_size", "device", "versions", "environment")
-STATUSES = ("completed", "stopped_early", "diverged", "unfinished")
 #: summary.json numbers the table reads: required keys, and optional ones (a null or absent value shows blank)
 SUMMARY_NUMBERS = ("final_test_acc", "best_test_acc", "train_time_s")
 SUMMARY_OPTIONAL = ("final_test_loss", "final_test_ece", "passes_per_step", "images_per_s", "step_time_s")
@@ -170,7 +169,8 @@ def _record(run: Path) -> tuple[dict | None, list[str]]:
         "contended": False,
         "oversubscribed": False,
         "commit": code.get("commit"),
-        "dirty": code.get("dirty"),
+        # not the code of one commit: a modified tree, or other code continued the run (config.json's code_resumed)
+        "dirty": True if config.get("code_resumed") else code.get("dirty"),
         "processor": machine.get("processor"),
         "gpu": machine.get("gpu"),
         "versions": {k: machine.get(k) for k in ("python", "torch", "accelerate", "numpy")} | {"project": code.get("version")},
@@ -240,6 +240,10 @@ def read_records(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], lis
             origins.append(str(run))
     if not records:
         raise ResultsError(f"no readable run: {'; '.join(notes)}")
+    first: dict[str, str] = {}
+    for record, origin in zip(records, origins):  # a run given twice would count as two seeds
+        if first.setdefault(record["run_id"], origin) != origin:
+            raise ResultsError(f"run {record['run_id']} is in both {first[record['run_id']]} and {origin}: give each run once")
     return records, origins, notes
 
 

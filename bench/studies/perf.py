@@ -26,6 +26,7 @@ from architectures.registry import resolve as resolve_architecture
 from bench.config import ConfigError
 from bench.environment import synchronize
 from bench.io import check_writable, write_text
+from bench.report.overwrite import check_not_emptied, count_lines
 from bench.usage import Parser
 from optimizers import BatchClosure, SharpnessAwareOptimizer, available_optimizers, create_optimizer, optimizer_class
 from optimizers.registry import canonical_name
@@ -265,6 +266,14 @@ def check_arguments(args) -> None:
         check_writable(args.out)
 
 
+def write_kept(path: Path, text: str, force: bool) -> None:
+    """``text`` to ``path``, unless it replaces a table of more rows there (a narrower measurement over a committed
+    one) and ``force`` is not given: one line instead."""
+    rows = sum(line.startswith("| ") for line in text.splitlines())
+    check_not_emptied(path, rows, count_lines(path, ("| ",)), "table lines", force)
+    write_text(path, text)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="launch.py perf", description="Time one training step of SGD and every variant.")
     p.add_argument("--arch", default="resnet18")
@@ -284,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizers", nargs="+", default=None)
     p.add_argument("--no_external", action="store_true", help="skip pytorch-optimizer's implementations")
     p.add_argument("--out", default=None, help="default: results/perf.md (results/perf_harness.md with --harness)")
+    p.add_argument("--force", action="store_true", help="replace --out even where it holds a table of more rows")
     p.add_argument(
         "--harness",
         action="store_true",
@@ -311,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         + "".join(
             f" --{k} {v}" if not isinstance(v, bool) else f" --{k}"
             for k, v in vars(args).items()
-            if v != p.get_default(k) and k not in ("optimizers", "no_external", "set", "data_dir")
+            if v != p.get_default(k) and k not in ("optimizers", "no_external", "set", "data_dir", "force")
         )
         + "".join(f" --set {s}" for s in args.set)
     )
@@ -323,14 +333,14 @@ def main(argv: list[str] | None = None) -> int:
         from bench.studies.perf_harness import run_recipe
 
         text = run_recipe(args, command)
-        write_text(Path(args.out or f"results/perf_loop_{Path(args.recipe).stem}.md"), text)
+        write_kept(Path(args.out or f"results/perf_loop_{Path(args.recipe).stem}.md"), text, args.force)
         print(text)
         return 0
     if args.harness:
         from bench.studies.perf_harness import run
 
         text = run(args, command)
-        write_text(Path(args.out or "results/perf_harness.md"), text)
+        write_kept(Path(args.out or "results/perf_harness.md"), text, args.force)
         print(text)
         return 0
     names = args.optimizers
@@ -356,6 +366,6 @@ def main(argv: list[str] | None = None) -> int:
         threads=torch.get_num_threads(),
     )
     text = to_markdown(rows, settings, command)
-    write_text(Path(args.out or "results/perf.md"), text)
+    write_kept(Path(args.out or "results/perf.md"), text, args.force)
     print(text)
     return 0

@@ -57,7 +57,7 @@ from typing import Any
 from bench.config import ConfigError, RunConfig, check_name
 from bench.resolve import resolve
 from optimizers import available_optimizers
-from optimizers.registry import is_sharpness_aware
+from optimizers.registry import canonical_name, is_sharpness_aware
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -97,6 +97,8 @@ class Recipe:
         grid, forced = dict(self.grid), {}
         for key, value in map(parse_assignment, sets):
             if isinstance(value, list):
+                if not value:
+                    raise ConfigError(f"--set {key}=[]: a grid axis needs at least one value")
                 grid[key] = value
             else:
                 grid.pop(key, None)
@@ -105,7 +107,7 @@ class Recipe:
         configs = []
         for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
             settings = {**self.config, **dict(zip(keys, values)), **forced}
-            optimizer = settings.get("optimizer", "sgd")
+            optimizer = settings["optimizer"] = optimizer_key(settings.get("optimizer", "sgd"), f"recipe {self.name}")
             settings.update(self.optimizers.get(optimizer, {}))
             settings.update(forced)  # the command line has the last word
             if output_dir is not None:
@@ -146,8 +148,18 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 EVERY_VARIANT = "every-variant"
 
 
-def expand_optimizers(names: list[Any]) -> list[Any]:
-    """A grid's optimizer list with ``EVERY_VARIANT`` replaced by the registered variants not listed elsewhere."""
+def optimizer_key(name: Any, where: str) -> str:
+    """An optimizer's name as the registry spells it (``SAM`` and ``sam`` alike), or a ConfigError naming ``where``."""
+    try:
+        return canonical_name(name)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def expand_optimizers(names: list[Any], where: str = "grid.optimizer") -> list[Any]:
+    """A grid's optimizer list, each name as the registry spells it, with ``EVERY_VARIANT`` replaced by the
+    registered variants not listed elsewhere."""
+    names = [n if n == EVERY_VARIANT else optimizer_key(n, where) for n in names]
     if EVERY_VARIANT not in names:
         return names
     listed = [n for n in names if n != EVERY_VARIANT]
@@ -199,10 +211,12 @@ def load_recipe(name_or_path: str) -> Recipe:
     data = _read_toml(path)
     where = f"recipe {path}"
     data = _extended(data, path)
+    for section in ("optimizers", "reported", "equal_passes"):  # keyed by optimizer: each key a registered name
+        data[section] = {optimizer_key(k, f"{where}: {section}.{k}"): v for k, v in data[section].items()}
     reported = {optimizer: _reported_row(row, f"{where}: reported.{optimizer}") for optimizer, row in data["reported"].items()}
     grid = dict(data["grid"])
     if "optimizer" in grid:
-        grid["optimizer"] = expand_optimizers(grid["optimizer"])
+        grid["optimizer"] = expand_optimizers(grid["optimizer"], f"{where}: grid.optimizer")
     return Recipe(
         name=check_name(data.get("name", path.stem), f"recipe {path}: name"),
         path=path,
