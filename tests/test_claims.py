@@ -5,7 +5,9 @@ P(T <= t) = 1/2 + t / (2 sqrt(2 + t^2)), so t_0.975 = sqrt(2 * 0.9025 / 0.0975) 
 import json
 import math
 
+import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 from test_results import make_run
 
 from bench.report import stats
@@ -106,15 +108,113 @@ def test_non_inferior_only_when_the_lower_bound_clears_the_margin(tmp_path, gain
     assert row["verdict"] != "reproduced"
 
 
-def test_a_relative_margin_is_a_fraction_of_the_gain_in_that_setting(tmp_path):
+RELATIVE = Claim(
+    "ESAM matches SAM", "s", "esam", "sam", "matches_cheaper", "final_test_acc", margin_gain=0.5, margin_reference="sgd"
+)
+
+
+def test_a_relative_margin_is_a_fraction_of_the_lower_bound_of_the_gain_in_that_setting(tmp_path):
+    """SAM gains 4.0, 4.2 and 3.8 points over SGD: mean 4, se 0.2/sqrt 3, lower bound 4 - 4.30265 x 0.11547
+    = 3.50317; the margin is half of it, 1.75158 (not half of the point estimate, 2)."""
     runs_of(tmp_path, "sgd", [0.80, 0.81, 0.82])
-    runs_of(tmp_path, "sam", [0.84, 0.85, 0.86])  # gains 4 points over sgd
+    runs_of(tmp_path, "sam", [0.84, 0.852, 0.858])
     runs_of(tmp_path, "esam", [0.84, 0.85, 0.86])
-    claim = Claim(
-        "ESAM matches SAM", "s", "esam", "sam", "matches_cheaper", "final_test_acc", margin_gain=0.5, margin_reference="sgd"
+    (row,) = evaluate((RELATIVE,), load_runs([tmp_path]))
+    assert row["margin"] == pytest.approx(0.5 * (4 - T975_2 * 0.2 / math.sqrt(3)))
+    assert row["p"] is not None
+
+
+@pytest.mark.parametrize(
+    "gains, reason",
+    [
+        # mean +0.5, sd sqrt(7.75) = 2.7839, se 1.6073: the interval +0.5 +- 6.9157 reaches below 0
+        ([3.0, -2.5, 1.0], "sam has no resolved gain over sgd here (+0.50 [-6.42, +7.42] paired, 3 pairs): no margin"),
+        # a gain of 1e-6 points on every seed: no spread, so not resolved (it once set a margin of 5e-7)
+        ([1e-6] * 3, "sam has no resolved gain over sgd here (+0.00 [+0.00, +0.00] paired, 3 pairs): no margin"),
+    ],
+)
+def test_an_unresolved_gain_sets_no_margin(tmp_path, gains, reason):
+    runs_of(tmp_path, "sgd", [0.80, 0.81, 0.82])
+    runs_of(tmp_path, "sam", [v + g / 100 for v, g in zip([0.80, 0.81, 0.82], gains)])
+    runs_of(tmp_path, "esam", [0.84, 0.85, 0.86])
+    (row,) = evaluate((RELATIVE,), load_runs([tmp_path]))
+    assert row["p"] is None and row["margin"] is None and row["verdict"] == "not testable here: " + reason
+
+
+@pytest.mark.parametrize("ks", [(300, 301, 302), (350, 353, 356)])
+def test_one_image_better_on_every_seed_is_no_spread_whatever_k(tmp_path, ks):
+    """Accuracies are float32 k/360: A one image better on every seed differs by 100/360 = 0.27778 points, but
+    float32 rounding spreads the differences by ~6e-6 at k = 300..302 and not at all at 350, 353, 356. Both must
+    read the same: no spread (p 1), not a p of 0.000 at one k and 1.000 at the other."""
+    f32 = [float(np.float32(k / 360)) for k in ks]
+    runs_of(tmp_path, "sgd", f32)
+    runs_of(tmp_path, "sam", [float(np.float32((k + 1) / 360)) for k in ks])
+    (row,) = evaluate((BEATS,), load_runs([tmp_path]))
+    d = row["difference"]
+    assert d.se == 0 and d.mean == pytest.approx(100 / 360, abs=1e-5) and row["p"] == 1.0
+    assert (row["finding"], row["verdict"]) == ("not resolved (no spread across seeds)", "inconclusive")
+
+
+def test_a_run_that_did_not_complete_makes_the_claim_not_testable(tmp_path):
+    """SAM's seed 3 diverged: without it SAM beats SGD (p 0.013); with it the claim is not testable, in one line."""
+    runs_of(tmp_path, "sgd", [0.70, 0.80, 0.90, 0.85])
+    runs_of(tmp_path, "sam", [0.71, 0.812, 0.908])
+    make_run(tmp_path, "sam", seed=3, acc=0.1, status="diverged")
+    (row,) = evaluate((BEATS,), load_runs([tmp_path]))
+    assert row["p"] is None and row["verdict"] == "not testable here: 1 of 4 runs of sam did not complete"
+    # completed, with a non-finite accuracy
+    runs_of(tmp_path / "nan", "sgd", [0.70, 0.80, 0.90, 0.85])
+    runs_of(tmp_path / "nan", "sam", [0.71, 0.812, 0.908, float("nan")])
+    (row,) = evaluate((BEATS,), load_runs([tmp_path / "nan"]))
+    assert row["verdict"] == "not testable here: 1 of 4 runs of sam have no finite final_test_acc"
+
+
+def test_the_interval_cell_gives_the_pairs_and_the_seeds_left_out(tmp_path):
+    """SAM ran seeds 0-2, SGD 0-1: paired on 2 pairs, SAM's seed 2 left out, and the cell says so."""
+    runs_of(tmp_path / "p", "sgd", [0.70, 0.80])
+    runs_of(tmp_path / "p", "sam", [0.71, 0.812, 0.5])
+    (cell,) = claims_table(load_runs([tmp_path / "p"]), (BEATS,))["gain for A [95% CI]"]
+    # differences 1.0 and 1.2: mean 1.1, se 0.1, t_0.975(1) = 12.7062
+    assert cell == "+1.10 [-0.17, +2.37] paired, 2 pairs (1 of A unpaired, left out)"
+    runs_of(tmp_path / "w", "sgd", [0.70, 0.80])
+    runs_of(tmp_path / "w", "sam", [0.71, 0.812], seeds=[5, 6])
+    (cell,) = claims_table(load_runs([tmp_path / "w"]), (BEATS,))["gain for A [95% CI]"]
+    assert cell.endswith("Welch (unpaired: fewer than two seeds shared; n=2 vs 2)")
+
+
+def test_holm_family_is_every_test_of_the_report(tmp_path):
+    """One setting alone: p = 1 - sqrt(75/77) = 0.01307, reproduced. The same runs as four settings of one
+    report: four tests in one family, Holm gives 4 x 0.01307 = 0.0523 >= 0.05, so none is resolved."""
+    runs_of(tmp_path / "runs", "sgd", [0.70, 0.80, 0.90])
+    runs_of(tmp_path / "runs", "sam", [0.71, 0.812, 0.908])
+    claims = tmp_path / "claims.toml"
+    claims.write_text(
+        '[[claim]]\ntext = "SAM beats SGD"\nsource = "s"\na = "sam"\nb = "sgd"\nkind = "beats"\nmetric = "final_test_acc"\n'
     )
-    (row,) = evaluate((claim,), load_runs([tmp_path]))
-    assert row["margin"] == pytest.approx(2.0)
+    p = 1 - math.sqrt(75 / 77)
+    (alone,) = evaluate(load_claims(claims), load_runs([tmp_path / "runs"]))
+    assert alone["p_holm"] == pytest.approx(p) and alone["verdict"] == "reproduced"
+    out = tmp_path / "claims.md"
+    settings = [f"s{i}={tmp_path / 'runs'}" for i in range(4)]
+    assert main([*settings, "--out", str(out), "--claims", str(claims)]) == 0
+    text = out.read_text()
+    assert "Holm's family here: the 4 tests of this report, over its 4 settings." in text
+    assert text.count(f"| {p:.3f} ({4 * p:.3f}) |") == 4 and "| reproduced |" not in text
+
+
+def test_across_settings_is_a_stratified_t_interval():
+    """Setting 1: paired differences 1.0, 1.2, 0.8 (mean 1, se 0.2/sqrt 3); setting 2: 2, 3, 4 (mean 3,
+    se 1/sqrt 3). Mean 2, SE = sqrt(0.04/3 + 1/3) / 2 = 0.294392, Welch-Satterthwaite df
+    = (0.04/3 + 1/3)^2 / ((0.04/3)^2/2 + (1/3)^2/2) = 2.15978."""
+    one = ({0: 71.0, 1: 81.2, 2: 90.8}, {0: 70.0, 1: 80.0, 2: 90.0})
+    two = ({0: 62.0, 1: 63.0, 2: 64.0}, {0: 60.0, 1: 60.0, 2: 60.0})
+    agg = stats.aggregate([one, two])
+    variance = 0.04 / 3 + 1 / 3
+    df = variance**2 / ((0.04 / 3) ** 2 / 2 + (1 / 3) ** 2 / 2)
+    assert agg.mean == pytest.approx(2.0) and agg.se == pytest.approx(math.sqrt(variance) / 2) and agg.df == pytest.approx(df)
+    half = scipy_stats.t.ppf(0.975, df) * math.sqrt(variance) / 2
+    assert (agg.mean_low, agg.mean_high) == pytest.approx((2 - half, 2 + half))
+    assert (agg.mean_low, agg.mean_high) == pytest.approx((0.819, 3.181), abs=1e-3)  # t_0.975(2.16) = 4.016
 
 
 def test_a_side_that_did_not_train_makes_a_claim_not_testable(tmp_path):

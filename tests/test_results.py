@@ -423,3 +423,27 @@ def test_time_ratios_compare_runs_at_the_same_thread_count_only(tmp_path):
     table = table_of(tmp_path).set_index("optimizer")
     assert table.loc["sam", "time vs sgd"] == 2.1  # against the 1-thread sgd run: median 0.021 / 0.010
     assert table.loc["asam", "time vs sgd"] == ""  # its runs used 1 and 2 threads
+
+
+def test_the_reproduction_table_counts_only_finite_accuracies_and_reports_failures_apart():
+    """Four runs of SAM: 90 and 92 completed, one completed with no accuracy (NaN), one diverged at 50.
+    n is the three finite values behind the mean (77.33), failed the two runs that diverged or have none."""
+    from types import SimpleNamespace
+
+    from bench.report.tables import reproduction_table
+
+    configs = [SimpleNamespace(optimizer="sam", run_id=lambda i=i: f"r{i}") for i in range(4)]
+    reported = {"sam": SimpleNamespace(accuracy=90.0, metric="last", source="s", spread=1.0)}
+    recipe = SimpleNamespace(name="x", reported=reported, runs=lambda sets, equal_passes: configs)
+    runs = pd.DataFrame(
+        {
+            "run_id": ["r0", "r1", "r2", "r3"],
+            "status": ["completed", "completed", "completed", "diverged"],
+            "final_test_acc": [0.90, 0.92, float("nan"), 0.50],
+        }
+    )
+    (row,) = reproduction_table([recipe], runs).to_dict("records")
+    assert (row["n"], row["failed"], row["measured acc (%)"]) == (3, 2, f"{(90 + 92 + 50) / 3:.2f} ± 23.69")
+    runs["final_test_acc"] = float("nan")
+    (row,) = reproduction_table([recipe], runs).to_dict("records")
+    assert (row["n"], row["failed"], row["status"], row["measured acc (%)"]) == (0, 4, "failed", "")

@@ -2,7 +2,7 @@
 
 ``python launch.py claims NAME=RUNS ... --out results/claims.md`` reads each setting's runs (a folder
 of run directories, or a per-run file ``*_runs.csv``) and checks every claim of ``claims.toml``
-whose two optimizers both finished two runs or more there:
+whose two optimizers both ran two runs or more there:
 
 - **One setting per side.** Runs are grouped by every result-changing setting: A and B are compared
   only where their data, model and schedule agree, and each setting of A (say two values of rho) is
@@ -10,15 +10,22 @@ whose two optimizers both finished two runs or more there:
 - **Paired intervals.** The difference A - B of the claim's metric (for a metric where lower is
   better, B - A: a positive difference always favours A) with its 95% Student t interval: on the
   per-seed differences of the seeds both sides ran (same initialisation, data order, augmentation
-  and label noise; a seed only one side ran is left out), else Welch's unpaired interval.
+  and label noise; a seed only one side ran is left out, and the cell says so and gives the number of
+  pairs), else Welch's unpaired interval (the cell says "Welch"). Per-seed differences (and values)
+  spread by no more than 1e-4 (far below one test image) count as constant: no spread, not resolved.
+- **Every run counts.** A side with a run that did not complete, or that completed with a non-finite
+  metric, makes the claim "not testable here" (a diverged seed never just drops out).
 - **Two kinds of claim.** "beats": the null is no difference. "matches_cheaper": A is not worse than
-  B by more than the claim's margin, stated in advance (a number of points, or a fraction of B's
-  own gain over a reference optimizer in that setting); the null is a difference of minus the margin.
+  B by more than the claim's margin, stated in advance: a number of points, or a fraction of the
+  LOWER bound of B's paired 95% interval of gain over a reference optimizer in that setting (where
+  that bound is <= 0, or the gain has no spread, it is not resolved: "not testable here"); the null is a
+  difference of minus the margin.
   Its cost half is the measured step-time ratio A / B of quietly timed runs, with its interval; the
   nominal passes per step are shown beside it and never decide.
-- **Holm's correction.** Each setting's claims are one family: a finding counts only where its
-  Holm-adjusted p-value is below 0.05. Otherwise it is "not resolved", with the interval's half-width:
-  the smallest effect this setting could have seen.
+- **Holm's correction.** Every test of the report, over all the settings of one command, is one
+  family: a finding counts only where its Holm-adjusted p-value (shown in brackets) is below 0.05.
+  Otherwise it is "not resolved", with the interval's half-width: the smallest effect this setting
+  could have seen.
 - **Regime guards.** A side that did not train (test accuracy within 5 points of chance, or a training
   loss above 90% of ln(classes)) makes the claim "not testable here". A finding against a claim reads
   "contradicted" only in the paper's regime as the claim records it, else "not observed at this scale".
@@ -70,7 +77,8 @@ class Claim:
     b: str
     kind: str  # one of KINDS
     metric: str  # one of METRICS
-    #: matches_cheaper: the margin in the metric's units, or a fraction of B's gain over margin_reference
+    #: matches_cheaper: the margin in the metric's units, or a fraction of the lower bound of B's paired 95%
+    #: interval of gain over margin_reference (not testable where that bound is <= 0)
     margin: float | None = None
     margin_gain: float | None = None
     margin_reference: str | None = None
@@ -162,15 +170,30 @@ def load_claims(path: Path = CLAIMS_FILE) -> tuple[Claim, ...]:
 
 @dataclass(frozen=True)
 class Side:
-    """One optimizer at one setting: its completed runs."""
+    """One optimizer at one setting: all its runs (``runs``), and those that completed (``completed``)."""
 
     optimizer: str
     runs: pd.DataFrame
     label: str  # the settings that tell it apart from the optimizer's other settings here, or ""
 
+    @property
+    def completed(self) -> pd.DataFrame:
+        return self.runs[self.runs.status == "completed"]
+
     def values(self, metric: str, orient: float = 1.0) -> dict[int, float]:
         scale = METRICS[metric][1] if metric in METRICS else 1.0
-        return {int(s): orient * float(v) * scale for s, v in zip(self.runs.seed, self.runs[metric]) if math.isfinite(float(v))}
+        done = self.completed
+        return {int(s): orient * float(v) * scale for s, v in zip(done.seed, done[metric]) if math.isfinite(float(v))}
+
+    def failed(self, metric: str) -> str | None:
+        """``k of n runs of X did not complete`` (or have a non-finite metric), or None when every run counts."""
+        n, done = len(self.runs), self.completed
+        if len(done) < n:
+            return f"{n - len(done)} of {n} runs of {self.optimizer} did not complete"
+        bad = n - len(self.values(metric))
+        if bad == n and done[metric].isna().all():
+            return f"{metric} not measured on the runs of {self.optimizer}"
+        return f"{bad} of {n} runs of {self.optimizer} have no finite {metric}" if bad else None
 
     def describe(self, metric: str) -> str:
         v = pd.Series(self.values(metric))
@@ -196,7 +219,7 @@ class Side:
         if classes.empty:
             return None
         k = float(classes.iloc[0])
-        acc, loss = self.runs.final_test_acc.mean() * 100, self.runs.final_train_loss.mean()
+        acc, loss = self.completed.final_test_acc.mean() * 100, self.completed.final_train_loss.mean()
         if acc < 100 / k + CHANCE_POINTS:
             return f"{self.optimizer} did not train (test acc {acc:.1f}%, chance {100 / k:.0f}%)"
         if math.isfinite(loss) and loss > LOSS_FRACTION * math.log(k):
@@ -211,8 +234,8 @@ def _flat(identity: dict) -> dict[str, Any]:
 
 
 def _sides(runs: pd.DataFrame, optimizer: str) -> list[Side]:
-    """One side per setting of ``optimizer`` among completed runs; a seed run twice at one setting is refused."""
-    mine = runs[(runs.optimizer == optimizer) & (runs.status == "completed")]
+    """One side per setting of ``optimizer`` among all its runs; a seed run twice at one setting is refused."""
+    mine = runs[runs.optimizer == optimizer]
     groups = [g for _, g in mine.groupby("settings_key", sort=True)]
     flats = [_flat(g.identity.iloc[0]) for g in groups]
     differing = sorted(k for k in set().union(*flats) if len({str(f.get(k, "default")) for f in flats}) > 1) if flats else []
@@ -236,9 +259,8 @@ def _comparable(a: Side, b: Side, b_epochs: int = 1) -> bool:
 
 def _cost(a: Side, b: Side) -> tuple[str, int]:
     """The measured step-time ratio A / B in words, and its sign: -1 cheaper, +1 dearer, 0 not resolved."""
-    quiet = [
-        s.runs[~s.runs.contended.astype(bool) & ~s.runs.oversubscribed.astype(bool) & s.runs.step_time_s.notna()] for s in (a, b)
-    ]
+    done = [s.completed for s in (a, b)]
+    quiet = [d[~d.contended.astype(bool) & ~d.oversubscribed.astype(bool) & d.step_time_s.notna()] for d in done]
     if min(len(q) for q in quiet) < 2 or len({t for q in quiet for t in q.timing}) != 1:
         return "not measured (fewer than two quietly timed runs a side at one thread and process count)", 0
     r = stats.ratio(*({int(s): float(t) for s, t in zip(q.seed, q.step_time_s)} for q in quiet))
@@ -257,8 +279,9 @@ def _evaluate(claim: Claim, a: Side, b: Side, runs: pd.DataFrame) -> dict[str, A
     orient = 1.0 if claim.higher_is_better else -1.0
     va, vb = a.values(claim.metric, orient), b.values(claim.metric, orient)
     row: dict[str, Any] = {"claim": claim, "a": a, "b": b, "p": None, "why": None, "margin": None, "cost": ("", 0)}
-    if len(va) < 2 or len(vb) < 2:
-        row["why"] = f"{claim.metric} missing on some runs"
+    failed = a.failed(claim.metric) or b.failed(claim.metric)
+    if failed or len(va) < 2 or len(vb) < 2:
+        row["why"] = failed or f"{claim.metric} missing on some runs"
         return row
     row["difference"] = stats.compare(va, vb)
     unset = a.unset(claim.a_sets)
@@ -270,15 +293,18 @@ def _evaluate(claim: Claim, a: Side, b: Side, runs: pd.DataFrame) -> dict[str, A
             row["margin"] = claim.margin
         else:
             references = [r for r in _sides(runs, claim.margin_reference) if _comparable(r, b)]
-            if len(references) != 1:
+            reference = references[0] if len(references) == 1 else None
+            vr = reference.values(claim.metric, orient) if reference else {}
+            if reference is None or len(vr) < 2 or reference.failed(claim.metric):
                 row["why"] = row["why"] or f"no single {claim.margin_reference} setting here to set the margin"
             else:
-                gain = pd.Series(vb).mean() - pd.Series(references[0].values(claim.metric, orient)).mean()
-                if gain > 0:
-                    row["margin"] = claim.margin_gain * gain
+                gain = stats.compare(vb, vr)  # the margin is a fraction of its lower bound: a gain resolved here
+                if gain.se > 0 and gain.low > 0:
+                    row["margin"] = claim.margin_gain * gain.low
                 else:
-                    row["why"] = (
-                        row["why"] or f"{claim.b} gains nothing over {claim.margin_reference} here ({gain:+.2f}): no margin"
+                    row["why"] = row["why"] or (
+                        f"{claim.b} has no resolved gain over {claim.margin_reference} here "
+                        f"({gain.describe()} {gain.test()}): no margin"
                     )
     if row["why"] is None:
         row["p"] = row["difference"].p_value(-row["margin"] if claim.kind == "matches_cheaper" else 0.0)
@@ -287,7 +313,7 @@ def _evaluate(claim: Claim, a: Side, b: Side, runs: pd.DataFrame) -> dict[str, A
 
 #: How a compared claim's row (one with an interval) is told apart in a written report: its interval cell ends
 #: with the test used.
-TESTED_MARKERS = ("] paired |", "] Welch |")
+TESTED_MARKERS = ("] paired", "] Welch")
 
 
 def _words(row: dict[str, Any]) -> tuple[str, str]:
@@ -311,18 +337,26 @@ def _words(row: dict[str, Any]) -> tuple[str, str]:
 
 def evaluate(claims: tuple[Claim, ...], runs: pd.DataFrame) -> list[dict[str, Any]]:
     """Every claim on every comparable pair of settings in one setting's runs, Holm-adjusted as one family."""
-    rows = []
-    for claim in claims:
-        for a in _sides(runs, claim.a):
-            for b in _sides(runs, claim.b):
-                if _comparable(a, b, claim.b_epochs) and len(a.runs) >= 2 and len(b.runs) >= 2:
-                    rows.append(_evaluate(claim, a, b, runs))
-    tested = [r for r in rows if r["p"] is not None]
+    return evaluate_report(claims, [runs])[0]
+
+
+def evaluate_report(claims: tuple[Claim, ...], settings: list[pd.DataFrame]) -> list[list[dict[str, Any]]]:
+    """:func:`evaluate` on each setting's runs, every test of every setting Holm-adjusted as ONE family."""
+    report = []
+    for runs in settings:
+        rows = []
+        for claim in claims:
+            for a in _sides(runs, claim.a):
+                for b in _sides(runs, claim.b):
+                    if _comparable(a, b, claim.b_epochs) and len(a.runs) >= 2 and len(b.runs) >= 2:
+                        rows.append(_evaluate(claim, a, b, runs))
+        report.append(rows)
+    tested = [r for rows in report for r in rows if r["p"] is not None]
     for row, adjusted in zip(tested, stats.holm([r["p"] for r in tested])):
-        row["p_holm"] = adjusted
-    for row in rows:
+        row["p_holm"], row["family"] = adjusted, len(tested)
+    for row in (r for rows in report for r in rows):
         row["finding"], row["verdict"] = _words(row)
-    return rows
+    return report
 
 
 def _passes(row: dict[str, Any]) -> str:
@@ -348,7 +382,7 @@ def claims_table_of(evaluated: list[dict[str, Any]]) -> pd.DataFrame:
                 "metric": METRICS[claim.metric][0],
                 "A": r["a"].describe(claim.metric),
                 "B": r["b"].describe(claim.metric),
-                "gain for A [95% CI]": "" if d is None else d.describe() + (" paired" if d.paired else " Welch"),
+                "gain for A [95% CI]": "" if d is None else f"{d.describe()} {d.test()}",
                 "p (Holm)": "" if r["p"] is None else f"{r['p']:.3f} ({r['p_holm']:.3f})",
                 "margin": "" if r["margin"] is None else f"{r['margin']:.2f}",
                 "step time A/B [95% CI]": r["cost"][0],
