@@ -36,7 +36,16 @@ def _runs(root: Path) -> None:
 
 def test_a_record_reads_back_exactly(tmp_path):
     record = {name: None for name in records.COLUMNS}
-    record.update(run_id="r", seed=3, final_test_acc=0.1 + 0.2, contended=True, dirty=False, settings={"a": [1, 2]}, versions={})
+    record.update(
+        run_id="r",
+        status="completed",
+        seed=3,
+        final_test_acc=0.1 + 0.2,
+        contended=True,
+        dirty=False,
+        settings={"a": [1, 2]},
+        versions={},
+    )
     path = tmp_path / "x_runs.csv"
     path.write_text(records.to_csv([record]))
     (back,) = records.read(path)
