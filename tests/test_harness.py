@@ -63,6 +63,10 @@ def test_seed_commands_map_onto_variants(key):
 def test_a_flag_the_variant_does_not_use_is_reported(capsys, tmp_path):
     _, notes = config_from_args(run_parser().parse_args(["--sam_type", "SAM", "--eta", "0.2", "--k", "3"]))
     assert "--eta is not used by sam; ignored" in notes and "--k is not used by sam; ignored" in notes
+    _, notes = config_from_args(run_parser().parse_args(["--optimizer", "adamw", "--momentum", "0.5", "--nesterov"]))
+    assert "--momentum, --nesterov set SGD's update, not adamw's: ignored" in notes
+    _, notes = config_from_args(run_parser().parse_args(["--sam_type", "SAM", "--optimizer", "adamw", "--momentum", "0.5"]))
+    assert "--momentum sets SGD's update, not adamw's: ignored" in notes
 
 
 @pytest.mark.parametrize("spelling", ["--ascent_sync", "--sam_sync"])

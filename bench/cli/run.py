@@ -73,6 +73,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, list[str]]:
         notes.append(f"{name} has its own update rule: {', '.join(unused)} do not apply")
     fields = {f.field: getattr(args, f.field) for f in FLAGS if f.config}
     config = RunConfig(**{**fields, "optimizer": name, "hyperparameters": hyperparameters})
+    base = name if name in BASE_OPTIMIZERS else config.base_optimizer
+    if getattr(cls, "uses_base_optimizer", True) and base != "sgd":
+        defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+        sgd_only = [f"--{f}" for f in ("momentum", "nesterov") if getattr(config, f) != defaults[f]]
+        if sgd_only:
+            notes.append(f"{', '.join(sgd_only)} {'set' if len(sgd_only) > 1 else 'sets'} SGD's update, not {base}'s: ignored")
     return resolve(config), notes
 
 
