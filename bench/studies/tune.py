@@ -9,7 +9,8 @@ of the k folds of 1/k, so that every training image is validated once), for the 
 or, where ``trial_epochs`` is set, for that many (a shorter schedule of their own: a cheaper,
 lower-fidelity search, the same for every optimizer).  Per optimizer, the point with the best mean final validation accuracy over the
 trials (seeds and folds) is chosen, the earlier point among equals; the chooser reads the
-trials' ``final_val_acc`` and nothing else, and a trial never evaluates the test set, so it cannot enter the choice.  The chosen
+trials' ``final_val_acc`` and nothing else, and a trial never evaluates the test set (trials of older
+records did, and their test accuracies sit unread in the tuning tables' per-run files), so it cannot enter the choice.  The chosen
 values are then run with the final seeds on the full training set (``val_fraction`` 0) and
 tabulated, the tuned values marked.
 
