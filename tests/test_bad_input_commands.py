@@ -272,7 +272,7 @@ def test_a_sweep_of_one_seed_keeps_the_others_or_is_refused(tmp_path, capsys):
 def test_claims_and_reproduction_never_replace_a_report_with_an_empty_one(tmp_path, capsys):
     claims, reproduction = tmp_path / "claims.md", tmp_path / "reproduction.md"
     claims.write_text("| a | b | +1.00 [+0.50, +1.50] paired | reproduced |\n")
-    reproduction.write_text("| r | sgd | 90 | last | s | 90.00 ± 0.10 | 3 | +0.00 | within | c |\n")
+    reproduction.write_text("| r | sgd | 90 | last | s | 90.00 ± 0.10 | 3 | +0.00 | within | python launch.py sweep r |\n")
     runs = tmp_path / "runs"
     assert main([*FAST, "--output_dir", str(runs)]) == 0
     capsys.readouterr()

@@ -430,10 +430,10 @@ def test_the_reproduction_table_counts_only_finite_accuracies_and_reports_failur
     n is the three finite values behind the mean (77.33), failed the two runs that diverged or have none."""
     from types import SimpleNamespace
 
-    from bench.report.tables import reproduction_table
+    from bench.report.reproduction import reproduction_table
 
     configs = [SimpleNamespace(optimizer="sam", run_id=lambda i=i: f"r{i}") for i in range(4)]
-    reported = {"sam": SimpleNamespace(accuracy=90.0, metric="last", source="s", spread=1.0)}
+    reported = {"sam": SimpleNamespace(accuracy=90.0, metric="last", source="s", spread=1.0, tolerance=None)}
     recipe = SimpleNamespace(name="x", reported=reported, runs=lambda sets, equal_passes: configs)
     runs = pd.DataFrame(
         {
@@ -444,6 +444,36 @@ def test_the_reproduction_table_counts_only_finite_accuracies_and_reports_failur
     )
     (row,) = reproduction_table([recipe], runs).to_dict("records")
     assert (row["n"], row["failed"], row["measured acc (%)"]) == (3, 2, f"{(90 + 92 + 50) / 3:.2f} ± 23.69")
+    assert row["status"] == "not resolved"  # a spread of 23.69 points resolves nothing
     runs["final_test_acc"] = float("nan")
     (row,) = reproduction_table([recipe], runs).to_dict("records")
     assert (row["n"], row["failed"], row["status"], row["measured acc (%)"]) == (0, 4, "failed", "")
+
+
+@pytest.mark.parametrize(
+    "accuracies, tolerance, status, difference",
+    [
+        # mean 90.0, sd 0.1, se 0.0577, t(2) 4.303: [89.75, 90.25] against 90 within ±0.5
+        ([0.899, 0.900, 0.901], 0.5, "reproduced", "+0.00 [-0.25, +0.25]"),
+        ([0.899, 0.900, 0.901], 0.2, "not resolved", "+0.00 [-0.25, +0.25]"),  # the interval pokes out of ±0.2
+        ([0.880, 0.881, 0.882], 0.5, "below", "-1.90 [-2.15, -1.65]"),  # wholly below -0.5
+        ([0.910, 0.911, 0.912], 0.5, "above", "+1.10 [+0.85, +1.35]"),
+        ([0.88, 0.90, 0.92], 0.5, "not resolved", "+0.00 [-4.97, +4.97]"),  # centred on it, far too wide to tell
+        ([0.900], 0.5, "not resolved", "+0.00"),  # one run: no interval, no match
+    ],
+)
+def test_a_reproduction_needs_its_whole_interval_within_the_tolerance(accuracies, tolerance, status, difference):
+    """Reported 90.0%: "reproduced" only where the 95% t interval of measured minus reported lies within the
+    stated tolerance, "below"/"above" where it lies wholly beyond it, else "not resolved"; hand-derived."""
+    from types import SimpleNamespace
+
+    from bench.report.reproduction import reproduction_table
+
+    configs = [SimpleNamespace(optimizer="sam", run_id=lambda i=i: f"r{i}") for i in range(len(accuracies))]
+    reported = {"sam": SimpleNamespace(accuracy=90.0, metric="last", source="s", spread=None, tolerance=tolerance)}
+    recipe = SimpleNamespace(name="x", reported=reported, runs=lambda sets, equal_passes: configs)
+    runs = pd.DataFrame(
+        {"run_id": [f"r{i}" for i in range(len(accuracies))], "status": "completed", "final_test_acc": accuracies}
+    )
+    (row,) = reproduction_table([recipe], runs).to_dict("records")
+    assert (row["status"], row["difference [95% CI]"], row["tolerance"]) == (status, difference, f"±{tolerance:g}")

@@ -16,8 +16,9 @@ from bench.progress import progress as make_progress
 from bench.report import records
 from bench.report.overwrite import check_reproduction_kept
 from bench.report.plots import write_plots
+from bench.report.reproduction import reproduction_table
 from bench.report.runs import find_runs, load_runs, runs_frame
-from bench.report.tables import frame_to_markdown, print_table, reproduction_table
+from bench.report.tables import frame_to_markdown, print_table
 from bench.studies.launchers import Launcher, launcher_from, parse_sbatch, submit
 from bench.studies.recipes import load_recipe
 from bench.studies.recorded import Recorded

@@ -233,62 +233,6 @@ def comparison_table(runs: pd.DataFrame, baseline: str = "sgd", tuned: Mapping[s
     return table.drop(columns=unused).reset_index(drop=True)
 
 
-def reproduction_table(recipes, runs: pd.DataFrame | None, sets: list[str] = ()) -> pd.DataFrame:
-    """Reported against measured, per (recipe, optimizer) with a reported number (completed or diverged runs
-    of the recipe's configurations, with the ``key=value`` overrides ``sets``: ``data_dir=DIR`` among them,
-    whose fingerprint is part of each run's id). ``n`` counts the finite accuracies behind the mean; ``failed``
-    the runs that diverged or have no finite accuracy."""
-    rows = []
-    for recipe in recipes:
-        configs = recipe.runs(sets, equal_passes=False)  # a reported number is at the paper's epochs
-        for optimizer, reported in recipe.reported.items():
-            ids = {c.run_id() for c in configs if c.optimizer == optimizer}
-            mine = runs[runs.run_id.isin(ids) & runs.status.isin(["completed", "diverged"])] if runs is not None else []
-            row = {
-                "recipe": recipe.name,
-                "optimizer": optimizer,
-                "reported acc (%)": reported.accuracy,
-                "metric": reported.metric,
-                "source": reported.source,
-            }
-            if len(mine) == 0:
-                row.update(
-                    {
-                        "measured acc (%)": "",
-                        "n": 0,
-                        "failed": 0,
-                        "difference": "",
-                        "status": "not run",
-                        "command": f"python launch.py sweep {recipe.name} --data_dir DIR",
-                    }
-                )
-            else:
-                every = mine["best_test_acc" if reported.metric == "best" else "final_test_acc"].astype(float) * 100
-                finite = every.map(math.isfinite)
-                values, failed = every[finite], int((~finite | (mine.status == "diverged")).sum())
-                if values.empty:
-                    row.update({"measured acc (%)": "", "n": 0, "failed": failed, "difference": "", "status": "failed"})
-                    row["command"] = f"python launch.py sweep {recipe.name}"
-                    rows.append(row)
-                    continue
-                mean, std = values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
-                diff = mean - reported.accuracy
-                tolerance = max(reported.spread or 0.0, std)
-                verdict = "within" if abs(diff) <= tolerance else "below" if diff < 0 else "above"
-                row.update(
-                    {
-                        "measured acc (%)": f"{mean:.2f} ± {std:.2f}",
-                        "n": len(values),
-                        "failed": failed,
-                        "difference": f"{diff:+.2f}",
-                        "status": verdict,
-                        "command": f"python launch.py sweep {recipe.name}",
-                    }
-                )
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
 # ----------------------------------------------------------------------------- output
 
 

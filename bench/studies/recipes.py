@@ -16,6 +16,7 @@ where a paper reports one, the number to reproduce with its source.
     accuracy = 97.3          # test accuracy in %
     metric = "last"          # "last" epoch or "best" epoch
     spread = 0.1             # reported std, if any
+    tolerance = 0.5          # points: the measured mean's whole 95% interval within it reproduces it (default 0.5)
     source = "Foret et al. 2021, Table 1"
 
 A recipe may extend another (``extends = "cifar10_fit_cpu"``, a recipe name or a path): it starts from
@@ -75,6 +76,9 @@ class Reported:
     source: str
     spread: float | None = None
     note: str = ""
+    #: the margin, in points, within which a measured mean reproduces ``accuracy`` (stated in advance; default
+    #: bench.report.reproduction.REPRODUCTION_TOLERANCE): the whole 95% interval of the mean must lie within it
+    tolerance: float | None = None
 
 
 @dataclass
@@ -313,6 +317,11 @@ def _reported_row(row: dict[str, Any], where: str) -> Reported:
             "a number >= 0",
         ),
         "note": (isinstance(row.get("note", ""), str), "a string"),
+        "tolerance": (
+            row.get("tolerance") is None
+            or (isinstance(row["tolerance"], number) and not isinstance(row["tolerance"], bool) and row["tolerance"] > 0),
+            "a number > 0 (points)",
+        ),
     }
     for name, (ok, expected) in checks.items():
         if not ok:
