@@ -23,6 +23,7 @@ from bench.data.datasets import available_datasets
 from bench.data.datasets import canonical_name as dataset_name
 from bench.data.fingerprint import data_fingerprint
 from bench.data.names import DEFAULT_IMAGE_SIZE, DataError, is_loader_dataset, loader_dataset_name
+from bench.loop.checkpoint import checkpoints
 from bench.variant_flags import filled_by
 from optimizers import available_optimizers, create_optimizer, optimizer_class
 from optimizers.base import BASE_OPTIMIZERS
@@ -203,11 +204,11 @@ def check_not_taken(config: RunConfig) -> None:
         not (folder / "summary.json").is_file(),
         f"{folder} holds this run, finished: --resume {folder} checks it, --run_name NAME starts another",
     )
-    newest = max((p.name for p in (folder / "checkpoints").glob("step_*")), default=None)
+    kept = checkpoints(folder)
     _need(
-        newest is None,
-        f"{folder} holds this run, interrupted (its newest checkpoint: {newest}): --resume auto continues it; "
-        "move that folder aside to start it over",
+        not kept,
+        f"{folder} holds this run, interrupted (its newest checkpoint: {kept[-1].name if kept else ''}): --resume auto "
+        "continues it; move that folder aside to start it over",
     )
 
 
@@ -223,9 +224,10 @@ def check_same_run(config: RunConfig) -> None:
         return
     try:
         recorded = RunConfig.read(folder).identity()
-    except ConfigError:
+    except ConfigError as err:
         raise ConfigError(
-            f"{folder} holds a run whose config.json cannot be read: choose another --run_name or --output_dir"
+            f"{folder} holds a run whose config.json cannot be read ({err}): move that folder aside, or choose another "
+            "--run_name or --output_dir"
         ) from None
     now = config.identity()
     changed = sorted(k for k in {*recorded, *now} if recorded.get(k) != now.get(k))

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from optimizers import create_optimizer, optimizer_class
+from optimizers import create_optimizer, steps_with_sgd
 from optimizers.amp import ScaledStep
 
 
@@ -25,8 +25,8 @@ def train(optimizer_name: str = "sam", epochs: int = 3, mixed_precision: str = "
     x = torch.randn(512, 20)
     data = TensorDataset(x, (x @ torch.randn(20, 4)).argmax(1))  # a learnable toy task
     model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4))
-    sgd = getattr(optimizer_class(optimizer_name), "uses_base_optimizer", False)  # not bSAM's own update rule
-    opt = create_optimizer(optimizer_name, model, lr=0.1, **({"momentum": 0.9} if sgd else {}))
+    sgd = {"momentum": 0.9} if steps_with_sgd(optimizer_name) else {}  # not AdamW's or bSAM's own update rule
+    opt = create_optimizer(optimizer_name, model, lr=0.1, **sgd)
     model, opt, loader = accelerator.prepare(model, opt, DataLoader(data, batch_size=64, shuffle=True))
     amp = ScaledStep(opt, accelerator.scaler, model) if accelerator.scaler is not None else None
     for epoch in range(epochs):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from optimizers import create_optimizer, optimizer_class
+from optimizers import create_optimizer, steps_with_sgd
 
 
 class SharpnessAwareModule(L.LightningModule):
@@ -20,8 +20,8 @@ class SharpnessAwareModule(L.LightningModule):
         self.net = nn.Sequential(nn.Linear(20, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 4))
 
     def configure_optimizers(self):
-        sgd = getattr(optimizer_class(self.optimizer_name), "uses_base_optimizer", False)  # not bSAM's own rule
-        return create_optimizer(self.optimizer_name, self.net, lr=0.1, **({"momentum": 0.9} if sgd else {}))
+        sgd = {"momentum": 0.9} if steps_with_sgd(self.optimizer_name) else {}  # not AdamW's or bSAM's own rule
+        return create_optimizer(self.optimizer_name, self.net, lr=0.1, **sgd)
 
     def training_step(self, batch, batch_idx):
         x, y = batch

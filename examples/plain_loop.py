@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from optimizers import create_optimizer, optimizer_class
+from optimizers import create_optimizer, optimizer_class, steps_with_sgd
 from optimizers.amp import ScaledStep
 
 
@@ -19,10 +19,8 @@ def train(optimizer_name: str = "sam", epochs: int = 3, device: str | None = Non
     x = torch.randn(512, 20)
     data = TensorDataset(x, (x @ torch.randn(20, 4)).argmax(1))  # a learnable toy task
     model = nn.Sequential(nn.Linear(20, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 4)).to(device)
-    declared, settings = optimizer_class(optimizer_name), {"lr": 0.1}
-    if getattr(declared, "uses_base_optimizer", False):  # a variant on SGD (bSAM has its own update rule)
-        settings["momentum"] = 0.9
-    if getattr(declared, "clips_descent", False):  # a variant clips its descent gradient (by global norm)
+    settings = {"lr": 0.1, **({"momentum": 0.9} if steps_with_sgd(optimizer_name) else {})}  # not AdamW's, bSAM's
+    if getattr(optimizer_class(optimizer_name), "clips_descent", False):  # a variant clips its descent gradient
         settings["max_grad_norm"] = 1.0
     opt = create_optimizer(optimizer_name, model, **settings)
     scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from optimizers import create_optimizer, optimizer_class
+from optimizers import create_optimizer, optimizer_class, steps_with_sgd
 
 
 class SharpnessAwareTrainer(Trainer):
@@ -31,7 +31,7 @@ class SharpnessAwareTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             settings = {"lr": self.args.learning_rate}
-            if getattr(self.variant_class, "uses_base_optimizer", True):  # not a variant with its own update rule
+            if steps_with_sgd(self.optimizer_name):  # not AdamW's, nor a variant's own update rule
                 settings["momentum"] = 0.9
             if self.descent_max_grad_norm is not None:
                 settings["max_grad_norm"] = self.descent_max_grad_norm

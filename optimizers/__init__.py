@@ -20,6 +20,7 @@ _WHERE = {
     "create_optimizer": "registry",
     "optimizer_class": "registry",
     "register": "registry",
+    "steps_with_sgd": "registry",
     "variants_markdown": "registry",
 }
 

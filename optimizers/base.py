@@ -348,6 +348,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """Copy the saved weights back, bit for bit, and resume BatchNorm statistics."""
         self.return_to_saved()
         self._perturbed = []
+        self.leave_perturbed_pass()
+
+    def leave_perturbed_pass(self) -> None:
+        """The step's perturbed pass is over (its weights are back, or the step was abandoned): BatchNorm statistics
+        resume, and the next :meth:`perturb` is a new step's. A variant's own ``restore`` calls it too."""
         self._in_perturbed_pass = False
         self._batchnorms.release()
 

@@ -130,7 +130,7 @@ class LookbehindSAM(SharpnessAwareOptimizer):
                 if key in self.state[p]:
                     self._spare.setdefault(p, {})[key] = self.state[p].pop(key)
         self.state["inner"] = 0
-        self._batchnorms.release()
+        self.leave_perturbed_pass()
 
     def extra_state_bytes(self) -> int:
         spare = [t for buffers in self._spare.values() for t in buffers.values()]

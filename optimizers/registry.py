@@ -9,7 +9,7 @@ import torch
 from .ae_sam import AESAM
 from .arwp import ARWP
 from .asam import ASAM
-from .base import BASE_OPTIMIZERS, SharpnessAwareOptimizer, split_params_and_model
+from .base import BASE_OPTIMIZERS, SharpnessAwareOptimizer, resolve_base_optimizer, split_params_and_model
 from .bsam import BayesianSAM
 from .esam import ESAM
 from .fisher_sam import FisherSAM
@@ -70,6 +70,15 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
 
 def is_sharpness_aware(name: str) -> bool:
     return issubclass(optimizer_class(name), SharpnessAwareOptimizer)
+
+
+def steps_with_sgd(name: str, base="sgd") -> bool:
+    """Whether ``create_optimizer(name, ..., base=base)`` updates with torch's SGD, and so takes SGD's settings
+    (momentum, dampening, nesterov): SGD itself, or a variant that steps with its base optimizer, SGD."""
+    cls = optimizer_class(name)
+    if issubclass(cls, SharpnessAwareOptimizer):
+        return cls.uses_base_optimizer and issubclass(resolve_base_optimizer(base), torch.optim.SGD)
+    return issubclass(cls, torch.optim.SGD)
 
 
 def create_optimizer(name: str, params, base="sgd", **kwargs: Any) -> torch.optim.Optimizer:

@@ -80,6 +80,7 @@ def place(tmp_path_factory) -> Path:
         "bad_value": RECIPE.replace("epochs = 1", "epochs = 0"),
         "no_tune": RECIPE,
         "optimizer_key": RECIPE + "[optimizers.sma]\nrho = 0.1\n",
+        "optimizer_twice": RECIPE + "[optimizers.SAM]\nrho = 0.1\n[optimizers.sam]\nrho = 0.2\n",
     }
     for name, text in recipes.items():
         (root / f"{name}.toml").write_text(text)
@@ -152,6 +153,7 @@ CASES = {
         "none of its 72 runs is done",
     ),
     "sweep unknown optimizer key": (["sweep", "{root}/optimizer_key.toml"], "optimizers.sma: unknown optimizer 'sma'"),
+    "sweep optimizer twice": (["sweep", "{root}/optimizer_twice.toml"], "optimizers names sam twice (as 'SAM' and 'sam')"),
     "sweep set empty axis": (["sweep", "digits", "--set", "seed=[]"], "--set seed=[]: a grid axis needs at least one value"),
     # tune
     "tune no section": (["tune", "{root}/no_tune.toml"], "[tune]"),
@@ -161,7 +163,11 @@ CASES = {
     "table empty": (["table", "{root}/empty", "--out", "{root}/t"], "no runs under"),
     "table out under a file": (["table", "{root}/runs", "--out", "{root}/file/t"], "is a file, not a folder"),
     "table out a folder": (["table", "{root}/runs", "--out", "{root}/empty/"], "is a folder; give the tables' path"),
-    "table run twice": (["table", "{root}/twice", "--out", "{root}/t"], "is in both"),
+    "table run twice": (["table", "{root}/twice", "--out", "{root}/t"], "is given twice"),
+    "table file twice": (
+        ["table", "{root}/records/good_runs.csv", "{root}/records/good_runs.csv", "--out", "{root}/t"],
+        "is given twice",
+    ),
     "table run twice in a file": (["table", "{root}/records/dup_runs.csv", "--out", "{root}/t"], "line 3: run "),
     "table bad status": (["table", "{root}/records/status_runs.csv", "--out", "{root}/t"], "status: 'bogus' is not one of"),
     "table accuracy above 1": (

@@ -284,6 +284,10 @@ def test_a_second_perturb_in_one_step_is_refused_and_moves_nothing(name):
         with pytest.raises(RuntimeError, match=rf"^{type(opt).__name__}\.perturb\(\) called twice in one step: "):
             opt.perturb()
         assert torch.equal(flat(model), perturbed)
+        opt.restore()  # the step abandoned (a skipped step): the next perturb() is a new step's
+        plain_closure(model, x, y)()
+        opt.perturb()
+        plain_closure(model, x, y)()
         opt.descend()
         return
     assert name in ("saf", "mesa")  # one pass per step: they never perturb

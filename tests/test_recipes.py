@@ -342,7 +342,7 @@ def test_expected_calibration_error_by_hand():
     assert result["test_ece"] == pytest.approx((10 * abs(0.8 - 0.9) + 10 * abs(0.3 - 0.6)) / 20, abs=1e-6)
 
 
-def test_an_optimizer_is_its_registered_name_wherever_a_recipe_names_it():
+def test_an_optimizer_is_its_registered_name_wherever_a_recipe_names_it(tmp_path):
     """``--set optimizer=BSAM`` takes the recipe's [optimizers.bsam] settings, as ``bsam`` does."""
     recipe = load_recipe("digits")
     for spelled in ("bsam", "BSAM", "BayesianSAM"):
@@ -350,12 +350,18 @@ def test_an_optimizer_is_its_registered_name_wherever_a_recipe_names_it():
         assert (config.optimizer, config.lr) == ("bsam", 0.5)
     (config,) = recipe.runs(["optimizer=GSAM", "seed=0"])
     assert config.hyperparameters.get("rho_min") == recipe.optimizers["gsam"]["rho_min"]
+    child = tmp_path / "child.toml"  # a child's [optimizers.GSAM] merges into its parent's [optimizers.gsam]
+    child.write_text('extends = "digits"\ndescription = "x"\n[optimizers.GSAM]\nrho = 0.1\n')
+    assert load_recipe(str(child)).optimizers["gsam"] == {**recipe.optimizers["gsam"], "rho": 0.1}
 
 
 def test_suite_hands_its_sweep_the_flags_a_sweep_takes():
     from bench.cli.flags import run_parser
     from bench.cli.run import suite_argv
+    from bench.config import ConfigError
 
-    parser = run_parser()
-    args = parser.parse_args(["--suite", "digits", "--set", "seed=0", "--output_dir", "o", "--cpu"])
-    assert suite_argv(parser, args) == ["digits", "--set=seed=0", "--cpu", "--output_dir", "o"]
+    argv = ["--suite", "digits", "--set", "seed=0", "--output_dir", "o", "--cpu"]
+    assert suite_argv(argv, run_parser().parse_args(argv)) == ["digits", "--set=seed=0", "--output_dir", "o", "--cpu"]
+    argv = ["--suite", "digits", "--epochs", "10"]  # the default value, written: refused too
+    with pytest.raises(ConfigError, match="^--suite digits runs the recipe's sweep, .* got --epochs "):
+        suite_argv(argv, run_parser().parse_args(argv))

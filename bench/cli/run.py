@@ -143,10 +143,10 @@ def resume_config(path: str, argv: list[str]) -> RunConfig:
 SUITE_FLAGS = ("output_dir", "data_dir", "cpu")
 
 
-def suite_argv(parser, args) -> list[str]:
+def suite_argv(argv: list[str], args) -> list[str]:
     """``--suite RECIPE`` as ``sweep RECIPE``'s arguments: its --set values and the flags a sweep takes too; any
-    other flag, which the sweep would not apply, is refused in one line."""
-    given = [k for k, v in vars(args).items() if k not in ("suite", "sets") and v != parser.get_default(k)]
+    other flag written (its default value included), which the sweep would not apply, is refused in one line."""
+    given = [k for k in given_flags(argv) if k not in ("suite", "sets")]
     other = [k for k in given if k not in SUITE_FLAGS]
     if other:
         raise ConfigError(
@@ -164,7 +164,7 @@ def cmd_run(argv: list[str]) -> int:
     parser = run_parser()
     args = parser.parse_args(argv)
     if args.suite:
-        return cmd_sweep(suite_argv(parser, args))
+        return cmd_sweep(suite_argv(argv, args))
     console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in a log
     if args.resume not in (None, "auto"):
         config, notes = resume_config(args.resume, argv), []

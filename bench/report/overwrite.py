@@ -40,12 +40,14 @@ def check_runs_kept(out_prefix: str | Path, run_ids: Iterable[str], force: bool)
         )
 
 
-def check_not_emptied(path: str | Path, kept: int, before: int, what: str, force: bool) -> None:
+def check_not_emptied(
+    path: str | Path, kept: int, before: int, what: str, force: bool, check: str = "check the runs given"
+) -> None:
     """``kept`` measured entries replacing ``before`` in an existing file: refused when fewer and not forced."""
     path = Path(path)
     if force or not path.is_file() or kept >= before:
         return
-    raise WouldShrink(f"{path} holds {before} {what}, the new one {kept}: check the runs given, or --force to replace it")
+    raise WouldShrink(f"{path} holds {before} {what}, the new one {kept}: {check}, or --force to replace it")
 
 
 def count_lines(path: str | Path, markers: tuple[str, ...]) -> int:

@@ -241,9 +241,10 @@ def read_records(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], lis
     if not records:
         raise ResultsError(f"no readable run: {'; '.join(notes)}")
     first: dict[str, str] = {}
-    for record, origin in zip(records, origins):  # a run given twice would count as two seeds
-        if first.setdefault(record["run_id"], origin) != origin:
-            raise ResultsError(f"run {record['run_id']} is in both {first[record['run_id']]} and {origin}: give each run once")
+    for record, origin in zip(records, origins):  # a run given twice (two copies, or one file twice) would count twice
+        if record["run_id"] in first:
+            raise ResultsError(f"run {record['run_id']} is given twice ({first[record['run_id']]}, {origin}): give each run once")
+        first[record["run_id"]] = origin
     return records, origins, notes
 
 

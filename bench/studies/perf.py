@@ -267,10 +267,12 @@ def check_arguments(args) -> None:
 
 
 def write_kept(path: Path, text: str, force: bool) -> None:
-    """``text`` to ``path``, unless it replaces a table of more rows there (a narrower measurement over a committed
-    one) and ``force`` is not given: one line instead."""
-    rows = sum(line.startswith("| ") for line in text.splitlines())
-    check_not_emptied(path, rows, count_lines(path, ("| ",)), "table lines", force)
+    """``text`` printed, and written to ``path`` unless it replaces a table of more rows there (a narrower
+    measurement over a committed one) and ``force`` is not given: one line instead (the measurement printed)."""
+    print(text)
+    rows = sum("| " in line for line in text.splitlines())  # as count_lines counts the file's
+    check = "the table above is this measurement's; --out elsewhere keeps both"
+    check_not_emptied(path, rows, count_lines(path, ("| ",)), "table lines", force, check)
     write_text(path, text)
 
 
@@ -334,14 +336,12 @@ def main(argv: list[str] | None = None) -> int:
 
         text = run_recipe(args, command)
         write_kept(Path(args.out or f"results/perf_loop_{Path(args.recipe).stem}.md"), text, args.force)
-        print(text)
         return 0
     if args.harness:
         from bench.studies.perf_harness import run
 
         text = run(args, command)
         write_kept(Path(args.out or "results/perf_harness.md"), text, args.force)
-        print(text)
         return 0
     names = args.optimizers
     if names and "sgd" not in names:
@@ -367,5 +367,4 @@ def main(argv: list[str] | None = None) -> int:
     )
     text = to_markdown(rows, settings, command)
     write_kept(Path(args.out or "results/perf.md"), text, args.force)
-    print(text)
     return 0

@@ -215,8 +215,6 @@ def load_recipe(name_or_path: str) -> Recipe:
     data = _read_toml(path)
     where = f"recipe {path}"
     data = _extended(data, path)
-    for section in ("optimizers", "reported", "equal_passes"):  # keyed by optimizer: each key a registered name
-        data[section] = {optimizer_key(k, f"{where}: {section}.{k}"): v for k, v in data[section].items()}
     reported = {optimizer: _reported_row(row, f"{where}: reported.{optimizer}") for optimizer, row in data["reported"].items()}
     grid = dict(data["grid"])
     if "optimizer" in grid:
@@ -292,10 +290,19 @@ def _check_sections(data: dict[str, Any], where: str) -> None:
         for optimizer, entry in data[section].items():
             if not isinstance(entry, dict):
                 raise ConfigError(f"{where}: {section}.{optimizer} must be a table, got {entry!r}")
+    for section in ("optimizers", "reported", "equal_passes"):  # keyed by optimizer: each key the registry's name
+        keyed: dict[str, Any] = {}
+        spelled: dict[str, str] = {}
+        for key, value in data[section].items():
+            name = optimizer_key(key, f"{where}: {section}.{key}")
+            if name in keyed:
+                raise ConfigError(f"{where}: {section} names {name} twice (as {spelled[name]!r} and {key!r})")
+            keyed[name], spelled[name] = value, key
+        data[section] = keyed
 
 
 def _reported_row(row: dict[str, Any], where: str) -> Reported:
-    """A reported number, every key checked: accuracy (%), metric, source, and the optional spread and note."""
+    """A reported number, every key checked: accuracy (%), metric, source, and the optional spread, note and tolerance."""
     fields = {f.name: f for f in dataclasses.fields(Reported)}
     unknown = sorted(set(row) - set(fields))
     if unknown:
