@@ -23,7 +23,6 @@ from bench.data.datasets import available_datasets
 from bench.data.datasets import canonical_name as dataset_name
 from bench.data.fingerprint import data_fingerprint
 from bench.data.names import DEFAULT_IMAGE_SIZE, DataError, is_loader_dataset, loader_dataset_name
-from bench.loop.checkpoint import checkpoints
 from bench.variant_flags import filled_by
 from optimizers import available_optimizers, create_optimizer, optimizer_class
 from optimizers.base import BASE_OPTIMIZERS
@@ -204,6 +203,8 @@ def check_not_taken(config: RunConfig) -> None:
         not (folder / "summary.json").is_file(),
         f"{folder} holds this run, finished: --resume {folder} checks it, --run_name NAME starts another",
     )
+    from bench.loop.checkpoint import checkpoints  # here: reading results imports no accelerate
+
     kept = checkpoints(folder)
     _need(
         not kept,
