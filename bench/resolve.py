@@ -206,11 +206,12 @@ def check_not_taken(config: RunConfig) -> None:
     from bench.loop.checkpoint import checkpoints  # here: reading results imports no accelerate
 
     kept = checkpoints(folder)
-    _need(
-        not kept,
-        f"{folder} holds this run, interrupted (its newest checkpoint: {kept[-1].name if kept else ''}): --resume auto "
-        "continues it; move that folder aside to start it over",
-    )
+    if kept:
+        newest = kept[-1]
+        raise ConfigError(
+            f"{folder} holds this run, interrupted (its newest checkpoint: {newest.name}): --resume auto continues it; "
+            "move that folder aside to start it over"
+        )
 
 
 def check_same_run(config: RunConfig) -> None:

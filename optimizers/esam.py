@@ -109,18 +109,16 @@ class ESAM(SharpnessAwareOptimizer):
         self._apply_kept()
 
     def _apply_kept(self) -> None:
+        """The state's draw on the trainable tensors; before the first draw (a first step undone, say), every one."""
         params = [p for group in self.param_groups for p in group["params"]]
-        for p, kept in zip(params, self.state["kept"].tolist()):
+        kept = self.state["kept"].tolist() if "kept" in self.state else [True] * len(params)
+        for p, keep in zip(params, kept):
             if p in self._trainable:
-                p.requires_grad_(kept)
+                p.requires_grad_(keep)
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
-        if "kept" in self.state:
-            self._apply_kept()
-        else:  # a state from before the first step (a first step undone, say): every tensor takes part
-            for p in self._trainable:
-                p.requires_grad_(True)
+        self._apply_kept()
 
     @without_grad
     def step(self, closure=None):
