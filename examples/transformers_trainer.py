@@ -1,6 +1,6 @@
 """A sharpness-aware optimizer in a Transformers ``Trainer``: ``training_step`` runs the variant's passes
-(``perturb()`` between them) and the Trainer's ``optimizer.step()`` takes the descent, clipped to the Trainer's
-``max_grad_norm`` by the optimizer."""
+(``perturb()`` between them; Lookbehind-SAM's inner steps on the batch) and the Trainer's ``optimizer.step()``
+takes the descent, clipped to the Trainer's ``max_grad_norm`` by the optimizer."""
 
 import argparse
 import copy
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from optimizers import create_optimizer, optimizer_class, steps_with_sgd
+from optimizers import SharpnessAwareOptimizer, create_optimizer, optimizer_class, steps_with_sgd
 
 
 class SharpnessAwareTrainer(Trainer):
@@ -40,12 +40,23 @@ class SharpnessAwareTrainer(Trainer):
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if not isinstance(self.variant, SharpnessAwareOptimizer):  # a baseline: the Trainer's own step
+            return super().training_step(model, inputs, num_items_in_batch)
         model.train()
+        loss = self.passes(model, inputs)
+        while self.variant.descents_left > 1:  # Lookbehind-SAM: its k inner steps, all on this batch
+            self.variant.descend()
+            self.passes(model, inputs)
+        return loss  # the Trainer's optimizer.step() takes the step's (last) descent
+
+    def passes(self, model, inputs):
+        """One pass at w, then one after each perturbation (to w + e; GAM's three); the first pass's loss."""
         loss = self.compute_loss(model, inputs)
         self.accelerator.backward(loss)
         if self.variant.perturbs_this_step:
-            self.variant.perturb()  # to w + e; the Trainer's optimizer.step() restores w and descends
-            self.accelerator.backward(self.compute_loss(model, inputs))
+            for _ in range(self.variant.perturbations):
+                self.variant.perturb()
+                self.accelerator.backward(self.compute_loss(model, inputs))
         return loss.detach()
 
 

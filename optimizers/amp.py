@@ -16,8 +16,9 @@ or, in the two-phase form:
         amp.begin()
         amp.backward(loss_at_w)
         if opt.perturbs_this_step:
-            opt.perturb()
-            amp.backward(loss_at_w_plus_e)
+            for _ in range(opt.perturbations):  # GAM: three
+                opt.perturb()
+                amp.backward(loss_at_the_perturbed_point)
         amp.descend()  # True when an overflow skipped the step
 
 ``GradScaler.step`` does not fit a sharpness-aware step: it unscales once per optimizer and step, and

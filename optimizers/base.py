@@ -14,9 +14,14 @@ Two ways to drive it, with the same arithmetic:
 
       loss_fn(model(x), y).backward()
       if opt.perturbs_this_step:
-          opt.perturb()
-          loss_fn(model(x), y).backward()
+          for _ in range(opt.perturbations):  # one perturb() before each later pass (GAM: three)
+              opt.perturb()
+              loss_fn(model(x), y).backward()
       opt.descend()
+
+  A variant that takes several inner steps on one batch (Lookbehind-SAM) counts them in
+  :attr:`~SharpnessAwareOptimizer.descents_left`: a loop that takes the whole step on each
+  batch repeats the above while it is above 1 (see ``examples/transformers_trainer.py``).
 """
 
 from __future__ import annotations
@@ -142,6 +147,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     rule: ClassVar[str] = ""
     #: Forward-backward passes per step.
     passes: ClassVar[str] = "2"
+    #: :meth:`perturb` calls in a step that perturbs (two-phase form): one before each pass after the first.
+    perturbations: ClassVar[int] = 1
     #: Tensors the size of the parameters kept between steps beyond the base optimizer's state.
     extra_memory: ClassVar[int] = 1
     #: What that memory holds.
@@ -431,6 +438,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def perturbs_this_step(self) -> bool:
         """Whether this step takes the second pass (LookSAM skips it on most steps)."""
         return True
+
+    @property
+    def descents_left(self) -> int:
+        """:meth:`descend` calls left in this step on its batch, the coming one included: 1, except for a variant
+        that takes several inner steps on one batch (Lookbehind-SAM's k); the two-phase form takes one per call."""
+        return 1
 
     # -- the protocol --------------------------------------------------------------------------
 

@@ -38,8 +38,8 @@ several). BatchNorm statistics come from the first pass (frozen from the second 
 the official code). g0, g1 and g2 are held only within a step: the persistent extra
 memory is the weight backup.
 
-Two-phase form: call ``perturb()`` after each of the first three backward passes, then
-``descend()`` after the fourth. A loop that calls ``perturb()`` once (the generic SAM
+Two-phase form: call ``perturb()`` after each of the first three backward passes
+(``perturbations`` is 3), then ``descend()`` after the fourth. A loop that calls ``perturb()`` once (the generic SAM
 loop) gets a warning and a SAM step of radius rho' (descent with g1).
 """
 
@@ -80,6 +80,7 @@ class GAM(SharpnessAwareOptimizer):
         "d = alpha g1 + (1-alpha) g3 minus gamma x the part of g0 + |1-beta| g2 orthogonal to d"
     )
     passes = "4"
+    perturbations = 3
     memory_note = "weight backup; g0, g1, g2 only within a step"
     ascent_sync = "global"
     undone_by_restore = True  # its points are functions of this step's gradients; restore() drops them

@@ -136,6 +136,11 @@ class LookbehindSAM(SharpnessAwareOptimizer):
         spare = [t for buffers in self._spare.values() for t in buffers.values()]
         return super().extra_state_bytes() + sum(t.numel() * t.element_size() for t in spare)
 
+    @property
+    def descents_left(self) -> int:
+        """The inner steps left in the cycle on this batch, the coming one included (k between cycles)."""
+        return self.k_steps - self.state["inner"]
+
     # -- one inner step: perturb() after a pass at u_{j-1}, descend() after the pass at u_j ---------
 
     @without_grad

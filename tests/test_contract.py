@@ -242,7 +242,36 @@ def test_frozen_unused_and_empty_are_left_alone(name):
     assert not torch.equal(trained, model.body[2].weight)
 
 
-@pytest.mark.parametrize("name", [n for n in VARIANTS if optimizer_class(n).uses_base_optimizer])  # bSAM: step(closure) only
+TWO_PHASE = [n for n in VARIANTS if optimizer_class(n).uses_base_optimizer]  # bSAM: step(closure) only
+
+
+@pytest.mark.parametrize("name", [n for n in TWO_PHASE if optimizer_class(n).loss_regularizer is None])
+def test_the_whole_two_phase_step_is_the_closure_step(name):
+    """A pass, then ``perturbations`` perturb-and-pass pairs, repeated while ``descents_left`` > 1 (descend()
+    between): what step(closure) does on one batch, bit for bit (GAM's four passes, Lookbehind-SAM's k inner steps)."""
+    a, b = tiny_mlp(batchnorm=True), tiny_mlp(batchnorm=True)
+    opt_a, opt_b = (create_optimizer(name, m, **settings_for(name)) for m in (a, b))
+    for x, y in batches(4):
+        quietly(opt_a.step, plain_closure(a, x, y))
+
+        def passes(x=x, y=y):
+            plain_closure(b, x, y)()
+            if opt_b.perturbs_this_step:
+                for _ in range(opt_b.perturbations):
+                    opt_b.perturb()
+                    plain_closure(b, x, y)()
+
+        quietly(passes)
+        while opt_b.descents_left > 1:
+            opt_b.descend()
+            quietly(passes)
+        opt_b.descend()
+        assert torch.equal(flat(a), flat(b)), name
+        if name != "arwp":  # its two-phase form adds a pass at w, which BatchNorm sees (documented)
+            assert all(torch.equal(u, v) for u, v in zip(a.buffers(), b.buffers())), name
+
+
+@pytest.mark.parametrize("name", TWO_PHASE)
 def test_two_phase_form_with_groups_without_gradients(name):
     model = Net()
     opt = create_optimizer(

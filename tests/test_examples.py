@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from helpers import free_port
 from launching import AS_MAIN
 
-from optimizers import create_optimizer
+from optimizers import create_optimizer, steps_with_sgd
 
 ROOT = Path(__file__).resolve().parents[1]
 CHANCE = 1.386  # ln 4: the loss of a uniform guess on the examples' 4 classes
@@ -37,7 +37,7 @@ def needs(package):
 
 def reference_steps(net, batches, name="sam"):
     """The same steps with the library's closure form, on a copy of the network."""
-    opt = create_optimizer(name, net, lr=0.1, momentum=0.9)
+    opt = create_optimizer(name, net, lr=0.1, **({"momentum": 0.9} if steps_with_sgd(name) else {}))
     for x, y in batches:
 
         def closure(x=x, y=y):
@@ -116,7 +116,9 @@ def test_lightning_manual_optimisation_equals_the_closure_form():
 
 
 @needs("transformers")
-def test_the_trainer_subclass_step_equals_the_closure_form(tmp_path):
+@pytest.mark.parametrize("name", ["sam", "gam", "lookbehind_sam", "ss_sam"])
+def test_the_trainer_subclass_step_equals_the_closure_form(tmp_path, name):
+    """GAM's three perturbations and Lookbehind-SAM's k inner steps on one batch included; SS-SAM's draws."""
     from transformers import TrainingArguments
 
     trainer_example = example("transformers_trainer")
@@ -124,15 +126,17 @@ def test_the_trainer_subclass_step_equals_the_closure_form(tmp_path):
     model = trainer_example.Classifier()
     reference = copy.deepcopy(model.net)
     args = TrainingArguments(tmp_path, learning_rate=0.1, report_to=[], use_cpu=True, save_strategy="no")
-    trainer = trainer_example.SharpnessAwareTrainer(model=model, args=args, train_dataset=[], optimizer_name="sam")
-    trainer.create_optimizer()
+    trainer = trainer_example.SharpnessAwareTrainer(model=model, args=args, train_dataset=[], optimizer_name=name)
     x = torch.randn(32, 20)
     y = (x @ torch.randn(20, 4)).argmax(1)
+    torch.manual_seed(1)  # the optimizers' random streams start alike
+    trainer.create_optimizer()
     for _ in range(3):  # what the Trainer's inner loop does around training_step
         trainer.training_step(model, {"x": x, "labels": y})
         trainer.optimizer.step()
         model.zero_grad()
-    assert_same(model.net, reference_steps(reference, [(x, y)] * 3))
+    torch.manual_seed(1)
+    assert_same(model.net, reference_steps(reference, [(x, y)] * 3, name))
 
 
 @needs("transformers")
@@ -164,8 +168,9 @@ def test_the_trainers_max_grad_norm_clips_the_descent_gradient(tmp_path, name):
 
 
 @needs("transformers")
-def test_the_trainer_subclass_trains():
-    assert example("transformers_trainer").train("sam", epochs=3) < CHANCE
+@pytest.mark.parametrize("name", ["sam", "sgd"])
+def test_the_trainer_subclass_trains(name):
+    assert example("transformers_trainer").train(name, epochs=3) < CHANCE
 
 
 @needs("lightning")
