@@ -999,3 +999,69 @@ def test_no_augment_trains_on_the_images_as_they_are():
     assert first == {True: True, False: False}
     with pytest.raises(ConfigError, match=r"^no_augment and cutout: cutout is an augmentation; choose one$"):
         RunConfig(no_augment=True, cutout=True).validate()
+
+
+# --------------------------------------------------------------------------- labels and run identity
+
+
+def test_a_changed_annotation_file_is_new_labels_for_the_cache_and_the_fingerprint(tmp_path):
+    """Tiny-ImageNet's test labels come from val_annotations.txt: correcting it (same length) changes the labels a
+    cached load returns and the folder's fingerprint, so no run is attributed to the old labels."""
+    from bench.data.fingerprint import folder_fingerprint
+
+    _write_tiny_folder(tmp_path)
+    ann, cache = tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt", str(tmp_path / "c")
+    _, test = load_dataset_splits("tinyimagenet", data_dir=str(tmp_path), download=False, cache_dir=cache)
+    before = folder_fingerprint(str(tmp_path))
+    text = ann.read_text()
+    ann.write_text(text.replace("val_0.JPEG\tn02", "val_0.JPEG\tn01"))
+    assert len(ann.read_text()) == len(text)
+    _, fixed = load_dataset_splits("tinyimagenet", data_dir=str(tmp_path), download=False, cache_dir=cache)
+    assert test.labels.tolist() == [1, 0] and fixed.labels.tolist() == [0, 0]
+    folder_fingerprint.cache_clear()
+    assert folder_fingerprint(str(tmp_path)) != before
+
+
+def test_an_empty_tiny_class_folder_or_annotation_file_is_refused(tmp_path, downloads):
+    _write_tiny_folder(tmp_path)
+    base = tmp_path / "tiny-imagenet-200"
+    ann = base / "val" / "val_annotations.txt"
+    text = ann.read_text()
+    ann.write_text("")
+    assert _load_error("tinyimagenet", str(tmp_path)) == f"Tiny-ImageNet: {ann} lists no images"
+    ann.write_text(text)
+    for image in (base / "train" / "n02" / "images").iterdir():
+        image.unlink()
+    msg = _load_error("tinyimagenet", str(tmp_path))
+    assert msg == f"Tiny-ImageNet: class folder {base / 'train' / 'n02' / 'images'} holds no images"
+
+
+def test_a_broken_link_under_the_data_folder_is_one_error_line(tmp_path):
+    from bench.data.fingerprint import data_fingerprint
+
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"^cannot read .*data_batch_1 \(No such file or directory\)$"):
+        data_fingerprint("cifar10", str(tmp_path))
+
+
+def test_labels_that_are_not_class_indices_are_refused(tmp_path, downloads):
+    """Class names in a parquet label column, or a streamed split's: one line naming where, not int()'s error."""
+    from datasets import Dataset, Features, IterableDataset, Value
+    from datasets import Image as HFImage
+
+    from bench.data.hub import _stream_split
+
+    feats = Features({"img": HFImage(), "label": Value("string")})
+    images = [_to_pil(im) for im in _rng_images(5, 2, 3, 32)]
+    for split in ("train", "test"):
+        Dataset.from_dict({"img": images, "label": ["cat", "dog"]}, features=feats).to_parquet(str(tmp_path / f"{split}.parquet"))
+    msg = _load_error("cifar10", str(tmp_path), download=False)
+    assert "labels must be integer class indices, got object values such as 'cat'" in msg
+
+    def examples():
+        yield from ({"img": image, "label": name} for image, name in zip(images, ["cat", "dog"]))
+
+    stream = {"train": IterableDataset.from_generator(examples, features=feats)}
+    with pytest.raises(DataError, match=r"^hf:me/pets split train: column 'label' holds Value\('string'\)"):
+        _stream_split(stream, "train", "me/pets", "img", "label", None)

@@ -152,8 +152,20 @@ def short_error(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def is_class_index(value) -> bool:
+    """Whether one label is an integer (a Python or numpy one, not a bool): what a class index is."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_labels(labels: np.ndarray, n_images: int, num_classes: int, where: str) -> np.ndarray:
-    labels = np.array(labels, dtype=np.int64).reshape(-1)  # a writable copy
+    """The labels as a writable int64 copy, checked: integers (not class names, fractions or missing values),
+    one per image, each in [0, num_classes)."""
+    given = np.asarray(labels).reshape(-1)
+    if given.size and given.dtype.kind not in "iu":
+        raise DataError(
+            f"{where}: labels must be integer class indices, got {given.dtype} values such as {given[:1].tolist()[0]!r}"
+        )
+    labels = given.astype(np.int64)
     if labels.shape[0] != n_images:
         raise DataError(f"{where}: {n_images} images but {labels.shape[0]} labels")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):

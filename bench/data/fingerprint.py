@@ -2,10 +2,12 @@
 
 Two folders holding different data never give a run the same id, so a sweep on a second folder never
 mistakes the first folder's finished runs for its own. The fingerprint hashes every visible file's
-path (relative to the folder) and size, sorted, symbolic links followed: cheap (no file is read, one
-``stat`` each) and unchanged by moving or copying the folder. It is computed once per folder and
-process. It covers the whole folder: a file added beside the dataset changes it, and so the ids of
-the runs on that folder (a new run, never a wrong one); files of one size and other bytes do not.
+path (relative to the folder) and size, sorted, symbolic links followed, and the bytes of the text files
+that hold labels and class lists (``.txt``, ``.csv``, ``.tsv``, ``.json``, ``.jsonl``: Tiny-ImageNet's
+``val_annotations.txt`` and ``wnids.txt``): cheap (no image is read, one ``stat`` each) and unchanged by
+moving or copying the folder. It is computed once per folder and process. It covers the whole folder: a
+file added beside the dataset changes it, and so the ids of the runs on that folder (a new run, never a
+wrong one); an image file of one size and other bytes does not.
 
 No fingerprint (``None``) where the data is fixed by its name: the embedded digits, a Hub dataset
 (streamed by name), and the download that ``./data`` or an empty ``--data_dir`` receives (torchvision
@@ -20,20 +22,34 @@ import os
 
 from bench.data.names import DataError
 
+#: Files read whole: labels and class lists live in them, and they are small.
+TEXT_SUFFIXES = (".txt", ".csv", ".tsv", ".json", ".jsonl")
 
-def _visible_files(root: str) -> list[tuple[str, int]]:
+
+def _visible_files(root: str) -> list[tuple[str, str]]:
+    """(path relative to root, what identifies the file: its size, or its bytes' hash for a text file), sorted."""
     found = []
     for folder, dirs, files in os.walk(root, onerror=_raise, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
             if not name.startswith("."):
                 path = os.path.join(folder, name)
-                found.append((os.path.relpath(path, root).replace(os.sep, "/"), os.stat(path).st_size))
+                found.append((os.path.relpath(path, root).replace(os.sep, "/"), _identity(path)))
     return sorted(found)
 
 
+def _identity(path: str) -> str:
+    try:
+        if path.lower().endswith(TEXT_SUFFIXES):
+            with open(path, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+        return str(os.stat(path).st_size)
+    except OSError as err:  # a broken link, a file that went away or cannot be read
+        _raise(err)
+
+
 def _raise(err: OSError) -> None:
-    raise DataError(f"cannot list {err.filename} ({err.strerror or err})")
+    raise DataError(f"cannot read {err.filename} ({err.strerror or err})")
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,7 +57,7 @@ def folder_fingerprint(root: str) -> str | None:
     files = _visible_files(root)
     if not files:
         return None
-    digest = hashlib.sha256("".join(f"{path}\t{size}\n" for path, size in files).encode())
+    digest = hashlib.sha256("".join(f"{path}\t{identity}\n" for path, identity in files).encode())
     return digest.hexdigest()[:16]
 
 

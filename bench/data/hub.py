@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from bench.data.datasets import short_error
+from bench.data.datasets import is_class_index, short_error
 from bench.data.names import DEFAULT_IMAGE_SIZE, DataError
 from bench.data.parquet import quiet_datasets
 from bench.data.views import IMAGENET_MEAN, IMAGENET_STD
@@ -52,8 +52,10 @@ class StreamSplit:
             if position < start:
                 continue
             label = example[self.label_column]
-            if label is None or not 0 <= int(label) < self.num_classes:
-                raise DataError(f"{self.name}: example {position} has the label {label!r}, outside [0, {self.num_classes})")
+            if not is_class_index(label) or not 0 <= label < self.num_classes:
+                raise DataError(
+                    f"{self.name}: example {position} has the label {label!r}, not a class in [0, {self.num_classes})"
+                )
             yield position, self._encoded(example[self.image_column], position), int(label)
 
     def _encoded(self, value: Any, position: int):
@@ -106,6 +108,9 @@ def _stream_split(dataset, split: str, repo: str, image_column: str, label_colum
     if isinstance(features[image_column], datasets.Image):
         stream = stream.cast_column(image_column, datasets.Image(decode=False))
     label_feature = features[label_column]
+    integer = isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("int", "uint"))
+    if label_feature is not None and not (integer or isinstance(label_feature, datasets.ClassLabel)):
+        raise DataError(f"{where}: column {label_column!r} holds {label_feature}, expected integer class indices")
     if num_classes is None and isinstance(label_feature, datasets.ClassLabel):
         num_classes = label_feature.num_classes
     size = None
@@ -116,7 +121,9 @@ def _stream_split(dataset, split: str, repo: str, image_column: str, label_colum
         labels = [example[label_column] for example in stream.select_columns([label_column])]
         size = len(labels) if size is None else size
         if num_classes is None:
-            known = [int(v) for v in labels if v is not None and int(v) >= 0]
+            if not all(v is None or is_class_index(v) for v in labels):
+                raise DataError(f"{where}: column {label_column!r} must hold integer class indices")
+            known = [int(v) for v in labels if v is not None and v >= 0]
             num_classes = max(known) + 1 if known else 0
     if size == 0 or not num_classes:
         raise DataError(f"{where} is empty or has no labels")

@@ -77,7 +77,7 @@ def image_blobs(table, column: str, base_dir: str | None) -> list[Any]:
 def decode_hf_split(ds, image_col: str, label_col: str, info: DatasetInfo, where: str, base_dir: str | None):
     table = ds.with_format("arrow")[:]
     blobs = image_blobs(table, image_col, base_dir)
-    labels = np.asarray(table.column(label_col).to_numpy(zero_copy_only=False), dtype=np.int64)
+    labels = table.column(label_col).to_numpy(zero_copy_only=False)
     images = decode_images(blobs, info.image_size, info.channels, where)
     labels = check_labels(labels, images.shape[0], info.num_classes, where)
     return images, labels

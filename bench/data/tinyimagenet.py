@@ -74,15 +74,21 @@ def _tiny_train_files(folder: str, wnids: Sequence[str]) -> tuple[list[str], np.
         if not os.path.isdir(img_dir):
             raise DataError(f"Tiny-ImageNet: class folder {img_dir} is missing")
         names = sorted(e.name for e in scan(img_dir) if e.is_file() and not e.name.startswith("."))
+        if not names:
+            raise DataError(f"Tiny-ImageNet: class folder {img_dir} holds no images")
         files += [os.path.join(img_dir, n) for n in names]
         labels += [i] * len(names)
     return files, np.asarray(labels, np.int64)
 
 
+def _annotations(folder: str) -> str:
+    return os.path.join(folder, "val", "val_annotations.txt")
+
+
 def _tiny_val_files(folder: str, wnids: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """The labelled ``val/`` split (our test split), sorted by file name."""
     index = {w: i for i, w in enumerate(wnids)}
-    ann = os.path.join(folder, "val", "val_annotations.txt")
+    ann = _annotations(folder)
     files, labels = [], []
     for lineno, line in enumerate(_read_lines(ann), 1):
         parts = line.strip().split("\t")
@@ -94,7 +100,9 @@ def _tiny_val_files(folder: str, wnids: Sequence[str]) -> tuple[list[str], np.nd
             raise DataError(f"{ann}:{lineno}: class {parts[1]!r} is not in wnids.txt")
         files.append(os.path.join(folder, "val", "images", parts[0]))
         labels.append(index[parts[1]])
-    order = np.argsort(np.array(files, dtype=object), kind="stable") if files else []
+    if not files:
+        raise DataError(f"Tiny-ImageNet: {ann} lists no images")
+    order = np.argsort(np.array(files, dtype=object), kind="stable")
     files = [files[i] for i in order]
     for p in files:
         if not os.path.isfile(p):
@@ -116,7 +124,9 @@ def _load_tiny_folder(info: DatasetInfo, folder: str, cache_dir: str):
         te = decode_images(tef, info.image_size, info.channels, f"Tiny-ImageNet val ({folder})")
         return (tr, trl), (te, tel)
 
-    return cached(info, cache_dir, trf + tef, build, extra="folder")
+    # the labels come from the class list and the annotation file: a change to either is a new cache entry
+    label_files = [f for f in (os.path.join(folder, "wnids.txt"), _annotations(folder)) if os.path.isfile(f)]
+    return cached(info, cache_dir, label_files + trf + tef, build, extra="folder")
 
 
 def _hf_download(repo_id: str):
