@@ -47,7 +47,7 @@ class SharpnessAwareTrainer(Trainer):
         while self.variant.descents_left > 1:  # Lookbehind-SAM: its k inner steps, all on this batch
             self.variant.descend()
             self.passes(model, inputs)
-        return loss  # the Trainer's optimizer.step() takes the step's (last) descent
+        return loss  # the Trainer's optimizer.step() then takes the (last) descent
 
     def passes(self, model, inputs):
         """One pass at w, then one after each perturbation (to w + e; GAM's three); the first pass's loss."""
