@@ -167,6 +167,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     #: - ``"local"``: it must NOT be all-reduced: ESAM's ascent backward leaves tensors
     #:   out, and replicas that left out different tensors would wait on each other.
     ascent_sync: ClassVar[str] = "any"
+    #: Whether the state kept between steps is built from the ascent gradient (FriendlySAM's momentum, VaSSO's d):
+    #: with an ascent kept per replica each process holds its own, and a checkpoint keeps each process's.
+    state_from_ascent: ClassVar[bool] = False
     #: Why the variant cannot work on sharded parameters (FSDP), in a few words; empty when it can.
     #: The harness refuses a sharded run of a variant that gives a reason.
     sharding_unsupported: ClassVar[str] = ""

@@ -31,6 +31,7 @@ class FriendlySAM(SAM):
         ),
         Setting("adaptive", False, kind=bool, help="davda54-style w-weighted perturbation"),
     )
+    state_from_ascent = True
     paper = "Li et al., CVPR'24"
     rule = "d = g - sigma m, m <- lmbda m + (1 - lmbda) g; SAM with d"
     undone_by_restore = False  # its perturbation moves the gradient's running mean

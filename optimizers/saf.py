@@ -128,13 +128,30 @@ class MESARegularizer(WindowedKL):
     def after_step(self, model, skipped=False):
         if skipped:
             return
-        model_state = model.state_dict()
+        model_state = {**model.state_dict(), **self._first_process_buffers(model)}
         for name, ema_value in self.ema.state_dict().items():
             value = model_state[name].to(ema_value.device)
             if ema_value.is_floating_point():
                 ema_value.mul_(self.ema_decay).add_(value, alpha=1 - self.ema_decay)
             else:
                 ema_value.copy_(value)
+
+    def _first_process_buffers(self, model) -> dict[str, Tensor]:
+        """The model's floating-point buffers as the first process holds them (what data parallelism broadcasts
+        at the next forward, and what the run saves): after a step each process's BatchNorm statistics are its
+        own shard's. So every process's EMA copy is the same, and the first process's checkpoint restores all.
+        One gather per dtype (the identity in a single process)."""
+        buffers = dict(model.named_buffers())
+        by_dtype: dict[torch.dtype, list[str]] = {}
+        for name, value in model.state_dict().items():
+            if name in buffers and value.is_floating_point():
+                by_dtype.setdefault(value.dtype, []).append(name)
+        first = {}
+        for names in by_dtype.values():
+            flat = torch.cat([buffers[n].reshape(-1).to(self.device) for n in names])
+            pieces = self.gather(flat[None])[0].split([buffers[n].numel() for n in names])
+            first.update({n: piece.view_as(buffers[n]) for n, piece in zip(names, pieces)})
+        return first
 
     def state_dict(self):
         return {"ema": self.ema.state_dict()}

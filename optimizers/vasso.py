@@ -42,6 +42,7 @@ class VaSSO(SharpnessAwareOptimizer):
             help="weight of the new gradient in the moving average d",
         ),
     )
+    state_from_ascent = True
     paper = "Li & Giannakis, NeurIPS'23"
     rule = "d <- (1 - theta) d + theta g (d = g at first); e = rho d / ||d||"
     extra_memory = 2

@@ -38,9 +38,9 @@ FLAGS = [
 ]
 
 
-def launch(args, out: Path, processes: int = 2) -> Path:
-    """Several processes, as `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` starts them."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+def launch(args, out: Path, processes: int = 2, script: str = "launch.py", env: dict | None = None) -> Path:
+    """Several processes, as `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` starts them;
+    with ``env`` (a run that kills itself), the run folder whatever the outcome."""
     cmd = [
         sys.executable,
         "-m",
@@ -50,12 +50,16 @@ def launch(args, out: Path, processes: int = 2) -> Path:
         str(processes),
         "--main_process_port",
         "29517",
-        "launch.py",
+        script,
         *args,
         "--output_dir",
         str(out),
     ]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    done = subprocess.run(cmd, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
+    if env:
+        (run,) = list(out.iterdir())
+        return run
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = list(out.iterdir())
     assert read_json(run / "config.json")["world_size"] == processes  # really that many processes
@@ -181,6 +185,37 @@ def test_without_sync_bn_each_process_normalises_its_own_shard(tmp_path):
     two, one = launch(args, tmp_path / "two"), one_process(args, tmp_path / "one")
     a, b = weights(two), weights(one)
     assert max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in a if a[k].is_floating_point()) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--arch_type", "mlp", "--sam_type", "friendly_sam", "--ascent_sync", "local"],  # each process's momentum
+        ["--arch_type", "smallcnn", "--sam_type", "mesa", "--kl_start", "-1"],  # BatchNorm in the EMA teacher
+    ],
+    ids=["friendly_sam", "mesa"],
+)
+def test_a_two_process_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(args, tmp_path):
+    """What differs between the processes is checkpointed per process (each one's running sums of the epoch,
+    FriendlySAM's momentum of its own ascent gradients) or made the same (MESA's EMA teacher takes the first
+    process's BatchNorm statistics): killed after step 6 (last checkpoint at 4), resumed, it equals the
+    uninterrupted run bit for bit, training metrics included."""
+    from launching import KILLED_AFTER
+
+    flags = ["--epochs", "1", "--max_steps", "10", "--batch_size", "64", "--schedule", "constant", "--lr", "0.1"]
+    flags += [*args, "--save_every_steps", "4"]
+    whole = launch(flags, tmp_path / "whole")
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_AFTER)
+    cut = launch(flags, tmp_path / "cut", script=str(script), env={"KILL_AFTER": "6"})
+    assert not (cut / "summary.json").exists() and (cut / "checkpoints" / "step_00000004").is_dir()
+    launch([*flags, "--resume", "auto"], tmp_path / "cut")
+    a, b = weights(whole), weights(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    timing = ("time", "_s", "per_s", "load")
+    rows = [[{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in read_jsonl(run / "metrics.jsonl")]
+            for run in (whole, cut)]  # fmt: skip
+    assert rows[0] == rows[1] and rows[0][-1]["train_acc"] is not None
 
 
 def test_a_two_process_run_is_not_resumed_by_one_process(tmp_path, capsys):

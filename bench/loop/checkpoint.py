@@ -3,7 +3,9 @@
 A checkpoint holds the model (``model.safetensors``), each process's random number generators
 (Accelerate's ``random_states_N.pkl``) and, in ``trainer_state.pt``, the optimizer (base buffers and
 variant state), the scheduler, the loop's :class:`~bench.loop.TrainState` and a loss term's state: a
-resumed run repeats exactly what the uninterrupted one would have done.
+resumed run repeats exactly what the uninterrupted one would have done. What differs between processes
+(each one's running sums of the epoch; a variant's state built from a per-replica ascent gradient) is
+written by each process other than the first to its own ``trainer_state_N.pt``.
 
 Nothing in a checkpoint can run code when it is read: the model is safetensors, and every pickle-format
 file is read with ``torch.load(weights_only=True)``, whose unpickler builds tensors and plain containers
@@ -32,6 +34,8 @@ from bench.io import atomic_path, read_json, write_json
 COMPLETE = "complete.json"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
+#: the state that process N > 0 holds on its own (see save_checkpoint's ``per_process``)
+PROCESS_STATE_FILE = "trainer_state_{}.pt"
 #: how each process's random generators are named by Accelerate (the only files it reads back)
 RNG_FILE = "random_states_{}.pkl"
 
@@ -54,10 +58,13 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, objects: dict[str, Any]) -> None:
+def save_checkpoint(
+    accelerator, run_dir: Path, step: int, keep: int, objects: dict[str, Any], per_process: tuple[str, ...] = ()
+) -> None:
     """Write checkpoint ``step`` of the run: the model and random generators (Accelerate), then the
-    ``state_dict`` of each of ``objects`` (every process takes part: a sharded optimizer gathers), then
-    the manifest."""
+    ``state_dict`` of each of ``objects`` (every process takes part: a sharded optimizer gathers), the
+    first process's in one file and, of those named in ``per_process``, each other process's in its own;
+    then the manifest."""
     root = run_dir / "checkpoints"
     tmp, final = root / f".tmp_step_{step:08d}", root / f"step_{step:08d}"
     if accelerator.is_main_process:
@@ -66,8 +73,14 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, objects: d
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     states = {name: obj.state_dict() for name, obj in objects.items()}
-    accelerator.wait_for_everyone()
     failure = None
+    if per_process and not accelerator.is_main_process:
+        own = tmp / PROCESS_STATE_FILE.format(accelerator.process_index)
+        try:
+            torch.save({name: states[name] for name in per_process}, own)
+        except OSError as err:
+            failure = f"{own} could not be written ({type(err).__name__}: {err})"
+    _stop_together(accelerator, failure)  # every file is there before the manifest lists them
     if accelerator.is_main_process:
         try:
             torch.save(states, tmp / STATE_FILE)
@@ -103,15 +116,17 @@ def _complete(checkpoint: Path) -> dict[str, Any] | None:
     return complete if isinstance(complete, dict) else None
 
 
-def damage(checkpoint: Path, world_size: int, complete: dict[str, Any] | None) -> str | None:
+def damage(checkpoint: Path, world_size: int, complete: dict[str, Any] | None, per_process: bool = False) -> str | None:
     """Why ``checkpoint`` cannot be trusted (None when every file it needs matches the manifest in its
-    ``complete``, the content of its complete.json)."""
+    ``complete``, the content of its complete.json); ``per_process``: each process's own state is needed."""
     if complete is None:
         return f"{COMPLETE} is unreadable"
     manifest = complete.get("sha256")
     if not isinstance(manifest, dict):
         return "it has no file manifest (written by an earlier version, whose pickled state is never read)"
     needed = [MODEL_FILE, STATE_FILE, *(RNG_FILE.format(rank) for rank in range(world_size))]
+    if per_process:
+        needed += [PROCESS_STATE_FILE.format(rank) for rank in range(1, world_size)]
     for name in [*needed, *sorted(set(manifest) - set(needed))]:
         path = checkpoint / name
         if name not in manifest:
@@ -123,9 +138,10 @@ def damage(checkpoint: Path, world_size: int, complete: dict[str, Any] | None) -
     return None
 
 
-def load_checkpoint(accelerator, run_dir: Path, objects: dict[str, Any]) -> list[str]:
-    """Load the newest intact checkpoint into the model, the random generators and ``objects``; returns a
-    note per damaged checkpoint passed over. CheckpointError when none is intact or one cannot be loaded."""
+def load_checkpoint(accelerator, run_dir: Path, objects: dict[str, Any], per_process: tuple[str, ...] = ()) -> list[str]:
+    """Load the newest intact checkpoint into the model, the random generators and ``objects`` (those named in
+    ``per_process`` from this process's own file); returns a note per damaged checkpoint passed over.
+    CheckpointError when none is intact or one cannot be loaded."""
     notes, world = [], accelerator.num_processes
     for checkpoint in reversed(checkpoints(run_dir)):
         complete = _complete(checkpoint)
@@ -135,7 +151,7 @@ def load_checkpoint(accelerator, run_dir: Path, objects: dict[str, Any]) -> list
                 f"{run_dir} was run by {saved_by} process(es), this resume by {world}: resume it with {saved_by} "
                 "(the data each process reads, and so the result, depend on the number)"
             )
-        why = damage(checkpoint, world, complete)
+        why = damage(checkpoint, world, complete, per_process=bool(per_process))
         if why is None:
             break
         notes.append(f"checkpoint {checkpoint} is damaged ({why}); not used")
@@ -147,6 +163,9 @@ def load_checkpoint(accelerator, run_dir: Path, objects: dict[str, Any]) -> list
         accelerate_load(checkpoint / RNG_FILE.format(accelerator.process_index))
         accelerator.load_state(str(checkpoint))
         states = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+        if per_process and not accelerator.is_main_process:
+            own = checkpoint / PROCESS_STATE_FILE.format(accelerator.process_index)
+            states.update(torch.load(own, map_location="cpu", weights_only=True))
         for name, obj in objects.items():
             obj.load_state_dict(states[name])
     except Exception as err:  # a file that matches its manifest but does not load: say which checkpoint

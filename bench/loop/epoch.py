@@ -152,7 +152,7 @@ def checkpoint(run: Run) -> None:
     run.segment_start = now
     state.augmentation_rng = run.aug_generator.get_state()
     state.loss_scale = run.scaler.state_dict() if run.scaler is not None else None
-    save_checkpoint(run.accelerator, run.run_dir, state.step, run.config.keep_checkpoints, run.checkpointed)
+    save_checkpoint(run.accelerator, run.run_dir, state.step, run.config.keep_checkpoints, run.checkpointed, run.per_process)
 
 
 # -- end of an epoch ---------------------------------------------------------------------------

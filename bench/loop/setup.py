@@ -209,6 +209,9 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
     run.checkpointed = {"optimizer": checkpointed, "scheduler": run.scheduler, "state": run.state}
     if regularizer is not None:
         run.checkpointed["regularizer"] = regularizer
+    if accelerator.num_processes > 1:  # each process's running sums of the epoch, and a per-replica ascent's state
+        per_replica = fsdp is None and ascent_sync == "local" and getattr(type(optimizer), "state_from_ascent", False)
+        run.per_process = ("state", "optimizer") if per_replica else ("state",)
     return run
 
 
@@ -253,7 +256,7 @@ def start_or_resume(run: Run, resume: bool) -> None:
     if resume and checkpoints(run.run_dir):
         # the commit the run started at stays its commit; each other one that continued it is listed
         code = recorded_code(run.run_dir / "config.json", code["code"])
-        run.notes += load_checkpoint(accelerator, run.run_dir, run.checkpointed)
+        run.notes += load_checkpoint(accelerator, run.run_dir, run.checkpointed, run.per_process)
         rng = run.state.augmentation_rng
         run.aug_generator.set_state(rng.cpu() if run.device.type == "cpu" else rng)
         if run.scaler is not None and run.state.loss_scale:

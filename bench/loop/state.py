@@ -112,6 +112,8 @@ class Run:
     closure: Any = None
     #: what a checkpoint holds besides the model and the random generators, by name (each has state_dict/load_state_dict)
     checkpointed: dict[str, Any] = field(default_factory=dict)
+    #: those of ``checkpointed`` whose state is each process's own (bench.loop.checkpoint.save_checkpoint)
+    per_process: tuple[str, ...] = ()
 
     @functools.cached_property
     def params(self) -> list[torch.Tensor]:
