@@ -190,6 +190,8 @@ def test_perf_times_every_optimizer_asked_for_on_images_of_the_given_shape(tmp_p
     )
     text = out.read_text()
     assert "batch 8 of 8x8x1 images" in text and "--channels 1" in text
+    # the command at the top is the one that made the table: the optimizers asked for and the flags included
+    assert "--optimizers sam looksam --no_external --out" in text
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [(r[0], r[3], r[4]) for r in rows] == [
         ("| sgd", "1.00", "1.00"),

@@ -53,7 +53,8 @@ def recipe_parser(command: str, description: str, recipe_help: str, output_help:
     p.add_argument(
         "--max_parallel", type=int, default=None, help="local: runs side by side (default: one per core); slurm: jobs at once"
     )
-    p.add_argument("--no_wait", action="store_true", help="slurm: submit and return (--tables_only collects the runs later)")
+    later = "--tables_only collects the runs later" if command == "sweep" else "the same command again goes on from the runs done"
+    p.add_argument("--no_wait", action="store_true", help=f"slurm: submit and return ({later})")
     p.add_argument(
         "--resubmit", action="store_true", help="slurm: submit again the runs not done whose job.json names an earlier job"
     )

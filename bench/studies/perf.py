@@ -11,8 +11,10 @@ are timed on the same model as external references.
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import random
+import shlex
 import statistics
 import time
 from collections.abc import Callable
@@ -276,6 +278,26 @@ def write_kept(path: Path, text: str, force: bool) -> None:
     write_text(path, text)
 
 
+def shown_command(args, parser) -> str:
+    """The command a table names at its top: every value given that is not the default, lists and --set
+    included, and the thread count where OMP_NUM_THREADS sets it (--force changes no measurement)."""
+
+    def flag(name, value) -> str:
+        if isinstance(value, bool):
+            return f" --{name}"
+        values = value if isinstance(value, list) else [value]
+        return f" --{name} " + " ".join(shlex.quote(str(v)) for v in values)
+
+    given = [(k, v) for k, v in vars(args).items() if v != parser.get_default(k) and k not in ("set", "force")]
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return (
+        (f"OMP_NUM_THREADS={shlex.quote(threads)} " if threads else "")
+        + "python launch.py perf"
+        + "".join(flag(k, v) for k, v in given)
+        + "".join(f" --set {shlex.quote(s)}" for s in args.set)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="launch.py perf", description="Time one training step of SGD and every variant.")
     p.add_argument("--arch", default="resnet18")
@@ -318,15 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     check_arguments(args)
-    command = (
-        "python launch.py perf"
-        + "".join(
-            f" --{k} {v}" if not isinstance(v, bool) else f" --{k}"
-            for k, v in vars(args).items()
-            if v != p.get_default(k) and k not in ("optimizers", "no_external", "set", "data_dir", "force")
-        )
-        + "".join(f" --set {s}" for s in args.set)
-    )
+    command = shown_command(args, p)
     if args.recipe and args.harness:
         raise ConfigError("perf takes --recipe or --harness, not both")
     if (args.set or args.data_dir) and not args.recipe:
