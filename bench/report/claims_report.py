@@ -5,6 +5,7 @@ The checking itself is :mod:`bench.report.claims`; this module lays its rows out
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ def across_settings(results: list[tuple[str, list[dict[str, Any]]]]) -> pd.DataF
     for text, pairs in strata.items():
         agg = stats.aggregate(pairs)
         one = " (rests on one setting)" if agg.settings == 1 else ""
-        on_bound = any(f"{agg.improvement:.2f}" == f"{v:.2f}" for v in (agg.improvement_low, agg.improvement_high))
+        # the estimate is an end of its interval: every resample of the seeds gives it or less (or more)
+        on_bound = any(math.isclose(agg.improvement, v, abs_tol=1e-12) for v in (agg.improvement_low, agg.improvement_high))
         degenerate = (one or " (on its bound: no resample of these seeds moves it further)") if on_bound else ""
         df = "" if agg.se == 0 else f", df {agg.df:.1f}"
         table.append(
