@@ -85,6 +85,8 @@ def _check_data(config: RunConfig) -> None:
     loader workers: only for them, and what each allows."""
     try:
         found = data_fingerprint(config.dataset, config.data_dir)
+        if config.data_id not in (None, found) and config.data_id == data_fingerprint(config.dataset, config.data_dir, True):
+            found = config.data_id  # recorded before text files were read: the same paths and sizes, its id kept
     except DataError as err:
         raise ConfigError(str(err)) from None
     _need(

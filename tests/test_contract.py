@@ -245,27 +245,35 @@ def test_frozen_unused_and_empty_are_left_alone(name):
 TWO_PHASE = [n for n in VARIANTS if optimizer_class(n).uses_base_optimizer]  # bSAM: step(closure) only
 
 
-@pytest.mark.parametrize("name", [n for n in TWO_PHASE if optimizer_class(n).loss_regularizer is None])
-def test_the_whole_two_phase_step_is_the_closure_step(name):
+WHOLE_STEP = [n for n in TWO_PHASE if optimizer_class(n).loss_regularizer is None]
+
+
+@pytest.mark.parametrize(
+    "name, extra",
+    [*((n, {}) for n in WHOLE_STEP), ("lookbehind_sam", {"k_steps": 3}), ("lookbehind_sam", {"k_steps": 3, "alpha": 0.5})],
+)
+def test_the_whole_two_phase_step_is_the_closure_step(name, extra):
     """A pass, then ``perturbations`` perturb-and-pass pairs, repeated while ``descents_left`` > 1 (descend()
-    between): what step(closure) does on one batch, bit for bit (GAM's four passes, Lookbehind-SAM's k inner steps)."""
+    between), then ``step()`` with no closure, the caller zeroing no gradient but after the step (a Trainer's
+    loop): what step(closure) does on one batch, bit for bit (GAM's four passes, Lookbehind-SAM's k inner steps)."""
     a, b = tiny_mlp(batchnorm=True), tiny_mlp(batchnorm=True)
-    opt_a, opt_b = (create_optimizer(name, m, **settings_for(name)) for m in (a, b))
+    opt_a, opt_b = (create_optimizer(name, m, **settings_for(name, **extra)) for m in (a, b))
     for x, y in batches(4):
         quietly(opt_a.step, plain_closure(a, x, y))
 
         def passes(x=x, y=y):
-            plain_closure(b, x, y)()
+            nn.functional.cross_entropy(b(x), y).backward()
             if opt_b.perturbs_this_step:
                 for _ in range(opt_b.perturbations):
                     opt_b.perturb()
-                    plain_closure(b, x, y)()
+                    nn.functional.cross_entropy(b(x), y).backward()
 
         quietly(passes)
         while opt_b.descents_left > 1:
             opt_b.descend()
             quietly(passes)
-        opt_b.descend()
+        opt_b.step()
+        opt_b.zero_grad()
         assert torch.equal(flat(a), flat(b)), name
         if name != "arwp":  # its two-phase form adds a pass at w, which BatchNorm sees (documented)
             assert all(torch.equal(u, v) for u, v in zip(a.buffers(), b.buffers())), name

@@ -1057,7 +1057,15 @@ def test_labels_that_are_not_class_indices_are_refused(tmp_path, downloads):
     for split in ("train", "test"):
         Dataset.from_dict({"img": images, "label": ["cat", "dog"]}, features=feats).to_parquet(str(tmp_path / f"{split}.parquet"))
     msg = _load_error("cifar10", str(tmp_path), download=False)
-    assert "labels must be integer class indices, got object values such as 'cat'" in msg
+    assert msg.endswith("labels must be integer class indices, got 'cat'")
+    from bench.data.datasets import check_labels
+
+    assert check_labels(np.array([1.0, 0.0]), 2, 3, "w").tolist() == [1, 0]  # whole numbers stored as floats
+    assert check_labels(np.array([1, 2], dtype=object), 2, 3, "w").tolist() == [1, 2]
+    with pytest.raises(DataError, match=r"^w: 1 of 2 labels are missing$"):
+        check_labels(np.array([1.0, np.nan]), 2, 3, "w")
+    with pytest.raises(DataError, match=r"^w: labels must be integer class indices, got True$"):
+        check_labels(np.array([True, False]), 2, 3, "w")
 
     def examples():
         yield from ({"img": image, "label": name} for image, name in zip(images, ["cat", "dog"]))

@@ -188,6 +188,24 @@ def test_runs_on_different_data_never_share_a_folder(cifar10_dir, tmp_path, caps
     assert resolve(RunConfig()).data_id is None
 
 
+def test_a_fingerprint_recorded_before_text_files_were_read_is_still_recognised(tmp_path):
+    """Fingerprints now read the bytes of text files (labels); a run recorded with the earlier form (paths and
+    sizes) on the same files keeps its id, and any other recorded fingerprint is still refused."""
+    from bench.config import ConfigError
+    from bench.data.fingerprint import data_fingerprint
+    from bench.resolve import resolve
+
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"x" * 10)
+    (tmp_path / "cifar-10-batches-py" / "readme.txt").write_text("labels")
+    legacy, current = data_fingerprint("cifar10", str(tmp_path), legacy=True), data_fingerprint("cifar10", str(tmp_path))
+    assert legacy != current
+    config = RunConfig(dataset="cifar10", data_dir=str(tmp_path), data_id=legacy)
+    assert resolve(config).data_id == legacy
+    with pytest.raises(ConfigError, match="is not the data this run was made with"):
+        resolve(RunConfig(dataset="cifar10", data_dir=str(tmp_path), data_id="0123456789abcdef"))
+
+
 def test_a_run_is_not_resumed_on_other_data(cifar10_dir, tmp_path, capsys):
     import shutil
 

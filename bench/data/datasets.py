@@ -162,9 +162,14 @@ def check_labels(labels: np.ndarray, n_images: int, num_classes: int, where: str
     one per image, each in [0, num_classes)."""
     given = np.asarray(labels).reshape(-1)
     if given.size and given.dtype.kind not in "iu":
-        raise DataError(
-            f"{where}: labels must be integer class indices, got {given.dtype} values such as {given[:1].tolist()[0]!r}"
-        )
+        values = given.tolist()
+        missing = sum(v is None or (isinstance(v, float) and v != v) for v in values)
+        if missing:
+            raise DataError(f"{where}: {missing} of {len(values)} labels are missing")
+        whole = all(is_class_index(v) or (isinstance(v, float) and v.is_integer()) for v in values)
+        if not whole:  # class names, fractions, booleans
+            odd = next(v for v in values if not (is_class_index(v) or (isinstance(v, float) and v.is_integer())))
+            raise DataError(f"{where}: labels must be integer class indices, got {odd!r}")
     labels = given.astype(np.int64)
     if labels.shape[0] != n_images:
         raise DataError(f"{where}: {n_images} images but {labels.shape[0]} labels")

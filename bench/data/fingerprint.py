@@ -26,23 +26,27 @@ from bench.data.names import DataError
 TEXT_SUFFIXES = (".txt", ".csv", ".tsv", ".json", ".jsonl")
 
 
-def _visible_files(root: str) -> list[tuple[str, str]]:
-    """(path relative to root, what identifies the file: its size, or its bytes' hash for a text file), sorted."""
+def _visible_files(root: str, legacy: bool = False) -> list[tuple[str, str]]:
+    """(path relative to root, what identifies the file: its size, or its bytes' hash for a text file), sorted;
+    ``legacy``: every file by its size, as the fingerprints recorded before text files were read."""
     found = []
     for folder, dirs, files in os.walk(root, onerror=_raise, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
             if not name.startswith("."):
                 path = os.path.join(folder, name)
-                found.append((os.path.relpath(path, root).replace(os.sep, "/"), _identity(path)))
+                found.append((os.path.relpath(path, root).replace(os.sep, "/"), _identity(path, legacy)))
     return sorted(found)
 
 
-def _identity(path: str) -> str:
+def _identity(path: str, legacy: bool = False) -> str:
     try:
-        if path.lower().endswith(TEXT_SUFFIXES):
+        if path.lower().endswith(TEXT_SUFFIXES) and not legacy:
+            digest = hashlib.sha256()
             with open(path, "rb") as f:
-                return hashlib.sha256(f.read()).hexdigest()
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            return digest.hexdigest()
         return str(os.stat(path).st_size)
     except OSError as err:  # a broken link, a file that went away or cannot be read
         _raise(err)
@@ -53,17 +57,18 @@ def _raise(err: OSError) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def folder_fingerprint(root: str) -> str | None:
-    files = _visible_files(root)
+def folder_fingerprint(root: str, legacy: bool = False) -> str | None:
+    files = _visible_files(root, legacy)
     if not files:
         return None
     digest = hashlib.sha256("".join(f"{path}\t{identity}\n" for path, identity in files).encode())
     return digest.hexdigest()[:16]
 
 
-def data_fingerprint(dataset: str, data_dir: str | None) -> str | None:
-    """The fingerprint of the files a run on ``dataset`` reads from ``data_dir`` (None: see the module)."""
+def data_fingerprint(dataset: str, data_dir: str | None, legacy: bool = False) -> str | None:
+    """The fingerprint of the files a run on ``dataset`` reads from ``data_dir`` (None: see the module);
+    ``legacy``: as recorded before text files were read (paths and sizes only), to recognise those runs."""
     if dataset == "digits" or dataset.startswith("hf:") or not data_dir:
         return None
     root = os.path.realpath(os.path.expanduser(data_dir))
-    return folder_fingerprint(root) if os.path.isdir(root) else None
+    return folder_fingerprint(root, legacy) if os.path.isdir(root) else None

@@ -78,7 +78,7 @@ def save_checkpoint(
         own = tmp / PROCESS_STATE_FILE.format(accelerator.process_index)
         try:
             torch.save({name: states[name] for name in per_process}, own)
-        except OSError as err:
+        except Exception as err:  # OSError, or torch.save's RuntimeError on a full disk
             failure = f"{own} could not be written ({type(err).__name__}: {err})"
     _stop_together(accelerator, failure)  # every file is there before the manifest lists them
     if accelerator.is_main_process:
@@ -86,12 +86,13 @@ def save_checkpoint(
             torch.save(states, tmp / STATE_FILE)
             files = sorted(p.name for p in tmp.iterdir() if p.is_file())
             manifest = {name: sha256(tmp / name) for name in files}
-            write_json(tmp / COMPLETE, {"step": step, "world_size": accelerator.num_processes, "sha256": manifest})
+            complete = {"step": step, "world_size": accelerator.num_processes, "per_process": list(per_process)}
+            write_json(tmp / COMPLETE, {**complete, "sha256": manifest})
             shutil.rmtree(final, ignore_errors=True)
             os.rename(tmp, final)
             for old in checkpoints(run_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-        except OSError as err:  # a full disk, a folder gone: every process stops, none waits for the others
+        except Exception as err:  # a full disk, a folder gone: every process stops, none waits for the others
             failure = f"checkpoint {final} could not be written ({type(err).__name__}: {err})"
     _stop_together(accelerator, failure)
 
@@ -116,21 +117,21 @@ def _complete(checkpoint: Path) -> dict[str, Any] | None:
     return complete if isinstance(complete, dict) else None
 
 
-def damage(checkpoint: Path, world_size: int, complete: dict[str, Any] | None, per_process: bool = False) -> str | None:
+def damage(checkpoint: Path, world_size: int, complete: dict[str, Any] | None) -> str | None:
     """Why ``checkpoint`` cannot be trusted (None when every file it needs matches the manifest in its
-    ``complete``, the content of its complete.json); ``per_process``: each process's own state is needed."""
+    ``complete``, the content of its complete.json, each process's own state among them where it has one)."""
     if complete is None:
         return f"{COMPLETE} is unreadable"
     manifest = complete.get("sha256")
     if not isinstance(manifest, dict):
         return "it has no file manifest (written by an earlier version, whose pickled state is never read)"
     needed = [MODEL_FILE, STATE_FILE, *(RNG_FILE.format(rank) for rank in range(world_size))]
-    if per_process:
+    if complete.get("per_process"):
         needed += [PROCESS_STATE_FILE.format(rank) for rank in range(1, world_size)]
     for name in [*needed, *sorted(set(manifest) - set(needed))]:
         path = checkpoint / name
         if name not in manifest:
-            return f"{name} is not in its manifest (saved by {len(manifest)} process(es)?)"
+            return f"{name} is not in its manifest"
         if not path.is_file():
             return f"{name} is missing"
         if sha256(path) != manifest[name]:
@@ -151,7 +152,7 @@ def load_checkpoint(accelerator, run_dir: Path, objects: dict[str, Any], per_pro
                 f"{run_dir} was run by {saved_by} process(es), this resume by {world}: resume it with {saved_by} "
                 "(the data each process reads, and so the result, depend on the number)"
             )
-        why = damage(checkpoint, world, complete, per_process=bool(per_process))
+        why = damage(checkpoint, world, complete)
         if why is None:
             break
         notes.append(f"checkpoint {checkpoint} is damaged ({why}); not used")
@@ -163,9 +164,16 @@ def load_checkpoint(accelerator, run_dir: Path, objects: dict[str, Any], per_pro
         accelerate_load(checkpoint / RNG_FILE.format(accelerator.process_index))
         accelerator.load_state(str(checkpoint))
         states = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
-        if per_process and not accelerator.is_main_process:
+        saved_own = complete.get("per_process") or []
+        if saved_own and not accelerator.is_main_process:
             own = checkpoint / PROCESS_STATE_FILE.format(accelerator.process_index)
             states.update(torch.load(own, map_location="cpu", weights_only=True))
+        if set(per_process) - set(saved_own):  # written by an earlier version, with process 0's state only
+            notes.append(
+                f"checkpoint {checkpoint.name} holds process 0's state only (an earlier version's): the other processes "
+                f"resume their {' and '.join(sorted(set(per_process) - set(saved_own)))} from it, which may make the run "
+                "differ from an uninterrupted one (this epoch's training metrics, a per-replica ascent's state)"
+            )
         for name, obj in objects.items():
             obj.load_state_dict(states[name])
     except Exception as err:  # a file that matches its manifest but does not load: say which checkpoint

@@ -120,11 +120,20 @@ class Recipe:
             factor = self.equal_passes.get(optimizer) if equal_passes else None
             if factor is not None and "epochs" not in forced:  # the compute-matched run beside it
                 configs.append(config_from_settings({**settings, "epochs": configs[-1].epochs * factor}, self.name))
-        return configs
+        return distinct(configs)
+
+
+def distinct(configs: list[RunConfig]) -> list[RunConfig]:
+    """Each run once, the first of any that compute the same (a grid value repeated, an [optimizers] setting
+    over a grid axis, an equal-passes run that is also a grid point): never two jobs in one run folder."""
+    seen: set[str] = set()
+    return [c for c in configs if not (c.run_id() in seen or seen.add(c.run_id()))]
 
 
 def config_from_settings(settings: dict[str, Any], where: str) -> RunConfig:
     """A validated RunConfig from a recipe's flat settings (RunConfig fields, the rest hyperparameters)."""
+    if "run_name" in settings:  # each run's folder is named by its id; one name would give them all one folder
+        raise ConfigError(f"{where}: run_name names one run; a recipe's runs are named by their ids")
     fields = {k: v for k, v in settings.items() if k in FIELDS}
     hyperparameters = {**fields.pop("hyperparameters", {}), **{k: v for k, v in settings.items() if k not in FIELDS}}
     if "step_milestones" in fields:
@@ -176,8 +185,12 @@ def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
 
 
-def _recipe_path(name_or_path: str) -> Path:
+def _recipe_path(name_or_path: str, beside: Path | None = None) -> Path:
+    """A recipe by name (bench/recipes) or path; ``beside`` a recipe file (the one that extends it), a relative
+    path is relative to that recipe's folder, not to the working directory."""
     path = Path(name_or_path)
+    if beside is not None and not path.is_absolute():
+        path = beside.parent / path
     if not path.is_file():
         path = RECIPE_DIR / f"{name_or_path.replace('-', '_')}.toml"
     if not path.is_file():
@@ -194,7 +207,7 @@ def _extended(data: dict[str, Any], path: Path, seen: tuple[Path, ...] = ()) -> 
         return data
     if not isinstance(parent, str):
         raise ConfigError(f"{where}: extends must be a recipe name, got {parent!r}")
-    parent_path = _recipe_path(parent).resolve()
+    parent_path = _recipe_path(parent, beside=path).resolve()
     if parent_path in (*seen, path.resolve()):
         raise ConfigError(f"{where}: extends {parent!r}, which extends it back")
     base = _extended(_read_toml(parent_path), parent_path, (*seen, path.resolve()))
