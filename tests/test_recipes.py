@@ -365,3 +365,23 @@ def test_suite_hands_its_sweep_the_flags_a_sweep_takes():
     argv = ["--suite", "digits", "--epochs", "10"]  # the default value, written: refused too
     with pytest.raises(ConfigError, match="^--suite digits runs the recipe's sweep, .* got --epochs "):
         suite_argv(argv, run_parser().parse_args(argv))
+
+
+def test_a_recipe_gives_each_run_once_names_none_and_extends_beside_itself(tmp_path, monkeypatch):
+    """Runs that compute the same (a seed repeated, an [optimizers] setting over a grid axis, an equal-passes run
+    that is also a grid point) are one run, never two jobs in one folder; run_name, one folder for every run, is
+    refused; a relative ``extends`` is the file beside the recipe, whatever the working directory."""
+    (tmp_path / "tiny.toml").write_text(TINY + "[equal_passes]\nsgd = 2\n")
+    recipe = load_recipe(str(tmp_path / "tiny.toml"))
+    assert len(recipe.runs(["seed=[0,0]"])) == 3  # sgd 2 and 4 epochs, sam
+    runs = recipe.runs(["seed=[0]", "epochs=[2,4]", "optimizer=['sgd']"])
+    assert sorted(r.epochs for r in runs) == [2, 4, 8]  # 2, 4 (a grid point and 2's equal passes), 8
+    assert len({r.run_id() for r in runs}) == len(runs)
+    with pytest.raises(ConfigError, match="run_name names one run; a recipe's runs are named by their ids"):
+        recipe.runs(["run_name=x"])
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "base.toml").write_text(TINY.replace("lr = 0.05", "lr = 0.3"))
+    (tmp_path / "studies" / "child.toml").write_text('name = "child"\nextends = "base.toml"\ndescription = "x"\n')
+    (tmp_path / "base.toml").write_text(TINY.replace("lr = 0.05", "lr = 0.001"))  # in the working directory
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe(str(tmp_path / "studies" / "child.toml")).config["lr"] == 0.3

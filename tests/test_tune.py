@@ -13,7 +13,7 @@ from bench.cli.main import main
 from bench.cli.run import recipe_config
 from bench.io import read_json, write_json
 from bench.studies.recipes import load_recipe
-from bench.studies.tune import choices, plan
+from bench.studies.tune import choices, final_configs, plan
 from bench.studies.tuning_tables import budget
 
 TINY = """
@@ -255,7 +255,10 @@ def test_beyond_steps_past_an_edge_with_the_grids_own_spacing():
     from bench.studies.tune import _beyond
 
     assert _beyond([0.02, 0.05, 0.1, 0.2], -1) == pytest.approx(0.008) and _beyond([0.02, 0.05, 0.1, 0.2], 1) == 0.4
-    assert _beyond([2, 4], -1) == 1 and _beyond([2, 5], 1) == 8  # integers: geometric where it stays whole
+    assert _beyond([2, 4], -1) == 1 and _beyond([2, 5], 1) == 12  # integers: geometric, rounded
+    assert _beyond([10, 30, 100], 1) == 333 and _beyond([10, 30, 100], -1) == 3  # log-spaced integers
+    assert _beyond([2, 4, 6], 1) == 8 and _beyond([0.1, 0.2, 0.3], 1) == 0.4  # evenly spaced: arithmetic
+    assert _beyond([1, 2], -1) == 0  # geometric 0.5, rounded
     assert _beyond([0.0, 0.5], 1) == 1.0 and _beyond([0.0, 0.5], -1) == -0.5  # a zero: arithmetic
 
 
@@ -390,3 +393,19 @@ def test_a_second_tuning_seed_reruns_the_choice_and_sets_it_beside_the_first(tun
     assert main([*argv[:at], "--results_dir", str(out), "--tuning_seed", "1", "--from_records"]) == 0
     for name in ("tiny_tune_tuning_seed1.md", "tiny_tune_tuned_seed1.md", "tiny_tune_tuned_seed1_runs.csv"):
         assert (out / name).read_bytes() == (results / name).read_bytes(), name
+
+
+def test_tune_grids_take_any_spelling_and_equal_passes_scale_an_epochs_axis(tmp_path, capsys):
+    """[tune.grid.SAM] is sam's grid (its [optimizers.sam] settings apply); an epochs axis of an equal-passes
+    optimizer is trained for the factor times each value, so the compute-matched trials differ from sgd's own."""
+    text = TINY.replace("[tune.grid.sam]", "[tune.grid.SAM]").replace("[tune.grid.sgd]\nlr = [0.005, 0.2]", "")
+    text += "[optimizers.sam]\nlr = 0.3\n"
+    tuning = plan(load_recipe(str(write_recipe(tmp_path / "a", text))), [], tmp_path / "runs")
+    assert {c.lr for p in tuning.points["sam"] for c in p.trials} == {0.3}
+    text = TINY.replace("[tune.grid.sgd]\nlr = [0.005, 0.2]", "[tune.grid.sgd]\nepochs = [1, 2]")
+    text = text.replace("final_seeds = [1]", "final_seeds = [1]\nequal_passes = {sgd = 2}")
+    tuning = plan(load_recipe(str(write_recipe(tmp_path / "b", text))), [], tmp_path / "runs")
+    assert [c.epochs for p in tuning.points["sgd"] for c in p.trials] == [1, 2]
+    assert [c.epochs for p in tuning.points["sgd at 2x epochs"] for c in p.trials] == [2, 4]
+    chosen = {name: points[-1] for name, points in tuning.points.items()}
+    assert [c.epochs for c in final_configs(tuning, chosen)["sgd at 2x epochs"]] == [4]

@@ -291,7 +291,9 @@ def first_choices(recipe, sets, output_dir, tuning, results_dir: Path, from_reco
         find = trial_records()
     if any(find(config) is None for config in first.trials()):
         return None
-    return replay(first, recorded_score(find))
+    chosen = replay(first, recorded_score(find))
+    # the replay adds the extension rounds' trials: all of them done too, or seed 0's choice is not made yet
+    return None if any(find(config) is None for config in first.trials()) else chosen
 
 
 def cmd_sharpness(argv: list[str]) -> int:

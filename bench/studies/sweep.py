@@ -59,10 +59,12 @@ def run_argv(recipe: Recipe, sets: list[str], config: RunConfig) -> list[str]:
     its folder and ``--resume auto``."""
     scalar_sets = [s for s in sets if not s.partition("=")[2].lstrip().startswith("[")]
     data = [f"data_dir={config.data_dir}"] if config.data_dir else []  # spelled apart, as --data_dir
-    # the grid's axes, and epochs where [equal_passes] makes two runs of one grid point
-    axes = [*recipe.grid, *(["epochs"] if recipe.equal_passes else [])]
+    # the grid's axes (and the optimizer where it is not one: its [optimizers] settings come with it), and epochs
+    # where [equal_passes] makes two runs of one grid point
+    pinned = [*recipe.grid, *([] if "optimizer" in recipe.grid else ["optimizer"])]
+    axes = [*pinned, *(["epochs"] if recipe.equal_passes else [])]
     chosen = [_assignment(config, key) for key in axes]
-    reference = recipe.runs([*scalar_sets, *data, *chosen[: len(recipe.grid)]], equal_passes=False)[0]
+    reference = recipe.runs([*scalar_sets, *data, *chosen[: len(pinned)]], equal_passes=False)[0]
     chosen += [
         _assignment(config, f.name)
         for f in dataclasses.fields(config)

@@ -114,6 +114,10 @@ def plan(recipe: Recipe, sets: list[str], output_dir: str | Path, tuning_seed: i
         optimizer, factor = contender.split(" at ")[0], factors.get(contender, 1)
         base = {**recipe.config, "optimizer": optimizer, **recipe.optimizers.get(optimizer, {}), **forced}
         epochs = base.get("epochs", RunConfig.epochs)
+        need(
+            isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1,
+            f"recipe {recipe.name}: epochs must be an integer >= 1, got {epochs!r}",
+        )
         base["epochs"] = epochs * factor
         tuning.bases[contender] = base
         need(
@@ -128,6 +132,13 @@ def plan(recipe: Recipe, sets: list[str], output_dir: str | Path, tuning_seed: i
         combos = (dict(zip(grid, combo)) for combo in itertools.product(*grid.values()))
         tuning.points[contender] = [grid_point(tuning, contender, values) for values in combos]
     return tuning
+
+
+def scaled(tuning: Plan, contender: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A grid point's settings for ``contender``: an equal-passes contender trains ``epochs`` (a grid axis too)
+    for its factor times the epochs."""
+    factor = tuning.factors.get(contender, 1)
+    return {**values, "epochs": values["epochs"] * factor} if "epochs" in values else values
 
 
 def grid_point(tuning: Plan, contender: str, values: dict[str, Any], extension: int = 0) -> Point:
@@ -145,7 +156,7 @@ def grid_point(tuning: Plan, contender: str, values: dict[str, Any], extension: 
             config_from_settings(
                 {
                     **tuning.bases[contender],
-                    **values,
+                    **scaled(tuning, contender, values),
                     **shorter,
                     "seed": seed + 1000 * tuning.tuning_seed,
                     **settings,
@@ -199,7 +210,7 @@ def final_configs(tuning: Plan, chosen: dict[str, Point]) -> dict[str, list[RunC
             config_from_settings(
                 {
                     **tuning.bases[optimizer],
-                    **point.values,
+                    **scaled(tuning, optimizer, point.values),
                     "seed": seed,
                     "val_fraction": 0.0,
                     "output_dir": str(tuning.output_dir / "final"),
@@ -217,13 +228,20 @@ def final_configs(tuning: Plan, chosen: dict[str, Point]) -> dict[str, list[RunC
 
 def _beyond(values: list, side: int) -> Any:
     """The next value past the lowest (side -1) or highest (+1) of a numeric axis: one step of the grid's own
-    spacing there, geometric where every value is positive (log-spaced grids), else arithmetic."""
+    spacing there: arithmetic where the grid is evenly spaced (three values or more) or not all positive, else
+    geometric (log-spaced grids; integers rounded, and an arithmetic step where rounding gives the edge back)."""
     ordered = sorted(set(values))
     edge, inner = (ordered[0], ordered[1]) if side < 0 else (ordered[-1], ordered[-2])
-    if min(ordered) > 0 and (not all(isinstance(v, int) for v in ordered) or (edge * edge) % inner == 0):
+    steps = [b - a for a, b in zip(ordered, ordered[1:])]
+    even = len(ordered) >= 3 and all(math.isclose(d, steps[0], rel_tol=1e-6) for d in steps)
+    integers = all(isinstance(v, int) for v in ordered)
+    if not even and min(ordered) > 0:
         nxt = edge * edge / inner
-        return round(nxt) if all(isinstance(v, int) for v in ordered) else float(f"{nxt:.6g}")
-    return edge + (edge - inner)
+        nxt = round(nxt) if integers else float(f"{nxt:.6g}")
+        if nxt != edge:
+            return nxt
+    nxt = edge + (edge - inner)
+    return nxt if integers else float(f"{nxt:.6g}")
 
 
 def edges(tuning: Plan, point: Point) -> list[tuple[str, int]]:

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from bench.config import ConfigError
-from bench.studies.recipes import Recipe, parse_assignment
+from bench.studies.recipes import Recipe, optimizer_key, parse_assignment
 
 SECTION_KEYS = (
     "val_fraction",
@@ -38,12 +38,23 @@ def _seeds(section: dict, key: str, where: str) -> list[int]:
     return seeds
 
 
+def _by_registry_name(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """A table keyed by optimizer, each key the registry's name (``BSAM`` is ``bsam``), none given twice."""
+    keyed: dict[str, Any] = {}
+    for key, value in table.items():
+        name = optimizer_key(key, f"{where}.{key}")
+        need(name not in keyed, f"{where} names {name} twice")
+        keyed[name] = value
+    return keyed
+
+
 def _grids(section: dict, where: str) -> dict[str, dict[str, list]]:
     grids = section.get("grid")
     need(
         isinstance(grids, dict) and grids and all(isinstance(g, dict) and g for g in grids.values()),
         f"{where}: needs a grid per optimizer, such as [tune.grid.NAME] with KEY = [values]",
     )
+    grids = _by_registry_name(grids, f"{where}: grid")
     for optimizer, grid in grids.items():
         for key, values in grid.items():
             need(key not in CONTROLLED, f"{where}: grid.{optimizer}.{key}: {key} is set by the tuning, not by a grid")
@@ -81,12 +92,14 @@ def section(recipe: Recipe) -> dict[str, Any]:
         f"{where}: trial_epochs must be a positive integer, got {trial_epochs!r}",
     )
     passes = section.get("equal_passes", {})
+    passes = _by_registry_name(passes, f"{where}: equal_passes") if isinstance(passes, dict) else passes
     need(
         isinstance(passes, dict) and all(isinstance(f, int) and not isinstance(f, bool) and f >= 2 for f in passes.values()),
         f"{where}: equal_passes maps an optimizer to how many times the epochs it trains for (an integer >= 2), "
         f"such as {{sgd = 2}}; got {passes!r}",
     )
-    missing = [name for name in passes if name not in section.get("grid", {})]
+    grids = _grids(section, where)
+    missing = [name for name in passes if name not in grids]
     need(not missing, f"{where}: equal_passes names {', '.join(missing)}, which has no tune.grid (it is tuned the same way)")
     extend_edges = section.get("extend_edges", 0)
     need(
@@ -102,7 +115,7 @@ def section(recipe: Recipe) -> dict[str, Any]:
         "seeds": _seeds(section, "seeds", where),
         "final_seeds": _seeds(section, "final_seeds", where),
         "equal_budget": section.get("equal_budget", True),
-        "grid": _grids(section, where),
+        "grid": grids,
         "equal_passes": passes,
         "extend_edges": extend_edges,
     }
