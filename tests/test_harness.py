@@ -235,3 +235,19 @@ def test_test_flips_evaluate_on_the_mean_logits_of_each_image_and_its_mirror():
     expected = nn.functional.cross_entropy(logits, labels).item()
     assert flipped["test_loss"] == pytest.approx(expected, rel=1e-6) and plain["test_loss"] != pytest.approx(expected)
     assert flipped["test_acc"] == (logits.argmax(-1) == labels).float().mean().item()
+
+
+def test_the_best_epoch_is_chosen_among_those_whose_test_accuracy_was_measured():
+    """With a validation split and the test set read every other epoch, the epoch of best validation accuracy
+    among those with a test accuracy: best_test_acc is a number, never blank for an untested epoch."""
+    from bench.loop.finish import _selected_row
+
+    rows = [
+        {"epoch": 1, "val_acc": 0.80, "test_acc": None},
+        {"epoch": 2, "val_acc": 0.85, "test_acc": 0.70},
+        {"epoch": 3, "val_acc": 0.90, "test_acc": None},
+        {"epoch": 4, "val_acc": 0.88, "test_acc": 0.72},
+    ]
+    assert _selected_row(rows)["epoch"] == 4
+    trials = [{"epoch": 1, "val_acc": 0.8, "test_acc": None}, {"epoch": 2, "val_acc": 0.7, "test_acc": None}]
+    assert _selected_row(trials)["epoch"] == 1  # a tuning trial: the test set is never read

@@ -66,6 +66,16 @@ def test_quadratic_with_known_hessian():
     assert result["sam_sharpness"] == pytest.approx(exact.item(), rel=1e-10)
 
 
+def test_a_dominant_negative_eigenvalue_still_gives_the_largest_one():
+    """Near a saddle the eigenvalue largest in magnitude is negative (-8 here): the measure is lambda_max (3)."""
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    A = q @ torch.diag(torch.tensor([3.0, 1.0, 0.5, -0.2, -2.0, -8.0], dtype=torch.float64)) @ q.T
+    model = Quadratic(A, torch.randn(6, generator=g, dtype=torch.float64))
+    result = measure_sharpness(model, quadratic_loss, BATCH, power_iterations=200, hutchinson_samples=0)
+    assert result["hessian_max_eigenvalue"] == pytest.approx(3.0, rel=1e-6)
+
+
 def test_hutchinson_is_exact_for_a_diagonal_hessian():
     model = Quadratic(torch.diag(EIGENVALUES), torch.ones(6, dtype=torch.float64))
     result = measure_sharpness(model, quadratic_loss, BATCH, power_iterations=0, hutchinson_samples=3)

@@ -44,10 +44,12 @@ def _median(values: list[float | None]) -> float | None:
 
 
 def _selected_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The epoch a user would pick: by validation accuracy when there is a validation split (model
-    selection never reads the test set), else by test accuracy (the "best" some papers report)."""
+    """The epoch a user would pick, among those whose test accuracy was measured (every one where the test set
+    is never read): by validation accuracy when there is a validation split (model selection never reads the
+    test set), else by test accuracy (the "best" some papers report)."""
     key = "val_acc" if rows[-1].get("val_acc") is not None else "test_acc"
-    return max(rows, key=lambda r: r[key] if r.get(key) is not None else -1.0)
+    tested = [r for r in rows if r.get("test_acc") is not None] or rows
+    return max(tested, key=lambda r: r[key] if r.get(key) is not None else -1.0)
 
 
 def summary_of(run: Run) -> dict[str, Any]:

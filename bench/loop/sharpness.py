@@ -10,8 +10,11 @@ graph is kept for all of them).
 - ``hessian_max_eigenvalue``: power iteration on Hessian-vector products (double
   backward) from a seeded Gaussian start; the Rayleigh quotient v^T H v of the last
   normalised vector. Power iteration converges to the eigenvalue largest in
-  *magnitude*; for a trained network that is the top (positive) one, but near a
-  saddle it may be a negative eigenvalue. NaN when ``power_iterations`` is 0.
+  *magnitude*; for a trained network that is the top (positive) one. Where it is
+  negative (near a saddle), a second power iteration on H - lambda I (lambda that
+  negative estimate) finds the largest eigenvalue. A fixed number of iterations is not
+  a convergence test: where the top two magnitudes are close (lambda_max about
+  -lambda_min) the estimate converges slowly. NaN when ``power_iterations`` is 0.
 - ``hessian_trace``: Hutchinson's estimate, the mean of v^T H v over Rademacher v
   (unbiased; exact for a diagonal Hessian). NaN when ``hutchinson_samples`` is 0.
 - ``sam_sharpness``: max_{||e|| <= rho} L(w + e) - L(w), approximated by one
@@ -112,11 +115,8 @@ def _hvp_function(model, loss_fn, batches, params) -> Callable[[Sequence[Tensor]
     return hvp
 
 
-def _top_eigenvalue(hvp, params, iterations: int, generator) -> Tensor | float:
-    """Power iteration on Hessian-vector products from a seeded Gaussian start (NaN for 0 iterations)."""
-    eigenvalue: Tensor | float = float("nan")
-    if iterations <= 0:
-        return eigenvalue
+def _power_iteration(hvp, params, iterations: int, generator) -> Tensor:
+    """The Rayleigh quotient of the last normalised vector of power iteration from a seeded Gaussian start."""
     v = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
     for _ in range(iterations):
         norm = _dot(v, v).sqrt()
@@ -127,6 +127,22 @@ def _top_eigenvalue(hvp, params, iterations: int, generator) -> Tensor | float:
         eigenvalue = _dot(v, hv)  # Rayleigh quotient of the normalised v
         v = hv
     return eigenvalue
+
+
+def _top_eigenvalue(hvp, params, iterations: int, generator) -> Tensor | float:
+    """The largest eigenvalue (NaN for 0 iterations). Power iteration finds the largest in magnitude; where that
+    is negative (lambda_min, near a saddle), a second power iteration on H - lambda_min I, whose eigenvalues are
+    >= 0 and largest at lambda_max - lambda_min, finds lambda_max."""
+    if iterations <= 0:
+        return float("nan")
+    dominant = _power_iteration(hvp, params, iterations, generator)
+    if _value(dominant) >= 0:
+        return dominant
+
+    def shifted(v: Sequence[Tensor]) -> list[Tensor]:
+        return [h - dominant.to(t.device, t.dtype) * t for h, t in zip(hvp(v), v)]
+
+    return _power_iteration(shifted, params, iterations, generator) + dominant
 
 
 def _hutchinson_trace(hvp, params, samples: int, generator) -> Tensor | float:
