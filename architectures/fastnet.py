@@ -3,8 +3,8 @@ CIFAR-10 speed runs (``airbench94``; see the project's reference notes on fast C
 
 - A frozen 2x2 patch-whitening convolution (no padding, ``2 * C * 2 * 2`` filters): the eigenvectors
   of the training images' patch covariance scaled by ``1 / sqrt(eigenvalue + eps)``, with their
-  negatives, set by :meth:`FastNet.init_from_data` before training; its bias trains. GELU.
-- Three groups of widths 64, 256, 256: conv 3x3 (no bias, the identity on its first input channels),
+  negatives, set by :meth:`FastNet.init_from_data` before training; its bias trains, from 0. GELU.
+- Three groups of widths 64, 256, 256: conv 3x3 (no bias, each the identity on its first input channels),
   max-pool 2, BatchNorm, GELU, conv 3x3, BatchNorm, GELU. BatchNorm keeps no scale (a bias only), with
   eps 1e-12 and running-statistics momentum 0.4.
 - Max-pool 3 (on 32x32 inputs; a global max-pool on larger ones), a linear layer without bias, the logits
@@ -32,17 +32,23 @@ def _batchnorm(width: int) -> nn.BatchNorm2d:
     return bn
 
 
+def _conv(in_width: int, width: int) -> nn.Conv2d:
+    """A 3x3 convolution without bias, the identity on its first input channels, the rest as initialised
+    (airbench94 initialises every convolution of its groups so)."""
+    conv = nn.Conv2d(in_width, width, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[: min(in_width, width)])
+    return conv
+
+
 class _Group(nn.Sequential):
     def __init__(self, in_width: int, width: int):
-        first = nn.Conv2d(in_width, width, 3, padding=1, bias=False)
-        with torch.no_grad():  # the identity on the first input channels, the rest as initialised
-            nn.init.dirac_(first.weight[:in_width])
         super().__init__(
-            first,
+            _conv(in_width, width),
             nn.MaxPool2d(2),
             _batchnorm(width),
             nn.GELU(),
-            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            _conv(width, width),
             _batchnorm(width),
             nn.GELU(),
         )
@@ -57,6 +63,7 @@ class FastNet(nn.Module):
         super().__init__()
         self.whiten = nn.Conv2d(in_channels, 2 * in_channels * 4, 2, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)  # set from the data, never trained
+        nn.init.zeros_(self.whiten.bias)  # trained from 0
         groups, width = [], self.whiten.out_channels
         for w in widths:
             groups.append(_Group(width, w))

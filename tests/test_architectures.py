@@ -69,6 +69,10 @@ def test_exact_parameter_counts(name, expected):
         ("resnet110", 10, 1.7e6, 0.03),
         ("wrn16_8", 10, 11.0e6, 0.005),
         ("wrn34_10", 10, 46.2e6, 0.005),
+        # the SAM code's WRN-28-10: 36,479,194 less the three 1x1 shortcuts (16x160 + 160x320 + 320x640)
+        ("wrn28_10_sam", 10, 36_220_634, 1e-9),
+        # davda54/sam's "WideResNet(16, 8)": 3 blocks a stage, the WRN-22-8 layout (its own code gives 17,158,106)
+        ("wrn22_8", 10, 17_158_106, 1e-9),
         # The official PyramidNet code gives 28.51M / 26.29M; the paper reports 28.3M / 26.0M.
         ("pyramidnet110_270", 100, 28.3e6, 0.015),
         ("pyramidnet272_200", 100, 26.0e6, 0.015),
@@ -232,3 +236,25 @@ def test_fastnet_whitens_the_patches_it_was_set_from():
     assert torch.equal(model.whiten.weight[12:], -model.whiten.weight[:12])
     assert not model.whiten.weight.requires_grad and model.whiten.bias.requires_grad
     assert model(images[:2]).shape == (2, 10) and num_params("fastnet") == 1_972_792
+
+
+def test_the_sam_codes_wrn_shortcut_has_no_parameters_and_fastnet_starts_from_identities():
+    """wrn*_sam: where the shape changes the shortcut is the input average-pooled by the stride with zero channels
+    added (the raw input, but in the network's first block); fastnet's group convolutions all start as the identity
+    on their first input channels, and the whitening bias at 0 (airbench94)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = create_model("wrn10_2_sam").eval()
+    block = model.layers[1]  # 32 -> 64 channels, stride 2: its shortcut is x pooled and padded
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        branch = block.conv2(block.dropout(F.relu(block.bn2(block.conv1(F.relu(block.bn1(x)))))))
+        expected = branch + F.pad(F.avg_pool2d(x, 2), (0, 0, 0, 0, 0, 32))
+        assert torch.allclose(block(x), expected, atol=1e-6)
+    assert not any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) for m in model.modules())
+    fast = create_model("fastnet")
+    assert torch.equal(fast.whiten.bias, torch.zeros_like(fast.whiten.bias))
+    for conv in (m for m in fast.groups.modules() if isinstance(m, torch.nn.Conv2d)):
+        n = min(conv.in_channels, conv.out_channels)
+        assert torch.equal(conv.weight[:n, :, 1, 1].diagonal(), torch.ones(n))

@@ -69,7 +69,7 @@ def reproduction_table(recipes, runs: pd.DataFrame | None, sets: list[str] = ())
                 "optimizer": optimizer,
                 "reported acc (%)": reported.accuracy,
                 "metric": reported.metric,
-                "source": reported.source,
+                "source": reported.source + (f" ({reported.note})" if getattr(reported, "note", None) else ""),
                 "tolerance": f"±{tolerance:g}",
             }
             if len(mine) == 0:
