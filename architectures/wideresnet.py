@@ -28,18 +28,20 @@ class WideBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.stride, self.extra, self.shortcut, self.from_activated = stride, planes - in_planes, None, first or not pad
-        self.pads = pad and (stride != 1 or in_planes != planes)
-        if not pad and (stride != 1 or in_planes != planes):
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+        changes_shape = stride != 1 or in_planes != planes
+        self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False) if changes_shape and not pad else None
+        self.pads = changes_shape and pad  # parameter-free: average-pooled by the stride, the new channels zeros
+        self.stride, self.extra, self.pads_activated = stride, planes - in_planes, first
 
     def forward(self, x):
         out = F.relu(self.bn1(x))
-        shortcut = out if self.from_activated and (self.shortcut is not None or self.pads) else x
         if self.shortcut is not None:
-            shortcut = self.shortcut(shortcut)
-        elif self.pads:  # parameter-free: average-pooled by the stride, the new channels zeros
+            shortcut = self.shortcut(out)
+        elif self.pads:
+            shortcut = out if self.pads_activated else x
             shortcut = F.pad(F.avg_pool2d(shortcut, self.stride) if self.stride > 1 else shortcut, (0, 0, 0, 0, 0, self.extra))
+        else:
+            shortcut = x
         out = self.conv1(out)
         out = self.conv2(self.dropout(F.relu(self.bn2(out))))
         return out + shortcut

@@ -128,7 +128,8 @@ class MESARegularizer(WindowedKL):
     def after_step(self, model, skipped=False):
         if skipped:
             return
-        model_state = {**model.state_dict(), **self._first_process_buffers(model)}
+        model_state = model.state_dict()
+        model_state.update(self._first_process_buffers(model, model_state))
         for name, ema_value in self.ema.state_dict().items():
             value = model_state[name].to(ema_value.device)
             if ema_value.is_floating_point():
@@ -136,14 +137,14 @@ class MESARegularizer(WindowedKL):
             else:
                 ema_value.copy_(value)
 
-    def _first_process_buffers(self, model) -> dict[str, Tensor]:
+    def _first_process_buffers(self, model, model_state: dict[str, Tensor]) -> dict[str, Tensor]:
         """The model's floating-point buffers as the first process holds them (what data parallelism broadcasts
         at the next forward, and what the run saves): after a step each process's BatchNorm statistics are its
         own shard's. So every process's EMA copy is the same, and the first process's checkpoint restores all.
         One gather per dtype (the identity in a single process)."""
         buffers = dict(model.named_buffers())
         by_dtype: dict[torch.dtype, list[str]] = {}
-        for name, value in model.state_dict().items():
+        for name, value in model_state.items():
             if name in buffers and value.is_floating_point():
                 by_dtype.setdefault(value.dtype, []).append(name)
         first = {}

@@ -166,9 +166,8 @@ def check_labels(labels: np.ndarray, n_images: int, num_classes: int, where: str
         missing = sum(v is None or (isinstance(v, float) and v != v) for v in values)
         if missing:
             raise DataError(f"{where}: {missing} of {len(values)} labels are missing")
-        whole = all(is_class_index(v) or (isinstance(v, float) and v.is_integer()) for v in values)
-        if not whole:  # class names, fractions, booleans
-            odd = next(v for v in values if not (is_class_index(v) or (isinstance(v, float) and v.is_integer())))
+        odd = next((v for v in values if not (is_class_index(v) or (isinstance(v, float) and v.is_integer()))), None)
+        if odd is not None:  # class names, fractions, booleans
             raise DataError(f"{where}: labels must be integer class indices, got {odd!r}")
     labels = given.astype(np.int64)
     if labels.shape[0] != n_images:
