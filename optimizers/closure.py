@@ -138,11 +138,11 @@ class BatchClosure:
         grad_mode = contextlib.nullcontext() if torch.is_grad_enabled() else torch.enable_grad()
         if len(micro) == 1:  # the whole (sub)batch at once: its mean loss is the pass's
             ((x, y),) = micro
-            with grad_mode, self.context(phase):
-                outputs = self.model(x)
-                losses = self.loss_fn(outputs, y)
-                self._backward_mean(losses)
-            outputs, losses = outputs.detach(), losses.detach()
+            if self.no_sync is None and torch.is_grad_enabled():  # nothing to enter (a torch optimizer's pass)
+                outputs, losses = self._forward_backward(x, y)
+            else:
+                with grad_mode, self.context(phase):
+                    outputs, losses = self._forward_backward(x, y)
             loss = self.mean_loss(losses)
         else:
             outputs, losses = [], []
@@ -161,6 +161,13 @@ class BatchClosure:
         self.sample_passes += n / self.batch_size
         self.observe(outputs, targets, losses, phase)
         return losses if per_sample else loss
+
+    def _forward_backward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One forward and backward of the whole (sub)batch; its outputs and per-sample losses, detached."""
+        outputs = self.model(x)
+        losses = self.loss_fn(outputs, y)
+        self._backward_mean(losses)
+        return outputs.detach(), losses.detach()
 
     def mean_loss(self, losses: Tensor) -> Tensor:
         """A pass's loss: the mean of its per-sample ``losses`` (a loop may override it to keep their sum too)."""

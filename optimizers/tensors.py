@@ -57,7 +57,7 @@ def tensor_norms(tensors: list[Tensor]) -> Tensor:
     """The L2 norm of each tensor, as a 1-dim tensor (a sharded tensor's norm is over all its shards)."""
     if not tensors:
         return torch.zeros(0)
-    if not any(is_sharded(t) for t in tensors):
+    if not any(map(is_sharded, tensors)):
         return torch.stack(torch._foreach_norm(tensors))
     squares = torch.stack(torch._foreach_norm([local_tensor(t) for t in tensors])).square()
     return _sums_over_shards(tensors, squares).sqrt()
@@ -202,6 +202,10 @@ class GradientCheck:
             groups[local_tensor(p).device, p.dtype].append(p)
         #: (device, dtype, whether any is sharded, the parameters) per group
         self.groups = [(device, dtype, any(map(is_sharded, ps)), ps) for (device, dtype), ps in groups.items()]
+        #: the one group of unsharded parameters, and a 1.0 on its device, where there is one group only (the usual
+        #: case, checked in the fewest Python steps: a loop checks every pass of every step)
+        only = self.groups[0] if len(self.groups) == 1 and not self.groups[0][2] else None
+        self._only = None if only is None else (only[0], only[1], only[3], _one(only[0]))
 
     def covers(self, params: list[Tensor]) -> bool:
         """Whether ``params`` are the very parameters this check was made for, in order."""
@@ -212,6 +216,19 @@ class GradientCheck:
         nonzero if any gradient (or ``also_check``, left unscaled) holds an inf or a NaN: ``found`` when given
         (the flag is set in it, never cleared, so one tensor gathers a whole step), else a new one on the first
         gradient's device. One fused kernel per (device, dtype); no host synchronisation."""
+        only = self._only
+        if only is not None and inv_scale == 1.0 and found is not None and found.device == only[0]:
+            device, dtype, ps, one = only
+            same = [g for p in ps if (g := p.grad) is not None]
+            if also_check is not None:
+                check = also_check.detach() if also_check.requires_grad else also_check
+                if check.dtype == dtype and check.device == device:
+                    same.append(check)
+                else:
+                    torch._amp_foreach_non_finite_check_and_unscale_([check], found, one)
+            if same:
+                torch._amp_foreach_non_finite_check_and_unscale_(same, found, one)
+            return found
         grads = []  # (device, dtype, gradients) of each group that has any
         for device, dtype, sharded, ps in self.groups:
             same = [p.grad for p in ps if p.grad is not None]

@@ -125,6 +125,7 @@ class TrainClosure(BatchClosure):
         self.accelerator, self.scaler = accelerator, scaler
         self._world = accelerator.num_processes
         self._pass_sum: torch.Tensor | None = None  # the sum of the last pass's losses, where mean_loss kept it
+        self._sums_on_cpu = regularizer is None and inputs.device.type == "cpu"  # where mean_loss keeps it
         self._check = GradientCheck(self.params)  # each pass's gradients: unscaled and checked
         self._start(inputs, targets, sample_ids, epoch, sums)
 
@@ -168,9 +169,10 @@ class TrainClosure(BatchClosure):
         return self.task_loss(outputs, targets) + self.regularizer.extra_loss(outputs, ids, self.epoch, inputs)
 
     def mean_loss(self, losses):
-        """The pass's mean loss; on a CPU, from the float32 sum the metrics add too: there a float32 mean is that
-        sum divided by the count (ATen's ``mean_out``), the same bits from one reduction instead of two."""
-        if losses.dtype == torch.float32 and losses.device.type == "cpu" and self.regularizer is None:
+        """The pass's mean loss; for a step's first pass on a CPU, from the float32 sum the metrics add too: there a
+        float32 mean is that sum divided by the count (ATen's ``mean_out``), the same bits from one reduction
+        instead of two (a later pass's sum is not counted: its mean is taken as it is)."""
+        if self._sums_on_cpu and self.passes == 0 and losses.dtype is torch.float32:
             self._pass_sum = losses.sum()
             return self._pass_sum / losses.numel()
         self._pass_sum = None
@@ -199,7 +201,7 @@ class TrainClosure(BatchClosure):
 
     def nonfinite(self) -> bool:
         """:meth:`flag`, read by the host: one host synchronisation."""
-        found = bool(self.flag().item())
+        found = bool((self.bad if self._world == 1 else self.flag()).item())
         self._clear = None if found else self.bad  # a sum of no flag set: this process's own is clear
         return found
 
