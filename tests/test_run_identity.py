@@ -8,7 +8,7 @@ import pytest
 
 from bench.cli.flags import FLAGS
 from bench.cli.main import main
-from bench.config import OPERATIONAL, RunConfig
+from bench.config import OPERATIONAL, ConfigError, RunConfig
 
 #: The settings that do not change what a run computes (where and how it runs, what it measures afterwards).
 #: Written out here, not read from the code: a setting moved into OPERATIONAL by mistake fails the test below.
@@ -186,6 +186,37 @@ def test_runs_on_different_data_never_share_a_folder(cifar10_dir, tmp_path, caps
     assert resolve(RunConfig(**same, data_dir=str(tmp_path / "copy"))).run_id() == first.run_dir.name
     # the digits are embedded: no fingerprint, the ids of the committed digits runs stay as they were
     assert resolve(RunConfig()).data_id is None
+
+
+def test_a_run_that_downloads_into_an_empty_folder_is_named_after_what_it_downloaded(cifar10_dir, tmp_path, monkeypatch):
+    """A run whose data is downloaded into an empty --data_dir takes the fingerprint of the downloaded files, so the
+    same command afterwards (which finds those files) finds its run finished instead of training it again; a
+    sweep's later runs in the same process are named alike."""
+    import shutil
+
+    import bench.data.cifar
+    from bench.loop.train import train
+    from bench.resolve import resolve
+
+    def fake_download(name, root):
+        shutil.copytree(cifar10_dir / "cifar-10-batches-py", Path(root) / "cifar-10-batches-py")
+
+    monkeypatch.setattr(bench.data.cifar, "_torchvision_download", fake_download)
+    monkeypatch.setenv("SAM_BENCH_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    data.mkdir()
+    same = dict(dataset="cifar10", arch="mlp", epochs=1, batch_size=32, max_steps=1, cpu=True, output_dir=str(tmp_path / "runs"))
+    before = resolve(RunConfig(**same, data_dir=str(data)))
+    assert before.data_id is None  # nothing there yet
+    first = train(RunConfig(**same, data_dir=str(data)), resume=True)  # as a sweep runs it
+    assert not first.already_finished
+    (made,) = list((tmp_path / "runs").iterdir())
+    assert made == first.run_dir != before.run_dir()
+    assert RunConfig.read(made).data_id == resolve(RunConfig(**same, data_dir=str(cifar10_dir))).data_id
+    again = train(RunConfig(**same, data_dir=str(data)), resume=True)
+    assert again.already_finished and again.run_dir == first.run_dir
+    with pytest.raises(ConfigError, match="holds this run, finished"):  # a new run (no --resume) is refused there
+        train(RunConfig(**same, data_dir=str(data)))
 
 
 def test_a_fingerprint_recorded_before_text_files_were_read_is_still_recognised(tmp_path):

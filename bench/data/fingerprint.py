@@ -10,8 +10,9 @@ file added beside the dataset changes it, and so the ids of the runs on that fol
 wrong one); an image file of one size and other bytes does not.
 
 No fingerprint (``None``) where the data is fixed by its name: the embedded digits, a Hub dataset
-(streamed by name), and the download that ``./data`` or an empty ``--data_dir`` receives (torchvision
-and the Hub check what they fetch).
+(streamed by name), and the download that ``./data`` receives (torchvision and the Hub check what they
+fetch). A run that downloads into an empty ``--data_dir`` is named after the files it downloaded
+(:func:`awaits_download`, :func:`fresh_fingerprint`), the fingerprint the same command finds from then on.
 """
 
 from __future__ import annotations
@@ -72,3 +73,18 @@ def data_fingerprint(dataset: str, data_dir: str | None, legacy: bool = False) -
         return None
     root = os.path.realpath(os.path.expanduser(data_dir))
     return folder_fingerprint(root, legacy) if os.path.isdir(root) else None
+
+
+def awaits_download(dataset: str, data_dir: str | None) -> bool:
+    """Whether ``data_dir`` is an existing folder with nothing visible in it, into which a run on ``dataset`` (one
+    read from files, not the digits or a Hub dataset) would download its data."""
+    if dataset == "digits" or dataset.startswith("hf:") or not data_dir:
+        return False
+    root = os.path.realpath(os.path.expanduser(data_dir))
+    return os.path.isdir(root) and all(name.startswith(".") for name in os.listdir(root))
+
+
+def fresh_fingerprint(dataset: str, data_dir: str | None) -> str | None:
+    """:func:`data_fingerprint` of the files there now (a folder's fingerprint is otherwise kept for the process)."""
+    folder_fingerprint.cache_clear()
+    return data_fingerprint(dataset, data_dir)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 
 from architectures import create_model
@@ -26,6 +26,7 @@ from bench.data.batches import (
     global_batch,  # noqa: F401 (re-exported)
 )
 from bench.data.datasets import ImageDataset
+from bench.data.fingerprint import awaits_download, fresh_fingerprint
 from bench.data.loader import LoaderBatches, prepared_train_set, run_splits
 from bench.data.names import is_loader_dataset
 from bench.io import read_json, write_json
@@ -126,8 +127,13 @@ def build_model_and_optimizer(config: RunConfig, accelerator: Accelerator, train
     return model, optimizer, ascent_sync
 
 
-def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDataset] | None = None) -> Run:
-    """Everything a run holds, ready to train; ``data`` replaces the config's dataset (train, test)."""
+def setup(
+    config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDataset] | None = None, new: bool = False
+) -> Run:
+    """Everything a run holds, ready to train; ``data`` replaces the config's dataset (train, test). A ``new`` run
+    that downloads its data into an empty ``--data_dir`` takes the downloaded files' fingerprint as its
+    ``data_id`` (and so its folder), the one the same command finds from then on; every process takes the
+    first process's (one broadcast, where there are several)."""
     accelerator = make_accelerator(config)
     device = accelerator.device
     environment.set_threads(config.threads, accelerator.state.num_processes if device.type == "cpu" else 1)
@@ -138,7 +144,17 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
         train_set, test_set = data
     else:
         with accelerator.main_process_first():  # decode and cache once, then every process reads the cache
+            # the first process looks before its download, the others after it: the first's answer counts
+            downloads = new and awaits_download(config.dataset, config.data_dir)
             train_set, test_set = run_splits(config)
+        if new:
+            found = fresh_fingerprint(config.dataset, config.data_dir) if downloads else config.data_id
+            if accelerator.num_processes > 1:
+                found = broadcast_object_list([found])[0]
+            if found != config.data_id:
+                config.data_id = found
+                if config.log_with:  # the trackers write into the run's folder, named now
+                    accelerator.project_configuration.set_directories(str(config.run_dir()))
     prepared = prepared_train_set(train_set, config)
     train_set = prepared.train
     fsdp = sharding.fsdp_plugin(accelerator, config.mixed_precision)

@@ -1,4 +1,4 @@
-"""TRAINDOC"""
+"""One training run from start (or a checkpoint) to its summary: :func:`train`."""
 
 from __future__ import annotations
 
@@ -36,7 +36,16 @@ def train(config: RunConfig, progress=None, resume: bool = False) -> RunResult:
         check_not_taken(config)
     if resume and (done := finished_summary(config)) is not None:
         return RunResult(config.run_dir(), done, already_finished=True)
-    run = setup(config, progress)
+    named = config.run_dir()
+    run = setup(config, progress, new=not (named / "config.json").is_file())
+    if run.run_dir != named:  # named after the data it downloaded: that folder is checked as this one was
+        if not resume:
+            check_not_taken(config)
+        else:
+            check_same_run(config)
+            check_recorded(config)
+            if (done := finished_summary(config)) is not None:
+                return RunResult(run.run_dir, done, already_finished=True)
     start_or_resume(run, resume)
     total = config.epochs * run.steps_per_epoch
     run.task = progress.add_task(run.run_dir.name, total=total, completed=run.state.step) if progress else None
