@@ -127,9 +127,7 @@ def build_model_and_optimizer(config: RunConfig, accelerator: Accelerator, train
     return model, optimizer, ascent_sync
 
 
-def setup(
-    config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDataset] | None = None, new: bool = False
-) -> Run:
+def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDataset] | None = None, new: bool = False) -> Run:
     """Everything a run holds, ready to train; ``data`` replaces the config's dataset (train, test). A ``new`` run
     that downloads its data into an empty ``--data_dir`` takes the downloaded files' fingerprint as its
     ``data_id`` (and so its folder), the one the same command finds from then on; every process takes the
