@@ -99,6 +99,25 @@ def make_accelerator(config: RunConfig) -> Accelerator:
 DATA_INIT_IMAGES = 5000
 
 
+def check_input_size(model: nn.Module, config: RunConfig, train_set) -> None:
+    """A model that cannot take the dataset's images (too small for its downsampling) is refused in one line,
+    before anything runs: one forward of two blank images in eval mode, without gradients (nothing moves,
+    nothing is drawn)."""
+    size = tuple(train_set.images.shape[-2:]) if isinstance(train_set, ImageDataset) else (train_set.image_size,) * 2
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, train_set.channels, *size))
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"arch {config.arch} cannot take the {size[0]}x{size[1]} images of {config.dataset}: {reason}"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
 def build_model_and_optimizer(config: RunConfig, accelerator: Accelerator, train_set, fsdp=None):
     """The model and the optimizer over its parameters; with an FSDP plugin the model is sharded first,
     so the optimizer holds the sharded parameters."""
@@ -108,6 +127,7 @@ def build_model_and_optimizer(config: RunConfig, accelerator: Accelerator, train
         if not isinstance(train_set, ImageDataset):
             raise ConfigError(f"arch {config.arch} sets a layer from the training images: it needs a dataset held in memory")
         init_from_data(normalize(train_set.images[:DATA_INIT_IMAGES], train_set.mean, train_set.std))
+    check_input_size(model, config, train_set)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.sync_bn and accelerator.num_processes > 1:
