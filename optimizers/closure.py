@@ -75,6 +75,8 @@ class BatchClosure:
         if ascent_sync not in ("any", "global", "local"):
             raise ValueError(f"ascent_sync must be 'any', 'global' or 'local', got {ascent_sync!r}")
         self.no_sync, self.ascent_sync = no_sync, ascent_sync
+        # a pass has no context to enter (none to keep gradients local, and :meth:`context` not overridden)
+        self._no_context = no_sync is None and type(self).context is BatchClosure.context
         self.model = model
         self.loss_fn = loss_fn
         self.accumulation_steps = accumulation_steps
@@ -138,7 +140,7 @@ class BatchClosure:
         grad_mode = contextlib.nullcontext() if torch.is_grad_enabled() else torch.enable_grad()
         if len(micro) == 1:  # the whole (sub)batch at once: its mean loss is the pass's
             ((x, y),) = micro
-            if self.no_sync is None and torch.is_grad_enabled():  # nothing to enter (a torch optimizer's pass)
+            if self._no_context and torch.is_grad_enabled():  # nothing to enter (a torch optimizer's pass)
                 outputs, losses = self._forward_backward(x, y)
             else:
                 with grad_mode, self.context(phase):

@@ -48,7 +48,7 @@ def snapshot(folder: Path) -> dict[str, int]:
         (["--val_fraction", "1"], "val_fraction must be in [0, 1), got 1.0"),
         (["--threads", "0"], "threads must be an integer >= 1"),
         # too small for its downsampling: the shapes, before a step raises from inside the model
-        (["--arch", "fastnet"], "arch fastnet cannot take the 8x8 images of digits: Given input size: (256x1x1)"),
+        (["--arch", "fastnet"], "arch fastnet fails on the 8x8 images of digits: Given input size: (256x1x1)"),
     ],
 )
 def test_bad_values_are_refused_before_any_work(argv, message, capsys, tmp_path):

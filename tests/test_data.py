@@ -1004,10 +1004,22 @@ def test_no_augment_trains_on_the_images_as_they_are():
 # --------------------------------------------------------------------------- labels and run identity
 
 
+def test_an_empty_folder_is_looked_at_again_once_a_download_fills_it(tmp_path):
+    """A folder's fingerprint is kept for the process, but not an empty folder's None: every process of a run (each
+    with its own memory of it) finds the files another process downloaded there."""
+    from bench.data.fingerprint import awaits_download, data_fingerprint
+
+    assert awaits_download("cifar10", str(tmp_path)) and data_fingerprint("cifar10", str(tmp_path)) is None
+    write_cifar10_pickles(tmp_path)
+    assert not awaits_download("cifar10", str(tmp_path))
+    found = data_fingerprint("cifar10", str(tmp_path))
+    assert found is not None and data_fingerprint("cifar10", str(tmp_path)) == found
+
+
 def test_a_changed_annotation_file_is_new_labels_for_the_cache_and_the_fingerprint(tmp_path):
     """Tiny-ImageNet's test labels come from val_annotations.txt: correcting it (same length) changes the labels a
     cached load returns and the folder's fingerprint, so no run is attributed to the old labels."""
-    from bench.data.fingerprint import folder_fingerprint
+    from bench.data.fingerprint import folder_fingerprint, forget_fingerprints
 
     _write_tiny_folder(tmp_path)
     ann, cache = tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt", str(tmp_path / "c")
@@ -1018,7 +1030,7 @@ def test_a_changed_annotation_file_is_new_labels_for_the_cache_and_the_fingerpri
     assert len(ann.read_text()) == len(text)
     _, fixed = load_dataset_splits("tinyimagenet", data_dir=str(tmp_path), download=False, cache_dir=cache)
     assert test.labels.tolist() == [1, 0] and fixed.labels.tolist() == [0, 0]
-    folder_fingerprint.cache_clear()
+    forget_fingerprints()
     assert folder_fingerprint(str(tmp_path)) != before
 
 

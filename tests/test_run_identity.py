@@ -206,12 +206,14 @@ def test_a_run_that_downloads_into_an_empty_folder_is_named_after_what_it_downlo
     data = tmp_path / "data"
     data.mkdir()
     same = dict(dataset="cifar10", arch="mlp", epochs=1, batch_size=32, max_steps=1, cpu=True, output_dir=str(tmp_path / "runs"))
+    same["log_with"] = "tensorboard"  # its logs too go to the folder named after the data
     before = resolve(RunConfig(**same, data_dir=str(data)))
     assert before.data_id is None  # nothing there yet
     first = train(RunConfig(**same, data_dir=str(data)), resume=True)  # as a sweep runs it
     assert not first.already_finished
     (made,) = list((tmp_path / "runs").iterdir())
     assert made == first.run_dir != before.run_dir()
+    assert any(p.name.startswith("events") for p in (made / "sam-bench").iterdir())
     assert RunConfig.read(made).data_id == resolve(RunConfig(**same, data_dir=str(cifar10_dir))).data_id
     again = train(RunConfig(**same, data_dir=str(data)), resume=True)
     assert again.already_finished and again.run_dir == first.run_dir
@@ -249,7 +251,7 @@ def test_a_run_is_not_resumed_on_other_data(cifar10_dir, tmp_path, capsys):
     _copy_with_fewer_test_images(cifar10_dir, data)
     from bench.data import fingerprint
 
-    fingerprint.folder_fingerprint.cache_clear()  # a new process would see the new files
+    fingerprint.forget_fingerprints()  # a new process would see the new files
     capsys.readouterr()
     assert main(["--resume", str(run)]) == 2
     err = capsys.readouterr().err.strip()

@@ -5,19 +5,18 @@ mistakes the first folder's finished runs for its own. The fingerprint hashes ev
 path (relative to the folder) and size, sorted, symbolic links followed, and the bytes of the text files
 that hold labels and class lists (``.txt``, ``.csv``, ``.tsv``, ``.json``, ``.jsonl``: Tiny-ImageNet's
 ``val_annotations.txt`` and ``wnids.txt``): cheap (no image is read, one ``stat`` each) and unchanged by
-moving or copying the folder. It is computed once per folder and process. It covers the whole folder: a
+moving or copying the folder. It is computed once per folder and process (a folder without files again each time). It covers the whole folder: a
 file added beside the dataset changes it, and so the ids of the runs on that folder (a new run, never a
 wrong one); an image file of one size and other bytes does not.
 
 No fingerprint (``None``) where the data is fixed by its name: the embedded digits, a Hub dataset
 (streamed by name), and the download that ``./data`` receives (torchvision and the Hub check what they
 fetch). A run that downloads into an empty ``--data_dir`` is named after the files it downloaded
-(:func:`awaits_download`, :func:`fresh_fingerprint`), the fingerprint the same command finds from then on.
+(:func:`awaits_download`), the fingerprint the same command finds from then on.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 
@@ -57,13 +56,25 @@ def _raise(err: OSError) -> None:
     raise DataError(f"cannot read {err.filename} ({err.strerror or err})")
 
 
-@functools.lru_cache(maxsize=None)
+_FOUND: dict[tuple[str, bool], str] = {}  # each folder's fingerprint, once found in this process
+
+
 def folder_fingerprint(root: str, legacy: bool = False) -> str | None:
-    files = _visible_files(root, legacy)
-    if not files:
-        return None
-    digest = hashlib.sha256("".join(f"{path}\t{identity}\n" for path, identity in files).encode())
-    return digest.hexdigest()[:16]
+    """The folder's fingerprint, found once per process; None for a folder without files, which is looked at
+    again each time (a download may fill it: see :func:`awaits_download`)."""
+    found = _FOUND.get((root, legacy))
+    if found is None:
+        files = _visible_files(root, legacy)
+        if not files:
+            return None
+        digest = hashlib.sha256("".join(f"{path}\t{identity}\n" for path, identity in files).encode())
+        found = _FOUND[root, legacy] = digest.hexdigest()[:16]
+    return found
+
+
+def forget_fingerprints() -> None:
+    """Find every folder's fingerprint anew (its files changed within this process)."""
+    _FOUND.clear()
 
 
 def data_fingerprint(dataset: str, data_dir: str | None, legacy: bool = False) -> str | None:
@@ -82,9 +93,3 @@ def awaits_download(dataset: str, data_dir: str | None) -> bool:
         return False
     root = os.path.realpath(os.path.expanduser(data_dir))
     return os.path.isdir(root) and all(name.startswith(".") for name in os.listdir(root))
-
-
-def fresh_fingerprint(dataset: str, data_dir: str | None) -> str | None:
-    """:func:`data_fingerprint` of the files there now (a folder's fingerprint is otherwise kept for the process)."""
-    folder_fingerprint.cache_clear()
-    return data_fingerprint(dataset, data_dir)

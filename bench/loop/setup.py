@@ -26,7 +26,7 @@ from bench.data.batches import (
     global_batch,  # noqa: F401 (re-exported)
 )
 from bench.data.datasets import ImageDataset
-from bench.data.fingerprint import awaits_download, fresh_fingerprint
+from bench.data.fingerprint import awaits_download, data_fingerprint
 from bench.data.loader import LoaderBatches, prepared_train_set, run_splits
 from bench.data.names import is_loader_dataset
 from bench.io import read_json, write_json
@@ -100,8 +100,8 @@ DATA_INIT_IMAGES = 5000
 
 
 def check_input_size(model: nn.Module, config: RunConfig, train_set) -> None:
-    """A model that cannot take the dataset's images (too small for its downsampling) is refused in one line,
-    before anything runs: one forward of two blank images in eval mode, without gradients (nothing moves,
+    """A model that fails on the dataset's images (one too small for its downsampling, a channel count it does not
+    take) is refused in one line, with the first line of the error, before anything runs: one forward of two blank images in eval mode, without gradients (nothing moves,
     nothing is drawn)."""
     size = tuple(train_set.images.shape[-2:]) if isinstance(train_set, ImageDataset) else (train_set.image_size,) * 2
     was_training = model.training
@@ -111,9 +111,7 @@ def check_input_size(model: nn.Module, config: RunConfig, train_set) -> None:
             model(torch.zeros(2, train_set.channels, *size))
     except RuntimeError as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(
-            f"arch {config.arch} cannot take the {size[0]}x{size[1]} images of {config.dataset}: {reason}"
-        ) from None
+        raise ConfigError(f"arch {config.arch} fails on the {size[0]}x{size[1]} images of {config.dataset}: {reason}") from None
     finally:
         model.train(was_training)
 
@@ -166,13 +164,14 @@ def setup(config: RunConfig, progress=None, data: tuple[ImageDataset, ImageDatas
             downloads = new and awaits_download(config.dataset, config.data_dir)
             train_set, test_set = run_splits(config)
         if new:
-            found = fresh_fingerprint(config.dataset, config.data_dir) if downloads else config.data_id
+            found = data_fingerprint(config.dataset, config.data_dir) if downloads else config.data_id
             if accelerator.num_processes > 1:
                 found = broadcast_object_list([found])[0]
             if found != config.data_id:
                 config.data_id = found
                 if config.log_with:  # the trackers write into the run's folder, named now
-                    accelerator.project_configuration.set_directories(str(config.run_dir()))
+                    project = accelerator.project_configuration
+                    project.project_dir = project.logging_dir = str(config.run_dir())
     prepared = prepared_train_set(train_set, config)
     train_set = prepared.train
     fsdp = sharding.fsdp_plugin(accelerator, config.mixed_precision)
