@@ -28,7 +28,8 @@ def _runs(root: Path) -> None:
             )
             (run / "summary.json").write_text(json.dumps(summary))
             if optimizer == "sam":
-                (run / "sharpness.json").write_text(json.dumps({"hessian_max_eigenvalue": 10.0 + seed, "sam_sharpness": None}))
+                sharpness = {"hessian_max_eigenvalue": 10.0 + seed, "hessian_eigenvalue_residual": 1e-3, "sam_sharpness": None}
+                (run / "sharpness.json").write_text(json.dumps(sharpness))
     # unfinished, at the second setting: its claims are not testable there (a run that did not complete), the first's are
     make_run(root, "sam", seed=5, acc=None, hyperparameters={"rho": 0.1})
     make_run(root, "sam", seed=0, acc=0.1234567891234, hyperparameters={"rho": 0.1})
@@ -51,6 +52,29 @@ def test_a_record_reads_back_exactly(tmp_path):
     (back,) = records.read(path)
     assert back["final_test_acc"] == 0.1 + 0.2 and back["seed"] == 3 and back["contended"] is True and back["dirty"] is False
     assert back["settings"] == {"a": [1, 2]} and back["commit"] is None
+
+
+def test_a_file_written_before_a_column_was_added_reads_it_as_not_recorded(tmp_path):
+    """A per-run file from before power iteration's residual was recorded reads, that cell blank (NaN); a run's
+    sharpness.json gives it to the records written now."""
+    import math
+
+    from bench.report.runs import read_records
+
+    _runs(tmp_path / "runs")
+    written = records.to_csv(read_records([tmp_path / "runs"])[0])
+    rows = [line.split(",") for line in written.splitlines()]
+    column = rows[0].index("hessian_eigenvalue_residual")
+    recorded = [row[column] for row in rows[1:] if row[column]]
+    assert recorded == ["0.001"] * 3  # the three sam runs with a sharpness.json
+    earlier = "\n".join(",".join(row[:column] + row[column + 1 :]) for row in rows) + "\n"
+    (tmp_path / "old_runs.csv").write_text(earlier)
+    (tmp_path / "new_runs.csv").write_text(written)
+    old, new = records.read(tmp_path / "old_runs.csv"), records.read(tmp_path / "new_runs.csv")
+    assert all(math.isnan(r["hessian_eigenvalue_residual"]) for r in old)
+    assert [{k: v for k, v in r.items() if k != "hessian_eigenvalue_residual"} for r in old] == [
+        {k: v for k, v in r.items() if k != "hessian_eigenvalue_residual"} for r in new
+    ]
 
 
 @pytest.mark.parametrize(

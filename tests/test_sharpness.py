@@ -74,6 +74,27 @@ def test_a_dominant_negative_eigenvalue_still_gives_the_largest_one():
     model = Quadratic(A, torch.randn(6, generator=g, dtype=torch.float64))
     result = measure_sharpness(model, quadratic_loss, BATCH, power_iterations=200, hutchinson_samples=0)
     assert result["hessian_max_eigenvalue"] == pytest.approx(3.0, rel=1e-6)
+    assert result["hessian_eigenvalue_residual"] < 1e-6  # the shifted iteration's vector is an eigenvector of H
+
+
+def test_the_residual_says_how_far_the_estimate_is_from_converged():
+    """||H v - lambda v|| / |lambda| of the last vector: the exact value for a hand-made v, near 0 once converged,
+    large after too few iterations where the top two eigenvalues are close; some eigenvalue lies within it."""
+    A = torch.diag(torch.tensor([5.0, 4.9, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64))
+    model = Quadratic(A, torch.ones(6, dtype=torch.float64))
+    few = measure_sharpness(model, quadratic_loss, BATCH, power_iterations=3, hutchinson_samples=0)
+    many = measure_sharpness(model, quadratic_loss, BATCH, power_iterations=2000, hutchinson_samples=0)
+    assert many["hessian_max_eigenvalue"] == pytest.approx(5.0, rel=1e-9) and many["hessian_eigenvalue_residual"] < 1e-8
+    assert few["hessian_eigenvalue_residual"] > 1e-2
+    eigenvalue, residual = few["hessian_max_eigenvalue"], few["hessian_eigenvalue_residual"] * abs(few["hessian_max_eigenvalue"])
+    assert min(abs(torch.diag(A) - eigenvalue)).item() <= residual + 1e-12
+    # one iteration from v0: v = v0/|v0|, lambda = v.Av, residual |Av - lambda v| / |lambda|, by hand
+    v0 = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    v = v0 / v0.norm()
+    lam = v @ A @ v
+    one = measure_sharpness(model, quadratic_loss, BATCH, power_iterations=1, hutchinson_samples=0, seed=0)
+    assert one["hessian_max_eigenvalue"] == pytest.approx(lam.item(), rel=1e-12)
+    assert one["hessian_eigenvalue_residual"] == pytest.approx(((A @ v - lam * v).norm() / lam.abs()).item(), rel=1e-10)
 
 
 def test_hutchinson_is_exact_for_a_diagonal_hessian():
@@ -95,7 +116,9 @@ def test_no_samples_gives_nan_and_no_grad_context_is_fine():
 def test_zero_gradient_and_zero_hessian_give_zeros():
     model = Quadratic(torch.zeros(6, 6, dtype=torch.float64), torch.ones(6, dtype=torch.float64))
     result = measure_sharpness(model, quadratic_loss, BATCH, power_iterations=3, hutchinson_samples=2)
+    residual = result.pop("hessian_eigenvalue_residual")
     assert result == {"hessian_max_eigenvalue": 0.0, "hessian_trace": 0.0, "sam_sharpness": 0.0, "loss": 0.0}
+    assert math.isnan(residual)  # no eigenvalue to measure it against
 
 
 def batchnorm_model() -> nn.Module:
@@ -132,6 +155,16 @@ def test_several_batches_equal_their_union():
     kwargs = dict(power_iterations=8, hutchinson_samples=4, seed=3)
     split = measure_sharpness(model, nn.functional.cross_entropy, [(x[:5], y[:5]), (x[5:], y[5:])], **kwargs)
     whole = measure_sharpness(model, nn.functional.cross_entropy, [(x, y)], **kwargs)
-    assert split.keys() == whole.keys() == {"hessian_max_eigenvalue", "hessian_trace", "sam_sharpness", "loss"}
+    assert (
+        split.keys()
+        == whole.keys()
+        == {
+            "hessian_max_eigenvalue",
+            "hessian_eigenvalue_residual",
+            "hessian_trace",
+            "sam_sharpness",
+            "loss",
+        }
+    )
     for key in whole:
         assert split[key] == pytest.approx(whole[key], rel=1e-9), key

@@ -15,6 +15,10 @@ graph is kept for all of them).
   negative estimate) finds the largest eigenvalue. A fixed number of iterations is not
   a convergence test: where the top two magnitudes are close (lambda_max about
   -lambda_min) the estimate converges slowly. NaN when ``power_iterations`` is 0.
+- ``hessian_eigenvalue_residual``: how far that estimate is from converged, ||H v - lambda v|| / |lambda|
+  for the last normalised vector v (0 for an exact eigenvector). H being symmetric, some eigenvalue
+  of H lies within that fraction of lambda; a large value says the iterations did not converge. NaN
+  where lambda is 0 or not estimated.
 - ``hessian_trace``: Hutchinson's estimate, the mean of v^T H v over Rademacher v
   (unbiased; exact for a diagonal Hessian). NaN when ``hutchinson_samples`` is 0.
 - ``sam_sharpness``: max_{||e|| <= rho} L(w + e) - L(w), approximated by one
@@ -115,8 +119,9 @@ def _hvp_function(model, loss_fn, batches, params) -> Callable[[Sequence[Tensor]
     return hvp
 
 
-def _power_iteration(hvp, params, iterations: int, generator) -> Tensor:
-    """The Rayleigh quotient of the last normalised vector of power iteration from a seeded Gaussian start."""
+def _power_iteration(hvp, params, iterations: int, generator) -> tuple[Tensor, Tensor]:
+    """The Rayleigh quotient of the last normalised vector v of power iteration from a seeded Gaussian start, and
+    the residual ||H v - quotient v|| (iterations >= 1)."""
     v = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
     for _ in range(iterations):
         norm = _dot(v, v).sqrt()
@@ -125,24 +130,27 @@ def _power_iteration(hvp, params, iterations: int, generator) -> Tensor:
         v = [t * inverse.to(t.device, t.dtype) for t in v]
         hv = hvp(v)
         eigenvalue = _dot(v, hv)  # Rayleigh quotient of the normalised v
+        residual = [h - eigenvalue.to(t.device, t.dtype) * t for h, t in zip(hv, v)]
         v = hv
-    return eigenvalue
+    return eigenvalue, _dot(residual, residual).sqrt()
 
 
-def _top_eigenvalue(hvp, params, iterations: int, generator) -> Tensor | float:
-    """The largest eigenvalue (NaN for 0 iterations). Power iteration finds the largest in magnitude; where that
-    is negative (lambda_min, near a saddle), a second power iteration on H - lambda_min I, whose eigenvalues are
-    >= 0 and largest at lambda_max - lambda_min, finds lambda_max."""
+def _top_eigenvalue(hvp, params, iterations: int, generator) -> tuple[Tensor | float, Tensor | float]:
+    """The largest eigenvalue and its residual (NaN for 0 iterations; see :func:`_power_iteration`). Power iteration
+    finds the largest in magnitude; where that is negative (lambda_min, near a saddle), a second power iteration on
+    H - lambda_min I, whose eigenvalues are >= 0 and largest at lambda_max - lambda_min, finds lambda_max (the
+    shift leaves a vector's residual as it is)."""
     if iterations <= 0:
-        return float("nan")
-    dominant = _power_iteration(hvp, params, iterations, generator)
+        return float("nan"), float("nan")
+    dominant, residual = _power_iteration(hvp, params, iterations, generator)
     if _value(dominant) >= 0:
-        return dominant
+        return dominant, residual
 
     def shifted(v: Sequence[Tensor]) -> list[Tensor]:
         return [h - dominant.to(t.device, t.dtype) * t for h, t in zip(hvp(v), v)]
 
-    return _power_iteration(shifted, params, iterations, generator) + dominant
+    top, residual = _power_iteration(shifted, params, iterations, generator)
+    return top + dominant, residual
 
 
 def _hutchinson_trace(hvp, params, samples: int, generator) -> Tensor | float:
@@ -180,7 +188,7 @@ def measure_sharpness(
     hutchinson_samples: int = 10,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Returns {"hessian_max_eigenvalue", "hessian_trace", "sam_sharpness", "loss"}.
+    """Returns {"hessian_max_eigenvalue", "hessian_eigenvalue_residual", "hessian_trace", "sam_sharpness", "loss"}.
 
     ``loss_fn(outputs, targets)`` returns a batch's mean loss. The model is measured in
     eval mode; its train/eval mode and its weights are restored afterwards, bit for bit
@@ -198,7 +206,7 @@ def measure_sharpness(
         with torch.enable_grad():
             loss, grad = _loss_and_grad(model, loss_fn, weighted, params)
             hvp = _hvp_function(model, loss_fn, weighted, params) if power_iterations > 0 or hutchinson_samples > 0 else None
-            eigenvalue = _top_eigenvalue(hvp, params, power_iterations, generator)
+            eigenvalue, residual = _top_eigenvalue(hvp, params, power_iterations, generator)
             trace = _hutchinson_trace(hvp, params, hutchinson_samples, generator)
             del hvp  # the kept graph
         perturbed = _ascent_loss(model, loss_fn, weighted, params, grad, rho)
@@ -207,8 +215,10 @@ def measure_sharpness(
             for p, s in zip(params, saved):
                 p.copy_(s)
         model.train(was_training)
+    top = _value(eigenvalue)
     return {
-        "hessian_max_eigenvalue": _value(eigenvalue),
+        "hessian_max_eigenvalue": top,
+        "hessian_eigenvalue_residual": _value(residual) / abs(top) if top != 0 else float("nan"),
         "hessian_trace": _value(trace),
         "sam_sharpness": _value(perturbed - loss),
         "loss": _value(loss),

@@ -36,6 +36,7 @@ COLUMNS: dict[str, str] = {
     "hessian_max_eigenvalue": "number",
     "sam_sharpness": "number",
     "hessian_trace": "number",
+    "hessian_eigenvalue_residual": "number",
     "step_time_s": "number",
     "train_time_s": "number",
     "passes_per_step": "number",
@@ -53,6 +54,8 @@ COLUMNS: dict[str, str] = {
     "settings": "json",
     "variant_settings": "json",
 }
+#: columns added after per-run files were written: a file without them reads them as blank (not recorded)
+ADDED_LATER = ("hessian_eigenvalue_residual",)
 SUFFIX = "_runs.csv"
 #: a run's status, as its summary (or its absence: unfinished) says
 STATUSES = ("completed", "stopped_early", "diverged", "unfinished")
@@ -128,13 +131,16 @@ def read(path: str | Path) -> list[dict[str, Any]]:
     except (OSError, UnicodeDecodeError) as err:
         raise RecordsError(f"{path}: unreadable ({err.__class__.__name__}: {err})") from None
     rows = list(csv.reader(io.StringIO(text)))
-    if not rows or rows[0] != list(COLUMNS):
+    earlier = [name for name in COLUMNS if name not in ADDED_LATER]
+    if not rows or rows[0] not in (list(COLUMNS), earlier):
         raise RecordsError(f"{path}: not a per-run file (its first line must name the columns {', '.join(COLUMNS)})")
+    header = rows[0]
     records = []
     for line, row in enumerate(rows[1:], 2):
-        if len(row) != len(COLUMNS):
-            raise RecordsError(f"{path}, line {line}: {len(row)} cells, expected {len(COLUMNS)}")
-        record = {name: _value(text, kind, f"{path}, line {line}, {name}") for (name, kind), text in zip(COLUMNS.items(), row)}
+        if len(row) != len(header):
+            raise RecordsError(f"{path}, line {line}: {len(row)} cells, expected {len(header)}")
+        cells = dict(zip(header, row))
+        record = {name: _value(cells.get(name, ""), kind, f"{path}, line {line}, {name}") for name, kind in COLUMNS.items()}
         _check(record, f"{path}, line {line}")
         records.append(record)
     if not records:

@@ -128,7 +128,8 @@ def _summary_problem(summary: Any) -> str | None:
 def _sharpness_problem(sharpness: Any) -> str | None:
     if not isinstance(sharpness, dict):
         return f"expected a JSON object, got {type(sharpness).__name__}"
-    wrong = [k for k in SHARPNESS if sharpness.get(k) is not None and not is_number(sharpness[k])]
+    checked = (*SHARPNESS, "hessian_eigenvalue_residual")
+    wrong = [k for k in checked if sharpness.get(k) is not None and not is_number(sharpness[k])]
     return f"not a number: {', '.join(wrong)}" if wrong else None
 
 
@@ -195,7 +196,7 @@ def _record(run: Path) -> tuple[dict | None, list[str]]:
         if problem:
             notes.append(f"{problem}; sharpness left out")
         else:
-            record.update({k: sharpness.get(k) for k in SHARPNESS})
+            record.update({k: sharpness.get(k) for k in (*SHARPNESS, "hessian_eigenvalue_residual")})
     return record, notes
 
 
