@@ -279,6 +279,33 @@ def test_every_claim_metric_has_its_direction():
     assert all(c.higher_is_better == METRICS[c.metric][2] for c in load_claims())
 
 
+def test_a_lambda_max_not_converged_makes_a_claim_on_it_not_testable(tmp_path):
+    """A claim on lambda_max compares estimates only where power iteration converged: one run whose residual is above
+    the limit makes it not testable, naming the run count and the residual; converged estimates are compared."""
+    claim = Claim("SAM finds flatter minima than SGD", "s", "sam", "sgd", "beats", "hessian_max_eigenvalue")
+    for residual, testable in ((1e-4, True), (0.3, False)):
+        root = tmp_path / str(residual)
+        runs_of(root, "sgd", [40.0, 42.0, 45.0], metric="hessian_max_eigenvalue")
+        runs_of(root, "sam", [20.0, 21.0, 23.0], metric="hessian_max_eigenvalue")
+        for run in root.iterdir():  # the measure moved where a run keeps it; one SAM run's residual as given
+            summary = json.loads((run / "summary.json").read_text())
+            config = json.loads((run / "config.json").read_text())
+            value = summary.pop("hessian_max_eigenvalue")
+            (run / "summary.json").write_text(json.dumps(summary))
+            one = config["optimizer"] == "sam" and config["seed"] == 1
+            sharpness = {"hessian_max_eigenvalue": value, "hessian_eigenvalue_residual": residual if one else 1e-4}
+            (run / "sharpness.json").write_text(json.dumps(sharpness))
+        (row,) = evaluate((claim,), load_runs([root]))
+        if testable:
+            assert row["p"] is not None and row["finding"] == "A better"
+        else:
+            assert row["p"] is None
+            assert (
+                row["verdict"]
+                == "not testable here: λ_max not converged on 1 of 3 runs of sam (power-iteration residual up to 0.3, limit 0.05)"
+            )
+
+
 def test_a_lower_ece_favours_a(tmp_path):
     """bSAM's ECE 2, 1.9 and 2 points below SAM's: lower is better, so the gain for bSAM is +1.97."""
     runs_of(tmp_path, "sam", [0.040, 0.045, 0.039], metric="final_test_ece")

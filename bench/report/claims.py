@@ -60,6 +60,9 @@ METRICS = {
     "hessian_max_eigenvalue": ("λ_max", 1.0, False),
 }
 KINDS = ("beats", "matches_cheaper")
+#: lambda_max estimates that power iteration left further from converged than this (its relative residual: some
+#: eigenvalue lies within that fraction of the estimate) make a claim on lambda_max not testable
+RESIDUAL_LIMIT = 0.05
 CLAIMS_FILE = Path(__file__).with_name("claims.toml")
 ALPHA = 0.05
 #: a side within this many points of chance accuracy, or with a training loss above this fraction of
@@ -213,6 +216,20 @@ class Side:
                     break
         return missing
 
+    def unconverged(self, metric: str) -> str | None:
+        """Why this side's lambda_max estimates cannot be compared (power iteration not converged on some run), or
+        None; runs recorded without the residual are taken as they are."""
+        if metric != "hessian_max_eigenvalue" or "hessian_eigenvalue_residual" not in self.runs:
+            return None
+        residuals = self.completed.hessian_eigenvalue_residual.astype(float)
+        over = residuals[residuals > RESIDUAL_LIMIT]
+        if over.empty:
+            return None
+        return (
+            f"λ_max not converged on {len(over)} of {len(residuals)} runs of {self.optimizer} "
+            f"(power-iteration residual up to {over.max():.2g}, limit {RESIDUAL_LIMIT})"
+        )
+
     def untrained(self) -> str | None:
         """Why this side did not train, or None."""
         classes = self.runs.num_classes.dropna()
@@ -286,7 +303,7 @@ def _evaluate(claim: Claim, a: Side, b: Side, runs: pd.DataFrame) -> dict[str, A
     row["difference"] = stats.compare(va, vb)
     unset = a.unset(claim.a_sets)
     form = f"{claim.a} runs without {', '.join(unset)}, which the paper's algorithm sets" if unset else None
-    row["why"] = form or a.untrained() or b.untrained()
+    row["why"] = form or a.untrained() or b.untrained() or a.unconverged(claim.metric) or b.unconverged(claim.metric)
     if claim.kind == "matches_cheaper":
         row["cost"] = _cost(a, b)
         if claim.margin is not None:
