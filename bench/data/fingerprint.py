@@ -5,9 +5,9 @@ mistakes the first folder's finished runs for its own. The fingerprint hashes ev
 path (relative to the folder) and size, sorted, symbolic links followed, and the bytes of the text files
 that hold labels and class lists (``.txt``, ``.csv``, ``.tsv``, ``.json``, ``.jsonl``: Tiny-ImageNet's
 ``val_annotations.txt`` and ``wnids.txt``): cheap (no image is read, one ``stat`` each) and unchanged by
-moving or copying the folder. It is computed once per folder and process (a folder without files again each time). It covers the whole folder: a
-file added beside the dataset changes it, and so the ids of the runs on that folder (a new run, never a
-wrong one); an image file of one size and other bytes does not.
+moving or copying the folder. It is computed once per folder and process (a folder without files again
+each time). It covers the whole folder: a file added beside the dataset changes it, and so the ids of the
+runs on that folder (a new run, never a wrong one); an image file of one size and other bytes does not.
 
 No fingerprint (``None``) where the data is fixed by its name: the embedded digits, a Hub dataset
 (streamed by name), and the download that ``./data`` receives (torchvision and the Hub check what they

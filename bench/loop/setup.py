@@ -101,8 +101,8 @@ DATA_INIT_IMAGES = 5000
 
 def check_input_size(model: nn.Module, config: RunConfig, train_set) -> None:
     """A model that fails on the dataset's images (one too small for its downsampling, a channel count it does not
-    take) is refused in one line, with the first line of the error, before anything runs: one forward of two blank images in eval mode, without gradients (nothing moves,
-    nothing is drawn)."""
+    take) is refused in one line, with the first line of the error, before anything runs: one forward of two
+    blank images in eval mode, without gradients (nothing moves, nothing is drawn)."""
     size = tuple(train_set.images.shape[-2:]) if isinstance(train_set, ImageDataset) else (train_set.image_size,) * 2
     was_training = model.training
     model.eval()
