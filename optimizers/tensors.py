@@ -200,12 +200,8 @@ class GradientCheck:
         groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
         for p in params:
             groups[local_tensor(p).device, p.dtype].append(p)
-        #: (device, dtype, whether any is sharded, the parameters) per group
-        self.groups = [(device, dtype, any(map(is_sharded, ps)), ps) for (device, dtype), ps in groups.items()]
-        #: the one group of unsharded parameters, and a 1.0 on its device, where there is one group only (the usual
-        #: case, checked in the fewest Python steps: a loop checks every pass of every step)
-        only = self.groups[0] if len(self.groups) == 1 and not self.groups[0][2] else None
-        self._only = None if only is None else (only[0], only[1], only[3], _one(only[0]))
+        #: (device, dtype, whether any is sharded, the parameters, a 1.0 on the device) per group
+        self.groups = [(device, dtype, any(map(is_sharded, ps)), ps, _one(device)) for (device, dtype), ps in groups.items()]
 
     def covers(self, params: list[Tensor]) -> bool:
         """Whether ``params`` are the very parameters this check was made for, in order."""
@@ -216,24 +212,11 @@ class GradientCheck:
         nonzero if any gradient (or ``also_check``, left unscaled) holds an inf or a NaN: ``found`` when given
         (the flag is set in it, never cleared, so one tensor gathers a whole step), else a new one on the first
         gradient's device. One fused kernel per (device, dtype); no host synchronisation."""
-        only = self._only
-        if only is not None and inv_scale == 1.0 and found is not None and found.device == only[0]:
-            device, dtype, ps, one = only
+        grads = []  # (device, dtype, gradients, 1.0) of each group that has any
+        for device, dtype, sharded, ps, one in self.groups:
             same = [g for p in ps if (g := p.grad) is not None]
-            if also_check is not None:
-                check = also_check.detach() if also_check.requires_grad else also_check
-                if check.dtype == dtype and check.device == device:
-                    same.append(check)
-                else:
-                    torch._amp_foreach_non_finite_check_and_unscale_([check], found, one)
             if same:
-                torch._amp_foreach_non_finite_check_and_unscale_(same, found, one)
-            return found
-        grads = []  # (device, dtype, gradients) of each group that has any
-        for device, dtype, sharded, ps in self.groups:
-            same = [p.grad for p in ps if p.grad is not None]
-            if same:
-                grads.append((device, dtype, [local_tensor(g) for g in same] if sharded else same))
+                grads.append((device, dtype, [local_tensor(g) for g in same] if sharded else same, one))
         if found is None:
             device = grads[0][0] if grads else (also_check.device if also_check is not None else torch.device("cpu"))
             found = torch.zeros((), device=device)
@@ -241,15 +224,15 @@ class GradientCheck:
         if also_check is not None:
             check = also_check.detach() if also_check.requires_grad else also_check
             where = (check.device, check.dtype)
-            for device, dtype, same in grads if inv_scale == 1.0 else ():
+            for device, dtype, same, _ in grads if inv_scale == 1.0 else ():
                 if (device, dtype) == where:  # checked with its gradients: x 1 leaves it
                     same.append(check)
                     break
             else:  # left unscaled
                 torch._amp_foreach_non_finite_check_and_unscale_([check], found, _one(found_device))
-        for device, _, same in grads:
+        for device, _, same, one in grads:
             flag = found if device == found_device else torch.zeros((), device=device)
-            scale = _one(device) if inv_scale == 1.0 else torch.full((), inv_scale, device=device)
+            scale = one if inv_scale == 1.0 else torch.full((), inv_scale, device=device)
             torch._amp_foreach_non_finite_check_and_unscale_(same, flag, scale)
             if flag is not found:
                 found += flag.to(found_device)

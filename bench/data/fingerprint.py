@@ -77,19 +77,24 @@ def forget_fingerprints() -> None:
     _FOUND.clear()
 
 
-def data_fingerprint(dataset: str, data_dir: str | None, legacy: bool = False) -> str | None:
-    """The fingerprint of the files a run on ``dataset`` reads from ``data_dir`` (None: see the module);
-    ``legacy``: as recorded before text files were read (paths and sizes only), to recognise those runs."""
+def _data_folder(dataset: str, data_dir: str | None) -> str | None:
+    """The existing folder a run on ``dataset`` reads its files from, or None (a dataset fixed by its name, no
+    ``data_dir``, or none there)."""
     if dataset == "digits" or dataset.startswith("hf:") or not data_dir:
         return None
     root = os.path.realpath(os.path.expanduser(data_dir))
-    return folder_fingerprint(root, legacy) if os.path.isdir(root) else None
+    return root if os.path.isdir(root) else None
+
+
+def data_fingerprint(dataset: str, data_dir: str | None, legacy: bool = False) -> str | None:
+    """The fingerprint of the files a run on ``dataset`` reads from ``data_dir`` (None: see the module);
+    ``legacy``: as recorded before text files were read (paths and sizes only), to recognise those runs."""
+    root = _data_folder(dataset, data_dir)
+    return folder_fingerprint(root, legacy) if root is not None else None
 
 
 def awaits_download(dataset: str, data_dir: str | None) -> bool:
     """Whether ``data_dir`` is an existing folder with nothing visible in it, into which a run on ``dataset`` (one
     read from files, not the digits or a Hub dataset) would download its data."""
-    if dataset == "digits" or dataset.startswith("hf:") or not data_dir:
-        return False
-    root = os.path.realpath(os.path.expanduser(data_dir))
-    return os.path.isdir(root) and all(name.startswith(".") for name in os.listdir(root))
+    root = _data_folder(dataset, data_dir)
+    return root is not None and all(name.startswith(".") for name in os.listdir(root))

@@ -130,8 +130,8 @@ def _power_iteration(hvp, params, iterations: int, generator) -> tuple[Tensor, T
         v = [t * inverse.to(t.device, t.dtype) for t in v]
         hv = hvp(v)
         eigenvalue = _dot(v, hv)  # Rayleigh quotient of the normalised v
-        residual = [h - eigenvalue.to(t.device, t.dtype) * t for h, t in zip(hv, v)]
-        v = hv
+        v, last = hv, v
+    residual = [h - eigenvalue.to(t.device, t.dtype) * t for h, t in zip(hv, last)]
     return eigenvalue, _dot(residual, residual).sqrt()
 
 

@@ -201,7 +201,7 @@ class TrainClosure(BatchClosure):
 
     def nonfinite(self) -> bool:
         """:meth:`flag`, read by the host: one host synchronisation."""
-        found = bool((self.bad if self._world == 1 else self.flag()).item())
+        found = bool(self.flag().item())
         self._clear = None if found else self.bad  # a sum of no flag set: this process's own is clear
         return found
 

@@ -22,6 +22,8 @@ from optimizers import available_optimizers
 
 GROUP = ["dataset", "arch", "optimizer"]
 SHARPNESS = {"hessian_max_eigenvalue": "λ_max", "sam_sharpness": "SAM sharpness", "hessian_trace": "Hessian trace"}
+#: what a run's sharpness.json gives its record: the measures, and how far power iteration was from converged
+SHARPNESS_RECORDED = (*SHARPNESS, "hessian_eigenvalue_residual")
 #: config.json fields that differ between the seeds of one configuration (left out of its settings), with
 #: bench.config.RUN_METADATA where that exists
 PER_RUN = ("seed", "run_id", "world_size", "device", "versions", "environment")
@@ -128,8 +130,7 @@ def _summary_problem(summary: Any) -> str | None:
 def _sharpness_problem(sharpness: Any) -> str | None:
     if not isinstance(sharpness, dict):
         return f"expected a JSON object, got {type(sharpness).__name__}"
-    checked = (*SHARPNESS, "hessian_eigenvalue_residual")
-    wrong = [k for k in checked if sharpness.get(k) is not None and not is_number(sharpness[k])]
+    wrong = [k for k in SHARPNESS_RECORDED if sharpness.get(k) is not None and not is_number(sharpness[k])]
     return f"not a number: {', '.join(wrong)}" if wrong else None
 
 
@@ -196,7 +197,7 @@ def _record(run: Path) -> tuple[dict | None, list[str]]:
         if problem:
             notes.append(f"{problem}; sharpness left out")
         else:
-            record.update({k: sharpness.get(k) for k in (*SHARPNESS, "hessian_eigenvalue_residual")})
+            record.update({k: sharpness.get(k) for k in SHARPNESS_RECORDED})
     return record, notes
 
 

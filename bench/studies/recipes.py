@@ -126,8 +126,10 @@ class Recipe:
 def distinct(configs: list[RunConfig]) -> list[RunConfig]:
     """Each run once, the first of any that compute the same (a grid value repeated, an [optimizers] setting
     over a grid axis, an equal-passes run that is also a grid point): never two jobs in one run folder."""
-    seen: set[str] = set()
-    return [c for c in configs if not (c.run_id() in seen or seen.add(c.run_id()))]
+    by_id: dict[str, RunConfig] = {}
+    for config in configs:
+        by_id.setdefault(config.run_id(), config)
+    return list(by_id.values())
 
 
 def config_from_settings(settings: dict[str, Any], where: str) -> RunConfig:
